@@ -1,0 +1,148 @@
+"""Attention: grouped-query attention (Mixtral, Qwen-MoE, OLMoE) and multi-head latent attention
+(DeepSeek-V2), both with an optional preallocated KV cache.
+
+Shapes: hidden x [B, S, d]; positions [B, S] int32. A KV cache layer is a dict
+``{"k": [B, L, Hkv, Dk], "v": [B, L, Hkv, Dv]}`` (MLA caches the expanded per-head keys and values);
+the caller passes the shared ``AttentionContext`` with the write index and which slots are valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import ModelConfig
+from .layers import RMSNorm, apply_rope, linear
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionContext:
+    """What every layer's attention needs besides its input.
+
+    cos, sin   [B, S, rotary_dim/2] float32 rotary tables for the query positions
+    kv_valid   [B, L] bool: which key slots hold real tokens (L = S without a cache)
+    q_slot     [S] int32: the slot each query occupies (for the causal and sliding-window masks)
+    index      int32 scalar: where this call's keys are written in the cache (0 without a cache)
+    """
+
+    cos: jax.Array
+    sin: jax.Array
+    kv_valid: jax.Array
+    q_slot: jax.Array
+    index: jax.Array
+
+
+jax.tree_util.register_dataclass(AttentionContext, data_fields=["cos", "sin", "kv_valid", "q_slot", "index"],
+                                 meta_fields=[])
+
+
+def _update_cache(cache, k, v, index):
+    if cache is None:
+        return k, v, None
+    kc = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
+    vc = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
+    return kc, vc, {"k": kc, "v": vc}
+
+
+def attend(q, k, v, ctx: AttentionContext, scale: float, sliding_window: int | None = None):
+    """Softmax attention with causal, padding and optional sliding-window masks.
+
+    q [B, S, H, Dk], k [B, L, Hkv, Dk], v [B, L, Hkv, Dv] -> [B, S, H, Dv] in q.dtype.
+    Scores and softmax in float32, probabilities cast back to the value dtype (as transformers' eager path).
+    """
+    B, S, H, _ = q.shape
+    L, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    qg = q.reshape(B, S, Hkv, G, q.shape[-1])
+    scores = jnp.einsum("bskgd,blkd->bkgsl", qg, k, preferred_element_type=jnp.float32) * scale
+    kv_slot = jnp.arange(L)
+    allowed = kv_slot[None, :] <= ctx.q_slot[:, None]  # [S, L] causal
+    if sliding_window is not None:
+        allowed &= kv_slot[None, :] > ctx.q_slot[:, None] - sliding_window
+    allowed = allowed[None, :, :] & ctx.kv_valid[:, None, :]  # [B, S, L]
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgsl,blkd->bskgd", probs, v)
+    return out.reshape(B, S, H, v.shape[-1]).astype(q.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with optional q/k RMSNorm (per head: Qwen3; whole projection: OLMoE)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        d, H, Hkv, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.cfg = cfg
+        self.q_proj = linear(d, H * D, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = linear(d, Hkv * D, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = linear(d, Hkv * D, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = linear(H * D, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        if cfg.qk_norm == "head":
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps, dtype)
+        elif cfg.qk_norm == "full":
+            self.q_norm = RMSNorm(H * D, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(Hkv * D, cfg.rms_norm_eps, dtype)
+
+    def __call__(self, x, ctx: AttentionContext, cache=None):
+        cfg = self.cfg
+        B, S, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if cfg.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.clip_qkv is not None:
+            q, k, v = (jnp.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        q = q.reshape(B, S, cfg.num_attention_heads, cfg.head_dim)
+        k = k.reshape(B, S, cfg.num_key_value_heads, cfg.head_dim)
+        v = v.reshape(B, S, cfg.num_key_value_heads, cfg.head_dim)
+        if cfg.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, ctx.cos, ctx.sin, cfg.rope_interleaved)
+        k = apply_rope(k, ctx.cos, ctx.sin, cfg.rope_interleaved)
+        k, v, cache = _update_cache(cache, k, v, ctx.index)
+        out = attend(q, k, v, ctx, cfg.attention_scale, cfg.sliding_window)
+        return self.o_proj(out.reshape(B, S, -1)), cache
+
+
+class MLAttention(nnx.Module):
+    """DeepSeek-V2 multi-head latent attention: low-rank q (optional) and a compressed shared KV latent."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        d, H = cfg.hidden_size, cfg.num_attention_heads
+        self.cfg = cfg
+        if cfg.q_lora_rank is None:
+            self.q_proj = linear(d, H * cfg.qk_head_dim, dtype=dtype, rngs=rngs)
+        else:
+            self.q_a_proj = linear(d, cfg.q_lora_rank, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6, dtype)
+            self.q_b_proj = linear(cfg.q_lora_rank, H * cfg.qk_head_dim, dtype=dtype, rngs=rngs)
+        self.kv_a_proj_with_mqa = linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.qkv_bias,
+                                         dtype=dtype, rngs=rngs)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6, dtype)
+        self.kv_b_proj = linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype=dtype,
+                                rngs=rngs)
+        self.o_proj = linear(H * cfg.v_head_dim, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, ctx: AttentionContext, cache=None):
+        cfg = self.cfg
+        B, S, _ = x.shape
+        H, nope, rope = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        if cfg.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(B, S, H, cfg.qk_head_dim)
+        q_nope, q_pe = q[..., :nope], q[..., nope:]
+        ckv = self.kv_a_proj_with_mqa(x)
+        kv_latent, k_pe = ckv[..., : cfg.kv_lora_rank], ckv[..., cfg.kv_lora_rank:]
+        kv = self.kv_b_proj(self.kv_a_layernorm(kv_latent)).reshape(B, S, H, nope + cfg.v_head_dim)
+        k_nope, v = kv[..., :nope], kv[..., nope:]
+        q_pe = apply_rope(q_pe, ctx.cos, ctx.sin, cfg.rope_interleaved)
+        k_pe = apply_rope(k_pe.reshape(B, S, 1, rope), ctx.cos, ctx.sin, cfg.rope_interleaved)
+        q = jnp.concatenate([q_nope, q_pe], -1)
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe, (B, S, H, rope))], -1)
+        k, v, cache = _update_cache(cache, k, v, ctx.index)
+        out = attend(q, k, v, ctx, cfg.attention_scale, cfg.sliding_window)
+        return self.o_proj(out.reshape(B, S, -1)), cache

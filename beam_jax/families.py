@@ -1,0 +1,153 @@
+"""The supported families: how each Hugging Face config maps to `ModelConfig`, and how each checkpoint's
+tensor names map to this package's parameters. Both are data plus one small function per family.
+
+Parameter paths are dotted paths in `MoECausalLM` (for example `layers.3.mlp.experts.w_gate`); `hf_name`
+turns one into the checkpoint's name (without the `model.` prefix and the `.weight` suffix handling,
+which `beam_jax.loading` does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from .config import ConfigError, ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """architecture: HF class name; build: HF config -> ModelConfig; renames: (ours, HF) path fragments;
+    expert_names: HF names of the (gate, up, down) projections of one expert in the per-expert layout."""
+
+    architecture: str
+    build: Callable[[Any], ModelConfig]
+    moe_prefix: str = "mlp"  # HF module name of the MoE block ("block_sparse_moe" for Mixtral)
+    shared_name: str = "shared_experts"  # HF module name of the shared expert MLP
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+
+def _common(c, architecture: str, **kw) -> dict:
+    rope = dict(getattr(c, "rope_parameters", None) or {})
+    if "rope_theta" not in rope:
+        rope["rope_theta"] = getattr(c, "rope_theta", 10000.0)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    yarn_keys = ("original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                 "attention_factor", "truncate")
+    yarn = tuple(sorted((k, float(rope[k])) for k in yarn_keys if rope.get(k) is not None))
+    if rope_type == "yarn" and "original_max_position_embeddings" not in dict(yarn):
+        yarn = tuple(sorted(yarn + (("original_max_position_embeddings",
+                                     float(c.max_position_embeddings)),)))
+    eos = getattr(c, "eos_token_id", None)
+    eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+    out = dict(
+        architecture=architecture,
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        num_hidden_layers=c.num_hidden_layers,
+        rms_norm_eps=float(c.rms_norm_eps),
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+        head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        rope_theta=float(rope["rope_theta"]),
+        rope_type=rope_type,
+        rope_factor=float(rope.get("factor") or 1.0),
+        rope_yarn=yarn,
+        max_position_embeddings=int(getattr(c, "max_position_embeddings", 4096)),
+        intermediate_size=getattr(c, "intermediate_size", 0) or 0,
+        bos_token_id=getattr(c, "bos_token_id", None),
+        eos_token_id=eos,
+        pad_token_id=getattr(c, "pad_token_id", None),
+    )
+    act = getattr(c, "hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{architecture}: field 'hidden_act' is '{act}', only 'silu' (SwiGLU) is supported")
+    out.update(kw)
+    return out
+
+
+def _sparse_step_layers(c) -> tuple[bool, ...]:
+    only = set(getattr(c, "mlp_only_layers", None) or [])
+    step = getattr(c, "decoder_sparse_step", 1) or 1
+    return tuple(i not in only and c.num_experts > 0 and (i + 1) % step == 0 for i in range(c.num_hidden_layers))
+
+
+def _sliding(c):
+    if getattr(c, "use_sliding_window", True) is False:
+        return None
+    return getattr(c, "sliding_window", None)
+
+
+def build_mixtral(c) -> ModelConfig:
+    return ModelConfig(**_common(
+        c, "MixtralForCausalLM", sliding_window=_sliding(c), moe_layers=(True,) * c.num_hidden_layers,
+        num_experts=c.num_local_experts, num_experts_per_tok=c.num_experts_per_tok,
+        moe_intermediate_size=c.intermediate_size, norm_topk_prob=True))
+
+
+def build_qwen2_moe(c) -> ModelConfig:
+    return ModelConfig(**_common(
+        c, "Qwen2MoeForCausalLM", qkv_bias=bool(getattr(c, "qkv_bias", True)), sliding_window=_sliding(c),
+        moe_layers=_sparse_step_layers(c), num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+        moe_intermediate_size=c.moe_intermediate_size, norm_topk_prob=bool(c.norm_topk_prob),
+        shared_expert_intermediate_size=c.shared_expert_intermediate_size, shared_expert_gate=True))
+
+
+def build_qwen3_moe(c) -> ModelConfig:
+    bias = bool(getattr(c, "attention_bias", False))
+    return ModelConfig(**_common(
+        c, "Qwen3MoeForCausalLM", qkv_bias=bias, o_bias=bias, qk_norm="head", sliding_window=_sliding(c),
+        moe_layers=_sparse_step_layers(c), num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+        moe_intermediate_size=c.moe_intermediate_size, norm_topk_prob=bool(c.norm_topk_prob)))
+
+
+def build_olmoe(c) -> ModelConfig:
+    bias = bool(getattr(c, "attention_bias", False))
+    return ModelConfig(**_common(
+        c, "OlmoeForCausalLM", qkv_bias=bias, o_bias=bias, qk_norm="full", clip_qkv=getattr(c, "clip_qkv", None),
+        moe_layers=(True,) * c.num_hidden_layers, num_experts=c.num_experts,
+        num_experts_per_tok=c.num_experts_per_tok, moe_intermediate_size=c.intermediate_size,
+        norm_topk_prob=bool(c.norm_topk_prob)))
+
+
+def build_deepseek_v2(c) -> ModelConfig:
+    E = c.n_routed_experts
+    first_dense = c.first_k_dense_replace or 0
+    return ModelConfig(**_common(
+        c, "DeepseekV2ForCausalLM", attention="mla", qkv_bias=bool(c.attention_bias), o_bias=bool(c.attention_bias),
+        head_dim=c.qk_rope_head_dim, q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank,
+        qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim,
+        rope_interleaved=True, moe_layers=tuple(i >= first_dense for i in range(c.num_hidden_layers)),
+        num_experts=E, num_experts_per_tok=c.num_experts_per_tok, moe_intermediate_size=c.moe_intermediate_size,
+        routed_scaling_factor=float(c.routed_scaling_factor), topk_method=c.topk_method or "greedy",
+        n_group=c.n_group or 1, topk_group=c.topk_group or 1, router_float32=True,
+        shared_expert_intermediate_size=c.moe_intermediate_size * (c.n_shared_experts or 0),
+        mlp_bias=bool(getattr(c, "mlp_bias", False))))
+
+
+FAMILIES: dict[str, Family] = {f.architecture: f for f in (
+    Family("MixtralForCausalLM", build_mixtral, moe_prefix="block_sparse_moe", expert_names=("w1", "w3", "w2")),
+    Family("Qwen2MoeForCausalLM", build_qwen2_moe, shared_name="shared_expert"),
+    Family("Qwen3MoeForCausalLM", build_qwen3_moe),
+    Family("OlmoeForCausalLM", build_olmoe),
+    Family("DeepseekV2ForCausalLM", build_deepseek_v2),
+)}
+
+
+def family_for(architecture: str, source: str = "config.json") -> Family:
+    try:
+        return FAMILIES[architecture]
+    except KeyError:
+        raise ConfigError(f"{source}: field 'architectures' is {architecture!r}; supported: "
+                          f"{', '.join(sorted(FAMILIES))}") from None
+
+
+def hf_name(family: Family, path: str, is_moe_layer: bool) -> str:
+    """Our parameter path (minus its leaf) -> the HF module path, e.g. `layers.0.mlp.gate` ->
+    `model.layers.0.block_sparse_moe.gate` for Mixtral."""
+    if path.startswith("lm_head"):
+        return path
+    if is_moe_layer and ".mlp." in path:
+        path = path.replace(".mlp.", f".{family.moe_prefix}.", 1)
+        path = path.replace(".shared_experts.", f".{family.shared_name}.")
+    return "model." + path

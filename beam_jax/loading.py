@@ -1,0 +1,188 @@
+"""Load a Hugging Face MoE checkpoint (config.json + safetensors, sharded or not) into `MoECausalLM`.
+
+Tensors are read one at a time with `safetensors` (framework "flax", so bfloat16 works without
+PyTorch), transposed / stacked into this package's layout, cast to the requested dtype and placed into an
+abstract (shape-only) model: at no point are two full copies of the weights alive. Every checkpoint tensor
+must be consumed and every parameter filled, or loading fails with the tensor's name and file.
+
+Expert weights come in two layouts, both read: one tensor per expert
+(`...experts.{e}.gate_proj.weight` [f, d], or Mixtral's `w1`/`w3`/`w2`) and fused
+(`...experts.gate_up_proj` [E, 2f, d] and `...experts.down_proj` [E, d, f]).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from safetensors import safe_open
+
+from .config import ConfigError, ModelConfig
+from .families import Family, family_for, hf_name
+from .model import MoECausalLM
+
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint tensor is missing, unexpected, of the wrong shape, or a file is unreadable."""
+
+
+def read_config(path: str | os.PathLike) -> tuple[ModelConfig, Family, object]:
+    """`path`/config.json -> (ModelConfig, Family, transformers config). Errors name the file and field."""
+    import transformers
+    from huggingface_hub.errors import StrictDataclassFieldValidationError
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{cfg_file}: not found (a Hugging Face model directory needs config.json)")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from None
+    archs = raw.get("architectures") or []
+    if not isinstance(archs, list) or len(archs) != 1:
+        raise ConfigError(f"{cfg_file}: field 'architectures' must list exactly one class, got {archs!r}")
+    family = family_for(archs[0], str(cfg_file))
+    try:
+        hf = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except StrictDataclassFieldValidationError as e:
+        raise ConfigError(f"{cfg_file}: field '{e.field}' has the wrong type: {e.__cause__}") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"{cfg_file}: {e}") from None
+    try:
+        cfg = family.build(hf)
+    except ConfigError as e:
+        raise ConfigError(f"{cfg_file}: {e}") from None
+    except (TypeError, AttributeError) as e:
+        raise ConfigError(f"{cfg_file}: {e}") from None
+    return cfg, family, hf
+
+
+class TensorIndex:
+    """name -> file over one or many safetensors files; opens each file lazily, reads one tensor at a time."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: path / f for name, f in weight_map.items()}
+            for f in set(self.files.values()):
+                if not f.is_file():
+                    raise CheckpointError(f"{index}: shard {f.name} is listed but missing")
+        else:
+            shards = sorted(path.glob("*.safetensors"))
+            if not shards:
+                raise CheckpointError(f"{path}: no model.safetensors, no model.safetensors.index.json")
+            self.files = {}
+            for f in shards:
+                for name in self._open(f).keys():
+                    self.files[name] = f
+        self._handles = {}
+        self.used: set[str] = set()
+
+    def _open(self, f: Path):
+        if f not in getattr(self, "_handles", {}):
+            try:
+                h = safe_open(str(f), framework="flax")
+            except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+                raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
+            if hasattr(self, "_handles"):
+                self._handles[f] = h
+            return h
+        return self._handles[f]
+
+    def __contains__(self, name):
+        return name in self.files
+
+    def get(self, name: str, shape=None) -> jax.Array:
+        if name not in self.files:
+            raise CheckpointError(f"{self.path}: tensor '{name}' is missing from the checkpoint")
+        f = self.files[name]
+        handle = self._open(f)
+        try:
+            t = handle.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{f}: tensor '{name}' could not be read ({e})") from None
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{f}: tensor '{name}' has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        self.used.add(name)
+        return t
+
+
+def _load_param(idx: TensorIndex, family: Family, cfg: ModelConfig, path: tuple, shape, dtype):
+    """One parameter of `MoECausalLM` (dotted `path`) from the checkpoint, in our layout."""
+    keys = [str(p) for p in path]
+    leaf, module = keys[-1], ".".join(keys[:-1])
+    layer = int(keys[1]) if keys[0] == "layers" else None
+    is_moe = layer is not None and cfg.moe_layers[layer]
+    if module == "embed_tokens":
+        return idx.get("model.embed_tokens.weight", shape)
+    if module.endswith("mlp.experts"):
+        return _load_experts(idx, family, cfg, module, leaf, shape)
+    name = hf_name(family, module, is_moe)
+    if is_moe and name not in idx and f"{name}.weight" not in idx and f"{name}.{leaf}" not in idx:
+        name = "model." + module  # fused-era checkpoints keep the in-memory name `mlp`
+    if leaf == "kernel":
+        return idx.get(f"{name}.weight", shape[::-1]).T
+    return idx.get(f"{name}.{leaf}", shape)
+
+
+def _load_experts(idx: TensorIndex, family: Family, cfg: ModelConfig, module: str, leaf: str, shape):
+    E, f, d = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+    layer = int(module.split(".")[1])
+    prefixes = [hf_name(family, module, True), "model." + module]
+    which = {"w_gate": 0, "w_up": 1, "w_down": 2}[leaf]
+    for p in prefixes:
+        fused = f"{p}.gate_up_proj" if leaf != "w_down" else f"{p}.down_proj"
+        if fused in idx:
+            if leaf == "w_down":
+                return idx.get(fused, (E, d, f)).transpose(0, 2, 1)
+            gu = idx.get(fused, (E, 2 * f, d))
+            part = gu[:, :f] if leaf == "w_gate" else gu[:, f:]
+            return part.transpose(0, 2, 1)
+        first = f"{p}.0.{family.expert_names[which]}.weight"
+        if first in idx:
+            want = (d, f) if leaf == "w_down" else (f, d)
+            return jnp.stack([idx.get(f"{p}.{e}.{family.expert_names[which]}.weight", want).T for e in range(E)])
+    raise CheckpointError(f"{idx.path}: no expert tensors for layer {layer} ({leaf}): looked for "
+                          f"'{prefixes[0]}.0.{family.expert_names[which]}.weight' and '{prefixes[0]}.gate_up_proj'")
+
+
+def load_pretrained(path: str | os.PathLike, dtype=None, *, optional=("mask_router",)) -> MoECausalLM:
+    """Load a Hugging Face MoE checkpoint directory into a `MoECausalLM`.
+
+    dtype: None keeps the checkpoint's dtype (of its embedding), else every parameter is cast to it.
+    optional: parameter-name fragments that are not in a base checkpoint and start at zero (BEAM's
+    zero-initialised mask routers).
+    """
+    path = Path(path)
+    cfg, family, hf = read_config(path)
+    idx = TensorIndex(path)
+    if dtype is None:
+        dtype = idx.get("model.embed_tokens.weight").dtype
+    dtype = jnp.dtype(dtype)
+    abstract = nnx.eval_shape(lambda: MoECausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = nnx.to_flat_state(state)
+    leaves = []
+    for p, var in flat:
+        dotted = ".".join(map(str, p))
+        if any(o in dotted for o in optional):
+            leaves.append((p, var.replace(jnp.zeros(var.value.shape, var.value.dtype))))
+            continue
+        arr = _load_param(idx, family, cfg, p, var.value.shape, var.value.dtype)
+        leaves.append((p, var.replace(jnp.asarray(arr, dtype=var.value.dtype))))
+    unused = [k for k in idx.files if k not in idx.used and not k.endswith(IGNORED_SUFFIXES)]
+    if unused:
+        raise CheckpointError(f"{path}: {len(unused)} checkpoint tensor(s) not used by {cfg.architecture}, "
+                              f"e.g. '{unused[0]}' in {idx.files[unused[0]].name}")
+    model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    model.source_path = str(path)
+    return model

@@ -1,0 +1,136 @@
+"""The one MoE block every family uses: router -> Top-K -> mask hook -> expert compute -> combine.
+
+Families differ only in `ModelConfig` fields: Top-K renormalisation (`norm_topk_prob`), DeepSeek's
+group-limited Top-K and routed scaling factor, float32 router logits, and shared experts (with Qwen2-MoE's
+sigmoid gate). The mask hook is where BEAM (and the comparison policies) act: it receives the router
+outputs and returns which (token, expert) pairs are kept and their final weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import ModelConfig
+from .experts import EXPERT_PATHS
+from .layers import INIT_STD, MLP, linear
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterSpec:
+    """The routing arithmetic of a family (pure data; see `route`)."""
+
+    top_k: int
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "RouterSpec":
+        return cls(cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor, cfg.topk_method,
+                   cfg.n_group, cfg.topk_group)
+
+
+def route(router_logits, spec: RouterSpec):
+    """Softmax over all experts, Top-K, optional renormalisation and scaling.
+
+    router_logits [T, E] (any float dtype) -> (weights [T, K] float32, expert_ids [T, K] int32, probs [T, E] f32).
+    Candidates are sorted by descending probability. `group_limited_greedy` (DeepSeek-V2) first keeps the
+    `topk_group` groups with the highest max-probability and zeroes the rest before Top-K.
+    """
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    scores = probs
+    if spec.topk_method == "group_limited_greedy":
+        T, E = probs.shape
+        grouped = probs.reshape(T, spec.n_group, E // spec.n_group)
+        _, top_groups = jax.lax.top_k(grouped.max(-1), spec.topk_group)
+        group_mask = jnp.zeros((T, spec.n_group), bool).at[jnp.arange(T)[:, None], top_groups].set(True)
+        scores = jnp.where(jnp.repeat(group_mask, E // spec.n_group, axis=1), probs, 0.0)
+    weights, ids = jax.lax.top_k(scores, spec.top_k)
+    if spec.norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    weights = weights * spec.routed_scaling_factor
+    return weights, ids.astype(jnp.int32), probs
+
+
+# A mask hook: (block, x [T, d], router_logits [T, E], weights [T, K] f32, ids [T, K]) -> (keep [T, K] bool | None,
+# weights [T, K], aux dict). `keep=None` means every candidate is kept (plain Top-K).
+MaskHook = Callable[..., tuple]
+
+
+def topk_hook(block, x, router_logits, weights, ids):
+    """Plain Top-K: every candidate kept, weights unchanged."""
+    return None, weights, {}
+
+
+class Experts(nnx.Module):
+    """Routed experts' SwiGLU weights, stacked: w_gate, w_up [E, d, f]; w_down [E, f, d]."""
+
+    def __init__(self, E: int, d: int, f: int, *, dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(INIT_STD)
+        self.w_gate = nnx.Param(init(rngs.params(), (E, d, f), dtype))
+        self.w_up = nnx.Param(init(rngs.params(), (E, d, f), dtype))
+        self.w_down = nnx.Param(init(rngs.params(), (E, f, d), dtype))
+
+    def __call__(self, x, ids, weights, keep=None, impl: str = "reference"):
+        fn = EXPERT_PATHS[impl]
+        w = weights.astype(jnp.promote_types(weights.dtype, x.dtype))
+        return fn(x, self.w_gate[...], self.w_up[...], self.w_down[...], ids, w, keep)
+
+
+@dataclasses.dataclass
+class MoEOutput:
+    """Per-layer routing record. router_logits [T, E]; topk_ids / topk_weights / keep [T, K]."""
+
+    router_logits: jax.Array
+    topk_ids: jax.Array
+    topk_weights: jax.Array
+    keep: jax.Array | None
+    aux: dict
+
+
+jax.tree_util.register_dataclass(MoEOutput, data_fields=["router_logits", "topk_ids", "topk_weights", "keep",
+                                                         "aux"], meta_fields=[])
+
+
+class MoEBlock(nnx.Module):
+    """x [B, S, d] -> (y [B, S, d], MoEOutput)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        d, E = cfg.hidden_size, cfg.num_experts
+        self.spec = RouterSpec.from_config(cfg)
+        self.router_float32 = cfg.router_float32
+        self.gate = linear(d, E, dtype=jnp.float32 if cfg.router_float32 else dtype, rngs=rngs)
+        self.experts = Experts(E, d, cfg.moe_intermediate_size, dtype=dtype, rngs=rngs)
+        shared = cfg.shared_expert_intermediate_size
+        self.shared_experts = MLP(d, shared, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs) if shared else None
+        self.shared_expert_gate = linear(d, 1, dtype=dtype, rngs=rngs) if shared and cfg.shared_expert_gate \
+            else None
+
+    def router_logits(self, xt):
+        """xt [T, d] -> [T, E], in the router's dtype (float32 for DeepSeek, else the model dtype)."""
+        if self.router_float32:
+            xt = xt.astype(jnp.float32)
+        return self.gate(xt)
+
+    def __call__(self, x, mask_hook: MaskHook = topk_hook, impl: str = "reference"):
+        B, S, d = x.shape
+        xt = x.reshape(B * S, d)
+        logits = self.router_logits(xt)
+        weights, ids, _ = route(logits, self.spec)
+        keep, weights, aux = mask_hook(self, xt, logits, weights, ids)
+        y = self.experts(xt, ids, weights, keep, impl)
+        if self.shared_experts is not None:
+            shared = self.shared_experts(xt)
+            if self.shared_expert_gate is not None:
+                shared = jax.nn.sigmoid(self.shared_expert_gate(xt)) * shared
+            y = y + shared
+        rec = MoEOutput(logits.reshape(B, S, -1), ids.reshape(B, S, -1), weights.reshape(B, S, -1),
+                        None if keep is None else keep.reshape(B, S, -1), aux)
+        return y.reshape(B, S, d), rec
