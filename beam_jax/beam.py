@@ -34,6 +34,7 @@ __all__ = [
     "kept_fraction",
     "reg_loss",
     "load_balancing_stats",
+    "load_balancing_from_stats",
     "load_balancing_loss",
     "load_balancing_loss_layers",
     "lm_loss",
@@ -137,7 +138,7 @@ def load_balancing_stats(router_logits, expert_ids, num_experts, valid=None):
     (counts [E] float32: number of Top-K assignments per expert over valid tokens,
      prob_sum [E] float32: sum over valid tokens of softmax(router_logits),
      rows float32 scalar: number of valid tokens).
-    Sum these over layers and call `_balance_from_stats` to get transformers' multi-layer loss.
+    Summed over layers and passed to `load_balancing_from_stats` they give transformers' multi-layer loss.
     """
     logits = router_logits.reshape(-1, router_logits.shape[-1]).astype(jnp.float32)
     ids = expert_ids.reshape(logits.shape[0], -1)
@@ -147,7 +148,9 @@ def load_balancing_stats(router_logits, expert_ids, num_experts, valid=None):
     return counts, jnp.sum(probs * w[:, None], axis=0), jnp.sum(w)
 
 
-def _balance_from_stats(counts, prob_sum, rows, num_experts):
+def load_balancing_from_stats(counts, prob_sum, rows, num_experts):
+    """E * sum_e (counts_e / rows) * (prob_sum_e / rows) from (possibly layer-summed) `load_balancing_stats`;
+    0 when rows is 0. Lets a scanned model carry the three sums instead of every layer's logits."""
     rows = jnp.where(rows > 0, rows, 1)
     return num_experts * jnp.sum((counts / rows) * (prob_sum / rows))
 
@@ -173,7 +176,7 @@ def load_balancing_loss(router_logits, expert_ids, num_experts, top_k, valid=Non
     probabilities of all layers before multiplying): use `load_balancing_loss_layers` for that.
     """
     ids = _ids_or_topk(router_logits, expert_ids, top_k)
-    return _balance_from_stats(*load_balancing_stats(router_logits, ids, num_experts, valid), num_experts)
+    return load_balancing_from_stats(*load_balancing_stats(router_logits, ids, num_experts, valid), num_experts)
 
 
 def load_balancing_loss_layers(router_logits, expert_ids, num_experts, top_k, valid=None):
@@ -192,7 +195,7 @@ def load_balancing_loss_layers(router_logits, expert_ids, num_experts, top_k, va
         _ids_or_topk(logits, ids, top_k)
     stats = jax.vmap(load_balancing_stats, in_axes=(0, 0, None, None))(logits, ids, num_experts, valid)
     counts, prob_sum, rows = (jnp.sum(s, axis=0) for s in stats)
-    return _balance_from_stats(counts, prob_sum, rows, num_experts)
+    return load_balancing_from_stats(counts, prob_sum, rows, num_experts)
 
 
 # ----------------------------------------------------------------------------- language modelling

@@ -52,7 +52,9 @@ def read_config(path: str | os.PathLike) -> tuple[ModelConfig, Family, object]:
     try:
         hf = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except StrictDataclassFieldValidationError as e:
-        raise ConfigError(f"{cfg_file}: field '{e.field}' has the wrong type: {e.__cause__}") from None
+        msg = " ".join(str(e).split())  # "Validation error for field 'hidden_size': TypeError: ..."
+        field = msg.split("'")[1] if "'" in msg else "?"
+        raise ConfigError(f"{cfg_file}: field '{field}' has the wrong type ({msg.split(': ', 1)[-1]})") from None
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"{cfg_file}: {e}") from None
     try:
@@ -175,10 +177,10 @@ def load_pretrained(path: str | os.PathLike, dtype=None, *, optional=("mask_rout
     for p, var in flat:
         dotted = ".".join(map(str, p))
         if any(o in dotted for o in optional):
-            leaves.append((p, var.replace(jnp.zeros(var.value.shape, var.value.dtype))))
+            leaves.append((p, var.replace(jnp.zeros(var.get_value().shape, var.get_value().dtype))))
             continue
-        arr = _load_param(idx, family, cfg, p, var.value.shape, var.value.dtype)
-        leaves.append((p, var.replace(jnp.asarray(arr, dtype=var.value.dtype))))
+        arr = _load_param(idx, family, cfg, p, var.get_value().shape, var.get_value().dtype)
+        leaves.append((p, var.replace(jnp.asarray(arr, dtype=var.get_value().dtype))))
     unused = [k for k in idx.files if k not in idx.used and not k.endswith(IGNORED_SUFFIXES)]
     if unused:
         raise CheckpointError(f"{path}: {len(unused)} checkpoint tensor(s) not used by {cfg.architecture}, "

@@ -197,7 +197,9 @@ POLICIES: dict[str, Policy] = {
         ("weights",),
         "beta",
         lambda K: (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
-        Calibration(calibrate_dynamic_skip_beta, ("weights",), "quantile", (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)),
+        Calibration(
+            calibrate_dynamic_skip_beta, ("weights",), "quantile", (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+        ),
     ),
     "static_topk": Policy(static_topk_keep, ("weights",), "k_prime", lambda K: tuple(range(1, K))),
     "entropy": Policy(entropy_adaptive_keep, ("router_probs", "weights"), "k_min", lambda K: tuple(range(1, K))),

@@ -16,7 +16,8 @@ from beam_jax.data.errors import DataError
 from beam_jax.data.iterator import BatchIterator, epoch_permutation
 from beam_jax.data.packing import PACK_MODES, Packed, pack
 from beam_jax.data.pipeline import load_packed, pack_examples, read_all
-from beam_jax.data.readers import EXTENSIONS, FORMATS, Example, detect_format, list_data_files, read_examples, read_text_file
+from beam_jax.data.readers import (EXTENSIONS, FORMATS, Example, detect_format, list_data_files, read_examples,
+                                   read_text_file)
 from beam_jax.data.splits import DEFAULT_FRACTIONS, assign_split, example_key, hash_unit, split_by_hash, split_examples
 
 __all__ = [

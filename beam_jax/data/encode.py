@@ -12,9 +12,9 @@ Chat documents (Tulu 3 SFT style): the conversation is rendered once with the to
 and only tokens inside assistant turns are targets. The character span of assistant turn i is found by
 rendering prefixes: it starts where ``render(messages[:i], add_generation_prompt=True)`` ends (so the
 role header is not trained) and ends where ``render(messages[:i+1])`` ends (so the turn's end-of-turn/eos
-markup is trained). The full text is tokenized once with offsets and a token is a target when its first
-character lies in an assistant span; the template must be prefix-stable (each prefix rendering a prefix
-of the next), which is checked.
+markup is trained). The full text is tokenized once with offsets and a token is a target when its characters
+overlap an assistant span (so a token merging header and content, like " It" after "Assistant:", is
+trained); the template must be prefix-stable (each prefix rendering a prefix of the next), which is checked.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
 
 def _require_template(tokenizer, path, where) -> None:
     if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(path, f"chat data needs a tokenizer with a chat template; "
-                        f"{type(tokenizer).__name__} {getattr(tokenizer, 'name_or_path', '')!r} has none",
+        name = f"{type(tokenizer).__name__} {getattr(tokenizer, 'name_or_path', '')!r}"
+        raise DataError(path, f"chat data needs a chat template, but tokenizer {name} has no chat template",
                         where, "messages")
 
 
@@ -48,7 +48,8 @@ def render_chat(messages: Sequence[dict], tokenizer, path="<chat>", where=None) 
     return _render(tokenizer, messages, False)
 
 
-def assistant_spans(messages: Sequence[dict], tokenizer, path="<chat>", where=None) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(messages: Sequence[dict], tokenizer, path="<chat>",
+                    where=None) -> tuple[str, list[tuple[int, int]]]:
     """``(rendered_text, [(start_char, end_char), ...])``, one span per assistant message.
 
     Raises DataError when the tokenizer has no chat template or the template is not prefix-stable.
@@ -83,10 +84,11 @@ def encode_chat(messages: Sequence[dict], tokenizer, path="<chat>", where=None) 
     except NotImplementedError:
         raise DataError(path, "chat loss masks need a fast tokenizer (offset mapping)", where, "messages") from None
     ids = np.asarray(enc["input_ids"], np.int32)
-    starts = np.asarray([a for a, _ in enc["offset_mapping"]], np.int64).reshape(-1)
+    offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
+    starts, ends = offsets[:, 0], np.maximum(offsets[:, 1], offsets[:, 0] + 1)  # zero-width -> its start char
     train = np.zeros(ids.shape, bool)
     for s, e in spans:
-        train |= (starts >= s) & (starts < e)
+        train |= (starts < e) & (ends > s)
     return ids, train
 
 
@@ -105,7 +107,8 @@ def encode_texts(texts: Sequence[str], tokenizer) -> list[tuple[np.ndarray, np.n
     return out
 
 
-def encode_examples(examples: Iterable[Example], tokenizer, batch_size: int = 256) -> list[tuple[np.ndarray, np.ndarray]]:
+def encode_examples(examples: Iterable[Example], tokenizer,
+                    batch_size: int = 256) -> list[tuple[np.ndarray, np.ndarray]]:
     """Examples (text or chat, mixed) -> [(ids, train)] in input order; text is tokenized in batches."""
     out: list = []
     pending: list[tuple[int, str]] = []

@@ -12,6 +12,9 @@ set each epoch; with ``drop_remainder=False`` the last batch is filled with ``-1
 Resume: ``state()`` is a small JSON-able dict ``{epoch, step, seed, num_rows, global_batch_size}``;
 ``restore(state)`` continues with exactly the batches the uninterrupted run would have produced. The
 global batch size must match, the process count may differ.
+
+Every process still reads and packs all the data (cheap at this project's scale) and keeps only its rows.
+A global ``jax.Array`` is ``jax.make_array_from_process_local_data(sharding, batch[key])`` per key.
 """
 
 from __future__ import annotations

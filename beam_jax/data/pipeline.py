@@ -12,7 +12,8 @@ from beam_jax.data.readers import Example, read_examples
 __all__ = ["read_all", "pack_examples", "load_packed"]
 
 
-def read_all(paths: str | os.PathLike | Sequence[str | os.PathLike], format: str | None = None, **reader_kw) -> list[Example]:
+def read_all(paths: str | os.PathLike | Sequence[str | os.PathLike], format: str | None = None,
+             **reader_kw) -> list[Example]:
     """Examples from one path or several, in the order given (see ``readers.read_examples``)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -20,11 +21,15 @@ def read_all(paths: str | os.PathLike | Sequence[str | os.PathLike], format: str
 
 
 def pack_examples(examples: Iterable[Example], tokenizer, seq_len: int, mode: str = "concat") -> Packed:
-    """Encode examples with ``tokenizer`` and pack them into ``[N, seq_len + 1]`` rows (pad = pad or eos id)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return pack(encode_examples(examples, tokenizer), seq_len, mode, pad_id=pad or 0)
+    """Encode examples with ``tokenizer`` and pack them into ``[N, seq_len + 1]`` rows.
+
+    The padding id is the tokenizer's pad token, else its eos token, else 0 (padding never carries loss).
+    """
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    return pack(encode_examples(examples, tokenizer), seq_len, mode, pad_id=pad)
 
 
-def load_packed(paths, tokenizer, seq_len: int, mode: str = "concat", format: str | None = None, **reader_kw) -> Packed:
+def load_packed(paths, tokenizer, seq_len: int, mode: str = "concat", format: str | None = None,
+                **reader_kw) -> Packed:
     """``pack_examples(read_all(paths, format, **reader_kw), tokenizer, seq_len, mode)``."""
     return pack_examples(read_all(paths, format, **reader_kw), tokenizer, seq_len, mode)

@@ -159,6 +159,8 @@ def _read_jsonl(path: Path, text_field: str, messages_field: str) -> Iterator[Ex
             except UnicodeDecodeError as e:
                 raise DataError(path, f"not valid UTF-8 at byte {offset + e.start} ({e.reason})", where) from None
             offset += len(raw)
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark
             if not line.strip():
                 continue
             try:

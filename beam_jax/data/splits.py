@@ -1,8 +1,9 @@
 """Deterministic train / validation / test splits by a stable hash of a key (never by position or RNG).
 
-An item goes to the split whose cumulative-fraction interval holds ``u`` = the first 8 bytes of ``sha1(salt + key)`` / 2**64 in
-[0, 1); the result does not depend on the order, number or platform of the items, and adding items never
-moves old ones. Examples are keyed by their content, so duplicates land in the same split.
+An item goes to the split whose cumulative-fraction interval holds ``u`` = (the first 8 bytes of
+``sha1(salt + key)``) / 2**64 in [0, 1). The result does not depend on the order, number or platform of
+the items, and adding items never moves old ones. Examples are keyed by their content, so duplicates
+land in the same split.
 """
 
 from __future__ import annotations

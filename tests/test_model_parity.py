@@ -1,0 +1,124 @@
+"""Parity of the Flax models with transformers (PyTorch, CPU) on tiny random checkpoints.
+
+float32: logits within 1e-4, router logits within 1e-5, identical selected experts, layer by layer.
+bfloat16: our error against the float32 truth must stay within 2x transformers' own bfloat16 error
+(plus 1e-2 absolute): both round every matmul input to 8 mantissa bits, so they should be equally far
+from float32, not necessarily close to each other bit for bit.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import beam_jax
+from hf_tiny import capture_routing, fuse_experts, legacy_rope_theta, make_tiny
+
+CASES = [
+    ("mixtral", {}),
+    ("mixtral", {"num_experts_per_tok": 1, "num_key_value_heads": 1}),  # K = 1, multi-query
+    ("qwen2_moe", {}),
+    ("qwen2_moe", {"norm_topk_prob": True, "mlp_only_layers": [0], "num_experts_per_tok": 6}),  # K = E, dense layer
+    ("qwen3_moe", {}),
+    ("qwen3_moe", {"num_experts_per_tok": 1, "num_experts": 3}),
+    ("olmoe", {}),
+    ("olmoe", {"num_experts_per_tok": 5, "norm_topk_prob": True}),  # K = E
+    ("deepseek_v2", {}),  # group-limited routing, MLA without q LoRA, one dense layer
+    ("deepseek_v2", {"topk_method": "greedy", "n_group": None, "topk_group": None, "q_lora_rank": 24,
+                     "num_experts_per_tok": 1}),
+]
+
+
+def _ids(n, seed=0, vocab=160):
+    return np.random.RandomState(seed).randint(3, vocab, size=n)
+
+
+def _torch_forward(tm, ids):
+    records = capture_routing(tm)
+    with torch.no_grad():
+        out = tm(torch.tensor(ids))
+    return out.logits.float().numpy(), records
+
+
+@pytest.mark.parametrize("family,overrides", CASES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(CASES)])
+def test_float32_parity(tmp_path, family, overrides):
+    tm = make_tiny(family, tmp_path, **overrides)
+    ids = _ids((2, 11))
+    ref_logits, records = _torch_forward(tm, ids)
+    model = beam_jax.load_pretrained(tmp_path)
+    assert model.dtype == np.float32
+    for impl in ("reference", "grouped", "dense"):
+        out = model(ids, impl=impl)
+        np.testing.assert_allclose(np.asarray(out.logits), ref_logits, atol=1e-4, rtol=0, err_msg=f"logits ({impl})")
+    assert len(out.moe) == len(records)
+    for layer, (rec, (hf_logits, hf_ids)) in enumerate(zip(out.moe, records)):
+        ours = np.asarray(rec.router_logits).reshape(hf_logits.shape)
+        np.testing.assert_allclose(ours, hf_logits, atol=1e-5, rtol=0, err_msg=f"router logits, MoE layer {layer}")
+        ours_ids = np.sort(np.asarray(rec.topk_ids).reshape(hf_ids.shape), -1)
+        np.testing.assert_array_equal(ours_ids, np.sort(hf_ids, -1), err_msg=f"selected experts, MoE layer {layer}")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v2"])
+def test_bfloat16_parity(tmp_path, family):
+    tm32 = make_tiny(family, tmp_path / "f32")
+    make_tiny(family, tmp_path / "bf16", dtype="bfloat16")
+    ids = _ids((2, 11), seed=1)
+    truth, _ = _torch_forward(tm32, ids)
+    import transformers
+
+    tm16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16).eval()
+    hf16, _ = _torch_forward(tm16, ids)
+    model = beam_jax.load_pretrained(tmp_path / "bf16")
+    assert model.dtype == np.dtype("bfloat16")  # the checkpoint's dtype is kept
+    ours = np.asarray(model(ids).logits)
+    hf_err = np.abs(hf16 - truth).max()
+    our_err = np.abs(ours - truth).max()
+    assert hf_err > 0  # bf16 really differs from float32, so the bound below is meaningful
+    assert our_err <= 2 * hf_err + 1e-2, (our_err, hf_err)
+    # a requested dtype overrides the checkpoint's: float32 from the bf16 files equals transformers' upcast
+    m32 = beam_jax.load_pretrained(tmp_path / "bf16", dtype="float32")
+    tm16_32 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
+    ref, _ = _torch_forward(tm16_32, ids)
+    np.testing.assert_allclose(np.asarray(m32(ids).logits), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v2"])
+def test_checkpoint_layouts(tmp_path, family):
+    """Fused experts on disk, `rope_theta` instead of `rope_parameters`, and a sharded index all load."""
+    tm = make_tiny(family, tmp_path / "per_expert")
+    ids = _ids((1, 9), seed=2)
+    ref, _ = _torch_forward(tm, ids)
+
+    fused = tmp_path / "fused"
+    tm.save_pretrained(fused)
+    fuse_experts(fused)
+    legacy_rope_theta(fused)
+    np.testing.assert_allclose(np.asarray(beam_jax.load_pretrained(fused)(ids).logits), ref, atol=1e-4, rtol=0)
+
+    sharded = tmp_path / "sharded"
+    tm.save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    np.testing.assert_allclose(np.asarray(beam_jax.load_pretrained(sharded)(ids).logits), ref, atol=1e-4, rtol=0)
+
+
+def test_rope_theta_is_read(tmp_path):
+    """A non-default theta in the legacy field changes the model exactly as in transformers."""
+    tm = make_tiny("mixtral", tmp_path, rope_theta=123.0)
+    legacy_rope_theta(tmp_path)
+    model = beam_jax.load_pretrained(tmp_path)
+    assert model.cfg.rope_theta == 123.0
+    ids = _ids((1, 12), seed=3)
+    ref, _ = _torch_forward(tm, ids)
+    np.testing.assert_allclose(np.asarray(model(ids).logits), ref, atol=1e-4, rtol=0)
+
+
+def test_left_padding_matches_unpadded(tmp_path):
+    """A left-padded row gives the same logits at its real positions as the same tokens unpadded."""
+    make_tiny("qwen3_moe", tmp_path)
+    model = beam_jax.load_pretrained(tmp_path)
+    ids = _ids((1, 7), seed=4)
+    plain = np.asarray(model(ids).logits)
+    padded = np.concatenate([np.zeros((1, 3), int), ids], 1)
+    mask = np.concatenate([np.zeros((1, 3), int), np.ones((1, 7), int)], 1)
+    out = np.asarray(model(padded, attention_mask=mask).logits)[:, 3:]
+    np.testing.assert_allclose(out, plain, atol=1e-5, rtol=0)
