@@ -51,7 +51,7 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.is_moe = cfg.moe_layers[layer_idx]
         if self.is_moe:
-            self.mlp = MoEBlock(cfg, dtype=dtype, rngs=rngs)
+            self.mlp = MoEBlock(cfg, layer_idx, dtype=dtype, rngs=rngs)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
 

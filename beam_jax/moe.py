@@ -69,6 +69,24 @@ def topk_hook(block, x, router_logits, weights, ids):
     return None, weights, {}
 
 
+class MaskRouterParam(nnx.Param):
+    """BEAM's mask-router weights: a Param subtype, so training can select exactly these (`nnx.OfType`)."""
+
+
+class MaskRouter(nnx.Module):
+    """BEAM's mask router W_m: mask_logits = x @ kernel [(+ bias)], kernel [d, E] float32, zero-initialised
+    (sigmoid(0) = 0.5 >= tau keeps every candidate, so training starts exactly at Top-K)."""
+
+    def __init__(self, d: int, E: int, bias: bool = False):
+        self.kernel = MaskRouterParam(jnp.zeros((d, E), jnp.float32))
+        self.bias = MaskRouterParam(jnp.zeros((E,), jnp.float32)) if bias else None
+
+    def __call__(self, x):
+        """x [T, d] (any float dtype) -> mask logits [T, E] float32."""
+        out = x.astype(jnp.float32) @ self.kernel[...]
+        return out if self.bias is None else out + self.bias[...]
+
+
 class Experts(nnx.Module):
     """Routed experts' SwiGLU weights, stacked: w_gate, w_up [E, d, f]; w_down [E, f, d]."""
 
@@ -102,8 +120,10 @@ jax.tree_util.register_dataclass(MoEOutput, data_fields=["router_logits", "topk_
 class MoEBlock(nnx.Module):
     """x [B, S, d] -> (y [B, S, d], MoEOutput)."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, *, dtype, rngs: nnx.Rngs):
         d, E = cfg.hidden_size, cfg.num_experts
+        self.layer_idx = layer_idx
+        self.mask_router = MaskRouter(d, E)
         self.spec = RouterSpec.from_config(cfg)
         self.router_float32 = cfg.router_float32
         self.gate = linear(d, E, dtype=jnp.float32 if cfg.router_float32 else dtype, rngs=rngs)

@@ -1,0 +1,68 @@
+"""Command-line plumbing shared by the entry points: `--config NAME_OR_PATH` (ml_collections config file,
+bare names resolved in `beam_jax/configs/`), `--config.a.b=value` overrides, `--workdir`, `--resume`."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from .configs import resolve
+
+
+def define_flags(default_config: str):
+    config_flags.DEFINE_config_file("config", None, "config file or built-in name (e.g. tiny.py)", lock_config=True)
+    flags.DEFINE_string("workdir", None, "directory for everything the run writes (default: runs/<config name>)")
+    flags.DEFINE_bool("resume", False, "continue from the latest checkpoint in WORKDIR/ckpt")
+    return default_config
+
+
+def resolve_config_arg(argv: list[str], default: str) -> list[str]:
+    """Rewrite `--config tiny.py` / `--config=tiny` to the built-in file's path; add the default if absent."""
+    out, i, found = [], 0, False
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config" and i + 1 < len(argv):
+            out += ["--config", resolve(argv[i + 1])]
+            i, found = i + 2, True
+            continue
+        if a.startswith("--config="):
+            out.append("--config=" + resolve(a.split("=", 1)[1]))
+            found = True
+        else:
+            out.append(a)
+        i += 1
+    if not found:
+        out[1:1] = ["--config", resolve(default)]
+    return out
+
+
+def config_name() -> str:
+    from pathlib import Path
+
+    return Path(flags.FLAGS["config"].config_filename).stem
+
+
+def run(main, default_config: str):
+    """absl entry: resolves the config argument, then calls main(config, workdir, resume)."""
+    from absl import app
+
+    define_flags(default_config)
+    try:
+        argv = resolve_config_arg(sys.argv, default_config)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
+
+    def _main(_argv):
+        from pathlib import Path
+
+        from absl import logging
+
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+
+        FLAGS = flags.FLAGS
+        workdir = Path(FLAGS.workdir or f"runs/{config_name()}")
+        return main(FLAGS.config, workdir, FLAGS.resume)
+
+    app.run(_main, argv=argv)

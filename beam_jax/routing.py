@@ -1,0 +1,78 @@
+"""Mask hooks: what acts between the router's Top-K and the expert compute, in every MoE block.
+
+A hook is a frozen dataclass (hashable, so it is a static argument of `jit`) called as
+``hook(block, x [T, d], router_logits [T, E], weights [T, K] f32, expert_ids [T, K])`` and returning
+``(keep [T, K] bool | None, weights [T, K], aux)``. `make_hook(policy, ...)` builds one from config.
+
+- `BeamHook(train=True)`: the straight-through mask on the weights; every Top-K expert is still computed
+  (keep=None) so the gradient reaches dropped ones. aux carries `m_hat` and the hard `kept` mask.
+- `BeamHook(train=False)` and `PolicyHook`: a hard `keep`, so the expert path skips dropped pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from . import beam, policies
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKHook:
+    """Plain Top-K: every candidate kept, weights unchanged."""
+
+    def __call__(self, block, x, router_logits, weights, ids):
+        return None, weights, {"kept": jnp.ones(ids.shape, bool)}
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamHook:
+    tau: float = 0.5
+    train: bool = False
+    renormalize: bool = False
+
+    def __call__(self, block, x, router_logits, weights, ids):
+        m_hat = beam.mask_probs(block.mask_router(x), ids)
+        hard = beam.hard_mask(m_hat, self.tau)
+        aux = {"m_hat": m_hat, "kept": hard}
+        if self.train:
+            return None, beam.apply_mask(weights, beam.ste_mask(m_hat, self.tau), self.renormalize), aux
+        return hard, beam.apply_mask(weights, hard, self.renormalize), aux
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyHook:
+    """A training-free comparison policy (`beam_jax.policies`): name, its knob value, and optionally a
+    per-layer knob (a tuple indexed by the MoE block's layer id, e.g. calibrated dynamic-skip betas)."""
+
+    name: str
+    knob: float | None = None
+    per_layer: tuple[float, ...] | None = None
+    renormalize: bool = False
+
+    def __call__(self, block, x, router_logits, weights, ids):
+        probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+        outputs = dict(weights=weights, probs_topk=jnp.take_along_axis(probs, ids, axis=-1), router_probs=probs,
+                       expert_ids=ids)
+        pol = policies.POLICIES[self.name]
+        knobs = {}
+        if pol.knob is not None:
+            value = self.per_layer[block.layer_idx] if self.per_layer is not None else self.knob
+            if value is not None:
+                knobs[pol.knob] = value
+        keep = policies.policy_keep(self.name, **outputs, **knobs)
+        return keep, beam.apply_mask(weights, keep, self.renormalize), {"kept": keep}
+
+
+def make_hook(policy: str = "topk", *, knob=None, per_layer=None, train: bool = False, renormalize: bool = False):
+    """Config -> hook. policy: topk | beam | top_p | dynamic_skip | static_topk | entropy; knob: tau for beam,
+    the policy's own knob otherwise."""
+    if policy == "topk":
+        return TopKHook()
+    if policy == "beam":
+        return BeamHook(0.5 if knob is None else float(knob), train, renormalize)
+    if policy not in policies.POLICIES:
+        raise ValueError(f"unknown routing policy {policy!r}; known: topk, beam, {', '.join(policies.POLICIES)}")
+    return PolicyHook(policy, knob, None if per_layer is None else tuple(float(v) for v in per_layer), renormalize)

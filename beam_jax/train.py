@@ -1,0 +1,94 @@
+"""`python -m beam_jax.train --config NAME_OR_PATH [--config.train.steps=200] [--workdir DIR] [--resume]`
+
+Loads a Hugging Face MoE checkpoint, trains BEAM's mask routers (or more, `train.trainable`), then
+evaluates Top-K against BEAM and the comparison policies on the held-out split and writes, under WORKDIR:
+ckpt/ (orbax, trainable parameters only), metrics.jsonl, tensorboard/, report.json, sweep.md and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from . import beam as beam_lib
+from .data import BatchIterator
+from .loading import load_pretrained
+from .routing import BeamHook, TopKHook
+from .run_data import load_splits, model_fingerprint
+from .trainer import LossConfig, Trainer, fit
+
+
+def expert_impl(name: str) -> str:
+    """'auto' -> the fastest differentiable path here: dense einsum on CPU (ragged_dot is 20-30x slower
+    there, see bench/), grouped ragged_dot elsewhere."""
+    if name != "auto":
+        return name
+    return "dense" if jax.default_backend() == "cpu" else "grouped"
+
+
+def train_and_evaluate(config, workdir: Path, resume: bool = False) -> dict:
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    import transformers
+
+    model = load_pretrained(config.model.path, dtype=config.model.dtype)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(config.model.path)
+    cfg = model.cfg
+    splits = load_splits(config, tokenizer)
+    impl = expert_impl(config.model.impl)
+    tc = config.train
+    hook = BeamHook(config.beam.tau, train=True, renormalize=config.beam.renormalize)
+    trainer = Trainer(model, tc.trainable, tc, LossConfig(alpha=config.beam.alpha, hook=hook, impl=impl))
+    print(f"{cfg.architecture} from {config.model.path}: training {trainer.num_trainable:,} parameters "
+          f"({tc.trainable}); {len(splits['train'])} training sequences of {config.data.seq_len} tokens")
+
+    meta = {"base_model": model_fingerprint(config.model.path), "config": json.loads(config.to_json()),
+            "trainable": tc.trainable}
+    it = BatchIterator(splits["train"], config.data.batch_size, seed=config.seed)
+    controller = beam_lib.BetaController() if config.beam.target_ratio > 0 else None
+    summary = fit(trainer, it, workdir, tc, beta=config.beam.beta, controller=controller,
+                  target=config.beam.target_ratio, controller_rate=config.beam.controller_rate, resume=resume,
+                  meta=meta, desc="beam")
+
+    from . import evaluate as ev
+    from .report import write_report
+
+    trained = trainer.model()
+    eval_batches = _batches(splits["eval"], config.data.batch_size, config.data.eval_batches)
+    calib = _batches(splits["calib"], config.data.batch_size, 4)
+    base = ev.evaluate(trained, eval_batches, TopKHook(), impl)
+    beam = ev.evaluate(trained, eval_batches, BeamHook(config.beam.tau, renormalize=config.beam.renormalize), impl)
+    rows = ev.sweep(trained, eval_batches, taus=tuple(config.eval.taus), policy_names=tuple(config.eval.policies),
+                    calib_batches=calib, impl=impl, base=base)
+    report = write_report(workdir, config, cfg, base, beam, rows, summary, trainer.num_trainable)
+    return report
+
+
+def _batches(packed, batch_size, max_batches):
+    it = BatchIterator(packed, batch_size, shuffle=False, num_epochs=1, drop_remainder=False)
+    out = []
+    for b in it:
+        out.append(b)
+        if max_batches and len(out) >= max_batches:
+            break
+    return out
+
+
+def main(config, workdir: Path, resume: bool):
+    report = train_and_evaluate(config, workdir, resume)
+    print()
+    print((Path(workdir) / "sweep.md").read_text())
+    print(f"BEAM at tau={config.beam.tau}: {report['experts_per_token']['overall']:.2f} of "
+          f"{report['top_k']} experts per token, MoE FLOPs saved {100 * report['moe_flops_reduction']:.1f}%, "
+          f"quality retained {100 * report['quality_retention']:.1f}%")
+    print("wrote:", ", ".join(sorted(str(p) for p in report["files"])))
+
+
+if __name__ == "__main__":
+    from .cli import run
+
+    run(main, "tiny.py")

@@ -1,0 +1,292 @@
+"""The training loop shared by `beam_jax.train` (BEAM mask routers) and `beam_jax.pretrain` (a base model).
+
+The model is split into the trainable parameters (an `nnx` filter: the mask routers, the routers, or all)
+and the frozen rest; `jax.grad` runs over the trainable `nnx.State` only, optax updates it, and orbax saves
+only it (plus optimizer state, step, RNG, data position and the beta controller) under `workdir/ckpt`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from . import beam
+from .flops import experts_per_token_per_layer
+from .moe import MaskRouterParam
+
+TRAINABLE = {
+    "mask": nnx.OfType(MaskRouterParam),
+    "mask+router": nnx.Any(nnx.OfType(MaskRouterParam), nnx.PathContains("gate")),
+    "all": nnx.Param,
+}
+
+
+def trainable_filter(name: str):
+    if name not in TRAINABLE:
+        raise ValueError(f"train.trainable must be one of {sorted(TRAINABLE)}, got {name!r}")
+    return TRAINABLE[name]
+
+
+def make_optimizer(tc) -> optax.GradientTransformation:
+    """AdamW with linear warm-up and cosine decay, global-norm clipping and gradient accumulation."""
+    sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, max(tc.warmup_steps, 1), max(tc.steps, tc.warmup_steps + 1),
+                                               end_value=tc.lr * tc.final_lr_fraction)
+    tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
+                     optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=tc.weight_decay))
+    if tc.grad_accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=tc.grad_accum)
+    return tx
+
+
+@dataclasses.dataclass
+class LossConfig:
+    alpha: float = 0.0  # load-balancing coefficient
+    hook: Any = None  # routing hook used in training (e.g. BeamHook(train=True))
+    impl: str = "dense"  # expert path
+
+
+def compute_loss(model, batch, beta, lc: LossConfig):
+    """-> (total, metrics). batch: input_ids, targets, loss_mask [B, S]."""
+    cfg = model.cfg
+    out = model(batch["input_ids"], mask_hook=lc.hook, impl=lc.impl)
+    lm, ntok = beam.lm_loss(out.logits, batch["targets"], batch["loss_mask"])
+    acc, _ = beam.next_token_accuracy(out.logits, batch["targets"], batch["loss_mask"])
+    valid = (batch["loss_mask"] > 0).reshape(-1)
+    metrics = {"lm_loss": lm, "accuracy": acc, "tokens": ntok}
+    total = lm
+    if out.moe:
+        T = valid.shape[0]
+        logits = [m.router_logits.reshape(T, -1) for m in out.moe]
+        ids = [m.topk_ids.reshape(T, -1) for m in out.moe]
+        bal = beam.load_balancing_loss_layers(logits, ids, cfg.num_experts, cfg.num_experts_per_tok, valid)
+        metrics["balance_loss"] = bal
+        total = total + lc.alpha * bal
+        kept = [m.aux.get("kept", jnp.ones(m.topk_ids.shape, bool)).reshape(T, -1) for m in out.moe]
+        metrics["experts_per_layer"] = experts_per_token_per_layer(kept, valid)
+        if "m_hat" in out.moe[0].aux:
+            reg = jnp.mean(jnp.stack([beam.reg_loss(m.aux["m_hat"].reshape(T, -1), valid) for m in out.moe]))
+            metrics["reg_loss"] = reg
+            total = total + beta * reg
+    metrics["loss"] = total
+    return total, metrics
+
+
+class Trainer:
+    """Owns the split model, optimizer state and the jitted step."""
+
+    def __init__(self, model, trainable: str, tc, lc: LossConfig):
+        self.graphdef, self.params, self.frozen = nnx.split(model, trainable_filter(trainable), ...)
+        n = sum(x.size for x in jax.tree.leaves(self.params))
+        if n == 0:
+            raise ValueError(f"train.trainable={trainable!r} selects no parameters in {model.cfg.architecture}")
+        self.num_trainable = n
+        self.tx = make_optimizer(tc)
+        self.opt_state = self.tx.init(self.params)
+        self.lc = lc
+        self.remat = getattr(tc, "remat", False)
+        self._step = jax.jit(self._train_step, donate_argnums=(0, 1))
+        self._eval = jax.jit(self._eval_step)
+
+    def model(self, params=None):
+        return nnx.merge(self.graphdef, self.params if params is None else params, self.frozen)
+
+    def _loss(self, params, frozen, batch, beta):
+        model = nnx.merge(self.graphdef, params, frozen)
+        return compute_loss(model, batch, beta, self.lc)
+
+    def _train_step(self, params, opt_state, frozen, batch, beta):
+        loss_fn = jax.checkpoint(self._loss) if self.remat else self._loss
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch, beta)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, metrics
+
+    def _eval_step(self, params, frozen, batch, beta):
+        return self._loss(params, frozen, batch, beta)[1]
+
+    def step(self, batch, beta) -> dict:
+        batch = {k: jnp.asarray(batch[k]) for k in ("input_ids", "targets", "loss_mask")}
+        self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, self.frozen, batch,
+                                                          jnp.float32(beta))
+        return metrics
+
+    def evaluate(self, batch, beta=0.0) -> dict:
+        batch = {k: jnp.asarray(batch[k]) for k in ("input_ids", "targets", "loss_mask")}
+        return self._eval(self.params, self.frozen, batch, jnp.float32(beta))
+
+    # ---- checkpoint state: only the trainable parameters and the optimizer state
+    def state_tree(self) -> dict:
+        return {"params": nnx.to_pure_dict(self.params),
+                "opt": {str(i): x for i, x in enumerate(jax.tree.leaves(self.opt_state))}}
+
+    def load_state_tree(self, tree: dict):
+        nnx.replace_by_pure_dict(self.params, tree["params"])
+        leaves, treedef = jax.tree.flatten(self.opt_state)
+        self.opt_state = jax.tree.unflatten(treedef, [jnp.asarray(tree["opt"][str(i)]) for i in range(len(leaves))])
+
+
+class Checkpointer:
+    """orbax CheckpointManager under `workdir/ckpt`: the trainer's state tree plus JSON metadata."""
+
+    def __init__(self, directory: Path, keep: int = 3):
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    def save(self, step: int, tree: dict, meta: dict):
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                                        meta=ocp.args.JsonSave(meta)))
+        self.manager.wait_until_finished()
+
+    def latest_step(self):
+        return self.manager.latest_step()
+
+    def restore(self, step: int, target: dict):
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                 meta=ocp.args.JsonRestore()))
+        return out.state, out.meta
+
+    def close(self):
+        self.manager.close()
+
+
+def peak_memory_bytes() -> int:
+    """Peak device memory where the backend reports it (GPU), else the process's peak RSS (CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def to_host(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        a = np.asarray(v)
+        out[k] = a.tolist() if a.ndim else float(a)
+    return out
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard event files in the workdir."""
+
+    def __init__(self, workdir: Path, resume: bool):
+        from tensorboardX import SummaryWriter
+
+        self.path = Path(workdir) / "metrics.jsonl"
+        if not resume and self.path.exists():
+            self.path.unlink()
+        self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, metrics: dict, prefix: str = "train"):
+        rec = {"step": step, "split": prefix, **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        self.tb.flush()
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, step: int):
+        """On resume: drop records written after the restored checkpoint (they will be written again)."""
+        recs = [r for r in self.read() if r["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        os.replace(tmp, self.path)
+
+
+class Throughput:
+    def __init__(self):
+        self.tokens, self.seconds, self._t = 0, 0.0, None
+
+    def start(self):
+        self._t = time.perf_counter()
+
+    def stop(self, tokens: int):
+        self.seconds += time.perf_counter() - self._t
+        self.tokens += tokens
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def fit(trainer: Trainer, train_iter, workdir: Path, tc, *, beta: float = 0.0, controller=None, target: float = 0.0,
+        controller_rate: float = 0.05, resume: bool = False, meta: dict | None = None, desc: str = "train",
+        on_log: Callable[[int, dict], None] | None = None) -> dict:
+    """Run `tc.steps` optimizer steps (each `tc.grad_accum` micro-batches), logging and checkpointing.
+
+    With `resume`, restores the latest checkpoint in `workdir/ckpt` (trainable params, optimizer state,
+    data position, beta) and continues exactly where it stopped. Returns a summary dict.
+    """
+    from tqdm.auto import tqdm
+
+    workdir = Path(workdir)
+    ckpt = Checkpointer(workdir / "ckpt", tc.keep_ckpts)
+    log = MetricsLog(workdir, resume)
+    accum = max(tc.grad_accum, 1)
+    micro = 0
+    if resume and ckpt.latest_step() is not None:
+        step0 = ckpt.latest_step()
+        tree, saved = ckpt.restore(step0, trainer.state_tree())
+        trainer.load_state_tree(tree)
+        train_iter.restore(saved["data"])
+        beta = float(saved["beta"])
+        micro = step0 * accum
+        log.truncate_after(step0)
+    elif ckpt.latest_step() is not None:
+        raise FileExistsError(f"{ckpt.directory} already holds checkpoints (step {ckpt.latest_step()}): pass --resume "
+                              f"to continue that run, or use another --workdir")
+    tp = Throughput()
+    total_micro = tc.steps * accum
+    bar = tqdm(total=tc.steps, initial=micro // accum, desc=desc, dynamic_ncols=True)
+    last = {}
+    while micro < total_micro:
+        batch = next(train_iter)
+        tp.start()
+        metrics = to_host(trainer.step(batch, beta))
+        tp.stop(int(batch["input_ids"].size))
+        micro += 1
+        if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
+            raise FloatingPointError(f"non-finite training metrics at step {micro // accum}: {metrics}")
+        if micro % accum:
+            continue
+        step = micro // accum
+        kept = float(np.mean(metrics.get("experts_per_layer", [0.0])))
+        if controller is not None and target > 0 and "experts_per_layer" in metrics:
+            K = trainer.model().cfg.num_experts_per_tok
+            beta = float(controller.update(jnp.float32(beta), kept / K, target, controller_rate))
+        metrics.update(step=step, beta=beta, experts_per_token=kept, tokens_per_s=tp.tokens_per_s)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", ept=f"{kept:.2f}", tok_s=f"{tp.tokens_per_s:.0f}")
+        if step % tc.log_every == 0 or step == tc.steps:
+            log.write(step, {k: v for k, v in metrics.items() if k != "step"})
+            if on_log is not None:
+                on_log(step, metrics)
+        if step % tc.ckpt_every == 0 or step == tc.steps:
+            ckpt.save(step, trainer.state_tree(), {"step": step, "data": train_iter.state(), "beta": beta,
+                                                   **(meta or {})})
+        last = metrics
+    bar.close()
+    ckpt.close()
+    return {"final": last, "train_tokens_per_s": tp.tokens_per_s, "peak_memory_bytes": peak_memory_bytes(),
+            "log": log.read(), "beta": beta}

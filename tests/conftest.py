@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny BEAM-ready model directory (random Qwen3-MoE weights plus a BPE tokenizer trained on
+a few standard-library files) and a small text data directory, made once per test session."""
+
+import shutil
+
+import pytest
+
+from hf_tiny import make_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from beam_jax import corpus
+
+    root = tmp_path_factory.mktemp("tiny_model")
+    c = corpus.stdlib_corpus()
+    tok = corpus.train_tokenizer(c.paths("train")[:20], 320, root / "tok")
+    make_tiny("qwen3_moe", root / "model", vocab_size=320, pad_token_id=tok.pad_token_id,
+              eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    for f in (root / "tok").iterdir():
+        shutil.copy(f, root / "model" / f.name)
+    return root / "model"
+
+
+@pytest.fixture(scope="session")
+def text_data_dir(tmp_path_factory):
+    from beam_jax import corpus
+
+    d = tmp_path_factory.mktemp("text_data")
+    for f in corpus.stdlib_corpus().paths("validation")[:12]:
+        shutil.copy(f, d / f"{f.name}.txt")
+    return d

@@ -1,0 +1,101 @@
+"""BEAM training end to end on a tiny model: report fields, step-0 equals Top-K, the regulariser lowers the
+activation ratio, and resuming from a checkpoint reproduces the uninterrupted run's losses exactly."""
+
+import json
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import beam_jax
+from beam_jax.configs import tiny
+from beam_jax.routing import BeamHook, TopKHook
+from beam_jax.train import train_and_evaluate
+
+
+def small_config(model_dir, data_dir, **train):
+    c = tiny.get_config()
+    c.model.path = str(model_dir)
+    c.data.train = str(data_dir)
+    c.data.seq_len = 32
+    c.data.batch_size = 4
+    c.data.eval_batches = 2
+    c.train.steps = 6
+    c.train.warmup_steps = 1
+    c.train.log_every = 1
+    c.train.ckpt_every = 3
+    c.eval.taus = (0.5, 0.9)
+    c.eval.policies = ("static_topk",)
+    c.beam.target_ratio = 0.0
+    for k, v in train.items():
+        section, key = k.split("__")
+        c[section][key] = v
+    return c
+
+
+def test_step0_equals_topk_bit_for_bit(tiny_model_dir):
+    """A zero-initialised mask router keeps every candidate: BEAM's forward (inference and STE training
+    form) is Top-K exactly, not approximately."""
+    model = beam_jax.load_pretrained(tiny_model_dir)
+    ids = np.random.RandomState(0).randint(3, 320, size=(2, 16))
+    ref = np.asarray(model(ids, mask_hook=TopKHook()).logits)
+    for hook in (BeamHook(0.5), BeamHook(0.5, train=True)):
+        out = model(ids, mask_hook=hook)
+        np.testing.assert_array_equal(np.asarray(out.logits), ref)
+        assert all(bool(jnp.all(m.aux["kept"])) for m in out.moe)
+
+
+def test_report_and_sparsity(tiny_model_dir, text_data_dir, tmp_path):
+    c = small_config(tiny_model_dir, text_data_dir, beam__beta=2.0, train__lr=0.05, train__steps=12)
+    report = train_and_evaluate(c, tmp_path)
+    for key in ("base", "beam", "quality_retention", "moe_flops_reduction", "experts_per_token",
+                "train_tokens_per_s", "peak_memory_bytes"):
+        assert key in report, key
+    assert set(report["experts_per_token"]) == {"overall", "per_layer"}
+    assert len(report["experts_per_token"]["per_layer"]) == 2
+    assert report["train_tokens_per_s"] > 0 and report["peak_memory_bytes"] > 0
+    # the regulariser drives the activation ratio down: fewer experts than Top-K's 3, FLOPs saved
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["experts_per_token"] == 3.0  # step 1 starts at Top-K
+    assert report["experts_per_token"]["overall"] < 2.0
+    assert report["moe_flops_reduction"] > 0.3
+    assert report["moe_flops_reduction"] == pytest.approx(1 - report["experts_per_token"]["overall"] / 3)
+    for f in ("report.json", "sweep.md", "pareto.png", "experts_per_layer.png", "rank_drop.png",
+              "loss_curves.png", "metrics.jsonl"):
+        assert (tmp_path / f).is_file(), f
+    assert list((tmp_path / "tensorboard").glob("events.*"))
+    rows = report["sweep"]
+    assert [r["policy"] for r in rows] == ["topk", "beam", "beam", "static_topk", "static_topk"]
+    assert rows[0]["accuracy"] == report["base"]["accuracy"] and rows[0]["moe_flops_reduction"] == 0.0
+    # only the mask routers are saved: 2 MoE layers x [64, 7] kernels
+    ckpt_files = list((tmp_path / "ckpt").iterdir())
+    assert ckpt_files
+
+
+def test_resume_reproduces_losses(tiny_model_dir, text_data_dir, tmp_path):
+    c = small_config(tiny_model_dir, text_data_dir, beam__beta=0.5)
+    c.eval.policies = ()
+    c.eval.taus = ()
+    full = tmp_path / "full"
+    train_and_evaluate(c, full)
+    log_full = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+
+    part = tmp_path / "part"  # the same run, "killed" after its step-3 checkpoint
+    part.mkdir()
+    shutil.copytree(full / "ckpt" / "3", part / "ckpt" / "3")
+    (part / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_full if r["step"] <= 3))
+    train_and_evaluate(c, part, resume=True)
+    log_part = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log_part] == [r["step"] for r in log_full] == list(range(1, 7))
+    for a, b in zip(log_full, log_part):
+        assert a["loss"] == b["loss"] and a["experts_per_token"] == b["experts_per_token"], (a, b)
+
+
+def test_refuses_existing_run_without_resume(tiny_model_dir, text_data_dir, tmp_path):
+    c = small_config(tiny_model_dir, text_data_dir, train__steps=3)
+    c.eval.policies = ()
+    c.eval.taus = ()
+    train_and_evaluate(c, tmp_path)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_and_evaluate(c, tmp_path)
