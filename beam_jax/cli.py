@@ -38,6 +38,35 @@ def resolve_config_arg(argv: list[str], default: str) -> list[str]:
     return out
 
 
+def check_overrides(argv: list[str]) -> None:
+    """Refuse `--config.a.b=...` for a key the config does not have, naming it (and the nearest key)."""
+    import difflib
+    import importlib.util
+
+    path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
+    path = path or next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    spec = importlib.util.spec_from_file_location("_beam_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    known = set()
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            known.add(prefix + k)
+            if hasattr(v, "items"):
+                walk(v, prefix + k + ".")
+
+    walk(cfg, "")
+    for a in argv:
+        if a.startswith("--config.") and not a.startswith("--config.py"):
+            key = a[len("--config."):].split("=", 1)[0]
+            if key not in known:
+                near = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f" (did you mean '{near[0]}'?)" if near else ""
+                raise KeyError(f"unknown config key '{key}' in {path}{hint}")
+
+
 def config_name() -> str:
     from pathlib import Path
 
@@ -51,8 +80,9 @@ def run(main, default_config: str):
     define_flags(default_config)
     try:
         argv = resolve_config_arg(sys.argv, default_config)
-    except FileNotFoundError as e:
-        sys.exit(f"error: {e}")
+        check_overrides(argv)
+    except (FileNotFoundError, KeyError) as e:
+        sys.exit(f"error: {e.args[0] if e.args else e}")
 
     def _main(_argv):
         from pathlib import Path

@@ -290,3 +290,31 @@ def fit(trainer: Trainer, train_iter, workdir: Path, tc, *, beta: float = 0.0, c
     ckpt.close()
     return {"final": last, "train_tokens_per_s": tp.tokens_per_s, "peak_memory_bytes": peak_memory_bytes(),
             "log": log.read(), "beta": beta}
+
+
+def restore_trainable(ckpt_dir, model, step: int | None = None) -> dict:
+    """Load a run's trained parameters (e.g. the mask routers) into `model` in place; returns the checkpoint's
+    metadata (step, base-model fingerprint, config). `ckpt_dir` is WORKDIR/ckpt or one step's folder in it."""
+    ckpt_dir = Path(ckpt_dir).absolute()
+    if step is None and ckpt_dir.name.isdigit() and (ckpt_dir / "state").exists():
+        step, ckpt_dir = int(ckpt_dir.name), ckpt_dir.parent
+    mgr = ocp.CheckpointManager(ckpt_dir)
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint found")
+    meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    trainable = trainable_filter(meta.get("trainable", "mask"))
+    params = nnx.state(model, trainable)
+    target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(params))}
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    try:
+        tree = mgr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(target, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target),
+                                         partial_restore=True)))["state"]
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{ckpt_dir / str(step)}: trained parameters do not fit {model.cfg.architecture} "
+                         f"({e})") from None
+    nnx.replace_by_pure_dict(params, tree["params"])
+    nnx.update(model, params)
+    mgr.close()
+    return {"step": step, **meta}
