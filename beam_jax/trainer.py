@@ -76,6 +76,7 @@ def compute_loss(model, batch, beta, lc: LossConfig):
         total = total + lc.alpha * bal
         kept = [m.aux.get("kept", jnp.ones(m.topk_ids.shape, bool)).reshape(T, -1) for m in out.moe]
         metrics["experts_per_layer"] = experts_per_token_per_layer(kept, valid)
+        metrics["finite_router_logits"] = jnp.stack([jnp.all(jnp.isfinite(x)) for x in logits])
         if "m_hat" in out.moe[0].aux:
             reg = jnp.mean(jnp.stack([beam.reg_loss(m.aux["m_hat"].reshape(T, -1), valid) for m in out.moe]))
             metrics["reg_loss"] = reg
@@ -109,11 +110,17 @@ class Trainer:
 
     def _train_step(self, params, opt_state, frozen, batch, beta):
         loss_fn = jax.checkpoint(self._loss) if self.remat else self._loss
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch, beta)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch, beta)
         metrics["grad_norm"] = optax.tree.norm(grads)
-        updates, opt_state = self.tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, metrics
+        # a step whose loss or gradients are not finite is refused: parameters and optimizer state stay as they were
+        leaf_ok = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+        ok = jnp.isfinite(loss) & jnp.all(leaf_ok)
+        updates, new_opt = self.tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        metrics["finite"] = ok
+        metrics["finite_grad_leaves"] = leaf_ok
+        return keep(new_params, params), keep(new_opt, opt_state), metrics
 
     def _eval_step(self, params, frozen, batch, beta):
         return self._loss(params, frozen, batch, beta)[1]
@@ -123,6 +130,12 @@ class Trainer:
         self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, self.frozen, batch,
                                                           jnp.float32(beta))
         return metrics
+
+    def nonfinite_params(self, leaf_ok) -> list[str]:
+        """Names of the trainable parameters whose gradient was not finite (`finite_grad_leaves` is False)."""
+        paths = [jax.tree_util.keystr(p, simple=True, separator=".")
+                 for p, _ in jax.tree_util.tree_flatten_with_path(self.params)[0]]
+        return [p for p, ok in zip(paths, np.asarray(leaf_ok)) if not ok]
 
     def evaluate(self, batch, beta=0.0) -> dict:
         batch = {k: jnp.asarray(batch[k]) for k in ("input_ids", "targets", "loss_mask")}
@@ -260,14 +273,33 @@ def fit(trainer: Trainer, train_iter, workdir: Path, tc, *, beta: float = 0.0, c
     total_micro = tc.steps * accum
     bar = tqdm(total=tc.steps, initial=micro // accum, desc=desc, dynamic_ncols=True)
     last = {}
+    bad = 0
     while micro < total_micro:
         batch = next(train_iter)
         tp.start()
-        metrics = to_host(trainer.step(batch, beta))
+        raw = trainer.step(batch, beta)
+        leaf_ok = np.asarray(raw.pop("finite_grad_leaves"))
+        metrics = to_host(raw)
         tp.stop(int(batch["input_ids"].size))
+        if not metrics.pop("finite"):
+            bad += 1
+            where = trainer.nonfinite_params(leaf_ok) or ["the loss (gradients finite)"]
+            layers = [i for i, ok in zip(trainer.model().cfg.moe_layer_ids, metrics.get("finite_router_logits", []))
+                      if not ok]
+            if layers:
+                where = [f"activations first non-finite at MoE layer {layers[0]}"] + where
+            msg = (f"step {micro // accum + 1}: non-finite loss or gradients, step refused "
+                   f"({bad} in a row); from {', '.join(where[:4])}{' ...' if len(where) > 4 else ''}")
+            bar.write(msg)
+            log.write(micro // accum + 1, {"refused": 1.0}, prefix="refused")
+            if bad >= tc.max_bad_steps:
+                ckpt.close()
+                raise FloatingPointError(f"{msg}; stopping after {bad} refused steps in a row. The last good "
+                                         f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+            continue
+        bad = 0
+        metrics.pop("finite_router_logits", None)
         micro += 1
-        if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
-            raise FloatingPointError(f"non-finite training metrics at step {micro // accum}: {metrics}")
         if micro % accum:
             continue
         step = micro // accum

@@ -99,3 +99,34 @@ def test_refuses_existing_run_without_resume(tiny_model_dir, text_data_dir, tmp_
     train_and_evaluate(c, tmp_path)
     with pytest.raises(FileExistsError, match="--resume"):
         train_and_evaluate(c, tmp_path)
+
+
+def test_nonfinite_steps_are_refused_and_stop_the_run(tiny_model_dir, text_data_dir, tmp_path):
+    """An Inf in a frozen weight of layer 1 makes every step non-finite: each is refused (parameters unchanged),
+    the report names the layer, and after train.max_bad_steps in a row the run stops."""
+    from beam_jax.data import BatchIterator
+    from beam_jax.run_data import load_splits
+    from beam_jax.trainer import LossConfig, Trainer, fit
+    import transformers
+
+    c = small_config(tiny_model_dir, text_data_dir, train__max_bad_steps=3)
+    model = beam_jax.load_pretrained(tiny_model_dir)
+    k = model.layers[1].self_attn.o_proj.kernel
+    k[...] = k[...].at[0, 0].set(jnp.inf)
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    splits = load_splits(c, tok)
+    tr = Trainer(model, "mask", c.train, LossConfig(hook=BeamHook(0.5, train=True), impl="dense"))
+    before = jax_tree_copy(tr.params)
+    with pytest.raises(FloatingPointError, match=r"MoE layer 1.*stopping after 3 refused steps"):
+        fit(tr, BatchIterator(splits["train"], 4, seed=0), tmp_path, c.train, beta=0.1)
+    after = jax_tree_copy(tr.params)
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    refused = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["split"] for r in refused] == ["refused"] * 3
+
+
+def jax_tree_copy(tree):
+    import jax
+
+    return [np.array(x) for x in jax.tree.leaves(tree)]

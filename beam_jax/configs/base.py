@@ -34,7 +34,7 @@ def get_config() -> ConfigDict:
     c.train.log_every = 10
     c.train.ckpt_every = 100
     c.train.keep_ckpts = 3
-    c.train.eval_every = 0  # 0 = only at the end
+    c.train.max_bad_steps = 5  # refused (NaN/Inf) steps in a row before the run stops
 
     c.beam = ConfigDict()
     c.beam.tau = 0.5  # binarisation threshold m = 1[sigmoid(W_m x) >= tau]; also a serving-time knob

@@ -1,0 +1,45 @@
+"""Timing helpers shared by the benchmarks: median of repeated runs after warm-up, the machine's name."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import jax
+
+
+def timeit(fn, *args, repeat: int = 5, warmup: int = 1) -> float:
+    """Median seconds of fn(*args) (blocking on the result) over `repeat` runs after `warmup` runs."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def machine() -> str:
+    d = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{d.platform}:{d.device_kind} | host {cpu}, {os.cpu_count()} cores | jax {jax.__version__}"
+
+
+def write_result(name: str, payload: dict) -> Path:
+    out = Path(__file__).parent / "results" / f"{name}_{jax.devices()[0].platform}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), **payload}
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    return out
