@@ -29,11 +29,11 @@ import argparse
 import contextlib
 import datetime as _dt
 import json
-import os
-import platform
 import statistics
 import sys
 import time
+
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,9 @@ import numpy as np
 
 from beam_jax import masked_moe as mm
 from beam_jax.experts import experts_grouped, experts_reference
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, write_result  # noqa: E402
 
 MODELS = {  # name: (d, f, E, K)
     "mixtral": (4096, 14336, 8, 2),
@@ -51,26 +54,9 @@ REDUCED = {
     "mixtral": ((1024, 3584, 8, 2), "d and f / 4"),
     "qwen3": ((1024, 384, 128, 8), "d and f / 2"),
 }
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 # --- machine -------------------------------------------------------------------------------------
-
-
-def machine_name() -> str:
-    dev = jax.devices()[0]
-    if dev.platform == "cpu":
-        model = platform.processor() or "cpu"
-        try:
-            with open("/proc/cpuinfo") as fh:
-                for line in fh:
-                    if line.startswith("model name"):
-                        model = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
-        return f"{model}, {os.cpu_count()} cores ({platform.node()})"
-    return f"{dev.device_kind} ({dev.platform}, {platform.node()})"
 
 
 def timeit(fn, *args, repeats=3, budget_s=None):
@@ -196,13 +182,13 @@ def run(args):
     on_gpu = jax.devices()[0].platform == "gpu"
     dtype = jnp.dtype(args.dtype or ("bfloat16" if on_gpu else "float32"))
     shapes = args.shapes or ("full" if on_gpu else "reduced")
-    machine = machine_name()
-    print(f"machine: {machine}")
+    host = machine()
+    print(f"machine: {host}")
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, dtype {dtype.name}, "
           f"masked_moe default backend: {mm.default_backend()}"
           + (f", CPU kernel: {mm._ffi.cpu_isa()}" if mm._ffi is not None and not on_gpu else ""))
 
-    env = {"machine": machine, "platform": jax.default_backend(), "jax": jax.__version__,
+    env = {"platform": jax.default_backend(), "jax": jax.__version__,
            "dtype": dtype.name, "shapes": shapes, "time": _dt.datetime.now().isoformat()}
     if on_gpu:
         env["copy_bytes_per_s"] = measure_copy_bandwidth()
@@ -270,11 +256,12 @@ def run(args):
                 rows.append(row)
                 print_row(row, on_gpu, backends)
     out = {"env": env, "rows": rows}
-    os.makedirs(args.out_dir, exist_ok=True)
-    tag = "gpu" if on_gpu else "cpu"
-    path = os.path.join(args.out_dir, f"moe_layer_{tag}_{_dt.datetime.now():%Y%m%d_%H%M%S}.json")
-    with open(path, "w") as fh:
-        json.dump(out, fh, indent=1)
+    if args.out is None:
+        path = write_result("moe_layer", out)  # bench/results/moe_layer_<platform>.json
+    else:
+        path = args.out
+        with open(path, "w") as fh:
+            json.dump({"machine": host, **out}, fh, indent=1)
     print(f"\nwrote {path}")
     return out
 
@@ -329,7 +316,8 @@ def main(argv=None):
                    help="skip paths estimated to need more (default 4 on CPU, 40 on GPU)")
     p.add_argument("--time-cap-s", type=float, default=30.0,
                    help="skip paths estimated slower than this per call; stop repeats past it")
-    p.add_argument("--out-dir", default=RESULTS_DIR)
+    p.add_argument("--out", default=None,
+                   help="JSON path (default bench/results/moe_layer_<platform>.json)")
     args = p.parse_args(argv)
     if args.mem_cap_gb is None:
         args.mem_cap_gb = 40.0 if jax.devices()[0].platform == "gpu" else 4.0

@@ -1,0 +1,76 @@
+// Shared declarations of the masked-expert (BEAM) MoE kernel.
+//
+//   masked_moe(x[T,d], w_gate[E,d,f], w_up[E,d,f], w_down[E,f,d],
+//              expert_ids[T,K] s32, weights[T,K] f32, keep[T,K] pred) -> y[T,d]
+//
+//   y[t] = sum_k keep[t,k] * weights[t,k] * down_e(silu(x[t] @ gate_e) * (x[t] @ up_e)),
+//          e = expert_ids[t,k]
+//
+// A pair whose id lies outside [0, E) is treated as dropped. Every row of y is written (zero for a
+// token without kept pairs); an expert that no kept pair uses is never read.
+#ifndef BEAM_JAX_FFI_MASKED_MOE_H_
+#define BEAM_JAX_FFI_MASKED_MOE_H_
+
+#include <cstdint>
+#include <functional>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace beam {
+
+enum class ElemType { kF32, kBF16, kF16 };
+
+// One call's operands, already checked by the FFI handler (shapes, dtypes).
+struct Problem {
+  int64_t T = 0, K = 0, E = 0, d = 0, f = 0;
+  ElemType type = ElemType::kF32;
+  const void* x = nullptr;       // [T, d]
+  const void* w_gate = nullptr;  // [E, d, f]
+  const void* w_up = nullptr;    // [E, d, f]
+  const void* w_down = nullptr;  // [E, f, d]
+  const int32_t* expert_ids = nullptr;  // [T, K]
+  const float* weights = nullptr;       // [T, K]
+  const bool* keep = nullptr;           // [T, K]
+  void* y = nullptr;                    // [T, d], same element type as x
+};
+
+// How the CPU kernel runs work in parallel: `schedule(task)` runs `task` on another thread (or
+// inline), `num_threads` is how many threads may work at once (the caller's included).
+struct Runner {
+  int num_threads = 1;
+  std::function<void(std::function<void()>)> schedule;
+};
+
+// CPU kernels, one per instruction set; `masked_moe_cpu.cc` picks one at run time.
+namespace cpu_generic {
+void MaskedMoe(const Problem& p, const Runner& runner);
+}
+namespace cpu_avx2 {
+void MaskedMoe(const Problem& p, const Runner& runner);
+}
+bool CpuHasAvx2();
+
+// Checks the FFI operands (shapes, matching E/d/f, one float dtype for x, the weights and y) and
+// fills `p`; defined in masked_moe_cpu.cc, used by the CPU and CUDA handlers.
+xla::ffi::Error CheckAndDescribe(xla::ffi::AnyBuffer x, xla::ffi::AnyBuffer w_gate,
+                                 xla::ffi::AnyBuffer w_up, xla::ffi::AnyBuffer w_down,
+                                 xla::ffi::Buffer<xla::ffi::S32> expert_ids,
+                                 xla::ffi::Buffer<xla::ffi::F32> weights,
+                                 xla::ffi::Buffer<xla::ffi::PRED> keep,
+                                 const xla::ffi::AnyBuffer& y, Problem* p);
+
+}  // namespace beam
+
+// FFI handler symbols (bound in masked_moe_cpu.cc / masked_moe_cuda.cu).
+// Signature of every target:
+//   (x, w_gate, w_up, w_down, expert_ids s32, weights f32, keep pred) -> y
+// The "_aliased" variants take one more operand, y_init [T, d], that the caller aliases to y
+// (input_output_aliases): its contents are ignored, so a poisoned y_init shows unwritten rows.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCpuAliased);
+#ifdef BEAM_JAX_WITH_CUDA
+XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCudaAliased);
+#endif
+
+#endif  // BEAM_JAX_FFI_MASKED_MOE_H_

@@ -1,0 +1,173 @@
+// CPU FFI handler of the masked-expert MoE.
+//
+// Layers, as in jax's examples/ffi: the compute lives in masked_moe_cpu_kernel.h (a plain templated
+// function, built here portably and in masked_moe_cpu_avx2.cc for AVX2); MaskedMoeCpu checks the
+// buffers, picks the element type and instruction set in one place; the XLA_FFI_DEFINE_HANDLER_SYMBOL
+// bindings at the bottom declare the signature.
+
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <thread>
+
+#include "masked_moe.h"
+#include "xla/ffi/api/ffi.h"
+
+#define BEAM_CPU_NS cpu_generic
+#include "masked_moe_cpu_kernel.h"
+
+namespace ffi = xla::ffi;
+
+namespace beam {
+
+// Whether to run the AVX2 build: the processor has AVX2, FMA and F16C, and the environment does not
+// ask for the portable kernel (BEAM_JAX_CPU_ISA=generic, read once; the tests use it).
+bool CpuHasAvx2() {
+#if defined(BEAM_JAX_HAVE_AVX2_TU) && (defined(__x86_64__) || defined(__i386__)) && \
+    (defined(__GNUC__) || defined(__clang__))
+  static const bool has = [] {
+    const char* isa = std::getenv("BEAM_JAX_CPU_ISA");
+    if (isa != nullptr && std::string(isa) == "generic") return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+#ifndef BEAM_JAX_HAVE_AVX2_TU
+namespace cpu_avx2 {
+void MaskedMoe(const Problem& p, const Runner& runner) { cpu_generic::MaskedMoe(p, runner); }
+}  // namespace cpu_avx2
+#endif
+
+namespace {
+
+std::string DimsString(ffi::AnyBuffer::Dimensions dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+}  // namespace
+
+// Checks the operands (the Python wrapper checks them first, with friendlier messages) and fills a
+// Problem. Shared with the CUDA handler's checks through the same rules.
+ffi::Error CheckAndDescribe(ffi::AnyBuffer x, ffi::AnyBuffer w_gate, ffi::AnyBuffer w_up,
+                            ffi::AnyBuffer w_down, ffi::Buffer<ffi::S32> expert_ids,
+                            ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::PRED> keep,
+                            const ffi::AnyBuffer& y, Problem* p) {
+  auto xd = x.dimensions(), gd = w_gate.dimensions(), ud = w_up.dimensions(),
+       dd = w_down.dimensions(), id = expert_ids.dimensions(), wd = weights.dimensions(),
+       kd = keep.dimensions(), yd = y.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be [T, d], got " + DimsString(xd));
+  if (gd.size() != 3)
+    return ffi::Error::InvalidArgument("w_gate must be [E, d, f], got " + DimsString(gd));
+  const int64_t T = xd[0], d = xd[1], E = gd[0], f = gd[2];
+  if (gd[1] != d)
+    return ffi::Error::InvalidArgument("w_gate " + DimsString(gd) + " does not match x " +
+                                       DimsString(xd));
+  if (ud.size() != 3 || ud[0] != E || ud[1] != d || ud[2] != f)
+    return ffi::Error::InvalidArgument("w_up must be [E, d, f] = " + DimsString(gd) + ", got " +
+                                       DimsString(ud));
+  if (dd.size() != 3 || dd[0] != E || dd[1] != f || dd[2] != d)
+    return ffi::Error::InvalidArgument("w_down must be [E, f, d], got " + DimsString(dd));
+  if (id.size() != 2 || id[0] != T)
+    return ffi::Error::InvalidArgument("expert_ids must be [T, K], got " + DimsString(id));
+  const int64_t K = id[1];
+  if (wd.size() != 2 || wd[0] != T || wd[1] != K)
+    return ffi::Error::InvalidArgument("weights must be [T, K], got " + DimsString(wd));
+  if (kd.size() != 2 || kd[0] != T || kd[1] != K)
+    return ffi::Error::InvalidArgument("keep must be [T, K], got " + DimsString(kd));
+  if (yd.size() != 2 || yd[0] != T || yd[1] != d)
+    return ffi::Error::InvalidArgument("y must be [T, d], got " + DimsString(yd));
+  const ffi::DataType t = x.element_type();
+  if (w_gate.element_type() != t || w_up.element_type() != t || w_down.element_type() != t ||
+      y.element_type() != t)
+    return ffi::Error::InvalidArgument("x, w_gate, w_up, w_down and y must share one dtype");
+  switch (t) {
+    case ffi::DataType::F32: p->type = ElemType::kF32; break;
+    case ffi::DataType::BF16: p->type = ElemType::kBF16; break;
+    case ffi::DataType::F16: p->type = ElemType::kF16; break;
+    default:
+      return ffi::Error::InvalidArgument("unsupported dtype: x must be float32, bfloat16 or float16");
+  }
+  p->T = T; p->K = K; p->E = E; p->d = d; p->f = f;
+  p->x = x.untyped_data();
+  p->w_gate = w_gate.untyped_data();
+  p->w_up = w_up.untyped_data();
+  p->w_down = w_down.untyped_data();
+  p->expert_ids = expert_ids.typed_data();
+  p->weights = weights.typed_data();
+  p->keep = keep.typed_data();
+  p->y = y.untyped_data();
+  return ffi::Error::Success();
+}
+
+namespace {
+
+ffi::Error MaskedMoeCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w_gate,
+                        ffi::AnyBuffer w_up, ffi::AnyBuffer w_down,
+                        ffi::Buffer<ffi::S32> expert_ids, ffi::Buffer<ffi::F32> weights,
+                        ffi::Buffer<ffi::PRED> keep, ffi::Result<ffi::AnyBuffer> y) {
+  Problem p;
+  if (ffi::Error err = CheckAndDescribe(x, w_gate, w_up, w_down, expert_ids, weights, keep, *y, &p);
+      err.failure())
+    return err;
+  if (p.T == 0 || p.d == 0) return ffi::Error::Success();
+  Runner runner;
+  const int64_t pool_threads = pool.num_threads();
+  if (pool_threads > 0) {
+    runner.num_threads = int(pool_threads);
+    runner.schedule = [&pool](std::function<void()> task) { pool.Schedule(std::move(task)); };
+  } else {
+    runner.num_threads = 1;  // no intra-op pool: run on the caller's thread
+  }
+  if (CpuHasAvx2()) {
+    cpu_avx2::MaskedMoe(p, runner);
+  } else {
+    cpu_generic::MaskedMoe(p, runner);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error MaskedMoeCpuAliased(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w_gate,
+                               ffi::AnyBuffer w_up, ffi::AnyBuffer w_down,
+                               ffi::Buffer<ffi::S32> expert_ids, ffi::Buffer<ffi::F32> weights,
+                               ffi::Buffer<ffi::PRED> keep, ffi::AnyBuffer /*y_init*/,
+                               ffi::Result<ffi::AnyBuffer> y) {
+  return MaskedMoeCpu(pool, x, w_gate, w_up, w_down, expert_ids, weights, keep, y);
+}
+
+}  // namespace
+}  // namespace beam
+
+// (x, w_gate, w_up, w_down: same float dtype; expert_ids s32 [T,K]; weights f32 [T,K];
+//  keep pred [T,K]) -> y [T,d] in x's dtype
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BeamMaskedMoeCpu, beam::MaskedMoeCpu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()        // x
+                                  .Arg<ffi::AnyBuffer>()        // w_gate
+                                  .Arg<ffi::AnyBuffer>()        // w_up
+                                  .Arg<ffi::AnyBuffer>()        // w_down
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_ids
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // weights
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // keep
+                                  .Ret<ffi::AnyBuffer>());       // y
+
+// Same, plus y_init [T,d] aliased to y by the caller (contents ignored).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BeamMaskedMoeCpuAliased, beam::MaskedMoeCpuAliased,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()        // x
+                                  .Arg<ffi::AnyBuffer>()        // w_gate
+                                  .Arg<ffi::AnyBuffer>()        // w_up
+                                  .Arg<ffi::AnyBuffer>()        // w_down
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_ids
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // weights
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // keep
+                                  .Arg<ffi::AnyBuffer>()        // y_init (aliased to y)
+                                  .Ret<ffi::AnyBuffer>());       // y

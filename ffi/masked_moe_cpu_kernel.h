@@ -1,0 +1,614 @@
+// CPU implementation of the masked-expert MoE, compiled once per instruction set.
+//
+// Included by masked_moe_cpu.cc (portable build, namespace beam::cpu_generic) and by
+// masked_moe_cpu_avx2.cc (built with -mavx2 -mfma -mf16c, namespace beam::cpu_avx2). The including
+// file defines BEAM_CPU_NS first. Only the micro-kernel and the row converters differ between them.
+//
+// Algorithm
+//   1. Group: counting sort of the kept pairs (keep && 0 <= id < E) by expert, stable in pair order.
+//   2. The sorted rows are processed in chunks of at most kChunkRows rows (bounds the scratch).
+//      Each chunk is split into segments, one per expert, each padded to a multiple of MR rows.
+//      a. Gather: x rows of the chunk's pairs, converted to f32, packed as MR-row panels (k-major).
+//      b. Gate/up: work units = (segment, block of NB1 columns of f). Per unit, for every KC slice
+//         of d the gate and up weight columns are converted to f32 and packed (KC x NR strips), and
+//         an MR x NR register-blocked micro-kernel accumulates both products; the epilogue writes
+//         silu(gate) * up into H, packed as panels like the gathered x.
+//      c. Down: work units = blocks of NB2 columns of d. A unit runs every segment of the chunk
+//         (in expert order) against its w_down columns and adds weight * row into the f32 output
+//         accumulator. Units own disjoint output columns, so there are no races, and the sum
+//         order is fixed, so results do not depend on the thread count.
+//   3. The f32 accumulator is converted to the output type (it is the output itself for f32).
+// Units are handed out dynamically (an atomic counter) to the caller's thread and to tasks on the
+// runner (XLA's intra-op thread pool). Only kept rows are computed, and only experts with kept
+// pairs are read, so time follows the kept pairs.
+
+#ifndef BEAM_CPU_NS
+#error "define BEAM_CPU_NS before including masked_moe_cpu_kernel.h"
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define BEAM_CPU_USE_AVX2 1
+#else
+#define BEAM_CPU_USE_AVX2 0
+#endif
+
+#include "masked_moe.h"
+
+namespace beam {
+namespace BEAM_CPU_NS {
+namespace {
+
+constexpr int MR = 6;              // rows of the micro-kernel's register tile
+constexpr int NR = 16;             // columns of the micro-kernel's register tile (2 x 8 f32 lanes)
+constexpr int64_t KC = 256;        // reduction slice: an MR x KC panel of A stays in L1
+constexpr int64_t NB1 = 64;        // f columns of one gate/up unit (gate and up: 2 x 64 columns)
+constexpr int64_t NB2 = 64;        // d columns of one down unit
+constexpr int64_t kChunkRows = 2048;  // sorted rows per chunk (bounds the packed x and H scratch)
+constexpr int64_t kSkinnyRows = 8;    // segments with at most this many rows stream their weights
+constexpr int64_t kSlabMin = 128;     // fewest weight rows in one streaming (split-K) unit
+constexpr int64_t NBR = 256;          // columns per unit of the split-K reductions
+
+// ---------------------------------------------------------------------------------------------
+// Element types and conversions (round to nearest even on the way back).
+
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
+inline float F32FromBits(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t BitsFromF32(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+inline float ToFloat(float v) { return v; }
+inline float ToFloat(bf16_t v) { return F32FromBits(uint32_t(v.bits) << 16); }
+inline float ToFloat(f16_t v) {
+  const uint32_t h = v.bits;
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1f;
+  const uint32_t man = h & 0x3ff;
+  if (exp == 0x1f) return F32FromBits(sign | 0x7f800000u | (man << 13));  // inf / nan
+  if (exp != 0) return F32FromBits(sign | ((exp + 112) << 23) | (man << 13));
+  // zero or subnormal: man * 2^-24
+  const float mag = float(man) * 5.9604644775390625e-8f;
+  return sign ? -mag : mag;
+}
+
+template <typename T> T FromFloat(float v);
+template <> inline float FromFloat<float>(float v) { return v; }
+template <> inline bf16_t FromFloat<bf16_t>(float v) {
+  uint32_t u = BitsFromF32(v);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{uint16_t((u >> 16) | 0x40)};  // quiet nan
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return bf16_t{uint16_t(u >> 16)};
+}
+template <> inline f16_t FromFloat<f16_t>(float v) {
+  const uint32_t u = BitsFromF32(v);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return f16_t{uint16_t(sign | 0x7e00u)};  // nan
+  if (a >= 0x477ff000u) return f16_t{uint16_t(sign | 0x7c00u)};  // rounds to >= 65520: inf
+  if (a < 0x38800000u) {  // below the smallest normal half (2^-14): subnormal or zero
+    // half subnormal = round(|v| * 2^24); adding 0.5 (2^-1) lets the FPU round to nearest even.
+    const float mag = F32FromBits(a) + 0.5f;
+    return f16_t{uint16_t(sign | (BitsFromF32(mag) - 0x3f000000u))};
+  }
+  uint32_t r = a + 0xc8000fffu + ((a >> 13) & 1u);  // rebias exponent (-112 << 23) and round
+  return f16_t{uint16_t(sign | (r >> 13))};
+}
+
+// Converts n (<= 16) consecutive elements to f32 into dst[0..16), zero-padding the tail.
+template <typename T>
+inline void LoadRow16(const T* src, int64_t n, float* dst) {
+#if BEAM_CPU_USE_AVX2
+  if (n == 16) {
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_storeu_ps(dst, _mm256_loadu_ps(src));
+      _mm256_storeu_ps(dst + 8, _mm256_loadu_ps(src + 8));
+    } else if constexpr (std::is_same_v<T, bf16_t>) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+      const __m256i lo = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(raw));
+      const __m256i hi = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(raw, 1));
+      _mm256_storeu_ps(dst, _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16)));
+      _mm256_storeu_ps(dst + 8, _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16)));
+    } else {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+      _mm256_storeu_ps(dst, _mm256_cvtph_ps(_mm256_castsi256_si128(raw)));
+      _mm256_storeu_ps(dst + 8, _mm256_cvtph_ps(_mm256_extracti128_si256(raw, 1)));
+    }
+    return;
+  }
+#endif
+  int64_t j = 0;
+  for (; j < n; ++j) dst[j] = ToFloat(src[j]);
+  for (; j < NR; ++j) dst[j] = 0.0f;
+}
+
+#if BEAM_CPU_USE_AVX2
+// 16 consecutive elements as two f32 vectors.
+template <typename T>
+inline void Load16(const T* src, __m256& lo, __m256& hi) {
+  if constexpr (std::is_same_v<T, float>) {
+    lo = _mm256_loadu_ps(src);
+    hi = _mm256_loadu_ps(src + 8);
+  } else if constexpr (std::is_same_v<T, bf16_t>) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(raw)), 16));
+    hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(raw, 1)), 16));
+  } else {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    lo = _mm256_cvtph_ps(_mm256_castsi256_si128(raw));
+    hi = _mm256_cvtph_ps(_mm256_extracti128_si256(raw, 1));
+  }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Micro-kernel: C[MR x NR] (+)= A[kc x MR] * B[kc x NR], A and B packed k-major, C row-major
+// with leading dimension ldc.
+
+#if BEAM_CPU_USE_AVX2
+inline void MicroKernel(int64_t kc, const float* __restrict A, const float* __restrict B,
+                        float* __restrict C, int64_t ldc, bool accumulate) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
+  __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
+  __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+  __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
+  __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(B);
+    const __m256 b1 = _mm256_loadu_ps(B + 8);
+    __m256 a;
+    a = _mm256_broadcast_ss(A + 0); c00 = _mm256_fmadd_ps(a, b0, c00); c01 = _mm256_fmadd_ps(a, b1, c01);
+    a = _mm256_broadcast_ss(A + 1); c10 = _mm256_fmadd_ps(a, b0, c10); c11 = _mm256_fmadd_ps(a, b1, c11);
+    a = _mm256_broadcast_ss(A + 2); c20 = _mm256_fmadd_ps(a, b0, c20); c21 = _mm256_fmadd_ps(a, b1, c21);
+    a = _mm256_broadcast_ss(A + 3); c30 = _mm256_fmadd_ps(a, b0, c30); c31 = _mm256_fmadd_ps(a, b1, c31);
+    a = _mm256_broadcast_ss(A + 4); c40 = _mm256_fmadd_ps(a, b0, c40); c41 = _mm256_fmadd_ps(a, b1, c41);
+    a = _mm256_broadcast_ss(A + 5); c50 = _mm256_fmadd_ps(a, b0, c50); c51 = _mm256_fmadd_ps(a, b1, c51);
+    A += MR;
+    B += NR;
+  }
+  const __m256 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21},
+                             {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int i = 0; i < MR; ++i) {
+    float* c = C + i * ldc;
+    if (accumulate) {
+      _mm256_storeu_ps(c, _mm256_add_ps(_mm256_loadu_ps(c), acc[i][0]));
+      _mm256_storeu_ps(c + 8, _mm256_add_ps(_mm256_loadu_ps(c + 8), acc[i][1]));
+    } else {
+      _mm256_storeu_ps(c, acc[i][0]);
+      _mm256_storeu_ps(c + 8, acc[i][1]);
+    }
+  }
+}
+#else
+inline void MicroKernel(int64_t kc, const float* __restrict A, const float* __restrict B,
+                        float* __restrict C, int64_t ldc, bool accumulate) {
+  float acc[MR][NR] = {};
+  for (int64_t k = 0; k < kc; ++k) {
+    for (int i = 0; i < MR; ++i) {
+      const float a = A[i];
+      for (int j = 0; j < NR; ++j) acc[i][j] += a * B[j];
+    }
+    A += MR;
+    B += NR;
+  }
+  for (int i = 0; i < MR; ++i) {
+    float* c = C + i * ldc;
+    if (accumulate) {
+      for (int j = 0; j < NR; ++j) c[j] += acc[i][j];
+    } else {
+      for (int j = 0; j < NR; ++j) c[j] = acc[i][j];
+    }
+  }
+}
+#endif
+
+// Packs rows [k0, k0 + kc) and columns [j0, j0 + nb) of a row-major matrix W (leading dimension
+// ldw) into ceil(nb / NR) strips of kc x NR f32, zero-padding the last strip.
+// Reads W row by row (each row's nb columns are contiguous), so the weights stream from memory.
+template <typename T>
+void PackB(const T* W, int64_t ldw, int64_t k0, int64_t kc, int64_t j0, int64_t nb, float* out) {
+  const int64_t strips = (nb + NR - 1) / NR;
+  for (int64_t k = 0; k < kc; ++k) {
+    const T* src = W + (k0 + k) * ldw + j0;
+    for (int64_t s = 0; s < strips; ++s)
+      LoadRow16(src + s * NR, std::min<int64_t>(NR, nb - s * NR), out + (s * kc + k) * NR);
+  }
+}
+
+inline float Silu(float g) { return g / (1.0f + std::exp(-g)); }
+
+inline int64_t RoundUp(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Skinny rows (decode): C[r][0:N] = sum over k in [k0, k1) of A(r, k) * W[k][0:N] for r < rows,
+// with A(r, k) = arow[r][k * MR] (the packed panels) and C's rows RoundUp(N, NR) apart. W's rows
+// are read whole and in order, four at a time, so the weights stream at full memory bandwidth
+// (column blocks of a row-major matrix read at a third of it); the few rows reuse each W chunk
+// from registers and L1.
+template <typename T>
+void StreamRows(const float* const* arow, int64_t rows, int64_t k0, int64_t k1, const T* W,
+                int64_t N, float* C) {
+  const int64_t ldc = RoundUp(N, NR);
+  std::fill(C, C + rows * ldc, 0.0f);
+  alignas(32) float wb[4][NR];
+  for (int64_t k = k0; k < k1; k += 4) {
+    const int64_t kn = std::min<int64_t>(4, k1 - k);
+    for (int64_t i = kn; i < 4; ++i) std::fill(wb[i], wb[i] + NR, 0.0f);
+    float a[kSkinnyRows][4] = {};
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < kn; ++i) a[r][i] = arow[r][(k + i) * MR];
+    for (int64_t j = 0; j < N; j += NR) {
+      const int64_t n = std::min<int64_t>(NR, N - j);
+#if BEAM_CPU_USE_AVX2
+      __m256 w0l, w0h, w1l, w1h, w2l, w2h, w3l, w3h;
+      if (n == NR && kn == 4) {  // the steady state: straight from W into registers
+        const T* src = W + k * N + j;
+        Load16(src, w0l, w0h);
+        Load16(src + N, w1l, w1h);
+        Load16(src + 2 * N, w2l, w2h);
+        Load16(src + 3 * N, w3l, w3h);
+      } else {
+        for (int64_t i = 0; i < kn; ++i) LoadRow16(W + (k + i) * N + j, n, wb[i]);
+        w0l = _mm256_load_ps(wb[0]); w0h = _mm256_load_ps(wb[0] + 8);
+        w1l = _mm256_load_ps(wb[1]); w1h = _mm256_load_ps(wb[1] + 8);
+        w2l = _mm256_load_ps(wb[2]); w2h = _mm256_load_ps(wb[2] + 8);
+        w3l = _mm256_load_ps(wb[3]); w3h = _mm256_load_ps(wb[3] + 8);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        float* c = C + r * ldc + j;
+        const __m256 a0 = _mm256_set1_ps(a[r][0]), a1 = _mm256_set1_ps(a[r][1]);
+        const __m256 a2 = _mm256_set1_ps(a[r][2]), a3 = _mm256_set1_ps(a[r][3]);
+        __m256 lo = _mm256_loadu_ps(c), hi = _mm256_loadu_ps(c + 8);
+        lo = _mm256_fmadd_ps(a0, w0l, lo); hi = _mm256_fmadd_ps(a0, w0h, hi);
+        lo = _mm256_fmadd_ps(a1, w1l, lo); hi = _mm256_fmadd_ps(a1, w1h, hi);
+        lo = _mm256_fmadd_ps(a2, w2l, lo); hi = _mm256_fmadd_ps(a2, w2h, hi);
+        lo = _mm256_fmadd_ps(a3, w3l, lo); hi = _mm256_fmadd_ps(a3, w3h, hi);
+        _mm256_storeu_ps(c, lo);
+        _mm256_storeu_ps(c + 8, hi);
+      }
+#else
+      for (int64_t i = 0; i < kn; ++i) LoadRow16(W + (k + i) * N + j, n, wb[i]);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* c = C + r * ldc + j;
+        const float a0 = a[r][0], a1 = a[r][1], a2 = a[r][2], a3 = a[r][3];
+        for (int jj = 0; jj < NR; ++jj)
+          c[jj] += a0 * wb[0][jj] + a1 * wb[1][jj] + a2 * wb[2][jj] + a3 * wb[3][jj];
+      }
+#endif
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parallel loop: units [0, n) claimed through an atomic counter by the caller and by up to
+// num_threads - 1 tasks on the runner. The shared state outlives late tasks (shared_ptr); a task
+// only touches `fn` after claiming a unit, and the caller waits for every claimed unit.
+
+struct Job {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t n = 0;
+  const std::function<void(int64_t)>* fn = nullptr;
+};
+
+void ParallelFor(const Runner& runner, int64_t n, const std::function<void(int64_t)>& fn) {
+  if (n <= 0) return;
+  const int64_t extra =
+      runner.schedule ? std::min<int64_t>(int64_t(runner.num_threads) - 1, n - 1) : 0;
+  if (extra <= 0) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  auto job = std::make_shared<Job>();
+  job->n = n;
+  job->fn = &fn;
+  auto work = [job]() {
+    for (;;) {
+      const int64_t i = job->next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= job->n) return;
+      (*job->fn)(i);
+      job->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 0; t < extra; ++t) runner.schedule(work);
+  work();
+  while (job->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+// Per-thread scratch, reused across calls.
+float* ThreadBuffer(int which, size_t count) {
+  thread_local std::vector<float> buffers[3];
+  std::vector<float>& b = buffers[which];
+  if (b.size() < count) b.resize(count);
+  return b.data();
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct Segment {
+  int64_t expert;     // expert id
+  int64_t row0;       // first row in the sorted order
+  int64_t rows;       // kept pairs of this expert in the chunk
+  int64_t panel0;     // first MR-row panel in the chunk's packed buffers
+  int64_t panels;     // ceil(rows / MR)
+};
+
+template <typename T>
+void Run(const Problem& p, const Runner& runner) {
+  const int64_t T_ = p.T, K = p.K, E = p.E, d = p.d, f = p.f;
+  const T* x = static_cast<const T*>(p.x);
+  const T* wg = static_cast<const T*>(p.w_gate);
+  const T* wu = static_cast<const T*>(p.w_up);
+  const T* wd = static_cast<const T*>(p.w_down);
+
+  // 1. Group the kept pairs by expert (counting sort, stable in pair order).
+  const int64_t num_pairs = T_ * K;
+  std::vector<int64_t> offsets(E + 1, 0);
+  for (int64_t q = 0; q < num_pairs; ++q) {
+    const int32_t e = p.expert_ids[q];
+    if (p.keep[q] && e >= 0 && e < E) ++offsets[e + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) offsets[e + 1] += offsets[e];
+  const int64_t kept = offsets[E];
+  std::vector<int64_t> sorted(kept);
+  {
+    std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
+    for (int64_t q = 0; q < num_pairs; ++q) {
+      const int32_t e = p.expert_ids[q];
+      if (p.keep[q] && e >= 0 && e < E) sorted[cursor[e]++] = q;
+    }
+  }
+
+  // f32 accumulator for y: the output itself for f32, a temporary otherwise. Zeroing it writes
+  // every row, including tokens without kept pairs.
+  std::vector<float> y_tmp;
+  float* Y;
+  if constexpr (std::is_same_v<T, float>) {
+    Y = static_cast<float*>(p.y);
+  } else {
+    y_tmp.resize(size_t(T_ * d));
+    Y = y_tmp.data();
+  }
+  constexpr int64_t kRowBlock = 64;
+  const int64_t row_blocks = (T_ + kRowBlock - 1) / kRowBlock;
+  ParallelFor(runner, row_blocks, [&](int64_t b) {
+    const int64_t t0 = b * kRowBlock, t1 = std::min(T_, t0 + kRowBlock);
+    std::fill(Y + t0 * d, Y + t1 * d, 0.0f);
+  });
+
+  // 2. Chunks of sorted rows.
+  std::vector<float> a_packed, h_packed;
+  std::vector<Segment> segs;
+  for (int64_t c0 = 0; c0 < kept; c0 += kChunkRows) {
+    const int64_t c1 = std::min(kept, c0 + kChunkRows);
+    segs.clear();
+    int64_t panels = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t r0 = std::max(offsets[e], c0), r1 = std::min(offsets[e + 1], c1);
+      if (r1 <= r0) continue;
+      const int64_t np = (r1 - r0 + MR - 1) / MR;
+      segs.push_back({e, r0, r1 - r0, panels, np});
+      panels += np;
+    }
+    a_packed.resize(size_t(panels * MR * d));
+    h_packed.resize(size_t(panels * MR * f));
+    float* A = a_packed.data();
+    float* H = h_packed.data();
+    std::vector<std::pair<int64_t, int64_t>> panel_seg;  // panel -> (segment, panel in segment)
+    panel_seg.reserve(panels);
+    for (int64_t s = 0; s < int64_t(segs.size()); ++s)
+      for (int64_t i = 0; i < segs[s].panels; ++i) panel_seg.emplace_back(s, i);
+
+    // 2a. Gather x rows into MR-row panels: A[panel][k][r].
+    ParallelFor(runner, panels, [&](int64_t pi) {
+      const Segment& sg = segs[panel_seg[pi].first];
+      const int64_t i0 = panel_seg[pi].second * MR;
+      float* dst = A + pi * MR * d;
+      for (int r = 0; r < MR; ++r) {
+        if (i0 + r < sg.rows) {
+          const T* src = x + (sorted[sg.row0 + i0 + r] / K) * d;
+          for (int64_t k = 0; k < d; ++k) dst[k * MR + r] = ToFloat(src[k]);
+        } else {
+          for (int64_t k = 0; k < d; ++k) dst[k * MR + r] = 0.0f;
+        }
+      }
+    });
+
+    // Segments with many rows run the packed, register-blocked GEMM over column blocks ("fat");
+    // segments with few rows are memory bound and stream their weights by whole rows, split
+    // over slabs of the reduction dimension ("skinny"), then reduce the slabs in a fixed order.
+    std::vector<int64_t> fat, skinny;
+    for (int64_t s = 0; s < int64_t(segs.size()); ++s)
+      (segs[s].rows <= kSkinnyRows ? skinny : fat).push_back(s);
+    const int64_t nfat = int64_t(fat.size()), nsk = int64_t(skinny.size());
+    auto slabs_for = [&](int64_t kdim) {  // enough units to keep every thread busy
+      if (nsk == 0) return int64_t(0);
+      const int64_t want = (4 * int64_t(runner.num_threads) + nsk - 1) / nsk;
+      return std::max<int64_t>(1, std::min<int64_t>(want, kdim / kSlabMin));
+    };
+    // Row pointers into the packed panels of a skinny segment: A(r, k) = rows[r][k * MR].
+    auto panel_rows = [&](const float* packed, int64_t ld, const Segment& sg, const float** rows) {
+      for (int64_t r = 0; r < sg.rows; ++r)
+        rows[r] = packed + (sg.panel0 + r / MR) * MR * ld + (r % MR);
+    };
+    const int64_t ldf = RoundUp(f, NR), ldd = RoundUp(d, NR);
+    const int64_t slabs1 = slabs_for(d), slab1 = slabs1 ? RoundUp((d + slabs1 - 1) / slabs1, 4) : 0;
+    const int64_t slabs2 = slabs_for(f), slab2 = slabs2 ? RoundUp((f + slabs2 - 1) / slabs2, 4) : 0;
+    std::vector<int64_t> sk_off(nsk + 1, 0);  // skinny segment -> offset in rows of partials
+    for (int64_t i = 0; i < nsk; ++i) sk_off[i + 1] = sk_off[i] + segs[skinny[i]].rows;
+    std::vector<float> part;  // skinny partial sums: [slab][row][2 * ldf] then [slab][row][ldd]
+    part.resize(size_t(std::max(slabs1 * sk_off[nsk] * 2 * ldf, slabs2 * sk_off[nsk] * ldd)));
+
+    // 2b. Gate and up: H = silu(A @ Wg) * (A @ Wu), packed like A: H[panel][j][r].
+    const int64_t fblocks = (f + NB1 - 1) / NB1;
+    ParallelFor(runner, nfat * fblocks + nsk * slabs1, [&](int64_t unit) {
+      if (unit >= nfat * fblocks) {  // skinny: one slab of d, every column of f
+        const int64_t u = unit - nfat * fblocks, i = u / slabs1, slab = u % slabs1;
+        const Segment& sg = segs[skinny[i]];
+        const int64_t k0 = slab * slab1, k1 = std::min(d, k0 + slab1);
+        const float* rows[kSkinnyRows];
+        panel_rows(A, d, sg, rows);
+        float* Cg = part.data() + (slab * sk_off[nsk] + sk_off[i]) * 2 * ldf;
+        if (k1 > k0) {
+          StreamRows(rows, sg.rows, k0, k1, wg + sg.expert * d * f, f, Cg);
+          StreamRows(rows, sg.rows, k0, k1, wu + sg.expert * d * f, f, Cg + sg.rows * ldf);
+        } else {
+          std::fill(Cg, Cg + 2 * sg.rows * ldf, 0.0f);
+        }
+        return;
+      }
+      const Segment& sg = segs[fat[unit / fblocks]];
+      const int64_t j0 = (unit % fblocks) * NB1;
+      const int64_t nb = std::min(NB1, f - j0);
+      const int64_t strips = (nb + NR - 1) / NR;
+      const int64_t ldc = strips * NR;
+      const T* g_e = wg + sg.expert * d * f;
+      const T* u_e = wu + sg.expert * d * f;
+      float* Bp = ThreadBuffer(0, size_t(2 * KC * ldc));
+      float* Cg = ThreadBuffer(1, size_t(sg.panels * MR * ldc));
+      float* Cu = ThreadBuffer(2, size_t(sg.panels * MR * ldc));
+      for (int64_t k0 = 0; k0 < d; k0 += KC) {
+        const int64_t kc = std::min(KC, d - k0);
+        PackB(g_e, f, k0, kc, j0, nb, Bp);
+        PackB(u_e, f, k0, kc, j0, nb, Bp + kc * ldc);
+        for (int64_t pi = 0; pi < sg.panels; ++pi) {
+          const float* Ap = A + (sg.panel0 + pi) * MR * d + k0 * MR;
+          for (int64_t s = 0; s < strips; ++s) {
+            MicroKernel(kc, Ap, Bp + s * kc * NR, Cg + pi * MR * ldc + s * NR, ldc, k0 > 0);
+            MicroKernel(kc, Ap, Bp + (strips + s) * kc * NR, Cu + pi * MR * ldc + s * NR, ldc,
+                        k0 > 0);
+          }
+        }
+      }
+      for (int64_t pi = 0; pi < sg.panels; ++pi) {
+        float* hp = H + (sg.panel0 + pi) * MR * f + j0 * MR;
+        for (int r = 0; r < MR; ++r) {
+          const float* g = Cg + (pi * MR + r) * ldc;
+          const float* u = Cu + (pi * MR + r) * ldc;
+          for (int64_t j = 0; j < nb; ++j) hp[j * MR + r] = Silu(g[j]) * u[j];
+        }
+      }
+    });
+    // 2b'. Skinny: sum the slabs (in slab order) and write H; pad rows of the panels are zero.
+    const int64_t rblocks_f = (f + NBR - 1) / NBR;
+    ParallelFor(runner, nsk * rblocks_f, [&](int64_t unit) {
+      const int64_t i = unit / rblocks_f, j0 = (unit % rblocks_f) * NBR;
+      const int64_t j1 = std::min(f, j0 + NBR);
+      const Segment& sg = segs[skinny[i]];
+      for (int64_t r = 0; r < sg.panels * MR; ++r) {
+        float* hp = H + (sg.panel0 + r / MR) * MR * f + (r % MR);
+        if (r >= sg.rows) {
+          for (int64_t j = j0; j < j1; ++j) hp[j * MR] = 0.0f;
+          continue;
+        }
+        for (int64_t j = j0; j < j1; ++j) {
+          float g = 0.0f, u = 0.0f;
+          for (int64_t slab = 0; slab < slabs1; ++slab) {
+            const float* c = part.data() + (slab * sk_off[nsk] + sk_off[i]) * 2 * ldf;
+            g += c[r * ldf + j];
+            u += c[(sg.rows + r) * ldf + j];
+          }
+          hp[j * MR] = Silu(g) * u;
+        }
+      }
+    });
+
+    // 2c. Down and combine: Y[token, cols] += weight * (H @ Wd)[row, cols].
+    const int64_t dblocks = (d + NB2 - 1) / NB2;
+    if (nfat > 0) ParallelFor(runner, dblocks, [&](int64_t unit) {
+      const int64_t j0 = unit * NB2;
+      const int64_t nb = std::min(NB2, d - j0);
+      const int64_t strips = (nb + NR - 1) / NR;
+      const int64_t ldc = strips * NR;
+      float* Bp = ThreadBuffer(0, size_t(KC * ldc));
+      for (int64_t s_ : fat) {
+        const Segment& sg = segs[s_];
+        const T* d_e = wd + sg.expert * f * d;
+        float* C = ThreadBuffer(1, size_t(sg.panels * MR * ldc));
+        for (int64_t k0 = 0; k0 < f; k0 += KC) {
+          const int64_t kc = std::min(KC, f - k0);
+          PackB(d_e, d, k0, kc, j0, nb, Bp);
+          for (int64_t pi = 0; pi < sg.panels; ++pi) {
+            const float* Hp = H + (sg.panel0 + pi) * MR * f + k0 * MR;
+            for (int64_t s = 0; s < strips; ++s)
+              MicroKernel(kc, Hp, Bp + s * kc * NR, C + pi * MR * ldc + s * NR, ldc, k0 > 0);
+          }
+        }
+        for (int64_t i = 0; i < sg.rows; ++i) {
+          const int64_t q = sorted[sg.row0 + i];
+          const float w = p.weights[q];
+          float* yrow = Y + (q / K) * d + j0;
+          const float* crow = C + i * ldc;
+          for (int64_t j = 0; j < nb; ++j) yrow[j] += w * crow[j];
+        }
+      }
+    });
+    if (nsk > 0) {
+      // 2c'. Skinny: stream w_down by slabs of f, then sum the slabs into Y by column blocks
+      // (units own disjoint columns of Y; segments in a fixed order).
+      ParallelFor(runner, nsk * slabs2, [&](int64_t u) {
+        const int64_t i = u / slabs2, slab = u % slabs2;
+        const Segment& sg = segs[skinny[i]];
+        const int64_t k0 = slab * slab2, k1 = std::min(f, k0 + slab2);
+        const float* rows[kSkinnyRows];
+        panel_rows(H, f, sg, rows);
+        float* C = part.data() + (slab * sk_off[nsk] + sk_off[i]) * ldd;
+        if (k1 > k0) {
+          StreamRows(rows, sg.rows, k0, k1, wd + sg.expert * f * d, d, C);
+        } else {
+          std::fill(C, C + sg.rows * ldd, 0.0f);
+        }
+      });
+      const int64_t rblocks_d = (d + NBR - 1) / NBR;
+      ParallelFor(runner, rblocks_d, [&](int64_t unit) {
+        const int64_t j0 = unit * NBR, j1 = std::min(d, j0 + NBR);
+        for (int64_t i = 0; i < nsk; ++i) {
+          const Segment& sg = segs[skinny[i]];
+          for (int64_t r = 0; r < sg.rows; ++r) {
+            const int64_t q = sorted[sg.row0 + r];
+            const float w = p.weights[q];
+            float* yrow = Y + (q / K) * d;
+            for (int64_t j = j0; j < j1; ++j) {
+              float o = 0.0f;
+              for (int64_t slab = 0; slab < slabs2; ++slab)
+                o += part[size_t((slab * sk_off[nsk] + sk_off[i] + r) * ldd + j)];
+              yrow[j] += w * o;
+            }
+          }
+        }
+      });
+    }
+  }
+
+  // 3. Convert the accumulator to the output type.
+  if constexpr (!std::is_same_v<T, float>) {
+    T* y = static_cast<T*>(p.y);
+    ParallelFor(runner, row_blocks, [&](int64_t b) {
+      const int64_t i0 = b * kRowBlock * d, i1 = std::min(T_, (b + 1) * kRowBlock) * d;
+      for (int64_t i = i0; i < i1; ++i) y[i] = FromFloat<T>(Y[i]);
+    });
+  }
+}
+
+}  // namespace
+
+void MaskedMoe(const Problem& p, const Runner& runner) {
+  switch (p.type) {
+    case ElemType::kF32: Run<float>(p, runner); break;
+    case ElemType::kBF16: Run<bf16_t>(p, runner); break;
+    case ElemType::kF16: Run<f16_t>(p, runner); break;
+  }
+}
+
+}  // namespace BEAM_CPU_NS
+}  // namespace beam

@@ -1,0 +1,50 @@
+// Python module beam_jax._ffi: hands the FFI handlers to jax as capsules.
+//
+//   registrations()       -> {target name: capsule} for platform "cpu"
+//   cuda_registrations()  -> {target name: capsule} for platform "CUDA" (empty without CUDA)
+//   cuda_compiled()       -> whether the CUDA kernels were built into this module
+//   cpu_isa()             -> "avx2" or "generic": which CPU kernel this processor runs
+// A target has the same name on both platforms, so one ffi_call lowers on either.
+
+#include <pybind11/pybind11.h>
+
+#include "masked_moe.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename Fn>
+py::capsule Capsule(Fn* fn) {
+  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, Fn, XLA_FFI_CallFrame*>,
+                "Fn must be an XLA FFI handler");
+  return py::capsule(reinterpret_cast<void*>(fn));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_ffi, m) {
+  m.doc() = "XLA FFI kernels of beam_jax (masked-expert MoE)";
+  m.def("registrations", []() {
+    py::dict d;
+    d["beam_masked_moe"] = Capsule(BeamMaskedMoeCpu);
+    d["beam_masked_moe_aliased"] = Capsule(BeamMaskedMoeCpuAliased);
+    return d;
+  });
+  m.def("cuda_registrations", []() {
+    py::dict d;
+#ifdef BEAM_JAX_WITH_CUDA
+    d["beam_masked_moe"] = Capsule(BeamMaskedMoeCuda);
+    d["beam_masked_moe_aliased"] = Capsule(BeamMaskedMoeCudaAliased);
+#endif
+    return d;
+  });
+  m.def("cuda_compiled", []() {
+#ifdef BEAM_JAX_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+  m.def("cpu_isa", []() { return beam::CpuHasAvx2() ? "avx2" : "generic"; });
+}
