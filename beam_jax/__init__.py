@@ -9,8 +9,9 @@ from .config import ConfigError, ModelConfig
 from .families import FAMILIES
 from .generate import generate
 from .loading import CheckpointError, load_pretrained, read_config
+from .kernel import masked_moe
 from .model import CausalLMOutput, MoECausalLM
 
-__all__ = ["load_pretrained", "read_config", "generate", "MoECausalLM", "ModelConfig", "CausalLMOutput",
+__all__ = ["load_pretrained", "read_config", "generate", "masked_moe", "MoECausalLM", "ModelConfig", "CausalLMOutput",
            "ConfigError", "CheckpointError", "FAMILIES"]
 __version__ = "0.1.0"

@@ -72,19 +72,20 @@ def attend(q, k, v, ctx: AttentionContext, scale: float, sliding_window: int | N
 class Attention(nnx.Module):
     """Grouped-query attention with optional q/k RMSNorm (per head: Qwen3; whole projection: OLMoE)."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype=None, rngs: nnx.Rngs):
+        param_dtype = param_dtype or dtype
         d, H, Hkv, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.cfg = cfg
-        self.q_proj = linear(d, H * D, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.k_proj = linear(d, Hkv * D, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.v_proj = linear(d, Hkv * D, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.o_proj = linear(H * D, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        self.q_proj = linear(d, H * D, bias=cfg.qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.k_proj = linear(d, Hkv * D, bias=cfg.qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.v_proj = linear(d, Hkv * D, bias=cfg.qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.o_proj = linear(H * D, d, bias=cfg.o_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if cfg.qk_norm == "head":
-            self.q_norm = RMSNorm(D, cfg.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(D, cfg.rms_norm_eps, dtype)
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps, dtype, param_dtype)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps, dtype, param_dtype)
         elif cfg.qk_norm == "full":
-            self.q_norm = RMSNorm(H * D, cfg.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(Hkv * D, cfg.rms_norm_eps, dtype)
+            self.q_norm = RMSNorm(H * D, cfg.rms_norm_eps, dtype, param_dtype)
+            self.k_norm = RMSNorm(Hkv * D, cfg.rms_norm_eps, dtype, param_dtype)
 
     def __call__(self, x, ctx: AttentionContext, cache=None):
         cfg = self.cfg
@@ -109,21 +110,22 @@ class Attention(nnx.Module):
 class MLAttention(nnx.Module):
     """DeepSeek-V2 multi-head latent attention: low-rank q (optional) and a compressed shared KV latent."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype=None, rngs: nnx.Rngs):
+        param_dtype = param_dtype or dtype
         d, H = cfg.hidden_size, cfg.num_attention_heads
         self.cfg = cfg
         if cfg.q_lora_rank is None:
-            self.q_proj = linear(d, H * cfg.qk_head_dim, dtype=dtype, rngs=rngs)
+            self.q_proj = linear(d, H * cfg.qk_head_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         else:
-            self.q_a_proj = linear(d, cfg.q_lora_rank, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6, dtype)
-            self.q_b_proj = linear(cfg.q_lora_rank, H * cfg.qk_head_dim, dtype=dtype, rngs=rngs)
+            self.q_a_proj = linear(d, cfg.q_lora_rank, bias=cfg.qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6, dtype, param_dtype)
+            self.q_b_proj = linear(cfg.q_lora_rank, H * cfg.qk_head_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.kv_a_proj_with_mqa = linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.qkv_bias,
-                                         dtype=dtype, rngs=rngs)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6, dtype)
+                                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6, dtype, param_dtype)
         self.kv_b_proj = linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype=dtype,
                                 rngs=rngs)
-        self.o_proj = linear(H * cfg.v_head_dim, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = linear(H * cfg.v_head_dim, d, bias=cfg.o_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, ctx: AttentionContext, cache=None):
         cfg = self.cfg

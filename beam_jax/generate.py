@@ -43,10 +43,11 @@ def sample_next(logits, rng, *, do_sample=False, temperature=1.0, top_k=0, top_p
 
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             eos_token_id=None, pad_token_id=None, mask_hook=topk_hook, impl: str = "reference"):
+             eos_token_id=None, pad_token_id=None, mask_hook=topk_hook, impl: str = "kernel"):
     """input_ids [B, S] int (left-padded when `attention_mask` [B, S] has zeros) -> [B, S + new] int32.
 
     Stops early when every sequence has produced an end-of-sequence token (default: the model config's).
+    impl="kernel" runs the experts through `beam_jax.masked_moe` (dropped pairs are skipped).
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     B, S = input_ids.shape

@@ -1,7 +1,7 @@
 """Small shared layers: linear, RMSNorm, rotary embeddings, the SwiGLU MLP.
 
-Parameters follow Flax conventions (`kernel` is [in, out], the transpose of a PyTorch `weight`);
-activations keep the parameters' dtype, with float32 where Hugging Face computes in float32
+Parameters follow Flax conventions (`kernel` is [in, out], the transpose of a PyTorch `weight`) and are
+stored in `param_dtype` (float32 master weights for training) while activations run in `dtype`, with float32 where Hugging Face computes in float32
 (RMSNorm statistics, rotary tables, softmax), so float32 parity is exact to rounding.
 """
 
@@ -17,32 +17,33 @@ from .config import ModelConfig, rope_frequencies
 INIT_STD = 0.02  # transformers' initializer_range default
 
 
-def linear(din: int, dout: int, *, bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
-    """nnx.Linear with HF's normal(0.02) init; kernel [din, dout]."""
-    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype,
+def linear(din: int, dout: int, *, bias: bool = False, dtype=jnp.float32, param_dtype=None,
+           rngs: nnx.Rngs) -> nnx.Linear:
+    """nnx.Linear with HF's normal(0.02) init; kernel [din, dout] in param_dtype, computed in dtype."""
+    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype or dtype,
                       kernel_init=nnx.initializers.normal(INIT_STD), rngs=rngs)
 
 
 class RMSNorm(nnx.Module):
     """y = weight * (x / sqrt(mean(x^2) + eps)), statistics in float32, result in x.dtype times weight."""
 
-    def __init__(self, dim: int, eps: float, dtype=jnp.float32):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    def __init__(self, dim: int, eps: float, dtype=jnp.float32, param_dtype=None):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype or dtype))
         self.eps = eps
 
     def __call__(self, x):
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...] * xf.astype(x.dtype)
+        return self.weight[...].astype(x.dtype) * xf.astype(x.dtype)
 
 
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)). x [..., d] -> [..., d]."""
 
-    def __init__(self, d: int, f: int, *, bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.gate_proj = linear(d, f, bias=bias, dtype=dtype, rngs=rngs)
-        self.up_proj = linear(d, f, bias=bias, dtype=dtype, rngs=rngs)
-        self.down_proj = linear(f, d, bias=bias, dtype=dtype, rngs=rngs)
+    def __init__(self, d: int, f: int, *, bias: bool = False, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs):
+        self.gate_proj = linear(d, f, bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.up_proj = linear(d, f, bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.down_proj = linear(f, d, bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

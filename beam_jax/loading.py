@@ -157,10 +157,13 @@ def _load_experts(idx: TensorIndex, family: Family, cfg: ModelConfig, module: st
                           f"'{prefixes[0]}.0.{family.expert_names[which]}.weight' and '{prefixes[0]}.gate_up_proj'")
 
 
-def load_pretrained(path: str | os.PathLike, dtype=None, *, optional=("mask_router",)) -> MoECausalLM:
+def load_pretrained(path: str | os.PathLike, dtype=None, *, param_dtype=None,
+                    optional=("mask_router",)) -> MoECausalLM:
     """Load a Hugging Face MoE checkpoint directory into a `MoECausalLM`.
 
-    dtype: None keeps the checkpoint's dtype (of its embedding), else every parameter is cast to it.
+    dtype: the compute dtype; None keeps the checkpoint's (of its embedding).
+    param_dtype: the dtype parameters are stored in (default: dtype), e.g. float32 master weights for
+    training with bfloat16 compute. BEAM's mask routers are always float32.
     optional: parameter-name fragments that are not in a base checkpoint and start at zero (BEAM's
     zero-initialised mask routers).
     """
@@ -170,7 +173,8 @@ def load_pretrained(path: str | os.PathLike, dtype=None, *, optional=("mask_rout
     if dtype is None:
         dtype = idx.get("model.embed_tokens.weight").dtype
     dtype = jnp.dtype(dtype)
-    abstract = nnx.eval_shape(lambda: MoECausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    param_dtype = jnp.dtype(param_dtype or dtype)
+    abstract = nnx.eval_shape(lambda: MoECausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     leaves = []

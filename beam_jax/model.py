@@ -44,16 +44,17 @@ jax.tree_util.register_dataclass(CausalLMOutput, data_fields=["logits", "moe", "
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, *, dtype, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, dtype, param_dtype=None, rngs: nnx.Rngs):
+        param_dtype = param_dtype or dtype
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, param_dtype)
         attn_cls = MLAttention if cfg.attention == "mla" else Attention
-        self.self_attn = attn_cls(cfg, dtype=dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = attn_cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, param_dtype)
         self.is_moe = cfg.moe_layers[layer_idx]
         if self.is_moe:
-            self.mlp = MoEBlock(cfg, layer_idx, dtype=dtype, rngs=rngs)
+            self.mlp = MoEBlock(cfg, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, ctx, cache=None, mask_hook: MaskHook = topk_hook, impl="reference"):
         h, cache = self.self_attn(self.input_layernorm(x), ctx, cache)
@@ -66,19 +67,35 @@ class DecoderLayer(nnx.Module):
         return x + h, cache, rec
 
 
+def _call_layer(layer, x, ctx, cache, mask_hook, impl):
+    return layer(x, ctx, cache, mask_hook, impl)
+
+
+def _remat_layer(layer, x, ctx, cache, mask_hook, impl):
+    """The layer under `jax.checkpoint`: its activations are recomputed in the backward pass."""
+    graphdef, state = nnx.split(layer)
+
+    def f(state, x, ctx, cache):
+        return nnx.merge(graphdef, state)(x, ctx, cache, mask_hook, impl)
+
+    return jax.checkpoint(f)(state, x, ctx, cache)
+
+
 class MoECausalLM(nnx.Module):
     """input_ids [B, S] int32 -> CausalLMOutput. Parameters in `dtype` (float32 or bfloat16)."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
+        param_dtype = param_dtype or dtype
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
-        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
+        self.remat = False  # rematerialise each decoder layer in the backward pass (set by the trainer)
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
                                       embedding_init=nnx.initializers.normal(INIT_STD), rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_hidden_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, param_dtype)
         self.lm_head = None if cfg.tie_word_embeddings else linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype,
-                                                                   rngs=rngs)
+                                                                   param_dtype=param_dtype, rngs=rngs)
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
         """A zeroed KV cache for `max_len` slots: {"layers": [{"k", "v"}...], "index": 0, "valid": [B, L]}."""
@@ -114,8 +131,9 @@ class MoECausalLM(nnx.Module):
 
         x = self.embed_tokens(input_ids)
         recs, new_layers = [], []
+        call = _remat_layer if self.remat else _call_layer
         for i, layer in enumerate(self.layers):
-            x, layer_cache, rec = layer(x, ctx, None if cache is None else cache["layers"][i], mask_hook, impl)
+            x, layer_cache, rec = call(layer, x, ctx, None if cache is None else cache["layers"][i], mask_hook, impl)
             new_layers.append(layer_cache)
             if rec is not None:
                 recs.append(rec)

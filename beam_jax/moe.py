@@ -90,16 +90,23 @@ class MaskRouter(nnx.Module):
 class Experts(nnx.Module):
     """Routed experts' SwiGLU weights, stacked: w_gate, w_up [E, d, f]; w_down [E, f, d]."""
 
-    def __init__(self, E: int, d: int, f: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, E: int, d: int, f: int, *, dtype, param_dtype=None, rngs: nnx.Rngs):
+        param_dtype = param_dtype or dtype
         init = nnx.initializers.normal(INIT_STD)
-        self.w_gate = nnx.Param(init(rngs.params(), (E, d, f), dtype))
-        self.w_up = nnx.Param(init(rngs.params(), (E, d, f), dtype))
-        self.w_down = nnx.Param(init(rngs.params(), (E, f, d), dtype))
+        self.w_gate = nnx.Param(init(rngs.params(), (E, d, f), param_dtype))
+        self.w_up = nnx.Param(init(rngs.params(), (E, d, f), param_dtype))
+        self.w_down = nnx.Param(init(rngs.params(), (E, f, d), param_dtype))
 
     def __call__(self, x, ids, weights, keep=None, impl: str = "reference"):
-        fn = EXPERT_PATHS[impl]
+        """impl: an `experts.EXPERT_PATHS` name, or "kernel" for `beam_jax.masked_moe` (the FFI kernel where it
+        is built, inference only: dropped pairs cost nothing)."""
+        wg, wu, wd = (p[...].astype(x.dtype) for p in (self.w_gate, self.w_up, self.w_down))
+        if impl == "kernel":
+            from .kernel import masked_moe
+
+            return masked_moe(x, wg, wu, wd, ids, weights.astype(jnp.float32), keep)
         w = weights.astype(jnp.promote_types(weights.dtype, x.dtype))
-        return fn(x, self.w_gate[...], self.w_up[...], self.w_down[...], ids, w, keep)
+        return EXPERT_PATHS[impl](x, wg, wu, wd, ids, w, keep)
 
 
 @dataclasses.dataclass
@@ -120,17 +127,20 @@ jax.tree_util.register_dataclass(MoEOutput, data_fields=["router_logits", "topk_
 class MoEBlock(nnx.Module):
     """x [B, S, d] -> (y [B, S, d], MoEOutput)."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, *, dtype, param_dtype=None, rngs: nnx.Rngs):
+        param_dtype = param_dtype or dtype
         d, E = cfg.hidden_size, cfg.num_experts
         self.layer_idx = layer_idx
         self.mask_router = MaskRouter(d, E)
         self.spec = RouterSpec.from_config(cfg)
         self.router_float32 = cfg.router_float32
-        self.gate = linear(d, E, dtype=jnp.float32 if cfg.router_float32 else dtype, rngs=rngs)
-        self.experts = Experts(E, d, cfg.moe_intermediate_size, dtype=dtype, rngs=rngs)
+        router_dtype = jnp.float32 if cfg.router_float32 else dtype
+        self.gate = linear(d, E, dtype=router_dtype, param_dtype=jnp.float32 if cfg.router_float32 else param_dtype,
+                           rngs=rngs)
+        self.experts = Experts(E, d, cfg.moe_intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         shared = cfg.shared_expert_intermediate_size
-        self.shared_experts = MLP(d, shared, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs) if shared else None
-        self.shared_expert_gate = linear(d, 1, dtype=dtype, rngs=rngs) if shared and cfg.shared_expert_gate \
+        self.shared_experts = MLP(d, shared, bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if shared else None
+        self.shared_expert_gate = linear(d, 1, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if shared and cfg.shared_expert_gate \
             else None
 
     def router_logits(self, xt):

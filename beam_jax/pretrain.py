@@ -83,6 +83,8 @@ def evaluate_split(trainer: Trainer, packed, batch_size: int, max_batches: int =
 
 def main(config, workdir: Path, resume: bool):
     workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / "commands.txt", "a") as f:  # every invocation, so a resumed run's history is exact
+        f.write(" ".join(["python", "-m", "beam_jax.pretrain"] + sys.argv[1:]) + "\n")
     corpus = corpus_lib.stdlib_corpus()
     tok = corpus_lib.ensure_tokenizer(corpus, config.tokenizer_vocab, workdir / "tokenizer")
     S, B = config.data.seq_len, config.data.batch_size
@@ -108,7 +110,7 @@ def main(config, workdir: Path, resume: bool):
     stats_batches = list(BatchIterator(packed["validation"], B, shuffle=False, num_epochs=1))[:8]
     result["routing"] = routing_stats(trainer, stats_batches)
     record = {
-        "command": " ".join(["python", "-m", "beam_jax.pretrain"] + sys.argv[1:]),
+        "commands": (workdir / "commands.txt").read_text().splitlines(),
         "seed": config.seed, "config": config.to_dict(), "corpus_fingerprint": corpus.fingerprint,
         "corpus": corpus.describe(), "python": platform.python_version(), "jax": jax.__version__,
         "machine": f"{platform.machine()} {platform.processor() or ''} x{len(jax.devices())} {jax.devices()[0].platform}",

@@ -35,7 +35,10 @@ def train_and_evaluate(config, workdir: Path, resume: bool = False) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     import transformers
 
-    model = load_pretrained(config.model.path, dtype=config.model.dtype)
+    # the frozen base stays in the compute dtype; whatever trains beyond the (float32) mask routers gets
+    # float32 master weights, computed in config.model.dtype
+    param_dtype = None if config.train.trainable == "mask" else "float32"
+    model = load_pretrained(config.model.path, dtype=config.model.dtype, param_dtype=param_dtype)
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.model.path)
     cfg = model.cfg
     splits = load_splits(config, tokenizer)

@@ -89,6 +89,7 @@ class Trainer:
     """Owns the split model, optimizer state and the jitted step."""
 
     def __init__(self, model, trainable: str, tc, lc: LossConfig):
+        model.remat = bool(getattr(tc, "remat", False))  # rematerialise per decoder layer (nnx.remat)
         self.graphdef, self.params, self.frozen = nnx.split(model, trainable_filter(trainable), ...)
         n = sum(x.size for x in jax.tree.leaves(self.params))
         if n == 0:
@@ -97,7 +98,6 @@ class Trainer:
         self.tx = make_optimizer(tc)
         self.opt_state = self.tx.init(self.params)
         self.lc = lc
-        self.remat = getattr(tc, "remat", False)
         self._step = jax.jit(self._train_step, donate_argnums=(0, 1))
         self._eval = jax.jit(self._eval_step)
 
@@ -109,8 +109,7 @@ class Trainer:
         return compute_loss(model, batch, beta, self.lc)
 
     def _train_step(self, params, opt_state, frozen, batch, beta):
-        loss_fn = jax.checkpoint(self._loss) if self.remat else self._loss
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch, beta)
+        (loss, metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(params, frozen, batch, beta)
         metrics["grad_norm"] = optax.tree.norm(grads)
         # a step whose loss or gradients are not finite is refused: parameters and optimizer state stay as they were
         leaf_ok = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
@@ -133,7 +132,7 @@ class Trainer:
 
     def nonfinite_params(self, leaf_ok) -> list[str]:
         """Names of the trainable parameters whose gradient was not finite (`finite_grad_leaves` is False)."""
-        paths = [jax.tree_util.keystr(p, simple=True, separator=".")
+        paths = [jax.tree_util.keystr(p, simple=True, separator=".").removesuffix(".value")
                  for p, _ in jax.tree_util.tree_flatten_with_path(self.params)[0]]
         return [p for p, ok in zip(paths, np.asarray(leaf_ok)) if not ok]
 

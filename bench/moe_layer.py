@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from beam_jax import masked_moe as mm
+from beam_jax import kernel as mm
 from beam_jax.experts import experts_grouped, experts_reference
 
 sys.path.insert(0, str(Path(__file__).parent))

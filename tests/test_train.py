@@ -130,3 +130,37 @@ def jax_tree_copy(tree):
     import jax
 
     return [np.array(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("trainable", ["mask+router", "all"])
+def test_trainable_sets_and_remat(tiny_model_dir, trainable):
+    """mask+router / all train float32 master weights under bfloat16 compute; remat gives the same gradients."""
+    import jax
+
+    from beam_jax.trainer import LossConfig, Trainer
+
+    c = small_config(tiny_model_dir, "unused", train__trainable=trainable)
+    ids = np.random.RandomState(1).randint(3, 320, size=(2, 17))
+    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((2, 16), np.float32)}
+    grads = []
+    for remat in (False, True):
+        c.train.remat = remat
+        model = beam_jax.load_pretrained(tiny_model_dir, dtype="bfloat16", param_dtype="float32")
+        tr = Trainer(model, trainable, c.train, LossConfig(hook=BeamHook(0.5, train=True), impl="dense"))
+        assert {x.dtype for x in jax.tree.leaves(tr.params)} == {np.dtype("float32")}
+        names = tr.nonfinite_params(np.zeros(len(jax.tree.leaves(tr.params)), bool))
+        assert any("mask_router" in n for n in names) and any(n.endswith("mlp.gate.kernel") for n in names)
+        if trainable == "all":
+            assert any("experts.w_gate" in n for n in names)
+        else:
+            assert not any("experts" in n or "self_attn" in n for n in names)
+        g = jax.grad(lambda p: tr._loss(p, tr.frozen, {k: jax.numpy.asarray(v) for k, v in batch.items()}, 0.1)[0])(
+            tr.params)
+        grads.append([np.asarray(x) for x in jax.tree.leaves(g)])
+        before = [np.asarray(x) for x in jax.tree.leaves(tr.params)]
+        tr.step(batch, 0.1)  # learning rate 0 at the first warm-up step
+        tr.step(batch, 0.1)
+        after = [np.asarray(x) for x in jax.tree.leaves(tr.params)]
+        assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -30,7 +30,7 @@ def get_config() -> ConfigDict:
     c.train.weight_decay = 0.0
     c.train.grad_clip = 1.0
     c.train.grad_accum = 1  # micro-steps per optimizer step
-    c.train.remat = False  # rematerialise the loss in the backward pass (memory for compute)
+    c.train.remat = False  # rematerialise each decoder layer in the backward pass (memory for compute)
     c.train.log_every = 10
     c.train.ckpt_every = 100
     c.train.keep_ckpts = 3

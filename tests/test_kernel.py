@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from beam_jax import masked_moe as mm
+from beam_jax import kernel as mm
 from beam_jax.experts import experts_reference
-from beam_jax.masked_moe import masked_moe
+from beam_jax.kernel import masked_moe
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 # Error bound relative to max |reference|: f32 accumulation on both sides; the half references
@@ -290,9 +290,9 @@ def test_portable_cpu_kernel_matches_reference():
     # The non-AVX2 build of the CPU kernel, forced through BEAM_JAX_CPU_ISA=generic.
     code = (
         "import jax.numpy as jnp, numpy as np\n"
-        "from tests.test_masked_moe import make_inputs, assert_matches, DTYPES\n"
+        "from tests.test_kernel import make_inputs, assert_matches, DTYPES\n"
         "from beam_jax import _ffi\n"
-        "from beam_jax.masked_moe import masked_moe\n"
+        "from beam_jax.kernel import masked_moe\n"
         "from beam_jax.experts import experts_reference\n"
         "assert _ffi.cpu_isa() == 'generic', _ffi.cpu_isa()\n"
         "for dt in DTYPES:\n"

@@ -1,0 +1,318 @@
+"""Export for serving (`convert.to_vllm`) and the PyTorch BEAM models (`convert.modeling_beam`), no vLLM needed.
+
+A "run" here is an orbax checkpoint written exactly as the trainer writes one (trainable parameters plus the
+metadata: base-model fingerprint, config), with random mask routers scaled so that a good share of the
+Top-K pairs is dropped; parity with the Flax model (`restore_trainable` + `BeamHook`) is then a real test of
+the mask, not of Top-K.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+import beam_jax
+import convert
+from beam_jax.configs import base as base_config
+from beam_jax.moe import MaskRouterParam
+from beam_jax.routing import BeamHook
+from beam_jax.run_data import model_fingerprint
+from beam_jax.trainer import Checkpointer, restore_trainable, trainable_filter
+from convert import to_vllm
+from hf_tiny import FAMILY_CONFIGS, fuse_experts, make_tiny
+
+transformers.logging.set_verbosity_error()
+
+
+def fake_run(base, workdir, *, seed=0, scale=3.0, step=3, trainable="mask", tau=0.5, renormalize=False,
+             fingerprint_of=None, shapes_from=None):
+    """Write WORKDIR/ckpt/<step> as `beam_jax.train` would, with random trained parameters; returns the Flax model
+    holding them. `fingerprint_of` records another directory's fingerprint; `shapes_from` takes the parameters
+    from another model (both for the refusal tests)."""
+    model = beam_jax.load_pretrained(shapes_from or base, dtype="float32")
+    params = nnx.state(model, trainable_filter(trainable))
+    rng = np.random.RandomState(seed)
+    d = model.cfg.hidden_size
+    leaves = []
+    for path, var in nnx.to_flat_state(params):
+        v = np.asarray(var.get_value())
+        if "mask_router" in ".".join(map(str, path)):
+            new = rng.normal(0.0, scale / np.sqrt(d), v.shape)
+        else:  # a trained router: nudge it
+            new = v + rng.normal(0.0, 0.05 * (np.abs(v).mean() + 1e-3), v.shape)
+        leaves.append((path, var.replace(np.asarray(new, v.dtype))))
+    params = nnx.from_flat_state(leaves)
+    nnx.update(model, params)
+    c = base_config.get_config()
+    c.model.path = str(base)
+    c.beam.tau = tau
+    c.beam.renormalize = renormalize
+    c.train.trainable = trainable
+    c.train.steps = step
+    meta = {"base_model": model_fingerprint(fingerprint_of or base), "config": json.loads(c.to_json()),
+            "trainable": trainable}
+    ckpt = Checkpointer(workdir / "ckpt")
+    ckpt.save(step, {"params": nnx.to_pure_dict(params)}, meta)
+    ckpt.close()
+    return model
+
+
+def _ids(shape, vocab, seed=0):
+    return np.random.RandomState(seed).randint(3, vocab, size=shape)
+
+
+def _torch_logits(model_dir, ids, **kw):
+    tm = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kw).eval()
+    tm.reset_beam_counts()
+    with torch.no_grad():
+        logits = tm(torch.tensor(ids)).logits.numpy()
+    return tm, logits
+
+
+def _assert_parity(flax_model, export_dir, ids, tau, renormalize=False):
+    tm, logits = _torch_logits(export_dir, ids)
+    out = flax_model(ids, mask_hook=BeamHook(tau, renormalize=renormalize))
+    np.testing.assert_allclose(logits, np.asarray(out.logits), atol=1e-4, rtol=0)
+    kept = sum(int(np.asarray(m.aux["kept"]).sum()) for m in out.moe)
+    offered = sum(int(np.asarray(m.aux["kept"]).size) for m in out.moe)
+    assert tm.beam_pair_counts() == {"offered": offered, "computed": kept}
+    return tm, kept / offered
+
+
+def _no_temp_dirs(parent):
+    return not [p for p in parent.iterdir() if p.name.startswith(".") and ".tmp-" in p.name]
+
+
+# ----------------------------------------------------------------------------- the export itself
+
+
+def test_export_layout(tiny_model_dir, tmp_path):
+    work = tmp_path / "run"
+    flax_model = fake_run(tiny_model_dir, work, tau=0.5)
+    (work / "report.json").write_text(json.dumps({"top_k": 3, "tau": 0.5, "moe_flops_reduction": 0.6,
+                                                  "quality_retention": 0.97,
+                                                  "experts_per_token": {"overall": 1.2, "per_layer": [1.0, 1.4]}}))
+    assert to_vllm.main([str(work / "ckpt"), "--out", str(tmp_path / "serve"), "--tau", "0.6"]) == 0
+    out = tmp_path / "serve"
+    names = sorted(p.name for p in out.iterdir())
+    for f in ("config.json", "README.md", "mask_router.safetensors", "model-00001-of-00001.safetensors",
+              "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"):
+        assert f in names, f
+    assert "model.safetensors" not in names  # transformers would read it alone and skip the index
+    # the base weights are the source file itself (hard link) where the filesystem allows
+    src, dst = (tiny_model_dir / "model.safetensors").stat(), (out / "model-00001-of-00001.safetensors").stat()
+    assert (src.st_ino == dst.st_ino) or (src.st_size == dst.st_size)
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["BeamQwen3MoeForCausalLM"] and cfg["model_type"] == "beam_qwen3_moe"
+    beam = cfg["beam"]
+    assert beam["tau"] == 0.6 and beam["renormalize"] is False and beam["layers"] == [0, 1]
+    assert beam["step"] == 3 and beam["trainable"] == "mask" and beam["base_model"] == str(tiny_model_dir)
+
+    from safetensors.numpy import load_file
+
+    mask = load_file(out / "mask_router.safetensors")
+    assert sorted(mask) == [f"model.layers.{i}.mlp.mask_router.weight" for i in (0, 1)]
+    for i in (0, 1):  # [E, d] float32, the transpose of the Flax kernel [d, E]
+        w = mask[f"model.layers.{i}.mlp.mask_router.weight"]
+        assert w.shape == (7, 64) and w.dtype == np.float32
+        np.testing.assert_array_equal(w, np.asarray(flax_model.layers[i].mlp.mask_router.kernel[...]).T)
+    # the same orientation and names as beam_jax.export_hf.hf_state_dict
+    from beam_jax.export_hf import hf_state_dict
+
+    ref = hf_state_dict(flax_model, include_mask_router=True)
+    for k, v in mask.items():
+        np.testing.assert_array_equal(v, ref[k])
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    base_names = set(to_vllm.source_index(tiny_model_dir))
+    assert set(index) == base_names | set(mask)
+    assert {index[k] for k in mask} == {"mask_router.safetensors"}
+
+    card = (out / "README.md").read_text()
+    assert "1.200 of 3" in card and "BeamQwen3MoeForCausalLM" in card and "trainable: `mask`" in card
+    assert _no_temp_dirs(tmp_path)
+
+    # transformers loads it with no trust_remote_code, as the BEAM class, at the exported tau
+    ids = _ids((2, 12), 320)
+    tm, frac = _assert_parity(flax_model, out, ids, tau=0.6)
+    assert type(tm).__name__ == "BeamQwen3MoeForCausalLM"
+    assert tm.model.layers[0].mlp.mask_router.weight.dtype == torch.float32
+    assert 0.15 < frac < 0.85, frac
+
+
+def test_export_replaces_existing_output(tiny_model_dir, tmp_path):
+    work = tmp_path / "run"
+    fake_run(tiny_model_dir, work)
+    out = tmp_path / "serve"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    to_vllm.export(work / "ckpt" / "3", out)  # one step's folder works as well
+    assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
+    assert _no_temp_dirs(tmp_path)
+
+
+def test_zero_mask_router_is_topk(tmp_path):
+    """A BEAM model whose mask routers are zero (or missing) is the base model exactly, at tau 0.5."""
+    tm_base = make_tiny("mixtral", tmp_path / "base")
+    work = tmp_path / "run"
+    fake_run(tmp_path / "base", work, scale=0.0)
+    to_vllm.export(work / "ckpt", tmp_path / "serve")
+    ids = _ids((2, 9), 160)
+    with torch.no_grad():
+        ref = tm_base(torch.tensor(ids)).logits.numpy()
+    tm, logits = _torch_logits(tmp_path / "serve", ids)
+    np.testing.assert_array_equal(logits, ref)
+    assert tm.beam_pair_counts() == {"offered": 2 * 9 * 2 * 2, "computed": 2 * 9 * 2 * 2}
+    # mask routers missing from the checkpoint start at zero, not at a random init
+    index = tmp_path / "serve" / "model.safetensors.index.json"
+    wm = json.loads(index.read_text())
+    wm["weight_map"] = {k: v for k, v in wm["weight_map"].items() if "mask_router" not in k}
+    index.write_text(json.dumps(wm))
+    (tmp_path / "serve" / "mask_router.safetensors").unlink()
+    _, logits = _torch_logits(tmp_path / "serve", ids)
+    np.testing.assert_array_equal(logits, ref)
+
+
+# ----------------------------------------------------------------------------- PyTorch parity, every family
+
+PARITY = [("mixtral", {}), ("qwen2_moe", {"renormalize": True}), ("qwen3_moe", {}), ("olmoe", {}),
+          ("deepseek_v2", {})]
+
+
+@pytest.mark.parametrize("family,opts", PARITY, ids=[f for f, _ in PARITY])
+def test_pytorch_parity(tmp_path, family, opts):
+    make_tiny(family, tmp_path / "base")
+    work = tmp_path / "run"
+    renormalize = opts.get("renormalize", False)
+    flax_model = fake_run(tmp_path / "base", work, seed=1, renormalize=renormalize)
+    out = to_vllm.export(work / "ckpt", tmp_path / "serve")
+    cfg = json.loads((out / "config.json").read_text())
+    base_arch = FAMILY_CONFIGS[family][0].replace("Config", "ForCausalLM")
+    assert cfg["architectures"] == ["Beam" + base_arch] and cfg["beam"]["renormalize"] is renormalize
+    mask_names = [k for k in json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+                  if "mask_router" in k]
+    moe = "block_sparse_moe" if family == "mixtral" else "mlp"
+    assert mask_names and all(f".{moe}.mask_router.weight" in k for k in mask_names)
+    ids = _ids((2, 13), 160, seed=2)
+    tm, frac = _assert_parity(flax_model, out, ids, tau=0.5, renormalize=renormalize)
+    assert 0.15 < frac < 0.85, f"{family}: kept fraction {frac} (the test would not exercise the mask)"
+    # tau is a serving-time knob: raising it drops more, and parity holds there too
+    tm.set_beam_tau(0.8)
+    tm.reset_beam_counts()
+    with torch.no_grad():
+        logits = tm(torch.tensor(ids)).logits.numpy()
+    ref = flax_model(ids, mask_hook=BeamHook(0.8, renormalize=renormalize))
+    np.testing.assert_allclose(logits, np.asarray(ref.logits), atol=1e-4, rtol=0)
+    assert tm.beam_pair_counts()["computed"] < frac * tm.beam_pair_counts()["offered"]
+
+
+def test_sharded_source_keeps_its_shards(tmp_path):
+    tm = make_tiny("mixtral", tmp_path / "single")
+    tm.save_pretrained(tmp_path / "base", max_shard_size="150KB")
+    shards = sorted(p.name for p in (tmp_path / "base").glob("*.safetensors"))
+    assert len(shards) > 1
+    work = tmp_path / "run"
+    flax_model = fake_run(tmp_path / "base", work, seed=3)
+    out = to_vllm.export(work / "ckpt", tmp_path / "serve")
+    assert sorted(p.name for p in out.glob("model-*.safetensors")) == shards
+    for s in shards:
+        assert (out / s).stat().st_size == (tmp_path / "base" / s).stat().st_size
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    source = json.loads((tmp_path / "base" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert {k: v for k, v in index["weight_map"].items() if "mask_router" not in k} == source
+    assert index["metadata"]["total_size"] > 0
+    _assert_parity(flax_model, out, _ids((1, 10), 160), tau=0.5)
+
+
+def test_fused_source_names_mask_router_like_its_gate(tmp_path):
+    make_tiny("mixtral", tmp_path / "base")
+    fuse_experts(tmp_path / "base")  # fused-era checkpoints name the MoE block `mlp`, also for Mixtral
+    work = tmp_path / "run"
+    flax_model = fake_run(tmp_path / "base", work, seed=4)
+    out = to_vllm.export(work / "ckpt", tmp_path / "serve")
+    from safetensors.numpy import load_file
+
+    assert sorted(load_file(out / "mask_router.safetensors")) == [
+        f"model.layers.{i}.mlp.mask_router.weight" for i in (0, 1)]
+    _assert_parity(flax_model, out, _ids((2, 8), 160), tau=0.5)
+
+
+def test_trained_router_rewrites_its_shard(tmp_path):
+    """trainable=mask+router: the shard holding the routers is rewritten with the trained values (not linked)."""
+    make_tiny("qwen3_moe", tmp_path / "base")
+    work = tmp_path / "run"
+    flax_model = fake_run(tmp_path / "base", work, seed=5, trainable="mask+router")
+    out = to_vllm.export(work / "ckpt", tmp_path / "serve")
+    assert json.loads((out / "config.json").read_text())["beam"]["weights"] == ["rewritten"]
+    assert (out / "model-00001-of-00001.safetensors").stat().st_ino != \
+        (tmp_path / "base" / "model.safetensors").stat().st_ino
+    _assert_parity(flax_model, out, _ids((2, 8), 160), tau=0.5)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def _refused(capsys, args, out, *fragments):
+    capsys.readouterr()  # drop what setting up wrote (progress bars)
+    code = to_vllm.main([*map(str, args), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for f in fragments:
+        assert f in err, (f, err)
+    assert not out.exists()
+    assert _no_temp_dirs(out.parent)
+    return err
+
+
+def test_refuses_missing_base(tmp_path, capsys):
+    make_tiny("qwen3_moe", tmp_path / "base")
+    fake_run(tmp_path / "base", tmp_path / "run")
+    os.rename(tmp_path / "base", tmp_path / "moved")
+    _refused(capsys, [tmp_path / "run" / "ckpt"], tmp_path / "serve", str(tmp_path / "base"), "missing")
+
+
+def test_refuses_changed_base(tmp_path, capsys):
+    make_tiny("qwen3_moe", tmp_path / "base")
+    fake_run(tmp_path / "base", tmp_path / "run")
+    cfg = tmp_path / "base" / "config.json"
+    cfg.write_text(cfg.read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
+    _refused(capsys, [tmp_path / "run" / "ckpt"], tmp_path / "serve", "differs", "config.json differs")
+
+
+def test_refuses_changed_weights(tmp_path, capsys):
+    make_tiny("qwen3_moe", tmp_path / "base")
+    fake_run(tmp_path / "base", tmp_path / "run")
+    with open(tmp_path / "base" / "model.safetensors", "ab") as f:
+        f.write(b"\0" * 8)
+    _refused(capsys, [tmp_path / "run" / "ckpt"], tmp_path / "serve", "model.safetensors has size")
+
+
+def test_refuses_shape_mismatch(tmp_path, capsys):
+    """A run whose trained tensors do not fit the base (here: recorded against this base, trained on another
+    with more experts) is refused before anything is written."""
+    make_tiny("qwen3_moe", tmp_path / "base")
+    make_tiny("qwen3_moe", tmp_path / "other", num_experts=9)
+    fake_run(tmp_path / "base", tmp_path / "run", shapes_from=tmp_path / "other")
+    _refused(capsys, [tmp_path / "run" / "ckpt"], tmp_path / "serve", "mask_router", "(64, 9)", "(64, 7)")
+
+
+def test_refuses_non_checkpoint(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    _refused(capsys, [tmp_path / "empty"], tmp_path / "serve", "no checkpoint")
+    _refused(capsys, [tmp_path / "nowhere"], tmp_path / "serve", "no such checkpoint")
+
+
+def test_registration_is_reentrant():
+    convert.register()
+    convert.register()
+    cfg = transformers.AutoConfig.for_model("beam_olmoe", hidden_size=64)
+    assert type(cfg).__name__ == "BeamOlmoeConfig"
+    assert transformers.AutoModelForCausalLM._model_mapping[type(cfg)].__name__ == "BeamOlmoeForCausalLM"
+    assert convert.beam_architecture("DeepseekV2ForCausalLM") == "BeamDeepseekV2ForCausalLM"
+    with pytest.raises(ValueError, match="no BEAM variant"):
+        convert.beam_architecture("LlamaForCausalLM")
