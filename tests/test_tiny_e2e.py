@@ -1,0 +1,45 @@
+"""The embedded default end to end: `python -m beam_jax.train --config tiny.py`, shortened, on the shipped
+base model (beam_jax/assets/tiny-moe) and the standard-library corpus, through the real command line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from beam_jax.configs import tiny
+
+pytestmark = pytest.mark.slow
+
+
+def test_shipped_model_is_complete():
+    d = Path(tiny.TINY_MODEL)
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "PRETRAIN.json"):
+        assert (d / f).is_file(), f"{d / f} missing: the tiny base model must ship with the package"
+    assert (d / "model.safetensors").stat().st_size <= 25 * 2**20
+    record = json.loads((d / "PRETRAIN.json").read_text())
+    assert record["commands"] and record["seed"] == 0 and len(record["corpus_fingerprint"]) == 64
+    # clearly better than a unigram model on held-out text, and the experts specialise
+    for split in ("validation", "test"):
+        assert record[split]["loss"] < record[split]["unigram_loss"] - 1.0, record[split]
+    entropy = record["routing"]["routing_entropy_nats"]
+    assert max(entropy) < 0.9 * record["routing"]["uniform_entropy_nats"]
+
+
+def test_tiny_config_end_to_end(tmp_path):
+    cmd = [sys.executable, "-m", "beam_jax.train", "--config", "tiny.py", "--workdir", str(tmp_path),
+           "--config.train.steps=40", "--config.data.eval_batches=2", "--config.train.ckpt_every=20",
+           "--config.eval.taus=(0.5,0.7)", "--config.eval.policies=('static_topk','top_p')"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "| policy |" in r.stdout and "wrote:" in r.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    for key in ("base", "beam", "quality_retention", "moe_flops_reduction", "experts_per_token",
+                "train_tokens_per_s", "peak_memory_bytes", "sweep"):
+        assert key in report, key
+    assert report["moe_flops_reduction"] > 0.1  # the controller pushes towards 85% within 40 steps
+    assert report["quality_retention"] > 0.7
+    assert report["base"]["accuracy"] > 0.2  # the shipped model predicts code, it is not random
+    for f in ("pareto.png", "experts_per_layer.png", "rank_drop.png", "loss_curves.png", "sweep.md"):
+        assert (tmp_path / f).is_file(), f
