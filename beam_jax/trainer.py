@@ -260,6 +260,13 @@ def fit(trainer: Trainer, train_iter, workdir: Path, tc, *, beta: float = 0.0, c
     if resume and ckpt.latest_step() is not None:
         step0 = ckpt.latest_step()
         tree, saved = ckpt.restore(step0, trainer.state_tree())
+        if meta and "base_model" in meta and "base_model" in saved:
+            from .run_data import fingerprint_diff
+
+            diffs = fingerprint_diff(saved["base_model"], meta["base_model"])
+            if diffs:
+                raise ValueError(f"{ckpt.directory}: this run was trained on another base model "
+                                 f"({saved['base_model']['path']}): {'; '.join(diffs)}")
         trainer.load_state_tree(tree)
         train_iter.restore(saved["data"])
         beta = float(saved["beta"])

@@ -177,6 +177,28 @@ def test_zero_mask_router_is_topk(tmp_path):
     np.testing.assert_array_equal(logits, ref)
 
 
+def test_expert_implementations_and_bfloat16(tmp_path):
+    """transformers' three expert paths give the same BEAM output (dropped pairs get the id-E sentinel, which the
+    eager loop and grouped_mm skip); in bfloat16 the mask router stays float32."""
+    make_tiny("qwen3_moe", tmp_path / "base")
+    fake_run(tmp_path / "base", tmp_path / "run", seed=6)
+    out = to_vllm.export(tmp_path / "run" / "ckpt", tmp_path / "serve")
+    ids = _ids((2, 10), 160)
+    ref = None
+    for impl in ("eager", "grouped_mm", "batched_mm"):
+        tm, logits = _torch_logits(out, ids, experts_implementation=impl)
+        assert tm.config._experts_implementation == impl
+        if ref is None:
+            ref, counts = logits, tm.beam_pair_counts()
+        np.testing.assert_allclose(logits, ref, atol=1e-5, rtol=0, err_msg=impl)
+        assert tm.beam_pair_counts() == counts
+    tm = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    assert tm.model.layers[0].mlp.mask_router.weight.dtype == torch.float32
+    assert tm.model.layers[0].mlp.gate.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        np.testing.assert_allclose(tm(torch.tensor(ids)).logits.float().numpy(), ref, atol=5e-2, rtol=0)
+
+
 # ----------------------------------------------------------------------------- PyTorch parity, every family
 
 PARITY = [("mixtral", {}), ("qwen2_moe", {"renormalize": True}), ("qwen3_moe", {}), ("olmoe", {}),

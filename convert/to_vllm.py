@@ -1,0 +1,374 @@
+"""`python -m convert.to_vllm CKPT [--out DIR] [--tau T]`: a BEAM training run -> a Hugging Face directory that
+transformers (`import convert`) and vLLM (the `convert.vllm_plugin` entry point) serve as a BEAM model.
+
+CKPT is a run's WORKDIR/ckpt (its latest step) or one step's folder. The base model is the one the run recorded
+(`meta["config"]["model"]["path"]`); export is refused, with one line naming what differs and nothing written,
+when it is missing, its fingerprint (config.json, weight file names and sizes) changed, or the trained tensors do
+not fit its shapes.
+
+Written (to a temporary sibling, renamed into place at the end):
+- the base weights, sharded as the source was, hard-linked where the filesystem allows (else copied); a single
+  `model.safetensors` is linked as `model-00001-of-00001.safetensors`, because transformers reads a lone
+  `model.safetensors` and ignores the index;
+- `mask_router.safetensors`: `model.layers.N.<moe>.mask_router.weight` [E, d] float32 (<moe> as the source names
+  the MoE block's router: `block_sparse_moe` for per-expert Mixtral checkpoints, `mlp` otherwise), listed with
+  the base tensors in `model.safetensors.index.json`;
+  runs that also trained the routers or everything (`train.trainable`) get the shards that hold those tensors
+  rewritten with the trained values;
+- `config.json`: the source config with `architectures` = the BEAM class, `model_type` = `beam_<type>`, and a
+  `beam` section (tau, renormalize, MoE layers, provenance);
+- tokenizer and generation files, and a README.md model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+INDEX = "model.safetensors.index.json"
+MASK_FILE = "mask_router.safetensors"
+
+
+class ExportError(ValueError):
+    """The export is refused; the message says why in one line."""
+
+
+# ----------------------------------------------------------------------------- reading the run
+
+
+def resolve_ckpt(ckpt) -> tuple[Path, int]:
+    """WORKDIR/ckpt or WORKDIR/ckpt/<step> -> (manager directory, step)."""
+    import orbax.checkpoint as ocp
+
+    ckpt = Path(ckpt).absolute()
+    if not ckpt.is_dir():
+        raise ExportError(f"{ckpt}: no such checkpoint directory")
+    if ckpt.name.isdigit() and (ckpt / "state").exists():
+        return ckpt.parent, int(ckpt.name)
+    step = ocp.CheckpointManager(ckpt).latest_step()
+    if step is None:
+        raise ExportError(f"{ckpt}: no checkpoint steps found (expected WORKDIR/ckpt or WORKDIR/ckpt/<step>)")
+    return ckpt, step
+
+
+def read_meta(ckpt_dir: Path, step: int) -> dict:
+    import orbax.checkpoint as ocp
+
+    mgr = ocp.CheckpointManager(ckpt_dir)
+    try:
+        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # orbax raises several types for a missing/corrupt item
+        raise ExportError(f"{ckpt_dir / str(step)}: checkpoint metadata unreadable ({type(e).__name__}: {e})") from None
+    finally:
+        mgr.close()
+    for key in ("base_model", "config"):
+        if key not in meta:
+            raise ExportError(f"{ckpt_dir / str(step)}: checkpoint metadata has no '{key}' (not a BEAM training run)")
+    return meta
+
+
+def check_base(meta: dict, ckpt_dir: Path, step: int) -> Path:
+    """The base model the run trained on, refused if missing or changed since."""
+    from beam_jax.run_data import fingerprint_diff, model_fingerprint
+
+    path = Path(meta["config"]["model"]["path"])
+    where = f"{ckpt_dir / str(step)}"
+    recorded = Path(meta["base_model"].get("path", path))  # absolute; the config's may be relative to the run's cwd
+    if not (path / "config.json").is_file() and not path.is_absolute() and (recorded / "config.json").is_file():
+        path = recorded
+    if not (path / "config.json").is_file():
+        raise ExportError(f"base model {path} (recorded by {where}) is missing: no config.json there")
+    diffs = fingerprint_diff(meta["base_model"], model_fingerprint(path))
+    if diffs:
+        raise ExportError(f"base model {path} differs from the one {where} was trained on: {'; '.join(diffs)}")
+    return path
+
+
+def restore_trained(ckpt_dir: Path, step: int, base: Path, meta: dict):
+    """-> (ModelConfig, Family, {param path: np.ndarray}) for the run's trained parameters, checked against the base
+    model's shapes. The base weights are not loaded: the model is abstract except for what is restored."""
+    from flax import nnx
+
+    from beam_jax.loading import read_config
+    from beam_jax.model import MoECausalLM
+    from beam_jax.trainer import restore_trainable, trainable_filter
+
+    cfg, family, _ = read_config(base)
+    model = nnx.eval_shape(lambda: MoECausalLM(cfg, rngs=nnx.Rngs(0)))
+    want = {p: tuple(v.get_value().shape)
+            for p, v in nnx.to_flat_state(nnx.state(model, trainable_filter(meta.get("trainable", "mask"))))}
+    saved = _saved_shapes(ckpt_dir / str(step) / "state")
+    for p, shape in want.items():
+        name = ".".join(map(str, p))
+        if saved is not None and name in saved and saved[name] != shape:
+            raise ExportError(f"trained parameter {name} in {ckpt_dir / str(step)} has shape {saved[name]}, "
+                              f"base model {base} needs {shape}")
+    try:
+        restore_trainable(ckpt_dir, model, step)
+    except (ValueError, KeyError) as e:
+        raise ExportError(f"trained parameters in {ckpt_dir / str(step)} do not fit base model {base}: "
+                          f"{' '.join(str(e).split())}") from None
+    got = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, trainable_filter(meta.get("trainable", "mask"))))}
+    for p, shape in want.items():
+        value = got.get(p)
+        if value is None or not hasattr(value, "dtype") or type(value).__name__ == "ShapeDtypeStruct":
+            raise ExportError(f"{ckpt_dir / str(step)}: trained parameter {'.'.join(map(str, p))} is missing")
+        if tuple(value.shape) != shape:
+            raise ExportError(f"trained parameter {'.'.join(map(str, p))} in {ckpt_dir / str(step)} has shape "
+                              f"{tuple(value.shape)}, base model {base} needs {shape}")
+    return cfg, family, {p: np.asarray(v) for p, v in got.items()}
+
+
+def _saved_shapes(state_dir: Path) -> dict[str, tuple] | None:
+    """{dotted parameter path: shape} of a checkpoint's saved trainable parameters (None if unreadable)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    try:
+        tree = ocp.PyTreeCheckpointHandler().metadata(state_dir)
+        tree = getattr(tree, "tree", tree)["params"]
+    except Exception:  # an older or foreign layout: the restore below still checks
+        return None
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(leaf.shape)
+            for path, leaf in flat}
+
+
+# ----------------------------------------------------------------------------- naming
+
+
+def source_index(base: Path) -> dict[str, str]:
+    """tensor name -> shard file name of the base checkpoint (index if present, else every *.safetensors)."""
+    from safetensors import safe_open
+
+    index = base / INDEX
+    if index.is_file():
+        return dict(json.loads(index.read_text())["weight_map"])
+    files = sorted(base.glob("*.safetensors"))
+    if not files:
+        raise ExportError(f"base model {base} has no safetensors weights")
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="numpy") as h:
+            out.update(dict.fromkeys(h.keys(), f.name))
+    return out
+
+
+def hf_tensors(cfg, family, trained: dict, names: dict[str, str]) -> dict[str, np.ndarray]:
+    """Trained Flax parameters -> {checkpoint name: array} in the source checkpoint's naming (PyTorch [out, in]).
+    Mask routers take the name of their layer's router with `gate` -> `mask_router`."""
+    from beam_jax.families import hf_name
+
+    def pick(*candidates):
+        for c in candidates:
+            if c in names:
+                return c
+        raise ExportError(f"base checkpoint has no tensor '{candidates[0]}' to replace with the trained one "
+                          f"(export of this layout is supported for trainable=mask only)")
+
+    out = {}
+    for path, value in trained.items():
+        keys = [str(k) for k in path]
+        leaf, module = keys[-1], ".".join(keys[:-1])
+        is_moe = keys[0] == "layers" and cfg.moe_layers[int(keys[1])]
+        if "mask_router" in module:
+            gate = module.replace("mask_router", "gate")
+            gate_name = pick(f"{hf_name(family, gate, True)}.weight", f"model.{gate}.weight")
+            name = gate_name[: -len("gate.weight")] + f"mask_router.{'weight' if leaf == 'kernel' else leaf}"
+            out[name] = np.ascontiguousarray(value.T if leaf == "kernel" else value).astype(np.float32)
+        elif module == "embed_tokens":
+            out[pick("model.embed_tokens.weight")] = value
+        elif module.endswith("mlp.experts"):
+            prefix = hf_name(family, module, True)
+            which = {"w_gate": 0, "w_up": 1, "w_down": 2}[leaf]
+            for e in range(value.shape[0]):
+                out[pick(f"{prefix}.{e}.{family.expert_names[which]}.weight")] = np.ascontiguousarray(value[e].T)
+        else:
+            base = hf_name(family, module, is_moe)
+            suffix = "weight" if leaf == "kernel" else leaf
+            name = pick(f"{base}.{suffix}", f"model.{module}.{suffix}")
+            out[name] = np.ascontiguousarray(value.T) if leaf == "kernel" else value
+    return out
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def link_or_copy(src: Path, dst: Path) -> str:
+    try:
+        os.link(src, dst)
+        return "linked"
+    except OSError:
+        shutil.copy2(src, dst)
+        return "copied"
+
+
+def _rewrite_shard(src: Path, dst: Path, replace: dict[str, np.ndarray]):
+    """Copy a safetensors shard tensor by tensor, replacing some values (cast to the source dtype)."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(str(src), framework="numpy") as h:
+        meta = h.metadata() or {"format": "pt"}
+        tensors = {}
+        for k in h.keys():
+            old = h.get_tensor(k)
+            if k in replace:
+                new = np.asarray(replace[k])
+                if new.shape != old.shape:
+                    raise ExportError(f"trained tensor {k} has shape {new.shape}, {src.name} holds {old.shape}")
+                tensors[k] = new.astype(old.dtype)
+            else:
+                tensors[k] = old
+    save_file(tensors, str(dst), metadata=meta)
+
+
+def beam_config(base: Path, cfg, tau: float, renormalize: bool, provenance: dict) -> dict:
+    from convert.modeling_beam import beam_architecture, beam_model_type
+
+    raw = json.loads((base / "config.json").read_text())
+    source_arch = raw["architectures"][0]
+    try:
+        raw["architectures"] = [beam_architecture(source_arch)]
+        raw["model_type"] = beam_model_type(raw["model_type"])
+    except ValueError as e:
+        raise ExportError(f"{base / 'config.json'}: {e}") from None
+    raw["beam"] = {"tau": float(tau), "renormalize": bool(renormalize),
+                   "layers": [i for i, m in enumerate(cfg.moe_layers) if m],
+                   "num_experts": cfg.num_experts, "top_k": cfg.num_experts_per_tok,
+                   "mask_router": {"file": MASK_FILE, "dtype": "float32", "bias": False},
+                   "base_architecture": source_arch, **provenance}
+    return raw
+
+
+def model_card(out_name: str, config: dict, meta: dict, step: int, report: dict | None, base: Path) -> str:
+    c, b = meta["config"], config["beam"]
+    train, data, beam = c.get("train", {}), c.get("data", {}), c.get("beam", {})
+    lines = [
+        f"# {Path(out_name).name}: BEAM on {base.name}", "",
+        f"`{config['architectures'][0]}`: {b['base_architecture']} with BEAM (Binary Expert Activation Masking, "
+        "arXiv 2605.14438) mask routers. In every MoE layer a mask router W_m [E, d] reads the router's input, "
+        f"and a Top-{b['top_k']} candidate e is kept only when sigmoid(W_m x)[e] >= tau; kept experts use the "
+        "original routing weight" + (" (renormalised)" if b["renormalize"] else " (no renormalisation)") +
+        ", dropped (token, expert) pairs are not computed.", "",
+        "## Training", "",
+        f"- base model: `{base}` (fingerprint {meta['base_model'].get('fingerprint', '?')[:16]})",
+        f"- steps: {step} of {train.get('steps', '?')}; trainable: `{meta.get('trainable', train.get('trainable', 'mask'))}`"
+        f"; lr {train.get('lr', '?')}, batch {data.get('batch_size', '?')} x {data.get('seq_len', '?')} tokens",
+        f"- data: `{data.get('train', '?')}`" + (f" (held out: `{data['eval']}`)" if data.get("eval") else ""),
+        f"- sparsity: beta {beam.get('beta', '?')}, target kept ratio {beam.get('target_ratio', 0) or 'none'}, "
+        f"alpha {beam.get('alpha', '?')}",
+        f"- serving threshold tau = {b['tau']} (trained at {beam.get('tau', '?')})", "",
+    ]
+    def pct(x):
+        return f"{100 * x:.1f}%" if isinstance(x, (int, float)) and np.isfinite(x) else "n/a"
+
+    if report:
+        ept = report.get("experts_per_token", {})
+        lines += ["## Measured (held-out split of the run, `report.json`)", "",
+                  f"- experts per token: {ept.get('overall', float('nan')):.3f} of {report.get('top_k', b['top_k'])} "
+                  f"(per MoE layer: {', '.join(f'{v:.2f}' for v in ept.get('per_layer', []))}) at tau "
+                  f"{report.get('tau', '?')}",
+                  f"- routed-expert FLOPs saved: {pct(report.get('moe_flops_reduction'))}",
+                  f"- quality retained (accuracy vs Top-K): {pct(report.get('quality_retention'))}",
+                  ""]
+    lines += ["## Use", "", "```python", "import convert  # registers the BEAM classes with transformers",
+              "from transformers import AutoModelForCausalLM",
+              f'model = AutoModelForCausalLM.from_pretrained("{out_name}")', "model.set_beam_tau(0.7)  # optional", "```",
+              "", "vLLM (with beam-jax installed, its `vllm.general_plugins` entry point registers the model):", "",
+              "```bash", f"vllm serve {out_name}", "```", "",
+              f'`vllm.LLM(model="{out_name}", hf_overrides={{"beam_tau": 0.7}})` changes tau at load time.', ""]
+    return "\n".join(lines)
+
+
+def export(ckpt, out=None, tau: float | None = None) -> Path:
+    """Export a BEAM run's checkpoint for serving; returns the output directory."""
+    from beam_jax.config import ConfigError
+    from beam_jax.export_hf import atomic_dir
+    from beam_jax.loading import CheckpointError
+    from safetensors.numpy import save_file
+
+    ckpt_dir, step = resolve_ckpt(ckpt)
+    meta = read_meta(ckpt_dir, step)
+    base = check_base(meta, ckpt_dir, step)
+    try:
+        cfg, family, trained = restore_trained(ckpt_dir, step, base, meta)
+        names = source_index(base)
+    except (ConfigError, CheckpointError) as e:
+        raise ExportError(str(e)) from None
+    tensors = hf_tensors(cfg, family, trained, names)
+    mask = {k: v for k, v in tensors.items() if ".mask_router." in k}
+    replaced = {k: v for k, v in tensors.items() if k not in mask}
+    beam = meta["config"].get("beam", {})
+    tau = float(beam.get("tau", 0.5) if tau is None else tau)
+    workdir = ckpt_dir.parent
+    report_file = workdir / "report.json"
+    report = json.loads(report_file.read_text()) if report_file.is_file() else None
+    provenance = {"run": str(ckpt_dir / str(step)), "step": step, "trainable": meta.get("trainable", "mask"),
+                  "base_model": str(base), "base_fingerprint": meta["base_model"].get("fingerprint"),
+                  "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    config = beam_config(base, cfg, tau, bool(beam.get("renormalize", False)), provenance)
+    out = Path(out) if out is not None else workdir / "export"
+    if out.absolute() == base.absolute():
+        raise ExportError(f"--out {out} is the base model directory")
+
+    with atomic_dir(out.absolute()) as tmp:
+        shard_names = sorted(set(names.values()))
+        rename = {"model.safetensors": "model-00001-of-00001.safetensors"} if shard_names == ["model.safetensors"] \
+            else {}
+        methods = set()
+        for shard in shard_names:
+            dst = tmp / rename.get(shard, shard)
+            mine = {k: v for k, v in replaced.items() if names[k] == shard}
+            if mine:
+                _rewrite_shard(base / shard, dst, mine)
+                methods.add("rewritten")
+            else:
+                methods.add(link_or_copy(base / shard, dst))
+        save_file(mask, str(tmp / MASK_FILE), metadata={"format": "pt"})
+        weight_map = {k: rename.get(f, f) for k, f in names.items()}
+        weight_map.update(dict.fromkeys(mask, MASK_FILE))
+        index_meta = {}
+        if (base / INDEX).is_file():
+            index_meta = json.loads((base / INDEX).read_text()).get("metadata", {})
+        files = set(weight_map.values())
+        index_meta["total_size"] = sum((tmp / f).stat().st_size for f in files)
+        (tmp / INDEX).write_text(json.dumps({"metadata": index_meta, "weight_map": dict(sorted(weight_map.items()))},
+                                            indent=2) + "\n")
+        config["beam"]["weights"] = sorted(methods)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for f in sorted(base.iterdir()):
+            if (f.is_file() and not f.name.startswith(".") and f.name not in ("config.json", "README.md", INDEX)
+                    and not f.name.endswith(WEIGHT_SUFFIXES)):
+                shutil.copy2(f, tmp / f.name)
+        (tmp / "README.md").write_text(model_card(str(out.absolute()), config, meta, step, report, base))
+        for f in (tmp / MASK_FILE, tmp / INDEX, tmp / "config.json", tmp / "README.md"):
+            os.chmod(f, 0o644)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m convert.to_vllm", description=__doc__.split("\n\n")[0])
+    p.add_argument("ckpt", help="a BEAM run's WORKDIR/ckpt (latest step) or one step's folder")
+    p.add_argument("--out", help="output directory (default: WORKDIR/export)")
+    p.add_argument("--tau", type=float, help="serving threshold written to config.json (default: the run's beam.tau)")
+    args = p.parse_args(argv)
+    try:
+        out = export(args.ckpt, args.out, args.tau)
+    except (ExportError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

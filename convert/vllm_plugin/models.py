@@ -1,0 +1,89 @@
+"""vLLM BEAM models: each is vLLM's own model class for the family, built with BEAM MoE layers
+(`moe.beam_moe_factory`) and a float32 `mask_router` (`nn.Linear(d, E, bias=False)`) in every MoE block, loaded
+from the checkpoint's `<moe block>.mask_router.weight` by the family's weight loader.
+
+tau comes from the config's `beam.tau`, overridable at load time:
+`LLM(model=DIR, hf_overrides={"beam_tau": 0.9})` (or `{"beam": {"tau": 0.9}}`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from vllm.model_executor.models.deepseek_v2 import DeepseekV2ForCausalLM
+from vllm.model_executor.models.mixtral import MixtralForCausalLM
+from vllm.model_executor.models.olmoe import OlmoeForCausalLM
+from vllm.model_executor.models.qwen2_moe import Qwen2MoeForCausalLM
+from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
+
+from .moe import BeamMoERunner, beam_moe_factory
+
+
+def beam_settings(hf_config) -> dict:
+    """tau and renormalize from `config.beam`, a flat `beam_tau` / `beam_renormalize` (hf_overrides) winning."""
+    beam = {"tau": 0.5, "renormalize": False, **(getattr(hf_config, "beam", None) or {})}
+    for key in ("tau", "renormalize"):
+        flat = getattr(hf_config, f"beam_{key}", None)
+        if flat is not None:
+            beam[key] = flat
+    return {"tau": float(beam["tau"]), "renormalize": bool(beam["renormalize"])}
+
+
+class BeamModelMixin:
+    """Put before a vLLM `*ForCausalLM` class."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        base = next(c for c in type(self).__mro__[1:] if c.__module__.startswith("vllm.model_executor.models."))
+        with beam_moe_factory(sys.modules[base.__module__]):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        hf = vllm_config.model_config.hf_config
+        settings = beam_settings(hf)
+        self.beam_tau = settings["tau"]
+        for block in self.modules():
+            runner = getattr(block, "experts", None)
+            if isinstance(runner, BeamMoERunner):
+                routing = runner.beam
+                block.mask_router = nn.Linear(hf.hidden_size, routing.num_experts, bias=False, dtype=torch.float32)
+                routing.mask_router = block.mask_router
+                routing.tau = settings["tau"]
+                routing.beam_renormalize = settings["renormalize"]
+
+    def _beam_runners(self) -> list[BeamMoERunner]:
+        return [m for m in self.modules() if isinstance(m, BeamMoERunner)]
+
+    def set_beam_tau(self, tau: float):
+        for r in self._beam_runners():
+            r.beam.tau = float(tau)
+        self.beam_tau = float(tau)
+
+    def beam_pair_counts(self) -> dict:
+        """{"offered", "computed"} (token, expert) pairs over this model's MoE layers since the last reset."""
+        rs = [r for r in self._beam_runners() if r.offered is not None]
+        return {"offered": sum(int(r.offered) for r in rs), "computed": sum(int(r.computed) for r in rs)}
+
+    def reset_beam_pair_counts(self):
+        for r in self._beam_runners():
+            r.reset_counts()
+
+
+class BeamMixtralForCausalLM(BeamModelMixin, MixtralForCausalLM):
+    pass
+
+
+class BeamQwen2MoeForCausalLM(BeamModelMixin, Qwen2MoeForCausalLM):
+    pass
+
+
+class BeamQwen3MoeForCausalLM(BeamModelMixin, Qwen3MoeForCausalLM):
+    pass
+
+
+class BeamOlmoeForCausalLM(BeamModelMixin, OlmoeForCausalLM):
+    pass
+
+
+class BeamDeepseekV2ForCausalLM(BeamModelMixin, DeepseekV2ForCausalLM):
+    pass
