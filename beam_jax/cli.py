@@ -3,12 +3,51 @@ bare names resolved in `beam_jax/configs/`), `--config.a.b=value` overrides, `--
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 
 from absl import flags
 from ml_collections import config_flags
 
 from .configs import resolve
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """The errors bad input or a faulty machine raise, each with a message naming the file, field or tensor:
+    the entry points print them as one `error: ...` line (no traceback) and exit non-zero. ValueError covers
+    ConfigError, CheckpointError, DataError and ExportError; OSError covers a missing file, an unwritable
+    directory and a full disk; FloatingPointError is a run stopped after too many non-finite steps."""
+    from .trainer import CheckpointSaveError
+
+    return (ValueError, OSError, FloatingPointError, CheckpointSaveError)
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+@contextlib.contextmanager
+def report_errors(hard_exit: bool = False):
+    """Turn an expected error into `error: <message>` on stderr and exit status 1 (SystemExit); set
+    BEAM_TRACEBACK=1 to get the traceback instead.
+
+    hard_exit (the command-line entry points): leave at once with os._exit after printing, so that background
+    writer threads meeting the same fault (orbax's, tensorboard's flush at exit on a full disk) cannot add their
+    own tracebacks after the error line. Metrics and checkpoints are flushed as they are written; nothing is
+    pending by then."""
+    try:
+        yield
+    except expected_errors() as e:
+        if os.environ.get("BEAM_TRACEBACK"):
+            raise
+        message = f"error: {one_line(e)}"
+        if not hard_exit:
+            sys.exit(message)
+        sys.unraisablehook = lambda _: None  # no "Exception ignored in ..." from finalisers after the line
+        sys.stdout.flush()
+        print(message, file=sys.stderr, flush=True)
+        os._exit(1)
 
 
 def define_flags(default_config: str):
@@ -38,33 +77,68 @@ def resolve_config_arg(argv: list[str], default: str) -> list[str]:
     return out
 
 
-def check_overrides(argv: list[str]) -> None:
-    """Refuse `--config.a.b=...` for a key the config does not have, naming it (and the nearest key)."""
-    import difflib
+def _load_config_file(path: str):
+    """Run a config file's get_config(); any error in it becomes a ConfigError naming the file."""
     import importlib.util
+
+    from .config import ConfigError
+
+    try:
+        spec = importlib.util.spec_from_file_location("_beam_config", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.get_config()
+    except Exception as e:  # noqa: BLE001 - user code: a wrong type, a typo, a syntax error
+        raise ConfigError(f"{path}: {type(e).__name__}: {' '.join(str(e).split())}") from None
+
+
+def _keys(d, prefix="", depth=None) -> set[str]:
+    out = set()
+    for k, v in d.items():
+        out.add(prefix + k)
+        if hasattr(v, "items") and (depth is None or depth > 1):
+            out |= _keys(v, prefix + k + ".", None if depth is None else depth - 1)
+    return out
+
+
+def check_overrides(argv: list[str], default: str | None = None) -> None:
+    """Refuse a config with a key the entry point does not know, naming the file and key (and the nearest known
+    key): a `section.key` of the config file absent from the built-in `default` config, or a `--config.a.b=...`
+    override absent from the config file. Override values that cannot parse as the field's int or float type are
+    refused too. Raises ConfigError."""
+    import difflib
+
+    from .config import ConfigError
 
     path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
     path = path or next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    spec = importlib.util.spec_from_file_location("_beam_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config()
-    known = set()
+    cfg = _load_config_file(path)
 
-    def walk(d, prefix):
-        for k, v in d.items():
-            known.add(prefix + k)
-            if hasattr(v, "items"):
-                walk(v, prefix + k + ".")
+    def refuse(key, known, where):
+        near = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise ConfigError(f"unknown config key '{key}' in {where}{hint}")
 
-    walk(cfg, "")
+    if default is not None and resolve(default) != path:
+        schema = _keys(_load_config_file(resolve(default)), depth=2)  # sections and their keys
+        for key in sorted(_keys(cfg, depth=2) - schema):
+            refuse(key, schema, path)
+    known = _keys(cfg)
     for a in argv:
         if a.startswith("--config.") and not a.startswith("--config.py"):
-            key = a[len("--config."):].split("=", 1)[0]
+            key, _, value = a[len("--config."):].partition("=")
             if key not in known:
-                near = difflib.get_close_matches(key, sorted(known), n=1)
-                hint = f" (did you mean '{near[0]}'?)" if near else ""
-                raise KeyError(f"unknown config key '{key}' in {path}{hint}")
+                refuse(key, known, path)
+            current = cfg
+            for part in key.split("."):
+                current = current[part]
+            kind = type(current)
+            if "=" in a and kind in (int, float):
+                try:
+                    kind(value)
+                except ValueError:
+                    raise ConfigError(f"config key '{key}' must be {kind.__name__}, got {value!r} "
+                                      f"(from {a})") from None
 
 
 def config_name() -> str:
@@ -80,9 +154,9 @@ def run(main, default_config: str):
     define_flags(default_config)
     try:
         argv = resolve_config_arg(sys.argv, default_config)
-        check_overrides(argv)
-    except (FileNotFoundError, KeyError) as e:
-        sys.exit(f"error: {e.args[0] if e.args else e}")
+        check_overrides(argv, default_config)
+    except expected_errors() as e:
+        sys.exit(f"error: {one_line(e)}")
 
     def _main(_argv):
         from pathlib import Path
@@ -93,6 +167,7 @@ def run(main, default_config: str):
 
         FLAGS = flags.FLAGS
         workdir = Path(FLAGS.workdir or f"runs/{config_name()}")
-        return main(FLAGS.config, workdir, FLAGS.resume)
+        with report_errors(hard_exit=True):
+            return main(FLAGS.config, workdir, FLAGS.resume)
 
     app.run(_main, argv=argv)

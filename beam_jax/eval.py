@@ -88,27 +88,31 @@ def multiple_choice(model, tokenizer, items, hook, impl="dense") -> dict:
 def main(config, workdir: Path, resume: bool):
     import transformers
 
-    from .train import _batches, expert_impl
+    from .train import _batches, eval_impl
 
     model = load_pretrained(config.model.path, dtype=config.model.dtype)
     meta = restore_trainable(Path(workdir) / "ckpt", model)
+    # Top-K and the baselines run on the base as loaded; it differs from `model` when training changed more
+    # than the mask routers
+    original = model if meta.get("trainable", "mask") == "mask" else load_pretrained(config.model.path,
+                                                                                     dtype=config.model.dtype)
     diffs = fingerprint_diff(meta.get("base_model", {}), model_fingerprint(config.model.path))
     if diffs:
         raise SystemExit(f"error: {workdir}/ckpt was trained on another base model than {config.model.path}: "
                          + "; ".join(diffs))
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.model.path)
     splits = load_splits(config, tokenizer)
-    impl = expert_impl(config.model.impl)
+    impl = eval_impl(config.model.impl)
     batches = _batches(splits["eval"], config.data.batch_size, config.data.eval_batches)
     calib = _batches(splits["calib"], config.data.batch_size, 4)
-    rows = ev.sweep(model, batches, taus=tuple(config.eval.taus), policy_names=tuple(config.eval.policies),
-                    calib_batches=calib, impl=impl)
+    rows = ev.sweep(original, batches, taus=tuple(config.eval.taus), policy_names=tuple(config.eval.policies),
+                    calib_batches=calib, impl=impl, beam_model=model, renormalize=config.beam.renormalize)
     result = {"checkpoint_step": meta["step"], "sweep": rows,
               "flops_per_token_per_moe_layer": ev.flops_breakdown(model.cfg, rows[0]["experts_per_token"],
                                                                   config.data.seq_len)}
     if config.eval.multiple_choice:
         items = read_multiple_choice(config.eval.multiple_choice)
-        result["multiple_choice"] = {"topk": multiple_choice(model, tokenizer, items, TopKHook(), impl),
+        result["multiple_choice"] = {"topk": multiple_choice(original, tokenizer, items, TopKHook(), impl),
                                      "beam": multiple_choice(model, tokenizer, items, BeamHook(config.beam.tau), impl)}
     workdir = Path(workdir)
     (workdir / "eval_sweep.md").write_text(ev.markdown_table(rows))

@@ -21,7 +21,7 @@ from . import beam, flops, policies
 from .routing import BeamHook, PolicyHook, TopKHook, make_hook
 
 
-@partial(nnx.jit, static_argnames=("hook", "impl"))
+@partial(nnx.jit, static_argnames=("impl",))
 def _eval_batch(model, input_ids, targets, loss_mask, hook, impl):
     out = model(input_ids, mask_hook=hook, impl=impl)
     logits = out.logits
@@ -75,15 +75,20 @@ def calibrate_dynamic_skip(model, batches, quantile: float, impl: str = "dense")
 
 
 def sweep(model, batches, *, taus=(), policy_names=(), calib_batches=None, impl: str = "dense",
-          base: dict | None = None, progress: bool = True) -> list[dict]:
-    """Evaluate Top-K (the reference), BEAM at each tau (if the model has trained mask routers) and each
-    baseline over its default grid. Each row: policy, knob, value, and `evaluate`'s metrics + retention."""
+          base: dict | None = None, progress: bool = True, beam_model=None, renormalize: bool = False) -> list[dict]:
+    """Evaluate Top-K (the reference), BEAM at each tau and each baseline over its default grid.
+
+    `model` is the base model: Top-K and the training-free baselines run on it. BEAM runs on `beam_model`
+    (default `model`, which then holds the trained mask routers); they differ when training also changed the
+    base (`train.trainable` mask+router or all). Each knob is a traced leaf of its hook, so a sweep compiles
+    once per policy. Each row: policy, knob, value, and `evaluate`'s metrics + retention against Top-K."""
     from tqdm.auto import tqdm
 
     batches = list(batches)
     K = model.cfg.num_experts_per_tok
+    beam_model = model if beam_model is None else beam_model
     jobs = [("topk", None, None, TopKHook())]
-    jobs += [("beam", "tau", t, BeamHook(float(t))) for t in taus]
+    jobs += [("beam", "tau", t, BeamHook(float(t), renormalize=renormalize)) for t in taus]
     for name in policy_names:
         pol = policies.POLICIES[name]
         if name == "dynamic_skip" and calib_batches is not None:
@@ -97,7 +102,7 @@ def sweep(model, batches, *, taus=(), policy_names=(), calib_batches=None, impl:
         if name == "topk" and base is not None:
             r = dict(base)
         else:
-            r = evaluate(model, batches, hook, impl)
+            r = evaluate(beam_model if name == "beam" else model, batches, hook, impl)
         rows.append({"policy": name, "knob": knob, "value": value, **r})
     ref = rows[0]
     for r in rows:

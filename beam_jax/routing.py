@@ -1,6 +1,8 @@
 """Mask hooks: what acts between the router's Top-K and the expert compute, in every MoE block.
 
-A hook is a frozen dataclass (hashable, so it is a static argument of `jit`) called as
+A hook is a frozen dataclass and a pytree: its knobs (tau, a policy's knob, per-layer values) are leaves, so a
+jitted evaluation traces them and a sweep over a knob compiles once; its switches (train, renormalize, the
+policy's name) are static. It is still hashable, so it may also be a static argument. It is called as
 ``hook(block, x [T, d], router_logits [T, E], weights [T, K] f32, expert_ids [T, K])`` and returning
 ``(keep [T, K] bool | None, weights [T, K], aux)``. `make_hook(policy, ...)` builds one from config.
 
@@ -19,6 +21,13 @@ import jax.numpy as jnp
 from . import beam, policies
 
 
+def _pytree(data_fields, meta_fields):
+    def register(cls):
+        return jax.tree_util.register_dataclass(cls, data_fields=list(data_fields), meta_fields=list(meta_fields))
+    return register
+
+
+@_pytree((), ())
 @dataclasses.dataclass(frozen=True)
 class TopKHook:
     """Plain Top-K: every candidate kept, weights unchanged."""
@@ -27,6 +36,7 @@ class TopKHook:
         return None, weights, {"kept": jnp.ones(ids.shape, bool)}
 
 
+@_pytree(("tau",), ("train", "renormalize"))
 @dataclasses.dataclass(frozen=True)
 class BeamHook:
     tau: float = 0.5
@@ -42,6 +52,7 @@ class BeamHook:
         return hard, beam.apply_mask(weights, hard, self.renormalize), aux
 
 
+@_pytree(("knob", "per_layer"), ("name", "renormalize"))
 @dataclasses.dataclass(frozen=True)
 class PolicyHook:
     """A training-free comparison policy (`beam_jax.policies`): name, its knob value, and optionally a

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import beam as beam_lib
@@ -30,28 +31,62 @@ def expert_impl(name: str) -> str:
     return "dense" if jax.default_backend() == "cpu" else "grouped"
 
 
+def eval_impl(name: str) -> str:
+    """Expert path for evaluation: 'auto' -> "kernel" (`beam_jax.masked_moe`: only kept pairs are computed,
+    the FFI kernel where it is built); anything else forces that path."""
+    return "kernel" if name == "auto" else name
+
+
+def run_mesh(config):
+    """Join the multi-process runtime if the launcher describes one (`beam_jax.distributed`), then build the
+    config's mesh. None (one device, no sharding) for the default all-ones mesh in a single process."""
+    from . import distributed, sharding
+
+    distributed.initialize()
+    spec = {a: int(config.mesh[a]) for a in sharding.AXES}
+    if all(v == 1 for v in spec.values()) and jax.process_count() == 1:
+        return None
+    return sharding.make_mesh(spec)
+
+
+def check_memory(config, mesh):
+    """Refuse, before any weight is read, a run whose planned per-device memory does not fit
+    (`beam_jax.plan`); skipped where the device memory is unknown (CPU without plan.device_memory)."""
+    from . import plan, sharding
+
+    mesh = mesh if mesh is not None else sharding.make_mesh({}, jax.devices()[:1])
+    found = plan.check_fits(config, mesh, processes=jax.process_count())
+    if found is not None:
+        print(found.table())
+
+
 def train_and_evaluate(config, workdir: Path, resume: bool = False) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     import transformers
 
+    mesh = run_mesh(config)
+    check_memory(config, mesh)
     # the frozen base stays in the compute dtype; whatever trains beyond the (float32) mask routers gets
     # float32 master weights, computed in config.model.dtype
     param_dtype = None if config.train.trainable == "mask" else "float32"
-    model = load_pretrained(config.model.path, dtype=config.model.dtype, param_dtype=param_dtype)
+    model = load_pretrained(config.model.path, dtype=config.model.dtype, param_dtype=param_dtype, mesh=mesh)
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.model.path)
     cfg = model.cfg
     splits = load_splits(config, tokenizer)
     impl = expert_impl(config.model.impl)
     tc = config.train
     hook = BeamHook(config.beam.tau, train=True, renormalize=config.beam.renormalize)
-    trainer = Trainer(model, tc.trainable, tc, LossConfig(alpha=config.beam.alpha, hook=hook, impl=impl))
+    trainer = Trainer(model, tc.trainable, tc, LossConfig(alpha=config.beam.alpha, hook=hook, impl=impl), mesh=mesh)
+    # what training changes beyond the mask routers (mask+router, all) is kept as loaded for the baselines
+    initial = jax.tree.map(jnp.copy, trainer.params) if tc.trainable != "mask" else None
     print(f"{cfg.architecture} from {config.model.path}: training {trainer.num_trainable:,} parameters "
           f"({tc.trainable}); {len(splits['train'])} training sequences of {config.data.seq_len} tokens")
 
     meta = {"base_model": model_fingerprint(config.model.path), "config": json.loads(config.to_json()),
             "trainable": tc.trainable}
-    it = BatchIterator(splits["train"], config.data.batch_size, seed=config.seed)
+    it = BatchIterator(splits["train"], config.data.batch_size, seed=config.seed,
+                       process_index=jax.process_index(), process_count=jax.process_count())
     controller = beam_lib.BetaController() if config.beam.target_ratio > 0 else None
     summary = fit(trainer, it, workdir, tc, beta=config.beam.beta, controller=controller,
                   target=config.beam.target_ratio, controller_rate=config.beam.controller_rate, resume=resume,
@@ -61,12 +96,16 @@ def train_and_evaluate(config, workdir: Path, resume: bool = False) -> dict:
     from .report import write_report
 
     trained = trainer.model()
+    # Top-K and the training-free baselines run on the base model as loaded; BEAM on the trained one
+    original = trainer.model(initial) if tc.trainable != "mask" else trained
     eval_batches = _batches(splits["eval"], config.data.batch_size, config.data.eval_batches)
     calib = _batches(splits["calib"], config.data.batch_size, 4)
-    base = ev.evaluate(trained, eval_batches, TopKHook(), impl)
+    impl = eval_impl(config.model.impl)
+    base = ev.evaluate(original, eval_batches, TopKHook(), impl)
     beam = ev.evaluate(trained, eval_batches, BeamHook(config.beam.tau, renormalize=config.beam.renormalize), impl)
-    rows = ev.sweep(trained, eval_batches, taus=tuple(config.eval.taus), policy_names=tuple(config.eval.policies),
-                    calib_batches=calib, impl=impl, base=base)
+    rows = ev.sweep(original, eval_batches, taus=tuple(config.eval.taus), policy_names=tuple(config.eval.policies),
+                    calib_batches=calib, impl=impl, base=base, beam_model=trained,
+                    renormalize=config.beam.renormalize)
     report = write_report(workdir, config, cfg, base, beam, rows, summary, trainer.num_trainable)
     return report
 

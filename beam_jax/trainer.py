@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import resource
@@ -88,7 +89,10 @@ def compute_loss(model, batch, beta, lc: LossConfig):
 class Trainer:
     """Owns the split model, optimizer state and the jitted step."""
 
-    def __init__(self, model, trainable: str, tc, lc: LossConfig):
+    def __init__(self, model, trainable: str, tc, lc: LossConfig, mesh=None):
+        """mesh: a `jax.sharding.Mesh` from `beam_jax.sharding.make_mesh`; None = one device, as before.
+        With a mesh, parameters and optimizer state are laid out by `sharding.RULES` and batches split
+        over (data, fsdp, expert); `step` then takes this process's rows of the global batch."""
         model.remat = bool(getattr(tc, "remat", False))  # rematerialise per decoder layer (nnx.remat)
         self.graphdef, self.params, self.frozen = nnx.split(model, trainable_filter(trainable), ...)
         n = sum(x.size for x in jax.tree.leaves(self.params))
@@ -96,10 +100,33 @@ class Trainer:
             raise ValueError(f"train.trainable={trainable!r} selects no parameters in {model.cfg.architecture}")
         self.num_trainable = n
         self.tx = make_optimizer(tc)
-        self.opt_state = self.tx.init(self.params)
         self.lc = lc
-        self._step = jax.jit(self._train_step, donate_argnums=(0, 1))
-        self._eval = jax.jit(self._eval_step)
+        self.mesh = mesh
+        if mesh is None:
+            self.opt_state = self.tx.init(self.params)
+            self._step = jax.jit(self._train_step, donate_argnums=(0, 1))
+            self._eval = jax.jit(self._eval_step)
+            return
+        from . import sharding
+
+        p_sh, f_sh = sharding.tree_shardings(self.params, mesh), sharding.tree_shardings(self.frozen, mesh)
+        self.params, self.frozen = jax.device_put(self.params, p_sh), jax.device_put(self.frozen, f_sh)
+        o_sh = sharding.opt_state_shardings(self.tx, self.params, p_sh, mesh)
+        self.opt_state = jax.jit(self.tx.init, out_shardings=o_sh)(self.params)
+        rep = sharding.replicated(mesh)
+        self._batch_sharding = sharding.batch_sharding(mesh)
+        self._step = jax.jit(self._train_step, donate_argnums=(0, 1), out_shardings=(p_sh, o_sh, rep))
+        self._eval = jax.jit(self._eval_step, out_shardings=rep)
+
+    def _put(self, batch) -> dict:
+        """Host batch (this process's rows) -> device arrays: one device, or the global array on the mesh."""
+        keys = ("input_ids", "targets", "loss_mask")
+        if self.mesh is None:
+            return {k: jnp.asarray(batch[k]) for k in keys}
+        from .sharding import check_batch, put_batch
+
+        check_batch(len(batch["input_ids"]) * jax.process_count(), self.mesh)
+        return {k: put_batch(batch[k], self._batch_sharding) for k in keys}
 
     def model(self, params=None):
         return nnx.merge(self.graphdef, self.params if params is None else params, self.frozen)
@@ -125,7 +152,7 @@ class Trainer:
         return self._loss(params, frozen, batch, beta)[1]
 
     def step(self, batch, beta) -> dict:
-        batch = {k: jnp.asarray(batch[k]) for k in ("input_ids", "targets", "loss_mask")}
+        batch = self._put(batch)
         self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, self.frozen, batch,
                                                           jnp.float32(beta))
         return metrics
@@ -137,7 +164,7 @@ class Trainer:
         return [p for p, ok in zip(paths, np.asarray(leaf_ok)) if not ok]
 
     def evaluate(self, batch, beta=0.0) -> dict:
-        batch = {k: jnp.asarray(batch[k]) for k in ("input_ids", "targets", "loss_mask")}
+        batch = self._put(batch)
         return self._eval(self.params, self.frozen, batch, jnp.float32(beta))
 
     # ---- checkpoint state: only the trainable parameters and the optimizer state
@@ -151,27 +178,161 @@ class Trainer:
         self.opt_state = jax.tree.unflatten(treedef, [jnp.asarray(tree["opt"][str(i)]) for i in range(len(leaves))])
 
 
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (full disk, unwritable directory, ...); the previous one is intact."""
+
+
+def _save_failure_reason(e: BaseException) -> str:
+    """The OS-level reason of a failed save, in one short line (orbax and tensorstore wrap it in their own types)."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return f"{seen.strerror} [errno {seen.errno}]" + (f": {seen.filename}" if seen.filename else "")
+        seen = seen.__cause__ or seen.__context__
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg[:300]}{' ...' if len(msg) > 300 else ''}"
+
+
+class CheckpointRestoreError(ValueError):
+    """A complete checkpoint's files are damaged (truncated, corrupt) or do not fit the run."""
+
+
+class _HoldOrbaxErrors(logging.Filter):
+    """Holds orbax's ERROR records (tracebacks logged by its writer threads) while a save runs: they are released
+    when the save succeeds and dropped once it failed, where CheckpointSaveError gives the reason in one line
+    (BEAM_TRACEBACK=1 lets them through)."""
+
+    def __init__(self):
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+        self.failed = False
+
+    def filter(self, record):
+        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+            if not self.failed:
+                self.held.append(record)
+            return False
+        return True
+
+
+class _Stderr:
+    """Holds what is written to stderr (fd 2: Python and C alike) during a checkpoint restore. A failed restore
+    leaves orbax's other in-flight reads failing in its threads for a moment, each printing a traceback (from C
+    callbacks too); `settle` lets them finish into the held output, which is then dropped, since the
+    CheckpointRestoreError raised next says what failed. After a good restore the held output is written out."""
+
+    def __enter__(self):
+        import sys
+        import tempfile
+
+        self.active = not os.environ.get("BEAM_TRACEBACK")
+        if self.active:
+            sys.stderr.flush()
+            self.file = tempfile.TemporaryFile()
+            self.saved = os.dup(2)
+            os.dup2(self.file.fileno(), 2)
+        return self
+
+    def settle(self, seconds: float = 0.3):
+        import gc
+        import sys
+
+        if not self.active:
+            return
+        hook, sys.unraisablehook = sys.unraisablehook, lambda _: None  # un-awaited coroutines of the failed read
+        try:
+            time.sleep(seconds)
+            gc.collect()
+        finally:
+            sys.unraisablehook = hook
+        self.file.truncate(0)
+
+    def __exit__(self, *exc):
+        import sys
+
+        if self.active:
+            sys.stderr.flush()
+            os.dup2(self.saved, 2)
+            os.close(self.saved)
+            self.file.seek(0)
+            held = self.file.read()
+            self.file.close()
+            if held:
+                os.write(2, held)
+        return False
+
+
 class Checkpointer:
-    """orbax CheckpointManager under `workdir/ckpt`: the trainer's state tree plus JSON metadata."""
+    """orbax CheckpointManager under `workdir/ckpt`: the trainer's state tree plus JSON metadata.
+
+    A save is atomic: orbax writes `<step>.orbax-checkpoint-tmp*` and renames it to `<step>` when complete, so a
+    process killed mid-save leaves at most a temporary directory, which `latest_step` ignores and the next
+    manager on the directory deletes. Deleting an old checkpoint is atomic too: it is renamed into `.deleted/`
+    (emptied after each save and on start), so a kill mid-deletion never leaves a half-deleted `<step>`. A save
+    that fails raises CheckpointSaveError naming the directory and the OS error; the checkpoints already there
+    are untouched.
+    """
+
+    TRASH = ".deleted"
 
     def __init__(self, directory: Path, keep: int = 3):
         self.directory = Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                                     cleanup_tmp_directories=True,
+                                                                     todelete_subdir=self.TRASH))
+        except OSError as e:
+            raise CheckpointSaveError(f"{self.directory}: cannot use as checkpoint directory "
+                                      f"({_save_failure_reason(e)})") from e
+        self._empty_trash()
+
+    def _empty_trash(self):
+        import shutil
+
+        if jax.process_index() == 0:  # orbax's primary host is the one that deletes
+            shutil.rmtree(self.directory / self.TRASH, ignore_errors=True)
 
     def save(self, step: int, tree: dict, meta: dict):
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                                        meta=ocp.args.JsonSave(meta)))
-        self.manager.wait_until_finished()
+        previous = self.manager.latest_step()
+        hold = _HoldOrbaxErrors()
+        logger = logging.getLogger("absl")
+        if not os.environ.get("BEAM_TRACEBACK"):
+            logger.addFilter(hold)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                                            meta=ocp.args.JsonSave(meta)))
+            self.manager.wait_until_finished()
+        except Exception as e:  # orbax/tensorstore raise ValueError, OSError, RuntimeError... for a failed write
+            hold.failed = True  # stays installed: orbax threads still failing after this must not print either
+            kept = f"the last complete checkpoint is step {previous}" if previous is not None else \
+                "no earlier checkpoint"
+            raise CheckpointSaveError(f"{self.directory}: saving the checkpoint of step {step} failed "
+                                      f"({_save_failure_reason(e)}); {kept}") from e
+        logger.removeFilter(hold)
+        for record in hold.held:
+            logger.handle(record)
+        self._empty_trash()
 
     def latest_step(self):
         return self.manager.latest_step()
 
     def restore(self, step: int, target: dict):
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                 meta=ocp.args.JsonRestore()))
-        return out.state, out.meta
+        with _Stderr() as stderr:
+            try:
+                out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                         meta=ocp.args.JsonRestore()))
+                return out.state, out.meta
+            except Exception as e:  # a truncated or corrupt file: orbax and tensorstore raise many types
+                earlier = [s for s in self.manager.all_steps() if s < step]
+                hint = f"; delete it to resume from step {max(earlier)}" if earlier else ""
+                msg = " ".join(str(e).split())
+                failure = CheckpointRestoreError(f"{self.directory / str(step)}: checkpoint unreadable "
+                                                 f"({type(e).__name__}: {msg[:300]}{' ...' if len(msg) > 300 else ''})"
+                                                 f"{hint}")
+            stderr.settle()
+        raise failure
 
     def close(self):
         self.manager.close()
@@ -179,7 +340,7 @@ class Checkpointer:
 
 def peak_memory_bytes() -> int:
     """Peak device memory where the backend reports it (GPU), else the process's peak RSS (CPU)."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"])
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
@@ -242,6 +403,19 @@ class Throughput:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
+class _NoLog:
+    """MetricsLog's interface, writing nothing (processes other than 0)."""
+
+    def write(self, *args, **kw):
+        pass
+
+    def read(self) -> list[dict]:
+        return []
+
+    def truncate_after(self, step: int):
+        pass
+
+
 def fit(trainer: Trainer, train_iter, workdir: Path, tc, *, beta: float = 0.0, controller=None, target: float = 0.0,
         controller_rate: float = 0.05, resume: bool = False, meta: dict | None = None, desc: str = "train",
         on_log: Callable[[int, dict], None] | None = None) -> dict:
@@ -254,7 +428,8 @@ def fit(trainer: Trainer, train_iter, workdir: Path, tc, *, beta: float = 0.0, c
 
     workdir = Path(workdir)
     ckpt = Checkpointer(workdir / "ckpt", tc.keep_ckpts)
-    log = MetricsLog(workdir, resume)
+    # one writer of metrics.jsonl / TensorBoard: process 0 (every process saves its shards of the checkpoints)
+    log = MetricsLog(workdir, resume) if jax.process_index() == 0 else _NoLog()
     accum = max(tc.grad_accum, 1)
     micro = 0
     if resume and ckpt.latest_step() is not None:
@@ -275,6 +450,8 @@ def fit(trainer: Trainer, train_iter, workdir: Path, tc, *, beta: float = 0.0, c
     elif ckpt.latest_step() is not None:
         raise FileExistsError(f"{ckpt.directory} already holds checkpoints (step {ckpt.latest_step()}): pass --resume "
                               f"to continue that run, or use another --workdir")
+    elif resume:  # killed before its first checkpoint: start over, without the records it logged
+        log.truncate_after(0)
     tp = Throughput()
     total_micro = tc.steps * accum
     bar = tqdm(total=tc.steps, initial=micro // accum, desc=desc, dynamic_ncols=True)
@@ -336,11 +513,19 @@ def restore_trainable(ckpt_dir, model, step: int | None = None) -> dict:
     ckpt_dir = Path(ckpt_dir).absolute()
     if step is None and ckpt_dir.name.isdigit() and (ckpt_dir / "state").exists():
         step, ckpt_dir = int(ckpt_dir.name), ckpt_dir.parent
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint found (no such directory)")
     mgr = ocp.CheckpointManager(ckpt_dir)
     step = mgr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{ckpt_dir}: no checkpoint found")
-    meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if step not in mgr.all_steps():
+        raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint of step {step} (steps: {sorted(mgr.all_steps())})")
+    try:
+        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # orbax raises several types for a missing or corrupt item
+        raise ValueError(f"{ckpt_dir / str(step)}: checkpoint metadata unreadable ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]})") from None
     trainable = trainable_filter(meta.get("trainable", "mask"))
     params = nnx.state(model, trainable)
     target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(params))}

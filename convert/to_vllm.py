@@ -361,10 +361,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="output directory (default: WORKDIR/export)")
     p.add_argument("--tau", type=float, help="serving threshold written to config.json (default: the run's beam.tau)")
     args = p.parse_args(argv)
+    from beam_jax.cli import expected_errors, one_line
+
     try:
         out = export(args.ckpt, args.out, args.tau)
-    except (ExportError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except expected_errors() as e:  # ExportError, a corrupt checkpoint, an unwritable --out, a full disk
+        if os.environ.get("BEAM_TRACEBACK"):
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

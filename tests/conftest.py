@@ -30,3 +30,20 @@ def text_data_dir(tmp_path_factory):
     for f in corpus.stdlib_corpus().paths("validation")[:12]:
         shutil.copy(f, d / f"{f.name}.txt")
     return d
+
+
+# ---- reliability summary: tests/test_faults.py and tests/test_kernel_properties.py add their counts here
+
+RELIABILITY = {}  # name -> count, e.g. "kill -9 trials", "faults survived", "bad inputs refused"
+
+
+@pytest.fixture(scope="session")
+def reliability():
+    """The session's reliability counters (printed at the end of the run by pytest_terminal_summary)."""
+    return RELIABILITY
+
+
+def pytest_terminal_summary(terminalreporter):
+    if RELIABILITY:
+        terminalreporter.section("reliability")
+        terminalreporter.write_line("; ".join(f"{k}: {v}" for k, v in RELIABILITY.items()))

@@ -230,6 +230,16 @@ def test_pytorch_parity(tmp_path, family, opts):
     ref = flax_model(ids, mask_hook=BeamHook(0.8, renormalize=renormalize))
     np.testing.assert_allclose(logits, np.asarray(ref.logits), atol=1e-4, rtol=0)
     assert tm.beam_pair_counts()["computed"] < frac * tm.beam_pair_counts()["offered"]
+    # and beam_jax reads the exported directory back: same mask routers, same logits, tau from config.json
+    back = beam_jax.load_pretrained(out, dtype="float32")
+    assert back.beam_config["tau"] == 0.5 and back.beam_config["base_architecture"] == base_arch
+    for layer_back, layer in zip(back.layers, flax_model.layers):
+        if layer.is_moe:
+            np.testing.assert_array_equal(np.asarray(layer_back.mlp.mask_router.kernel[...]),
+                                          np.asarray(layer.mlp.mask_router.kernel[...]))
+    hook = BeamHook(back.beam_config["tau"], renormalize=renormalize)
+    np.testing.assert_allclose(np.asarray(back(ids, mask_hook=hook).logits),
+                               np.asarray(flax_model(ids, mask_hook=hook).logits), atol=1e-6, rtol=0)
 
 
 def test_sharded_source_keeps_its_shards(tmp_path):

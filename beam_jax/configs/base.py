@@ -44,6 +44,17 @@ def get_config() -> ConfigDict:
     c.beam.target_ratio = 0.0  # > 0: a controller adapts beta so the kept fraction of Top-K tends to this
     c.beam.controller_rate = 0.05
 
+    c.mesh = ConfigDict()  # device mesh (beam_jax/sharding.py): all 1 = one device (the default); else the
+    # sizes must multiply to the device count of all processes
+    c.mesh.data = 1  # batch split, parameters replicated; -1 = the devices the other axes leave
+    c.mesh.fsdp = 1  # batch split and every weight's width d split (ZeRO-3 style); -1 = the rest
+    c.mesh.expert = 1  # batch split and the routed experts split by expert (expert parallelism); -1 = the rest
+    c.mesh.tensor = 1  # heads / expert width / vocabulary split (Megatron style); -1 = the rest
+
+    c.plan = ConfigDict()  # the memory check before training (python -m beam_jax.plan prints the same)
+    c.plan.device_memory = ""  # per-device memory, e.g. "80GB"; "" = as the device reports it (GPU), unchecked on CPU
+    c.plan.headroom = 0.9  # refuse a run whose estimated peak exceeds this fraction of device_memory
+
     c.eval = ConfigDict()
     c.eval.taus = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # BEAM's serving-time sweep
     c.eval.policies = ("top_p", "dynamic_skip", "static_topk", "entropy")  # baselines swept on the same split

@@ -14,9 +14,9 @@ def get_config():
     c.model.path = TINY_MODEL
     c.data.train = "stdlib"
     c.data.seq_len = 256
-    c.data.batch_size = 16
+    c.data.batch_size = 12
     c.data.eval_batches = 6
-    c.train.steps = 250
+    c.train.steps = 150
     c.train.lr = 1e-2
     c.train.warmup_steps = 20
     c.train.log_every = 5

@@ -1,0 +1,389 @@
+"""`python -m beam_jax.plan --config mixtral.py --devices 8 [--device-memory 80GB] [--config.mesh.fsdp=8]`
+
+Per-device memory of a training run on a mesh, before any weight is read: parameters, optimizer state, and
+the activations, gradients and temporaries of one training step, and whether they fit.
+
+How each figure is obtained (no checkpoint needed; nothing is allocated, nothing compiled):
+- parameters and optimizer state: exact, from the abstract model (`nnx.eval_shape`) and the optimizer's
+  abstract state (`jax.eval_shape(tx.init)`), each leaf divided as `beam_jax.sharding.RULES` lays it out;
+- activations, gradients and temporaries of one step: the peak of a liveness walk over the jaxpr of the real
+  training step traced for one device's rows of the batch (`step_memory`); platform-independent, so a GPU
+  run is planned from a CPU host with the expert path it will use (grouped, as `model.impl=auto` picks there).
+
+The model's sizes come from `model.path/config.json` when it exists, else from `model.arch` (as in
+tiny_pretrain.py), else from the published Hugging Face configs below, matched by the directory name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import sys
+from pathlib import Path
+
+# published config.json values (the architectures' Hugging Face repositories), for planning without weights
+PUBLISHED: dict[str, tuple[str, dict]] = {
+    "Mixtral-8x7B-v0.1": ("MixtralConfig", dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
+        rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None, tie_word_embeddings=False)),
+    "Qwen3-30B-A3B": ("Qwen3MoeConfig", dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        attention_bias=False, use_sliding_window=False)),
+    "DeepSeek-V2-Lite": ("DeepseekV2Config", dict(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
+        n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, topk_method="greedy", n_group=1, topk_group=1,
+        routed_scaling_factor=1.0, norm_topk_prob=False, max_position_embeddings=163840, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, attention_bias=False,
+        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
+                          beta_slow=1, mscale=0.707, mscale_all_dim=0.707), rope_theta=10000.0)),
+    "Qwen1.5-MoE-A2.7B": ("Qwen2MoeConfig", dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+        num_key_value_heads=16, num_experts=60, num_experts_per_tok=4, norm_topk_prob=False,
+        decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=8192, rope_theta=1e6,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False)),
+    "OLMoE-1B-7B-0924": ("OlmoeConfig", dict(
+        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
+        num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096,
+        rope_theta=10000.0, rms_norm_eps=1e-5, clip_qkv=None, norm_topk_prob=False, pad_token_id=1,
+        eos_token_id=50279, bos_token_id=None, tie_word_embeddings=False)),
+}
+ALIASES = {"Mixtral-8x7B-Instruct-v0.1": "Mixtral-8x7B-v0.1", "OLMoE-1B-7B-0125": "OLMoE-1B-7B-0924",
+           "DeepSeek-V2-Lite-Chat": "DeepSeek-V2-Lite"}
+
+
+class MemoryPlanError(ValueError):
+    """The run does not fit in device memory; the message carries the per-device figures."""
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """'80GB' (10^9), '80GiB' (2^30), '512MB', '1.5TB', or a plain number of bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", str(text), re.I)
+    if not m:
+        raise ValueError(f"plan.device_memory: cannot read {text!r} as a size (e.g. 80GB, 80GiB, 512MB)")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index((m.group(2) or " ").upper()))
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def published_config(name: str):
+    """A Hugging Face config object for a published architecture (by repository name)."""
+    import transformers
+
+    key = ALIASES.get(name, name)
+    cls, kw = PUBLISHED[key]
+    return getattr(transformers, cls)(**kw)
+
+
+def model_config(config):
+    """(ModelConfig, where it came from) for a run config: config.json, then model.arch, then PUBLISHED."""
+    from .config import ConfigError
+    from .families import FAMILIES
+
+    path = Path(config.model.path)
+    if (path / "config.json").is_file():
+        from .loading import read_config
+
+        return read_config(path)[0], str(path / "config.json")
+    if "arch" in config.model and config.model.arch:
+        from types import SimpleNamespace
+
+        from .pretrain import model_config as from_arch
+
+        return from_arch(config.model.arch, SimpleNamespace(bos_token_id=None, eos_token_id=None,
+                                                            pad_token_id=None)), "model.arch"
+    name = ALIASES.get(path.name, path.name)
+    if name not in PUBLISHED:
+        raise ConfigError(f"model.path={str(path)!r}: no config.json there, no model.arch, and no published sizes "
+                          f"for '{path.name}' (known: {', '.join(sorted(PUBLISHED))})")
+    hf = published_config(name)
+    family = FAMILIES[{"MixtralConfig": "MixtralForCausalLM", "Qwen3MoeConfig": "Qwen3MoeForCausalLM",
+                       "DeepseekV2Config": "DeepseekV2ForCausalLM", "Qwen2MoeConfig": "Qwen2MoeForCausalLM",
+                       "OlmoeConfig": "OlmoeForCausalLM"}[PUBLISHED[name][0]]]
+    return family.build(hf), f"published {name} config"
+
+
+@dataclasses.dataclass
+class Plan:
+    """Per-device bytes of one training run on a mesh."""
+
+    mesh: dict
+    global_batch: int
+    rows_per_device: int
+    seq_len: int
+    num_params: int
+    params: int  # parameters (frozen and trainable) held by one device
+    opt_state: int  # optimizer state (AdamW moments, accumulation buffers, counters)
+    step: int  # activations, gradients, temporaries and the updated state of one step (jaxpr liveness)
+    device_memory: int | None = None
+    headroom: float = 0.9
+
+    @property
+    def total(self) -> int:
+        return self.params + self.opt_state + self.step
+
+    @property
+    def fits(self) -> bool | None:
+        return None if not self.device_memory else self.total <= self.headroom * self.device_memory
+
+    def table(self) -> str:
+        mesh = ", ".join(f"{a}={v}" for a, v in self.mesh.items())
+        lines = [f"mesh {mesh}; global batch {self.global_batch} x {self.seq_len} tokens "
+                 f"({self.rows_per_device} rows per device); {self.num_params / 1e9:.2f}B parameters",
+                 f"  parameters        {fmt_bytes(self.params):>12}",
+                 f"  optimizer state   {fmt_bytes(self.opt_state):>12}",
+                 f"  activations+temp  {fmt_bytes(self.step):>12}",
+                 f"  total per device  {fmt_bytes(self.total):>12}"]
+        if self.device_memory:
+            verdict = "fits" if self.fits else "DOES NOT FIT"
+            lines.append(f"  device memory     {fmt_bytes(self.device_memory):>12}   -> {verdict} "
+                         f"(limit {self.headroom:.0%} = {fmt_bytes(self.headroom * self.device_memory)})")
+        return "\n".join(lines)
+
+
+def _dtypes(config):
+    import jax.numpy as jnp
+
+    dtype = jnp.dtype(config.model.dtype)
+    param_dtype = dtype if config.train.trainable == "mask" else jnp.dtype("float32")  # as train.py loads
+    return dtype, param_dtype
+
+
+def _abstract_split(cfg, config):
+    from flax import nnx
+
+    from .model import MoECausalLM
+    from .trainer import trainable_filter
+
+    dtype, param_dtype = _dtypes(config)
+    model = nnx.eval_shape(lambda: MoECausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    model.remat = bool(config.train.remat)
+    return nnx.split(model, trainable_filter(config.train.trainable), ...)
+
+
+def _state_bytes(cfg, config, mesh) -> tuple[int, int, int]:
+    """(parameters, optimizer state, parameter count) per device for the full model."""
+    import jax
+
+    from . import sharding
+    from .trainer import make_optimizer
+
+    _, params, frozen = _abstract_split(cfg, config)
+    total = count = 0
+    for tree in (params, frozen):
+        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            spec = sharding.partition_spec(sharding.dotted(p), x.shape, mesh)
+            total += sharding.per_device_bytes(x.shape, x.dtype, spec, mesh)
+            count += math.prod(x.shape)
+    tx = make_optimizer(config.train)
+    opt = jax.eval_shape(tx.init, params)
+    o_sh = sharding.opt_state_shardings(tx, params, sharding.tree_shardings(params, mesh), mesh)
+    opt_bytes = sum(sharding.per_device_bytes(x.shape, x.dtype, s.spec, mesh)
+                    for x, s in zip(jax.tree.leaves(opt), jax.tree.leaves(o_sh)))
+    return total, opt_bytes, count
+
+
+def _subjaxprs(eqn):
+    from jax.extend import core as jcore
+
+    for v in eqn.params.values():
+        for x in (v if isinstance(v, (tuple, list)) else (v,)):
+            if isinstance(x, jcore.ClosedJaxpr):
+                yield x.jaxpr
+            elif isinstance(x, jcore.Jaxpr):
+                yield x
+
+
+def liveness_peak(jaxpr, size, freeable=frozenset()) -> int:
+    """Peak bytes of the values a jaxpr creates, run in order, each freed after its last use.
+
+    size(var) -> bytes one device holds of it; inputs are not counted (they are the baseline) except that
+    those in `freeable` (donated) are released after their last use. A call (pjit, remat, custom_jvp, cond,
+    while) counts as its own peak while it runs.
+    """
+    from jax.extend import core as jcore
+
+    n = len(jaxpr.eqns)
+    last = {}
+    for i, e in enumerate(jaxpr.eqns):
+        for v in e.invars:
+            if isinstance(v, jcore.Var):
+                last[v] = i
+    for v in jaxpr.outvars:
+        if isinstance(v, jcore.Var):
+            last[v] = n
+    keep = (set(jaxpr.invars) | set(jaxpr.constvars)) - set(freeable)
+    live = top = 0
+    for i, e in enumerate(jaxpr.eqns):
+        outs = [v for v in e.outvars if not isinstance(v, jcore.DropVar)]
+        out = sum(size(v) for v in outs)
+        inner = max((liveness_peak(j, size) for j in _subjaxprs(e)), default=0)
+        top = max(top, live + max(inner, out))
+        live += out - sum(size(v) for v in outs if v not in last)
+        live -= sum(size(v) for v in {x for x in e.invars if isinstance(x, jcore.Var)}
+                    if last.get(v) == i and v not in keep)
+    return top
+
+
+def step_memory(cfg, config, mesh, global_batch: int, impl: str) -> int:
+    """Per-device peak of the values one training step creates (activations, gradients, temporaries, the
+    updated state), by liveness over the step's jaxpr traced for this device's rows of the batch.
+
+    Values shaped like a parameter (gradients, moments, dtype copies) count at that parameter's per-device
+    share; other values are activations of the local rows, counted whole (the tensor axis's split of heads
+    and expert widths is not subtracted: an upper bound there). With fsdp > 1, two of the largest weights,
+    gathered whole, are added: XLA gathers each fsdp-sharded weight just before its matmul.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from . import sharding
+    from .routing import BeamHook
+    from .trainer import LossConfig, Trainer, make_optimizer
+
+    graphdef, params, frozen = _abstract_split(cfg, config)
+    tx = make_optimizer(config.train)
+    opt = jax.eval_shape(tx.init, params)
+    share = {}  # parameter shape -> the fraction of it one device holds
+    gathered = 0
+    for tree in (params, frozen):
+        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            spec = sharding.partition_spec(sharding.dotted(p), x.shape, mesh)
+            full = math.prod(x.shape) * np.dtype(x.dtype).itemsize
+            frac = sharding.per_device_bytes(x.shape, x.dtype, spec, mesh) / full
+            share[tuple(x.shape)] = min(share.get(tuple(x.shape), 1.0), frac)
+            if mesh.shape["fsdp"] > 1 and "fsdp" in jax.tree.leaves(tuple(spec)):
+                gathered = max(gathered, full * frac * mesh.shape["fsdp"])
+
+    def size(v):
+        aval = v.aval
+        if not hasattr(aval, "dtype"):
+            return 0
+        shape = tuple(aval.shape)
+        b = math.prod(shape) * np.dtype(aval.dtype).itemsize
+        return int(b * share.get(shape, 1.0)) if shape else b
+
+    step = Trainer.__new__(Trainer)  # the real step function, without materialising a model
+    step.graphdef, step.tx = graphdef, tx
+    step.lc = LossConfig(alpha=config.beam.alpha, hook=BeamHook(config.beam.tau, train=True,
+                                                                renormalize=config.beam.renormalize), impl=impl)
+    rows, S = global_batch // sharding.batch_shards(mesh), config.data.seq_len
+    batch = {"input_ids": jax.ShapeDtypeStruct((rows, S), jnp.int32),
+             "targets": jax.ShapeDtypeStruct((rows, S), jnp.int32),
+             "loss_mask": jax.ShapeDtypeStruct((rows, S), jnp.float32)}
+    closed = jax.make_jaxpr(step._train_step)(params, opt, frozen, batch, jax.ShapeDtypeStruct((), jnp.float32))
+    donated = closed.jaxpr.invars[: len(jax.tree.leaves(params)) + len(jax.tree.leaves(opt))]
+    return liveness_peak(closed.jaxpr, size, frozenset(donated)) + 2 * int(gathered)
+
+
+def estimate(config, mesh, *, processes: int = 1, target: str | None = None, device_memory=None) -> Plan:
+    """The memory plan of `config` on `mesh` (global batch = data.batch_size x `processes`).
+
+    target: the platform the run will use ("gpu", "cpu"...; default: the mesh's) picks the expert path
+    when model.impl is "auto", as train.py does.
+    """
+    from . import sharding
+
+    cfg, _ = model_config(config)
+    target = target or mesh.devices.flat[0].platform
+    impl = config.model.impl if config.model.impl != "auto" else ("dense" if target == "cpu" else "grouped")
+    global_batch = config.data.batch_size * processes
+    sharding.check_batch(global_batch, mesh)
+    params, opt_bytes, count = _state_bytes(cfg, config, mesh)
+    step = step_memory(cfg, config, mesh, global_batch, impl)
+    mem = parse_bytes(device_memory) if device_memory else None
+    return Plan(dict(mesh.shape), global_batch, global_batch // sharding.batch_shards(mesh), config.data.seq_len,
+                count, params, opt_bytes, step, mem, float(config.plan.headroom))
+
+
+def device_memory_of(config, devices) -> int | None:
+    """plan.device_memory if set, else what the device reports (`bytes_limit`, GPUs), else None (CPU)."""
+    if config.plan.device_memory:
+        return parse_bytes(config.plan.device_memory)
+    stats = devices[0].memory_stats() or {}
+    return int(stats["bytes_limit"]) if "bytes_limit" in stats else None
+
+
+def check_fits(config, mesh, processes: int = 1) -> Plan | None:
+    """Before training: estimate, and refuse (MemoryPlanError with the figures) a run that does not fit.
+    Skipped (None) where the device memory is unknown (CPU without plan.device_memory)."""
+    mem = device_memory_of(config, list(mesh.devices.flat))
+    if mem is None:
+        return None
+    plan = estimate(config, mesh, processes=processes, device_memory=mem)
+    if not plan.fits:
+        raise MemoryPlanError(f"the run does not fit in device memory (plan.device_memory, "
+                              f"plan.headroom):\n{plan.table()}\nreduce data.batch_size or data.seq_len, set "
+                              f"train.remat=True, or shard more (mesh.fsdp, mesh.expert)")
+    return plan
+
+
+def default_mesh_spec(config, devices: int) -> dict:
+    """The config's mesh, or (when it is the single-device default) fsdp over all devices."""
+    spec = {a: int(config.mesh[a]) for a in ("data", "fsdp", "expert", "tensor")}
+    if devices > 1 and all(v == 1 for v in spec.values()):
+        spec["fsdp"] = devices
+    return spec
+
+
+def main(argv=None) -> int:
+    """CLI: see the module docstring. Exit status 0 when it fits (or no memory was given), 1 when not."""
+    import argparse
+    import importlib.util
+
+    from .configs import resolve
+
+    ap = argparse.ArgumentParser(prog="python -m beam_jax.plan", description=__doc__.split("\n\n")[1])
+    ap.add_argument("--config", required=True, help="config file or built-in name (e.g. mixtral.py)")
+    ap.add_argument("--devices", type=int, default=1, help="devices in the mesh (all processes)")
+    ap.add_argument("--processes", type=int, default=1, help="processes (hosts); data.batch_size is per process")
+    ap.add_argument("--device-memory", default="", help="per-device memory, e.g. 80GB (default: plan.device_memory)")
+    ap.add_argument("--target", default="gpu", help="platform the run will use: picks the expert path (gpu)")
+    args, rest = ap.parse_known_args(argv)
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", max(args.devices, 1))  # simulated CPU devices to compile for
+    spec = importlib.util.spec_from_file_location("_beam_plan_config", resolve(args.config))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config()
+    for a in rest:  # --config.a.b=value overrides, typed like the default
+        if not a.startswith("--config.") or "=" not in a:
+            ap.error(f"unrecognised argument {a!r}")
+        key, value = a[len("--config."):].split("=", 1)
+        *parents, leaf = key.split(".")
+        node = config
+        for k in parents:
+            node = node[k]
+        if leaf not in node:
+            ap.error(f"unknown config key '{key}'")
+        old = node[leaf]
+        node[leaf] = type(old)(value) if not isinstance(old, bool) else value.lower() in ("1", "true", "yes")
+    from .sharding import make_mesh
+
+    devices = jax.devices("cpu")[: args.devices]
+    mesh = make_mesh(default_mesh_spec(config, args.devices), devices)
+    plan = estimate(config, mesh, processes=args.processes, target=args.target,
+                    device_memory=args.device_memory or config.plan.device_memory or None)
+    cfg, source = model_config(config)
+    print(f"{cfg.architecture} ({source}), {config.model.dtype}, train.trainable={config.train.trainable}, "
+          f"remat={config.train.remat}, grad_accum={config.train.grad_accum}, target {args.target}")
+    print(plan.table())
+    return 0 if plan.fits in (None, True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
