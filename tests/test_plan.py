@@ -51,7 +51,7 @@ def test_unknown_model_is_refused_with_the_field():
 
 
 def test_estimate_within_20_percent_of_measured_peak():
-    """tests/plan_measure.py in a fresh process: one tiny.py training step (batch 16 x 256, float32) on CPU,
+    """tests/plan_measure.py in a fresh process: one tiny.py training step (its batch, 12 x 256, float32) on CPU,
     peak resident memory during the step's first execution plus the live jax arrays, against the plan."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
