@@ -124,7 +124,7 @@ class MLAttention(nnx.Module):
                                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6, dtype, param_dtype)
         self.kv_b_proj = linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype=dtype,
-                                rngs=rngs)
+                                param_dtype=param_dtype, rngs=rngs)
         self.o_proj = linear(H * cfg.v_head_dim, d, bias=cfg.o_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, ctx: AttentionContext, cache=None):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import beam_jax
-from hf_tiny import capture_routing, fuse_experts, legacy_rope_theta, make_tiny
+from hf_tiny import FAMILY_CONFIGS, capture_routing, fuse_experts, legacy_rope_theta, make_tiny
 
 CASES = [
     ("mixtral", {}),
@@ -122,3 +122,21 @@ def test_left_padding_matches_unpadded(tmp_path):
     mask = np.concatenate([np.zeros((1, 3), int), np.ones((1, 7), int)], 1)
     out = np.asarray(model(padded, attention_mask=mask).logits)[:, 3:]
     np.testing.assert_allclose(out, plain, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_param_dtype_reaches_every_weight(tmp_path, family):
+    """bfloat16 compute with float32 master weights (train.trainable=all): every parameter is stored in float32."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from beam_jax.loading import read_config
+    from beam_jax.model import MoECausalLM
+
+    make_tiny(family, tmp_path)
+    cfg, _, _ = read_config(tmp_path)
+    abstract = nnx.eval_shape(lambda: MoECausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                                                  rngs=nnx.Rngs(0)))
+    wrong = [".".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+             if v.get_value().dtype != jnp.float32]
+    assert not wrong, wrong
