@@ -204,6 +204,12 @@ def load_pretrained(path: str | os.PathLike, dtype=None, *, param_dtype=None,
             continue
         arr = _load_param(idx, family, cfg, p, var.get_value().shape, var.get_value().dtype)
         leaves.append((p, var.replace(jnp.asarray(arr, dtype=var.get_value().dtype))))
+    return _assemble(path, idx, cfg, graphdef, leaves)
+
+
+def _assemble(path: Path, idx: TensorIndex, cfg: ModelConfig, graphdef, leaves) -> MoECausalLM:
+    """Check every checkpoint tensor was used, then build the model from its loaded leaves; records the source
+    path and the directory's `beam` section (None for a base checkpoint) as `model.beam_config`."""
     unused = [k for k in idx.files if k not in idx.used and not k.endswith(IGNORED_SUFFIXES)]
     if unused:
         raise CheckpointError(f"{path}: {len(unused)} checkpoint tensor(s) not used by {cfg.architecture}, "
@@ -353,23 +359,4 @@ def load_sharded(path: str | os.PathLike, mesh, dtype=None, *, param_dtype=None,
                 shape, sharding, lambda index, read=read, shape=shape, want=want:
                 read(_window(index, shape)).astype(want))
         leaves.append((p, var.replace(arr)))
-    unused = [k for k in idx.files if k not in idx.used and not k.endswith(IGNORED_SUFFIXES)]
-    if unused:
-        raise CheckpointError(f"{path}: {len(unused)} checkpoint tensor(s) not used by {cfg.architecture}, "
-                              f"e.g. '{unused[0]}' in {idx.files[unused[0]].name}")
-    model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
-    model.source_path = str(path)
-    beam = json.loads((path / "config.json").read_text()).get("beam")
-    model.beam_config = beam if isinstance(beam, dict) else None
-    return model
-
-
-def _load_optional(idx: TensorIndex, family: Family, cfg: ModelConfig, path: tuple, shape):
-    """A parameter a base checkpoint lacks (a mask router's `kernel` [d, E] / `bias` [E]) from an exported BEAM
-    directory, or None when the checkpoint does not hold it."""
-    keys = [str(k) for k in path]
-    layer = int(keys[1]) if keys[0] == "layers" else None
-    name = hf_name(family, ".".join(keys[:-1]), layer is not None and cfg.moe_layers[layer])
-    if keys[-1] == "kernel":
-        return idx.get(f"{name}.weight", shape[::-1]).T if f"{name}.weight" in idx else None
-    return idx.get(f"{name}.{keys[-1]}", shape) if f"{name}.{keys[-1]}" in idx else None
+    return _assemble(path, idx, cfg, graphdef, leaves)
