@@ -17,10 +17,12 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     """The errors bad input or a faulty machine raise, each with a message naming the file, field or tensor:
     the entry points print them as one `error: ...` line (no traceback) and exit non-zero. ValueError covers
     ConfigError, CheckpointError, DataError and ExportError; OSError covers a missing file, an unwritable
-    directory and a full disk; FloatingPointError is a run stopped after too many non-finite steps."""
+    directory and a full disk; FloatingPointError is a run stopped after too many non-finite steps;
+    MissingExtraError is an optional dependency that is not installed (the message names the extra)."""
+    from .extras import MissingExtraError
     from .trainer import CheckpointSaveError
 
-    return (ValueError, OSError, FloatingPointError, CheckpointSaveError)
+    return (ValueError, OSError, FloatingPointError, CheckpointSaveError, MissingExtraError)
 
 
 def one_line(e: BaseException) -> str:
@@ -168,6 +170,9 @@ def run(main, default_config: str):
         FLAGS = flags.FLAGS
         workdir = Path(FLAGS.workdir or f"runs/{config_name()}")
         with report_errors(hard_exit=True):
+            from .configs import base
+
+            base.check(FLAGS.config)  # values out of range (the file's or an override's), naming the key
             return main(FLAGS.config, workdir, FLAGS.resume)
 
     app.run(_main, argv=argv)

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-import torch.nn.functional as F
 import transformers
-from torch import nn
+
+from beam_jax.extras import require
+
+torch = require("torch", "torch", "the PyTorch BEAM classes (convert.modeling_beam)")
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 # family key -> (transformers config class, causal-LM class, base model_type); the BEAM names add "Beam"/"beam_"
 FAMILIES = {

@@ -60,3 +60,81 @@ def get_config() -> ConfigDict:
     c.eval.policies = ("top_p", "dynamic_skip", "static_topk", "entropy")  # baselines swept on the same split
     c.eval.multiple_choice = ""  # optional local JSONL of {context, choices, label} items
     return c
+
+
+# Allowed values of the knobs above, checked by `check(config)` on the final config (file plus overrides) before a
+# run starts: key -> (test, what the value must be). A key a config does not have is not checked.
+def _num(lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
+    def test(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+            return False
+        if v != v or v in (float("inf"), float("-inf")):
+            return False
+        return ((lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi)))
+    return test
+
+
+def _mesh_size(v):
+    return isinstance(v, int) and not isinstance(v, bool) and (v == -1 or v >= 1)
+
+
+def _one_of(*choices):
+    return lambda v: v in choices
+
+
+CHECKS = {
+    "seed": (_num(0, integer=True), "an integer >= 0"),
+    "model.dtype": (_one_of("float32", "bfloat16"), "float32 or bfloat16"),
+    "data.seq_len": (_num(2, integer=True), "an integer >= 2"),
+    "data.batch_size": (_num(1, integer=True), "an integer >= 1"),
+    "data.pack": (_one_of("concat", "fit"), "concat or fit"),
+    "data.eval_batches": (_num(0, integer=True), "an integer >= 0 (0 = all)"),
+    "train.trainable": (_one_of("mask", "mask+router", "all"), "mask, mask+router or all"),
+    "train.steps": (_num(1, integer=True), "an integer >= 1"),
+    "train.lr": (_num(0, lo_open=True), "a finite number > 0"),
+    "train.warmup_steps": (_num(0, integer=True), "an integer >= 0"),
+    "train.final_lr_fraction": (_num(0, 1), "a number in [0, 1]"),
+    "train.weight_decay": (_num(0), "a number >= 0"),
+    "train.grad_clip": (_num(0), "a number >= 0 (0 = no clipping)"),
+    "train.grad_accum": (_num(1, integer=True), "an integer >= 1"),
+    "train.log_every": (_num(1, integer=True), "an integer >= 1"),
+    "train.ckpt_every": (_num(1, integer=True), "an integer >= 1"),
+    "train.keep_ckpts": (_num(1, integer=True), "an integer >= 1"),
+    "train.max_bad_steps": (_num(1, integer=True), "an integer >= 1"),
+    "beam.tau": (_num(0, 1), "a number in [0, 1]"),
+    "beam.alpha": (_num(0), "a number >= 0"),
+    "beam.beta": (_num(0), "a number >= 0"),
+    "beam.target_ratio": (_num(0, 1, hi_open=True), "a number in [0, 1) (0 = no controller)"),
+    "beam.controller_rate": (_num(0, lo_open=True), "a number > 0"),
+    "mesh.data": (_mesh_size, "-1 or an integer >= 1"),
+    "mesh.fsdp": (_mesh_size, "-1 or an integer >= 1"),
+    "mesh.expert": (_mesh_size, "-1 or an integer >= 1"),
+    "mesh.tensor": (_mesh_size, "-1 or an integer >= 1"),
+    "plan.headroom": (_num(0, 1, lo_open=True), "a number in (0, 1]"),
+    "eval.taus": (lambda v: isinstance(v, (tuple, list)) and all(_num(0, 1)(t) for t in v),
+                  "a list of numbers in [0, 1]"),
+}
+
+
+def check(config) -> None:
+    """Refuse a value outside its range, naming the key: raises beam_jax.config.ConfigError."""
+    from beam_jax.config import ConfigError
+
+    def get(key):
+        node = config
+        for part in key.split("."):
+            if not hasattr(node, "keys") or part not in node.keys():
+                return _MISSING
+            node = node[part]
+        return node
+
+    for key, (test, want) in CHECKS.items():
+        value = get(key)
+        if value is not _MISSING and not test(value):
+            raise ConfigError(f"config key '{key}' must be {want}, got {value!r}")
+    mesh = [get(f"mesh.{a}") for a in ("data", "fsdp", "expert", "tensor")]
+    if sum(1 for v in mesh if v == -1) > 1:
+        raise ConfigError(f"config keys mesh.data/fsdp/expert/tensor: at most one may be -1, got {mesh}")
+
+
+_MISSING = object()

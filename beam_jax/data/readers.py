@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from beam_jax.data.errors import DataError
+from beam_jax.extras import require
 
 __all__ = ["Example", "FORMATS", "EXTENSIONS", "detect_format", "list_data_files", "read_text_file", "read_examples"]
 
@@ -187,8 +188,8 @@ def _read_rows(path, rows: Iterator[dict], columns, text_field, messages_field) 
 
 
 def _read_parquet(path: Path, text_field: str, messages_field: str) -> Iterator[Example]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa = require("pyarrow", "data", f"reading the parquet file {path}")
+    pq = require("pyarrow.parquet", "data", f"reading the parquet file {path}")
 
     try:
         pf = pq.ParquetFile(path)
@@ -201,7 +202,7 @@ def _read_parquet(path: Path, text_field: str, messages_field: str) -> Iterator[
 
 
 def _read_hf_disk(path: Path, text_field: str, messages_field: str, split: str) -> Iterator[Example]:
-    import datasets
+    datasets = require("datasets", "data", f"reading the datasets.save_to_disk directory {path}")
 
     try:
         ds = datasets.load_from_disk(str(path))
