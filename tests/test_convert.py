@@ -8,6 +8,9 @@ the mask, not of Top-K.
 
 import json
 import os
+import subprocess
+import sys
+import sysconfig
 
 import numpy as np
 import pytest
@@ -26,6 +29,7 @@ from convert import to_vllm
 from hf_tiny import FAMILY_CONFIGS, fuse_experts, make_tiny
 
 transformers.logging.set_verbosity_error()
+convert.register()  # `import convert` alone registers nothing (it needs no torch); the PyTorch BEAM classes
 
 
 def fake_run(base, workdir, *, seed=0, scale=3.0, step=3, trainable="mask", tau=0.5, renormalize=False,
@@ -348,3 +352,139 @@ def test_registration_is_reentrant():
     assert convert.beam_architecture("DeepseekV2ForCausalLM") == "BeamDeepseekV2ForCausalLM"
     with pytest.raises(ValueError, match="no BEAM variant"):
         convert.beam_architecture("LlamaForCausalLM")
+    with pytest.raises(ValueError, match="no BEAM variant"):
+        convert.beam_model_type("llama")
+    # the torch-free names in `convert` are the classes `convert.modeling_beam` defines
+    from convert import modeling_beam
+
+    assert set(convert.BEAM_ARCHITECTURES) == set(modeling_beam.MODELS)
+    assert set(convert.BEAM_MODEL_TYPES) == set(modeling_beam.CONFIGS)
+    assert {convert.beam_architecture(b): convert.beam_model_type(t) for b, t in convert.BASE_ARCHITECTURES.items()} \
+        == {name: m.config_class.model_type for name, m in modeling_beam.MODELS.items()}
+
+
+# ----------------------------------------------------------------------------- dtype, and no torch
+
+
+def _safetensors_dtypes(path):
+    return to_vllm.shard_dtypes(path)
+
+
+def test_export_dtype_bfloat16_and_default(tmp_path, capsys):
+    """--dtype bfloat16 casts every base tensor (the shard is rewritten, not linked), keeps the mask routers in
+    float32 and says so in config.json and the model card; the default and --dtype float32 of a float32 base keep
+    the linked shard. transformers' BEAM class in bfloat16 reads the bf16 export as it reads the float32 one."""
+    make_tiny("qwen3_moe", tmp_path / "base")
+    work = tmp_path / "run"
+    fake_run(tmp_path / "base", work, seed=7)
+    assert to_vllm.main([str(work / "ckpt"), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    f32 = to_vllm.export(work / "ckpt", tmp_path / "f32")
+    same = to_vllm.export(work / "ckpt", tmp_path / "same", dtype="float32")
+    bf16 = tmp_path / "bf16"
+
+    cfg = json.loads((bf16 / "config.json").read_text())
+    assert cfg["dtype"] == "bfloat16"
+    assert cfg["beam"]["dtype"] == "bfloat16" and cfg["beam"]["source_dtype"] == "float32"
+    assert cfg["beam"]["weights"] == ["cast"]
+    assert set(_safetensors_dtypes(bf16 / "model-00001-of-00001.safetensors").values()) == {"BF16"}
+    assert set(_safetensors_dtypes(bf16 / "mask_router.safetensors").values()) == {"F32"}
+    card = (bf16 / "README.md").read_text()
+    assert "bfloat16, cast from the base checkpoint's float32 (`--dtype bfloat16`)" in card
+    src = (tmp_path / "base" / "model.safetensors").stat()
+    assert (bf16 / "model-00001-of-00001.safetensors").stat().st_ino != src.st_ino
+    for d in (f32, same):
+        c = json.loads((d / "config.json").read_text())
+        assert c["dtype"] == "float32" and c["beam"]["dtype"] == c["beam"]["source_dtype"] == "float32"
+        assert c["beam"]["weights"] in (["linked"], ["copied"])
+        assert set(_safetensors_dtypes(d / "model-00001-of-00001.safetensors").values()) == {"F32"}
+        assert "float32, as the base checkpoint" in (d / "README.md").read_text()
+
+    # the cast values are the float32 ones rounded to bfloat16, and the models agree to bf16 precision
+    from safetensors.numpy import load_file
+
+    a, b = load_file(f32 / "model-00001-of-00001.safetensors"), load_file(bf16 / "model-00001-of-00001.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(b[k], a[k].astype(to_vllm.numpy_dtype("bfloat16")), err_msg=k)
+    ids = _ids((2, 10), 160, seed=3)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(f32, dtype=torch.float32).eval()
+    tm = transformers.AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.bfloat16).eval()
+    assert tm.model.layers[0].mlp.mask_router.weight.dtype == torch.float32
+    with torch.no_grad():
+        np.testing.assert_allclose(tm(torch.tensor(ids)).logits.float().numpy(),
+                                   ref(torch.tensor(ids)).logits.numpy(), atol=5e-2, rtol=0)
+
+    _refused(capsys, [work / "ckpt", "--dtype", "int8"], tmp_path / "bad", "--dtype", "'int8'", "bfloat16")
+
+
+def _site_without_torch(tmp_path):
+    """A site directory holding this environment's packages except torch (symlinks): `python -S` plus
+    `site.addsitedir` of it is this environment as README's core install (`pip install -e .`) leaves it."""
+    farm = tmp_path / "site-without-torch"
+    farm.mkdir()
+    hidden = ("torch", "functorch", "torchgen")
+    for sp in dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]):
+        for entry in os.scandir(sp):
+            name = entry.name
+            if name in hidden or name.startswith("torch-") or (farm / name).exists():
+                continue
+            (farm / name).symlink_to(entry.path)
+    return farm
+
+
+def test_export_without_torch(tmp_path):
+    """`python -m convert.to_vllm` where torch is not installed: the export, bfloat16 included, needs no torch."""
+    make_tiny("deepseek_v2", tmp_path / "base")
+    fake_run(tmp_path / "base", tmp_path / "run", seed=8)
+    farm = _site_without_torch(tmp_path)
+    code = (
+        "import runpy, site, sys\n"
+        f"site.addsitedir({str(farm)!r})\n"
+        "try:\n"
+        "    import torch\n"
+        "    sys.exit('torch is still importable')\n"
+        "except ModuleNotFoundError:\n"
+        "    pass\n"
+        "import convert\n"
+        "try:\n"
+        "    convert.register()\n"
+        "    sys.exit('convert.register() worked without torch')\n"
+        "except ImportError as e:\n"
+        "    assert \"'torch'\" in str(e) and '.[torch]' in str(e), e\n"
+        "sys.argv = ['to_vllm', *sys.argv[1:]]\n"
+        "try:\n"
+        "    runpy.run_module('convert.to_vllm', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "assert 'torch' not in sys.modules\n"
+        "print('exported without torch')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    res = subprocess.run([sys.executable, "-S", "-c", code, str(tmp_path / "run" / "ckpt"), "--out",
+                          str(tmp_path / "serve"), "--dtype", "bfloat16"], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=600)
+    assert res.returncode == 0 and "exported without torch" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
+    out = tmp_path / "serve"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["BeamDeepseekV2ForCausalLM"] and cfg["dtype"] == "bfloat16"
+    assert set(_safetensors_dtypes(out / "model-00001-of-00001.safetensors").values()) == {"BF16"}
+    # ... and it is the same export as one written with torch present
+    ref = to_vllm.export(tmp_path / "run" / "ckpt", tmp_path / "ref", dtype="bfloat16")
+    from safetensors.numpy import load_file
+
+    for f in ("model-00001-of-00001.safetensors", "mask_router.safetensors"):
+        a, b = load_file(out / f), load_file(ref / f)
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_serve_without_vllm_says_so(monkeypatch, capsys):
+    import importlib.util
+
+    from convert.vllm_plugin import serve
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    assert serve.main(["exported/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: serving needs vLLM") and "\n" not in err and '.[serve]' in err, err
