@@ -4,8 +4,9 @@
     python bench/gpu_train.py --selftest          # the HLO check on single expert calls (CPU is enough)
     python bench/gpu_train.py --dry-run           # --shape tiny --steps 2: the whole flow in seconds on a CPU
 
-Each path runs in its own process (so the peak memory is that path's, and a path that runs out of memory or
-time does not take the others with it) and does:
+Each path runs in its own process, so the peak memory is that path's and a path that runs out of memory or
+time does not take the others with it. The processes start side by side (--jobs) and compile in parallel;
+their steps are timed one path at a time. Each does:
 
 1. the model: Qwen3-30B-A3B's layer shapes (d 2048, 32 query / 4 KV heads of 128, expert f 768, E 128, K 8,
    per-head qk norm) with fewer layers and a smaller vocabulary (--layers, --vocab), random weights, bfloat16
@@ -409,6 +410,15 @@ def run_path(args) -> dict:
     row.update(status="compiled", step_flops=step_flops, est_step_s=est)
     _write(json_path, row)
 
+    if args.go_file:  # compiled side by side with the other paths; timed one at a time
+        t_wait = time.perf_counter()
+        while not os.path.exists(args.go_file):
+            if time.perf_counter() - t_wait > args.wait_s:
+                row.update(status="no_turn", error=f"not given a turn to time within {args.wait_s:g} s")
+                _write(json_path, row)
+                return row
+            time.sleep(0.05)
+        row["waited_s"] = time.perf_counter() - t_wait
     steps = args.steps
     if est * (steps + 1) > args.budget_s:
         steps = max(0, int(args.budget_s / est) - 1) if est > 0 else steps
@@ -483,7 +493,7 @@ def selftest(verbose=True) -> dict:
 # --- parent: every path in its own process --------------------------------------------------------------------
 
 
-def _child_cmd(args, path: str, json_path: Path, budget_s: float) -> list[str]:
+def _child_cmd(args, path: str, json_path: Path, budget_s: float, go_file=None, wait_s=0.0) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", path, "--json", str(json_path),
            "--shape", args.shape, "--layers", str(args.layers), "--vocab", str(args.vocab),
            "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
@@ -494,6 +504,8 @@ def _child_cmd(args, path: str, json_path: Path, budget_s: float) -> list[str]:
         cmd += ["--dtype", args.dtype]
     if args.assume_flops_per_s:
         cmd += ["--assume-flops-per-s", str(args.assume_flops_per_s)]
+    if go_file is not None:
+        cmd += ["--go-file", str(go_file), "--wait-s", f"{wait_s:.1f}"]
     return cmd
 
 
@@ -511,26 +523,43 @@ def run_all(args) -> dict:
           f"batch {args.batch}x{args.seq}, {args.steps} steps, paths {','.join(paths)}", flush=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if args.jobs > 1:  # several processes on one device: none may take most of its memory up front
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     results: dict[str, dict] = {}
     pending, running = list(paths), {}
+    turn = None  # the path timing its steps now: one at a time, whatever --jobs is
     t_all = time.perf_counter()
+
+    def status_of(jp):
+        try:
+            return json.loads(jp.read_text()).get("status")
+        except (OSError, ValueError):
+            return None
+
     while pending or running:
+        left = args.timeout_s - (time.perf_counter() - t_all)
         while pending and len(running) < args.jobs:
             p = pending.pop(0)
-            left = args.timeout_s - (time.perf_counter() - t_all)
-            # one at a time: an equal share of what is left; side by side (--jobs > 1): all of it
-            share = left / (len(pending) + 1) if args.jobs == 1 else left
-            if share < 5:
+            if left < 5:
                 results[p] = {"path": p, "status": "skipped", "error": f"no time left ({left:.0f} s)"}
                 continue
-            jp, log = out_dir / f".gpu_train_{p}.json", out_dir / f"child_{p}.log"
+            jp, log, go = out_dir / f".gpu_train_{p}.json", out_dir / f"child_{p}.log", out_dir / f".go_{p}"
             jp.unlink(missing_ok=True)
-            # the child's step loop gets what is left after start-up and compilation (about 40%)
-            cmd = _child_cmd(args, p, jp, budget_s=max(1.0, 0.4 * share))
+            go.unlink(missing_ok=True)
+            # one at a time: an equal share of what is left; side by side: all of it
+            share = left / (len(pending) + 1) if args.jobs == 1 else left
+            budget = min(args.budget_s, max(1.0, 0.4 * share))
+            cmd = _child_cmd(args, p, jp, budget_s=budget, go_file=go, wait_s=max(1.0, left - budget))
             fh = open(log, "w")
             proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-            running[p] = (proc, fh, jp, log, time.perf_counter(), share)
-        for p, (proc, fh, jp, log, t0, share) in list(running.items()):
+            running[p] = (proc, fh, jp, log, go, time.perf_counter(), share)
+        if turn is None:  # give the turn to the first path (in order) that has compiled
+            for p in paths:
+                if p in running and status_of(running[p][2]) == "compiled":
+                    running[p][4].touch()
+                    turn = p
+                    break
+        for p, (proc, fh, jp, log, go, t0, share) in list(running.items()):
             rc = proc.poll()
             if rc is None and time.perf_counter() - t0 > share:
                 proc.kill()
@@ -540,8 +569,11 @@ def run_all(args) -> dict:
                 continue
             fh.close()
             del running[p]
+            if turn == p:
+                turn = None
             row = json.loads(jp.read_text()) if jp.exists() else {"path": p, "status": "no_result"}
             jp.unlink(missing_ok=True)
+            go.unlink(missing_ok=True)
             row["child_rc"], row["child_s"] = rc, time.perf_counter() - t0
             if rc == "timeout":
                 row["status"] = f"timeout_after_{row['status']}"
@@ -551,7 +583,7 @@ def run_all(args) -> dict:
                 row["output_tail"] = log.read_text(errors="replace")[-3000:]
             results[p] = row
             print(format_row(row), flush=True)
-        time.sleep(0.1)
+        time.sleep(0.05)
     rows = [results[p] for p in paths]
     result = {**info, "rows": rows, "selftest": selftest(verbose=False) if args.with_selftest else None}
     (out_dir / "gpu_train.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -591,8 +623,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--dtype", default=None, help="default bfloat16 on GPU, float32 on CPU")
     p.add_argument("--timeout-s", type=float, default=110.0, help="all paths together, start-up included")
-    p.add_argument("--jobs", type=int, default=1, help="paths side by side (1 for timings; --dry-run: 4)")
-    p.add_argument("--budget-s", type=float, default=30.0, help="(child) seconds for its step loop")
+    p.add_argument("--jobs", type=int, default=4,
+                   help="paths started side by side (they compile in parallel; steps are timed one path at a time)")
+    p.add_argument("--budget-s", type=float, default=15.0, help="seconds for one path's step loop")
     p.add_argument("--mem-cap-gb", type=float, default=40.0, help="reference path: gathered-weight bytes cap")
     p.add_argument("--fold-min", type=float, default=1.5)
     p.add_argument("--assume-flops-per-s", type=float, default=None,
@@ -603,11 +636,12 @@ def main(argv=None):
     p.add_argument("--dry-run", action="store_true", help="--shape tiny --steps 2, with the self-test")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--go-file", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--wait-s", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.dry_run:
         args.shape, args.steps, args.with_selftest = "tiny", min(args.steps, 2), True
         args.layers = args.layers or 1
-        args.jobs = max(args.jobs, 4)
     s = SHAPES[args.shape]
     for k in ("layers", "vocab", "batch", "seq"):
         if getattr(args, k) is None:
