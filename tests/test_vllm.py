@@ -7,6 +7,13 @@ transformers' (`convert.modeling_beam`) and the Flax model's; the sampled tokens
 transformers' (they move by ~1e-2 between the two taus, so this checks the mask itself); the counter of
 computed (token, expert) pairs must equal transformers' count exactly and fall when tau rises.
 
+The other families run in one more subprocess (`FAMILY_WORKER`), with the DeepSeek-V2 (MLA) dtype paths: vLLM-CPU
+serves MLA with its AMX_MLA backend (bfloat16 only) where the processor has AMX (Intel Sapphire Rapids and
+later) and with CPU_MLA (any dtype) elsewhere (AMD EPYC). Neither test depends on which processor runs it: the
+bf16 export is served with vLLM's own choice and compared with transformers in bf16, float32 is served with
+CPU_MLA named, and the AMX answer of vLLM's capability check (`torch.cpu._is_amx_tile_supported`) is forced
+in-process for the refusal checks, which build configs only.
+
 Skipped, with the reason, where vLLM is not importable or beam-jax's entry point is not installed.
 """
 
@@ -109,45 +116,210 @@ if __name__ == "__main__":
 '''
 
 
-FAMILY_WORKER = r'''
-import json, os, sys
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+FAMILY_WORKER = r"""
+import functools, gc, json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: pair counter, model count
+
+BUILT = [0]  # BEAM models constructed in this process (a refusal must come before any)
+
+
+def generate(run, prompts):
+    from vllm import LLM, SamplingParams
+    from vllm.distributed import cleanup_dist_env_and_memory
+    from convert.vllm_plugin import BeamServingError, attention_backend, pair_counts, reset_pair_counts
+
+    try:
+        llm = LLM(model=run["dir"], max_model_len=128, seed=0, enforce_eager=True, skip_tokenizer_init=True,
+                  **run["llm"])
+    except BeamServingError as e:
+        return {"refused": str(e)}
+    backend = attention_backend(llm.llm_engine.vllm_config)[0]
+    reset_pair_counts()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=run["max_tokens"], ignore_eos=True, logprobs=0))
+    res = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "counts": pair_counts(), "backend": backend,
+           "logprobs": [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
+                        for o in outs]}
+    del llm
+    gc.collect()
+    cleanup_dist_env_and_memory()
+    return res
+
+
+def check_config(run):
+    # vLLM's config only (what `vllm serve` / `LLM` build first): no model, no weights, no kernel runs
+    from vllm.engine.arg_utils import EngineArgs
+    from convert.vllm_plugin import BeamServingError, attention_backend
+
+    try:
+        c = EngineArgs(model=run["dir"], max_model_len=128, skip_tokenizer_init=True, **run["llm"]).create_engine_config()
+    except BeamServingError as e:
+        return {"refused": str(e)}
+    return {"dtype": str(c.model_config.dtype).removeprefix("torch."), "backend": attention_backend(c)[0]}
 
 
 def main():
-    import gc
-    from vllm import LLM, SamplingParams
-    from vllm.distributed import cleanup_dist_env_and_memory
-    from convert.vllm_plugin import pair_counts, reset_pair_counts
+    import torch
+    from convert.vllm_plugin import models
 
-    out, prompts, dirs = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3:]
-    res = {}
-    for d in dirs:
-        llm = LLM(model=d, dtype="float32", max_model_len=128, seed=0, enforce_eager=True, skip_tokenizer_init=True)
-        reset_pair_counts()
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                            SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, logprobs=0))
-        res[d] = {"tokens": [o.outputs[0].token_ids[0] for o in outs], "counts": pair_counts(),
-                  "logprobs": [o.outputs[0].logprobs[0][o.outputs[0].token_ids[0]].logprob for o in outs]}
-        del llm
-        gc.collect()
-        cleanup_dist_env_and_memory()
+    init = models.BeamModelMixin.__init__
+
+    @functools.wraps(init)  # vLLM reads the signature to decide how to call it
+    def counting_init(self, *a, **kw):
+        BUILT[0] += 1
+        init(self, *a, **kw)
+
+    models.BeamModelMixin.__init__ = counting_init
+    out, spec = sys.argv[1], json.loads(sys.argv[2])
+    res = {"amx": bool(torch.cpu._is_amx_tile_supported()), "runs": {}, "checks": {}, "amx_checks": {}}
+    for key, run in spec["runs"].items():
+        res["runs"][key] = generate(run, run.get("prompts", spec["prompts"]))
+    for key, run in spec["checks"].items():
+        res["checks"][key] = check_config(run)
+    # what a processor with AMX gets (Intel Sapphire Rapids and later), on any processor: vLLM's own capability
+    # check answers yes. Only configs are built under it (an AMX kernel would fault where there is no AMX)...
+    real = torch.cpu._is_amx_tile_supported
+    torch.cpu._is_amx_tile_supported = lambda: True
+    try:
+        for key, run in spec["checks"].items():
+            res["amx_checks"][key] = check_config(run)
+        # ... and the user's path, vllm.LLM, which must refuse before it builds the model
+        before = BUILT[0]
+        res["amx_llm"] = generate({**spec["checks"]["float32"], "max_tokens": 1}, spec["prompts"])
+        res["amx_llm_models_built"] = BUILT[0] - before
+    finally:
+        torch.cpu._is_amx_tile_supported = real
+    res["models_built"] = BUILT[0]
     with open(out, "w") as f:
         json.dump(res, f)
 
 
 if __name__ == "__main__":
     main()
-'''
+"""
 # vLLM-CPU-compatible tiny configs (attention head_dim 32 or 64; MLA only with a 512 + 64 latent); the logprob
 # tolerance is vLLM's own distance from transformers on the *base* model (no BEAM), measured: OLMoE 4e-3 and
 # DeepSeek-V2 (MLA) 2.5e-3 in float32; Mixtral and Qwen2-MoE agree to 5e-7
+DEEPSEEK_MLA = {"kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 64, "v_head_dim": 64}
 FAMILIES = {
     "mixtral": ({}, 1e-4),
     "qwen2_moe": ({"hidden_size": 128}, 1e-4),  # vLLM's Qwen2-MoE takes head_dim = hidden / heads
     "olmoe": ({}, 2e-2),
-    "deepseek_v2": ({"kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 64, "v_head_dim": 64}, 2e-2),
+    "deepseek_v2": (DEEPSEEK_MLA, 2e-2),
 }
+# DeepSeek-V2's MLA in float32 is served by vLLM's reference CPU_MLA backend, named explicitly: it is what vLLM-CPU
+# picks on a processor without AMX, and the documented way to keep float32 on one with AMX (whose AMX_MLA backend
+# takes bfloat16 only; that path is `test_deepseek_bfloat16_export` / `test_float32_mla_refused_where_amx`)
+FAMILY_LLM = {"deepseek_v2": {"dtype": "float32", "attention_config": {"backend": "CPU_MLA"}}}
+FAMILY_PROMPTS = [[5, 17, 42, 99, 100, 7, 64, 12], [11, 12, 13]]
+# the bfloat16 comparison: greedy tokens over BF16_STEPS steps, on prompts whose top-2 logit gap (transformers,
+# bfloat16) stays above BF16_MIN_GAP at every step, from a tiny DeepSeek-V2 whose lm_head is scaled by
+# BF16_LOGIT_SCALE (random tiny models have near-uniform logits: gaps of 1e-3, below bfloat16's rounding)
+BF16_STEPS = 4
+BF16_LOGIT_SCALE = 100.0
+BF16_MIN_GAP = 0.5
+
+
+def _greedy_with_gap(model, prompt, n):
+    """transformers greedy decoding -> (tokens, smallest top-1 minus top-2 logit gap over the n steps)."""
+    import torch
+
+    tokens, gaps = [], []
+    ids, past = torch.tensor([prompt]), None
+    with torch.no_grad():
+        for _ in range(n):
+            out = model(input_ids=ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[0, -1].float()
+            top = torch.topk(logits, 2).values
+            tokens.append(int(torch.argmax(logits)))
+            gaps.append(float(top[0] - top[1]))
+            ids = torch.tensor([[tokens[-1]]])
+    return tokens, min(gaps)
+
+
+@pytest.fixture(scope="module")
+def deepseek_exports(tmp_path_factory):
+    """A tiny DeepSeek-V2 (MLA) with well-separated logits, one fake BEAM run, exported twice: the base's float32
+    and `--dtype bfloat16`. -> {"float32": dir, "bfloat16": dir}."""
+    import torch
+    from convert.to_vllm import export
+    from hf_tiny import make_tiny
+    from test_convert import fake_run
+
+    root = tmp_path_factory.mktemp("deepseek")
+    model = make_tiny("deepseek_v2", root / "base", **DEEPSEEK_MLA)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(BF16_LOGIT_SCALE)
+    model.save_pretrained(root / "base")
+    fake_run(root / "base", root / "run", seed=2)
+    return {"float32": export(root / "run" / "ckpt", root / "float32"),
+            "bfloat16": export(root / "run" / "ckpt", root / "bfloat16", dtype="bfloat16")}
+
+
+@pytest.fixture(scope="module")
+def family_exports(tmp_path_factory):
+    """Each family's tiny model with random mask routers (about half the pairs dropped), exported in float32."""
+    from convert.to_vllm import export
+    from hf_tiny import make_tiny
+    from test_convert import fake_run
+
+    root = tmp_path_factory.mktemp("families")
+    dirs = {}
+    for family, (overrides, _) in FAMILIES.items():
+        make_tiny(family, root / family / "base", **overrides)
+        fake_run(root / family / "base", root / family / "run", seed=1)
+        dirs[family] = export(root / family / "run" / "ckpt", root / family / "serve")
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def bf16_reference(deepseek_exports):
+    """transformers' BEAM class in bfloat16 on the bf16 export: the prompts with a clear argmax at every step,
+    their greedy tokens, and the pairs computed."""
+    import torch
+    import transformers
+
+    import convert
+
+    convert.register()
+    model = transformers.AutoModelForCausalLM.from_pretrained(deepseek_exports["bfloat16"], dtype=torch.bfloat16).eval()
+    assert model.model.layers[1].mlp.mask_router.weight.dtype == torch.float32
+    rng = np.random.RandomState(0)
+    candidates = [rng.randint(3, 160, size=n).tolist() for n in (8, 3, 11, 5, 9, 6, 12, 4, 10, 7, 8, 5)]
+    runs = [(p, *_greedy_with_gap(model, p, BF16_STEPS)) for p in candidates]
+    chosen = [(p, t) for p, t, gap in runs if gap >= BF16_MIN_GAP]
+    assert len(chosen) >= 3, f"only {len(chosen)} prompts with a top-2 gap >= {BF16_MIN_GAP}: {[r[2] for r in runs]}"
+    model.reset_beam_counts()
+    for p, _ in chosen:
+        _greedy_with_gap(model, p, BF16_STEPS)
+    return {"prompts": [p for p, _ in chosen], "tokens": [t for _, t in chosen], "counts": model.beam_pair_counts()}
+
+
+@pytest.fixture(scope="module")
+def family_outputs(family_exports, deepseek_exports, bf16_reference, tmp_path_factory):
+    """One vLLM subprocess: every family in float32, the bf16 DeepSeek-V2 export with vLLM's own backend choice,
+    then the DeepSeek-V2 configs (float32 / bfloat16 / float32 with CPU_MLA) on this processor and as one with AMX
+    would see them."""
+    d = tmp_path_factory.mktemp("family_worker")
+    runs = {f: {"dir": str(e), "llm": FAMILY_LLM.get(f, {"dtype": "float32"}), "max_tokens": 1}
+            for f, e in family_exports.items()}
+    runs["deepseek_bf16"] = {"dir": str(deepseek_exports["bfloat16"]), "llm": {"dtype": "auto"},
+                             "max_tokens": BF16_STEPS, "prompts": bf16_reference["prompts"]}
+    ds32, ds16 = str(deepseek_exports["float32"]), str(deepseek_exports["bfloat16"])
+    checks = {"float32": {"dir": ds32, "llm": {"dtype": "float32"}},
+              "float32_auto": {"dir": ds32, "llm": {"dtype": "auto"}},
+              "bfloat16": {"dir": ds16, "llm": {"dtype": "auto"}},
+              "float32_cpu_mla": {"dir": ds32, "llm": {"dtype": "float32", "attention_config": {"backend": "CPU_MLA"}}}}
+    spec = {"prompts": FAMILY_PROMPTS, "runs": runs, "checks": checks}
+    (d / "worker.py").write_text(FAMILY_WORKER)
+    t0 = time.time()
+    res = subprocess.run([sys.executable, str(d / "worker.py"), str(d / "out.json"), json.dumps(spec)],
+                         capture_output=True, text=True, env=ENV, timeout=900, cwd=d)
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = json.loads((d / "out.json").read_text())
+    print(f"\nvLLM family worker: {time.time() - t0:.0f} s; this processor has AMX (vLLM's check): {out['amx']}")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -202,8 +374,9 @@ def torch_outputs(exported, vllm_outputs):
     import torch
     import transformers
 
-    import convert  # noqa: F401
+    import convert
 
+    convert.register()
     model = transformers.AutoModelForCausalLM.from_pretrained(exported[0], dtype=torch.float32).eval()
     out = {}
     for key, tau in (("exported", model.config.beam["tau"]), ("high", TAU_HIGH)):
@@ -321,37 +494,89 @@ def test_serve_openai_completion(exported, vllm_outputs, torch_outputs, tmp_path
     assert choice["text"] == vllm_outputs["exported"]["text"]
 
 
-def test_other_families(tmp_path):
-    """The plugin's Mixtral, Qwen2-MoE, OLMoE and DeepSeek-V2 variants, with random mask routers (about half the
-    pairs dropped): the first greedy token and the pairs computed equal transformers' BEAM model's."""
+def test_other_families(family_exports, family_outputs):
+    """The plugin's Mixtral, Qwen2-MoE, OLMoE and DeepSeek-V2 variants in float32, with random mask routers (about
+    half the pairs dropped): the first greedy token and the pairs computed equal transformers' BEAM model's."""
     import torch
     import transformers
-    from convert.to_vllm import export
-    from hf_tiny import make_tiny
-    from test_convert import fake_run
 
-    import convert  # noqa: F401
+    import convert
 
-    prompts = [[5, 17, 42, 99, 100, 7, 64, 12], [11, 12, 13]]
-    dirs = {}
-    for family, (overrides, _) in FAMILIES.items():
-        make_tiny(family, tmp_path / family / "base", **overrides)
-        fake_run(tmp_path / family / "base", tmp_path / family / "run", seed=1)
-        dirs[family] = export(tmp_path / family / "run" / "ckpt", tmp_path / family / "serve")
-    (tmp_path / "worker.py").write_text(FAMILY_WORKER)
-    res = subprocess.run([sys.executable, str(tmp_path / "worker.py"), str(tmp_path / "out.json"), json.dumps(prompts),
-                          *map(str, dirs.values())], capture_output=True, text=True, env=ENV, timeout=540,
-                         cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-4000:]
-    got = json.loads((tmp_path / "out.json").read_text())
-    for family, d in dirs.items():
-        v = got[str(d)]
+    convert.register()
+    for family, d in family_exports.items():
+        v = family_outputs["runs"][family]
+        assert "refused" not in v, (family, v)
         model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
         model.reset_beam_counts()
-        ref = [_torch_greedy(model, p, 1) for p in prompts]
+        ref = [_torch_greedy(model, p, 1) for p in FAMILY_PROMPTS]
         counts = model.beam_pair_counts()
         assert v["counts"] == counts, family
         assert 0.15 < counts["computed"] / counts["offered"] < 0.85, (family, counts)
-        assert v["tokens"] == [r[0][0] for r in ref], family
-        np.testing.assert_allclose(v["logprobs"], [r[1][0] for r in ref], atol=FAMILIES[family][1], rtol=0,
-                                   err_msg=family)
+        assert [t[0] for t in v["tokens"]] == [r[0][0] for r in ref], family
+        np.testing.assert_allclose([lp[0] for lp in v["logprobs"]], [r[1][0] for r in ref],
+                                   atol=FAMILIES[family][1], rtol=0, err_msg=family)
+    assert family_outputs["runs"]["deepseek_v2"]["backend"] == "CPU_MLA"
+
+
+def test_deepseek_bfloat16_export(deepseek_exports, bf16_reference, family_outputs):
+    """A `--dtype bfloat16` DeepSeek-V2 export served as vLLM-CPU chooses (AMX_MLA where the processor has AMX,
+    CPU_MLA elsewhere): the same greedy tokens as transformers' BEAM class in bfloat16, on prompts whose argmax is
+    clear at every step (bfloat16 rounds differently in the two stacks, so a near tie could flip)."""
+    v = family_outputs["runs"]["deepseek_bf16"]
+    assert "refused" not in v, v
+    assert v["backend"] == ("AMX_MLA" if family_outputs["amx"] else "CPU_MLA")
+    assert v["tokens"] == bf16_reference["tokens"]
+    # the pairs offered are the same tokens x K x MoE layers; which are kept may differ where a mask score sits
+    # within bfloat16 rounding of tau, so kept counts agree closely but need not be equal
+    ref = bf16_reference["counts"]
+    assert v["counts"]["offered"] == ref["offered"] > 0
+    assert abs(v["counts"]["computed"] - ref["computed"]) <= 0.05 * ref["offered"], (v["counts"], ref)
+    assert 0.1 < ref["computed"] / ref["offered"] < 0.9, ref
+    print(f"\nbf16 DeepSeek-V2 on {v['backend']}: {len(v['tokens'])} prompts x {BF16_STEPS} tokens equal; pairs "
+          f"computed vLLM {v['counts']['computed']}, transformers {ref['computed']} of {ref['offered']}")
+
+
+def test_float32_mla_refused_where_amx(deepseek_exports, family_outputs):
+    """float32 DeepSeek-V2 (MLA): served on this processor if vLLM picks CPU_MLA, refused in one line naming dtype,
+    backend and fix, before any model is built, where it picks AMX_MLA (here forced through vLLM's own capability
+    check, torch.cpu._is_amx_tile_supported, so both kinds of processor are tested on either)."""
+    real, amx = family_outputs["checks"], family_outputs["amx_checks"]
+
+    def assert_refusal(msg):
+        assert "\n" not in msg and "dtype float32" in msg and "AMX_MLA" in msg, msg
+        assert "--dtype bfloat16" in msg and "python -m convert.to_vllm CKPT --dtype bfloat16" in msg, msg
+        assert "--attention-backend CPU_MLA" in msg and "BeamDeepseekV2ForCausalLM" in msg, msg
+
+    for checks, has_amx in ((amx, True), (real, family_outputs["amx"])):
+        if has_amx:
+            assert_refusal(checks["float32"]["refused"])
+        else:
+            assert checks["float32"] == {"dtype": "float32", "backend": "CPU_MLA"}
+        # the fixes: bfloat16 (an explicit export, or vLLM's own float32 -> bfloat16 under --dtype auto), or
+        # float32 on the reference backend
+        want = "AMX_MLA" if has_amx else "CPU_MLA"
+        assert checks["bfloat16"] == {"dtype": "bfloat16", "backend": want}
+        assert checks["float32_auto"] == {"dtype": "bfloat16", "backend": want}
+        assert checks["float32_cpu_mla"] == {"dtype": "float32", "backend": "CPU_MLA"}
+    # vllm.LLM under AMX: the same refusal, before the model is constructed
+    assert_refusal(family_outputs["amx_llm"]["refused"])
+    assert family_outputs["amx_llm_models_built"] == 0
+    assert family_outputs["models_built"] >= len(FAMILIES) + 1  # the counter does see models being built
+
+
+def test_serve_refuses_in_one_line(deepseek_exports, tmp_path):
+    """`python -m convert.vllm_plugin.serve DIR --dtype float32` as a processor with AMX sees it: exit 2 and one
+    `error:` line (vLLM's own log lines come before it), no traceback, no server."""
+    code = ("import sys, torch\n"
+            "torch.cpu._is_amx_tile_supported = lambda: True  # what vLLM asks; as on Intel Sapphire Rapids\n"
+            "from convert.vllm_plugin.serve import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    res = subprocess.run([sys.executable, "-c", code, str(deepseek_exports["float32"]), "--dtype", "float32",
+                          "--max-model-len", "128", "--port", str(_free_port())], capture_output=True, text=True,
+                         env=ENV, timeout=300, cwd=tmp_path)
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and res.stderr.rstrip().endswith(errors[0]), res.stderr[-3000:]
+    assert "dtype float32" in errors[0] and "AMX_MLA" in errors[0] and "--dtype bfloat16" in errors[0]
