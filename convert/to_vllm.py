@@ -241,8 +241,9 @@ def base_dtype(base: Path, raw_config: dict, names: dict[str, str]) -> str:
     """The base checkpoint's dtype: config.json `dtype` (transformers 5) or `torch_dtype`, else the dtype most of
     its floating-point weights have."""
     for key in ("dtype", "torch_dtype"):
-        if raw_config.get(key):
-            return normalize_dtype(raw_config[key], f"{base / 'config.json'} '{key}'")
+        if raw_config.get(key):  # recorded as it is (a float64 base exports as float64 unless --dtype says otherwise)
+            name = str(raw_config[key]).lower().removeprefix("torch.")
+            return _DTYPE_ALIASES.get(name, name)
     counts: dict[str, int] = {}
     for shard in sorted(set(names.values())):
         for d in shard_dtypes(base / shard).values():
@@ -250,7 +251,7 @@ def base_dtype(base: Path, raw_config: dict, names: dict[str, str]) -> str:
                 counts[_SAFETENSORS_FLOATS[d]] = counts.get(_SAFETENSORS_FLOATS[d], 0) + 1
     if not counts:
         raise ExportError(f"base model {base}: no dtype in config.json and no floating-point weights")
-    return normalize_dtype(max(counts, key=counts.get), f"base model {base} weights")
+    return max(counts, key=counts.get)
 
 
 def shard_dtypes(path: Path) -> dict[str, str]:

@@ -415,6 +415,10 @@ def test_export_dtype_bfloat16_and_default(tmp_path, capsys):
                                    ref(torch.tensor(ids)).logits.numpy(), atol=5e-2, rtol=0)
 
     _refused(capsys, [work / "ckpt", "--dtype", "int8"], tmp_path / "bad", "--dtype", "'int8'", "bfloat16")
+    # the base's dtype: config.json's `dtype` / `torch_dtype` as recorded, else what its weights are
+    names = to_vllm.source_index(bf16)
+    assert to_vllm.base_dtype(bf16, {"torch_dtype": "torch.float16"}, names) == "float16"
+    assert to_vllm.base_dtype(bf16, {}, {k: v for k, v in names.items() if "mask_router" not in k}) == "bfloat16"
 
 
 def _site_without_torch(tmp_path):
