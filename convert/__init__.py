@@ -40,6 +40,12 @@ def beam_model_type(base_model_type: str) -> str:
 def register():
     """Register the PyTorch BEAM configs and models with transformers' Auto classes. Re-entrant. Imports torch:
     without it, `beam_jax.extras.MissingExtraError` (an ImportError) names the extra that installs it."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        from beam_jax.extras import require  # only here: beam_jax imports jax, which vLLM's processes need not
+
+        require("torch", "torch", "convert.register() (the PyTorch BEAM classes, convert.modeling_beam)")
     from .modeling_beam import register as _register
 
     _register()
