@@ -256,7 +256,7 @@ fn = jax.jit(lambda *a: mm.masked_moe(*a, backend="ffi"))
 poisoned = jax.jit(mm._masked_moe_ffi_poisoned)
 n = 0
 quick = sys.argv[2:] == ["quick"]  # the dry run: two cases, float32
-shapes = [(1, 8, 12, 4, 2), (7, 13, 21, 5, 3), (33, 64, 96, 7, 2), (64, 256, 512, 16, 4)]
+shapes = [(1, 8, 12, 4, 2), (7, 13, 21, 5, 3), (64, 256, 512, 16, 4)]  # one token; odd sizes; several tiles
 for shape in shapes[:2] if quick else shapes:
     for dt in (jnp.float32,) if quick else (jnp.float32, jnp.bfloat16, jnp.float16):
         host = make_inputs(*shape, dtype=dt, seed=sum(shape))
@@ -354,7 +354,8 @@ for r in d["rows"]:
     tps = f"{r['tokens_per_s']:.0f} tok/s" if r.get("tokens_per_s") else "-"
     parts.append(f"{r['path']}: {r.get('status')}, {tps}, E-fold {h.get('e_fold_dense_dot', '-')}")
 st = d.get("selftest")
-print("; ".join(parts) + (f"; HLO self-test {'ok' if st and st['ok'] else 'FAILED'}" if st is not None else ""))
+verdict = {True: "ok", False: "FAILED"}.get((st or {}).get("ok"), "skipped")
+print("; ".join(parts) + (f"; HLO self-test {verdict}" if st is not None else ""))
 EOF
   return $rc
 }
