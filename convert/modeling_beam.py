@@ -1,29 +1,50 @@
-"""PyTorch BEAM variants of the transformers MoE models, one per family, registered with `AutoConfig` and
-`AutoModelForCausalLM` when `convert` is imported (no `trust_remote_code`).
+"""PyTorch BEAM variants of the transformers MoE models, one per family.
 
-Each `Beam<Family>ForCausalLM` is the transformers class with two changes in every MoE block:
+Two ways to load an exported directory (`python -m convert.to_vllm`):
+
+- with beam-jax installed: `import convert; convert.register()` registers these classes with `AutoConfig` and
+  `AutoModelForCausalLM`, then `AutoModelForCausalLM.from_pretrained(DIR)`;
+- with plain transformers and torch only: this file is self-contained (it imports torch, transformers and the
+  standard library, nothing of beam-jax), the export writes it into DIR with an `auto_map` in config.json, and
+  `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` loads it from there.
+
+Each `Beam<Family>ForCausalLM` is the transformers class with three changes in every MoE block:
 
 - a mask router `mlp.mask_router` (`nn.Linear(d, E, bias=False)`, kept in float32 whatever the model dtype);
 - the block's Top-K router returns masked routing: `m_hat = sigmoid(mask_router(x))` at the Top-K
   candidates, kept where `m_hat >= tau`, weights `g * m` (optionally renormalised), and the ids of dropped
-  pairs set to `num_experts`, the id transformers' experts loop skips. No GEMM runs for a dropped pair.
+  pairs set to `num_experts`;
+- the block's experts receive only the kept pairs: before any expert GEMM the [T, K] routing is compacted into
+  N = (number of kept pairs) rows of a K = 1 call (`x[token]`, the kept id, its weight), whose result is summed
+  back per token. No GEMM runs for a dropped pair, whichever `experts_implementation` transformers uses
+  (`eager`, `grouped_mm`, `batched_mm`: the last one would otherwise multiply a clamped id's output by 0).
 
 The base weights load through the base family's checkpoint conversion (per-expert tensors into the fused
-`gate_up_proj` / `down_proj`, Mixtral's `block_sparse_moe` into `mlp`), registered under the BEAM model type.
-`config.beam` holds `tau` and `renormalize`; `model.set_beam_tau(t)` changes tau after loading, and
-`model.beam_pair_counts()` reports how many (token, expert) pairs were computed out of how many Top-K offered.
+`gate_up_proj` / `down_proj`, Mixtral's `block_sparse_moe` into `mlp`), registered under the BEAM model type
+when this module is imported. `config.beam` holds `tau` and `renormalize`; `model.set_beam_tau(t)` changes tau
+after loading, and `model.beam_pair_counts()` reports how many (token, expert) pairs Top-K offered and how many
+rows were handed to the expert GEMMs (the kept pairs) since `model.reset_beam_counts()`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import transformers
+try:
+    import torch
+except ModuleNotFoundError as _missing:
+    if _missing.name != "torch":
+        raise
+    try:  # inside beam-jax: the ImportError its entry points print as one `error:` line
+        from beam_jax.extras import MissingExtraError as _MissingError
+    except ImportError:  # copied into an exported directory, loaded with trust_remote_code: plain ImportError
+        _MissingError = ImportError
+    raise _MissingError("the PyTorch BEAM classes (modeling_beam) need the Python package 'torch', which is not "
+                        "installed: pip install torch (in a beam-jax checkout: pip install -e \".[torch]\", the "
+                        "'torch' extra)", name="torch") from None
 
-from beam_jax.extras import require
-
-torch = require("torch", "torch", "the PyTorch BEAM classes (convert.modeling_beam)")
 import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
 from torch import nn  # noqa: E402
 
 # family key -> (transformers config class, causal-LM class, base model_type); the BEAM names add "Beam"/"beam_"
@@ -67,23 +88,28 @@ class MaskRouter(nn.Linear):
         nn.init.zeros_(self.weight)
 
 
+def kept_pairs(ids, num_experts: int):
+    """The kept (token, slot) pairs of masked routing ids [T, K] (dropped pairs carry id `num_experts`):
+    -> (token [N] int64, slot [N] int64), N = the number of kept pairs, in row-major order."""
+    return (ids < num_experts).nonzero(as_tuple=True)
+
+
 @dataclasses.dataclass(eq=False)
 class BeamState:
-    """What a BEAM router needs besides its own weights. A plain object (not an `nn.Module`), so the mask router
-    it points to stays registered once, under the MoE block."""
+    """What a BEAM MoE block needs besides its own weights, shared by its router and its experts. A plain object
+    (not an `nn.Module`), so the mask router it points to stays registered once, under the MoE block."""
 
     mask_router: MaskRouter
     num_experts: int
     tau: float = 0.5
     renormalize: bool = False
     offered: int = 0  # Top-K pairs seen since the last reset
-    computed: int = 0  # pairs kept (and computed by the experts)
+    computed: int = 0  # rows handed to the expert GEMMs (= kept pairs) since the last reset
 
     def __call__(self, x, weights, ids):
         weights, ids, keep = beam_mask(x, weights, ids, self.mask_router.weight, self.tau, self.renormalize,
                                        self.num_experts)
         self.offered += keep.numel()
-        self.computed += int(keep.sum())
         return weights, ids
 
 
@@ -96,13 +122,38 @@ class BeamRouterMixin:
         return logits, weights, ids
 
 
-_ROUTER_CLASSES: dict[type, type] = {}
+class BeamExpertsMixin:
+    """Put before a transformers experts class (`@use_experts_implementation`): the experts see only the kept
+    pairs, as the N rows of a K = 1 call, whatever `config._experts_implementation` is."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        """hidden_states [T, d]; top_k_index [T, K] (dropped pairs = `num_experts`); top_k_weights [T, K] (0 at
+        dropped pairs) -> [T, d] in hidden_states' dtype, summed in float32 (or wider)."""
+        state = self.beam
+        if hidden_states.dim() != 2 or top_k_index.shape != top_k_weights.shape \
+                or top_k_index.shape[0] != hidden_states.shape[0]:
+            raise ValueError(f"BEAM experts expect hidden_states [T, d] and routing [T, K], got "
+                             f"{tuple(hidden_states.shape)}, ids {tuple(top_k_index.shape)}, weights "
+                             f"{tuple(top_k_weights.shape)}")
+        token, slot = kept_pairs(top_k_index, state.num_experts)
+        state.computed += int(token.numel())
+        out = torch.zeros(hidden_states.shape, dtype=torch.promote_types(hidden_states.dtype, torch.float32),
+                          device=hidden_states.device)
+        if token.numel():
+            rows = super().forward(hidden_states[token], top_k_index[token, slot].unsqueeze(1),
+                                   top_k_weights[token, slot].unsqueeze(1))
+            out.index_add_(0, token, rows.to(out.dtype))
+        return out.to(hidden_states.dtype)
 
 
-def _beam_router_class(base: type) -> type:
-    if base not in _ROUTER_CLASSES:
-        _ROUTER_CLASSES[base] = type(f"Beam{base.__name__}", (BeamRouterMixin, base), {"__module__": __name__})
-    return _ROUTER_CLASSES[base]
+_WRAPPED: dict[tuple[type, type], type] = {}
+
+
+def _beam_class(mixin: type, base: type) -> type:
+    """`Beam<base>` = (mixin, base), made once per base class."""
+    if (mixin, base) not in _WRAPPED:
+        _WRAPPED[mixin, base] = type(f"Beam{base.__name__}", (mixin, base), {"__module__": __name__})
+    return _WRAPPED[mixin, base]
 
 
 def moe_blocks(model) -> dict[int, nn.Module]:
@@ -122,13 +173,13 @@ class BeamCausalLMMixin:
         for block in moe_blocks(self).values():
             experts = block.experts
             block.mask_router = MaskRouter(config.hidden_size, experts.num_experts)
-            block.gate.__class__ = _beam_router_class(type(block.gate))
-            # plain attribute: the state points at the block's mask router without registering it twice
-            object.__setattr__(block.gate, "beam", BeamState(block.mask_router, experts.num_experts,
-                                                             float(settings["tau"]), bool(settings["renormalize"])))
-            # transformers' batched_mm / grouped_mm expert paths honour the id-E sentinel only in this mode (the
-            # eager loop always skips it); grouped_mm then gives dropped pairs no rows, batched_mm zero weights
-            experts._is_expert_parallel = True
+            state = BeamState(block.mask_router, experts.num_experts, float(settings["tau"]),
+                              bool(settings["renormalize"]))
+            block.gate.__class__ = _beam_class(BeamRouterMixin, type(block.gate))
+            experts.__class__ = _beam_class(BeamExpertsMixin, type(experts))
+            # plain attributes: the state points at the block's mask router without registering it again
+            object.__setattr__(block.gate, "beam", state)
+            object.__setattr__(experts, "beam", state)
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
@@ -159,7 +210,8 @@ class BeamCausalLMMixin:
         self.config.beam = {**beam_settings(self.config), "tau": float(tau)}
 
     def beam_pair_counts(self) -> dict:
-        """{"offered": Top-K pairs routed, "computed": pairs kept and computed} since the last reset, all layers."""
+        """{"offered": Top-K pairs routed, "computed": rows handed to the expert GEMMs, i.e. the kept pairs} since
+        the last reset, summed over the MoE layers."""
         states = self._beam_states()
         return {"offered": sum(s.offered for s in states), "computed": sum(s.computed for s in states)}
 
@@ -206,16 +258,27 @@ def beam_model_type(base_model_type: str) -> str:
     return name
 
 
-def register():
-    """Register every BEAM config / model with transformers' Auto classes and the base family's checkpoint
-    conversion (per-expert -> fused experts). Re-entrant."""
+def register_conversion_mappings():
+    """Load BEAM checkpoints through the base family's checkpoint conversion (per-expert tensors -> fused experts):
+    transformers looks the conversion up by model_type. Re-entrant; run when this module is imported, so a
+    directory loaded with `trust_remote_code` (which never calls `register`) converts the same way."""
     from transformers import conversion_mapping as cm
 
-    for model_type, config_cls in CONFIGS.items():
-        transformers.AutoConfig.register(model_type, config_cls, exist_ok=True)
-        base_type = model_type[len("beam_"):]
-        mapping = cm.get_checkpoint_conversion_mapping(base_type)
+    for model_type in CONFIGS:
+        mapping = cm.get_checkpoint_conversion_mapping(model_type[len("beam_"):])
         if mapping is not None:
             cm.register_checkpoint_conversion_mapping(model_type, mapping, overwrite=True)
+
+
+def register():
+    """Register every BEAM config / model with transformers' Auto classes (after which
+    `AutoModelForCausalLM.from_pretrained(DIR)` needs no `trust_remote_code`) and the checkpoint conversion.
+    Re-entrant."""
+    register_conversion_mappings()
+    for model_type, config_cls in CONFIGS.items():
+        transformers.AutoConfig.register(model_type, config_cls, exist_ok=True)
     for name, model_cls in MODELS.items():
         transformers.AutoModelForCausalLM.register(model_cls.config_class, model_cls, exist_ok=True)
+
+
+register_conversion_mappings()

@@ -8,12 +8,23 @@ Three pieces, all installed while a BEAM model is being built (`beam_moe_factory
   and the id `E` (one past the last expert). A custom routing function also makes vLLM pick a modular
   kernel that takes ids from the router, never a monolithic one that routes from the logits itself.
 - `BeamMoERunner`, the layer's runner: removes dropped pairs before any GEMM.
-  CPU: the kept pairs become the rows of a top_k=1 call (`x[token]`, `id`, `weight`) and the result is
-  `index_add_`-ed back per token; the CPU kernel computes every row it is given, so this is what makes MoE
-  time follow the kept fraction. CUDA (written from vLLM 0.32's source, not run here): the ids stay [T, K]
-  and an expert map sends id E to -1, so `moe_align_block_size` (ignore_invalid_experts) gives those pairs
-  no rows and the pad-aware sum skips them; raw -1 ids are unguarded in the small-batch kernel.
-- Counters of offered and computed (token, expert) pairs, per layer and per process (`pair_counts()`).
+  CPU (and any non-CUDA platform): `compact_pairs` makes the kept pairs the rows of a top_k=1 call (`x[token]`,
+  id, weight) and the result is `index_add_`-ed back per token; the CPU kernel computes every row it is given,
+  so this is what makes MoE time follow the kept fraction.
+  CUDA: vLLM's expert-parallel mechanism, which its Triton experts document and test. `beam_kernel_args` keeps
+  the ids [T, K] (static shapes: CUDA-graph safe) and passes `expert_map` = [0 .. E-1 (or the EP map), -1] with
+  `global_num_experts = E + 1`, so the BEAM id E maps to -1. vLLM 0.32's `TritonExperts.apply` then aligns
+  with `ignore_invalid_experts=True` (experts/triton_moe.py:353-373): `moe_align_block_size` leaves ids the
+  map sends to -1 out of counting and sorting (moe_align_block_size.py:87-92, :160), so those pairs get no
+  GEMM rows, and sums with the pad-aware `moe_sum(input, output, topk_ids, expert_map)` that skips them
+  (triton_moe.py:608-620). With an expert_map the small-batch "naive" assignment, which would take raw ids as
+  block experts, is never used (fused_moe.py:1559-1567); the CUDA alignment kernel reads `expert_map[id]` for
+  every id without a bounds check in its small-batch variant, so every id must lie in [0, E]: they do (Top-K
+  ids or E). Raw -1 ids, by contrast, are unguarded there. Other CUDA experts (FlashInfer, CUTLASS, AITER's
+  0/1 expert mask) are refused with the fix (`--moe-backend triton`).
+- Counters of offered and computed (token, expert) pairs, per layer and per process (`pair_counts()`):
+  "computed" counts the rows handed to the expert GEMMs (CPU: the compacted rows; CUDA: the ids the expert map
+  keeps, which are the rows the alignment sorts), which equals the mask's kept count.
 
 The runner's forward goes through vLLM's opaque `moe_forward` custom op on every platform, so
 torch.compile never traces the data-dependent compaction.
@@ -80,6 +91,45 @@ class BeamRouting:
         return g, torch.where(keep, ids, torch.full_like(ids, self.num_experts))
 
 
+def compact_pairs(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int):
+    """The kept pairs of masked routing as rows of a top_k=1 expert call.
+
+    x [T, d]; weights [T, K] (0 at dropped pairs); ids [T, K] (`num_experts` at dropped pairs) ->
+    (token [N] int64, rows_x [N, d] contiguous, rows_w [N, 1] in weights' dtype, rows_id [N, 1] in ids' dtype),
+    N = the number of kept pairs; `out.index_add_(0, token, experts(rows_x, rows_w, rows_id))` is the MoE sum.
+    """
+    token, slot = (ids < num_experts).nonzero(as_tuple=True)
+    return (token, x[token].contiguous(), weights[token, slot].unsqueeze(1).contiguous(),
+            ids[token, slot].unsqueeze(1).contiguous())
+
+
+def beam_expert_map(num_experts: int, base_map: torch.Tensor | None = None, device=None) -> torch.Tensor:
+    """The expert map the CUDA path hands vLLM's fused MoE: [num_experts + 1] int32, `base_map` (vLLM's
+    global -> local map under expert parallelism, -1 for another rank's experts) or the identity, with one
+    entry appended for the BEAM id `num_experts`, mapped to -1 (no GEMM rows, skipped by the sum)."""
+    if base_map is None:
+        base_map = torch.arange(num_experts, dtype=torch.int32, device=device)
+    if base_map.shape != (num_experts,):
+        raise ValueError(f"expert map of shape {tuple(base_map.shape)} for {num_experts} experts")
+    return torch.cat([base_map.to(torch.int32), torch.full((1,), -1, dtype=torch.int32, device=base_map.device)])
+
+
+def beam_kernel_args(weights: torch.Tensor, ids: torch.Tensor, expert_map: torch.Tensor) -> dict:
+    """Keyword arguments of vLLM's modular `FusedMoEKernel.apply` for masked routing on CUDA.
+
+    weights [T, K] (exactly 0 at dropped pairs); ids [T, K] in [0, E] (E at dropped pairs); expert_map [E + 1]
+    int32 from `beam_expert_map`. -> {"topk_weights", "topk_ids", "global_num_experts": E + 1, "expert_map"}.
+    Shapes stay [T, K] whatever is kept (nothing data-dependent: CUDA graphs can capture it)."""
+    return {"topk_weights": weights, "topk_ids": ids, "global_num_experts": expert_map.shape[0],
+            "expert_map": expert_map}
+
+
+def computed_rows(ids: torch.Tensor, expert_map: torch.Tensor) -> torch.Tensor:
+    """The rows vLLM's alignment hands the expert GEMMs for ids [T, K] under `expert_map`: the ids it maps to a
+    local expert (not -1), block padding left out. -> int64 scalar tensor (on ids' device, no host sync)."""
+    return (expert_map[ids.long()] >= 0).sum()
+
+
 class BeamMoERunner(MoERunner):
     """vLLM's MoE runner with dropped (token, expert) pairs (id == num_experts) removed before the experts."""
 
@@ -96,12 +146,14 @@ class BeamMoERunner(MoERunner):
         # trace into the forward; the compaction below is data-dependent)
         return torch.ops.vllm.moe_forward if self._shared_experts is None else torch.ops.vllm.moe_forward_shared
 
-    def _count(self, keep: torch.Tensor):
+    def _count(self, offered: int, computed, device):
+        """Add to the counters: offered (T * K) and computed (rows handed to the expert GEMMs, int or int64 scalar
+        tensor: no host sync on CUDA)."""
         if self.offered is None:
-            self.offered = torch.zeros((), dtype=torch.int64, device=keep.device)
-            self.computed = torch.zeros((), dtype=torch.int64, device=keep.device)
-        self.offered.add_(keep.numel())
-        self.computed.add_(keep.sum())
+            self.offered = torch.zeros((), dtype=torch.int64, device=device)
+            self.computed = torch.zeros((), dtype=torch.int64, device=device)
+        self.offered.add_(offered)
+        self.computed.add_(computed)
 
     def reset_counts(self):
         if self.offered is not None:
@@ -119,57 +171,59 @@ class BeamMoERunner(MoERunner):
         weights, ids = self.router.select_experts(hidden_states=hidden_states, router_logits=router_logits,
                                                   topk_indices_dtype=self._quant_method.topk_indices_dtype,
                                                   input_ids=input_ids)
-        keep = ids < self.beam.num_experts
-        self._count(keep)
         if current_platform.is_cuda_alike():
             fused_out = self._experts_cuda(hidden_states, weights, ids, shared_experts_input)
         else:
-            fused_out = self._experts_compacted(hidden_states, weights, ids, keep, shared_experts_input)
+            fused_out = self._experts_compacted(hidden_states, weights, ids, shared_experts_input)
         if shared_experts_overlapping:
             self._shared_experts.wait()
         return (self._shared_experts.output if self._shared_experts is not None else None, fused_out)
 
-    def _experts_compacted(self, x, weights, ids, keep, shared_experts_input):
-        """CPU (and any other non-CUDA backend): kept pairs as rows of a top_k=1 call, summed back per token."""
-        token, slot = keep.nonzero(as_tuple=True)
+    def _experts_compacted(self, x, weights, ids, shared_experts_input):
+        """CPU (and any other non-CUDA backend): kept pairs as rows of a top_k=1 call, summed back per token.
+        x [T, d]; weights, ids [T, K] -> [T, d]. Counts the rows it hands the kernel."""
+        token, rows_x, rows_w, rows_id = compact_pairs(x, weights, ids, self.beam.num_experts)
         out = torch.zeros_like(x)
         mk_shared = (self._shared_experts is not None
                      and self._shared_experts._determine_shared_experts_order(shared_experts_input)
                      == _mk_internal())
         if token.numel() == 0 and not mk_shared:
+            self._count(ids.numel(), 0, ids.device)
             return out  # every pair dropped: no expert GEMM at all
         if token.numel() == 0:  # the kernel must still run the shared experts it owns: one zero-weight row
-            token, slot = torch.zeros(1, dtype=torch.long, device=x.device), torch.zeros_like(token[:1])
+            token = torch.zeros(1, dtype=torch.long, device=x.device)
+            rows_x = x[:1].contiguous()
             rows_w = torch.zeros((1, 1), dtype=weights.dtype, device=x.device)
             rows_id = torch.zeros((1, 1), dtype=ids.dtype, device=x.device)
-        else:
-            rows_w = weights[token, slot].unsqueeze(1).contiguous()
-            rows_id = ids[token, slot].unsqueeze(1).contiguous()
+        self._count(ids.numel(), rows_x.shape[0], ids.device)
         rows = self.routed_experts.forward_modular(
-            x=x[token].contiguous(), topk_weights=rows_w, topk_ids=rows_id,
+            x=rows_x, topk_weights=rows_w, topk_ids=rows_id,
             shared_experts=self._shared_experts, shared_experts_input=shared_experts_input)
         if not isinstance(rows, torch.Tensor):
             raise RuntimeError(f"{self.layer_name}: deferred MoE outputs are not supported with BEAM")
         return out.index_add_(0, token, rows.to(out.dtype))
 
     def _experts_cuda(self, x, weights, ids, shared_experts_input):
-        """CUDA: keep [T, K] ids; an expert map sends the BEAM id E to -1 so alignment gives it no rows.
-        Written against vLLM 0.32's Triton path (ignore_invalid_experts, pad-aware moe_sum); not run here."""
+        """CUDA: ids stay [T, K]; the expert map sends the BEAM id E to -1, so vLLM's Triton experts give those
+        pairs no GEMM rows and leave them out of the sum (module docstring). x [T, d] -> [T, d]."""
+        from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
+
         re = self.routed_experts
         kernel = getattr(re.quant_method, "moe_kernel", None)
-        if kernel is None:
-            raise RuntimeError(f"{self.layer_name}: BEAM on CUDA needs a modular fused-MoE kernel")
+        experts = getattr(kernel, "fused_experts", None)
+        if not isinstance(experts, TritonExperts):
+            raise RuntimeError(
+                f"{self.layer_name}: BEAM on CUDA needs vLLM's Triton fused-MoE experts (they skip the pairs an "
+                f"expert_map sends to -1), but vLLM chose {type(experts).__name__ if experts is not None else 'no modular kernel'}; serve with --moe-backend triton "
+                f"(vllm.LLM(moe_backend=\"triton\"))")
         if self._beam_expert_map is None:
-            base = re.expert_map
-            if base is None:
-                base = torch.arange(re.global_num_experts, dtype=torch.int32, device=x.device)
-            sentinel = torch.full((1,), -1, dtype=base.dtype, device=base.device)
-            self._beam_expert_map = torch.cat([base, sentinel])
-        return kernel.apply(hidden_states=x, w1=re.w13_weight, w2=re.w2_weight, topk_weights=weights,
-                            topk_ids=ids, activation=re.activation,
+            self._beam_expert_map = beam_expert_map(re.global_num_experts, re.expert_map, device=x.device)
+        emap = self._beam_expert_map
+        self._count(ids.numel(), computed_rows(ids, emap), ids.device)
+        return kernel.apply(hidden_states=x, w1=re.w13_weight, w2=re.w2_weight, activation=re.activation,
                             apply_router_weight_on_input=re.apply_router_weight_on_input,
-                            global_num_experts=re.global_num_experts + 1, expert_map=self._beam_expert_map,
-                            shared_experts=self._shared_experts, shared_experts_input=shared_experts_input)
+                            shared_experts=self._shared_experts, shared_experts_input=shared_experts_input,
+                            **beam_kernel_args(weights, ids, emap))
 
 
 def _no_overlap():
@@ -214,7 +268,9 @@ def beam_moe_factory(module):
 
 
 def pair_counts() -> dict:
-    """{"offered": Top-K pairs routed, "computed": pairs given to the experts} over every BEAM MoE layer of
+    """{"offered": Top-K pairs routed, "computed": rows handed to the expert GEMMs (the kept pairs; on CPU one
+    zero-weight row more for a layer call that drops every pair while the kernel runs shared experts it owns)}
+    over every BEAM MoE layer of
     every model in this process since the last reset (vLLM's engine must run in-process to read it from the
     caller: VLLM_ENABLE_V1_MULTIPROCESSING=0; otherwise use `LLM.apply_model(lambda m: m.beam_pair_counts())`)."""
     offered = computed = 0

