@@ -15,7 +15,7 @@
 #   build        130s  the extension against this machine's jaxlib: pip install --no-deps --no-build-isolation
 #                      --no-index -e . (CUDA arch from nvidia-smi: 90a on Hopper), else CMake directly; then
 #                      checks that beam_jax._ffi has CUDA kernels registered for the GPU
-#   cuda_tests   100s  pytest tests/test_kernel.py -k cuda              } side by side: correctness only,
+#   cuda_tests   100s  pytest tests/test_kernel*.py -k cuda             } side by side: correctness only,
 #   memcheck     100s  compute-sanitizer memcheck on small kernel cases } small memory each
 #   racecheck    100s  compute-sanitizer racecheck on the same cases    }
 #   moe_layer     90s  bench/moe_layer.py, Mixtral-8x7B and Qwen3-30B-A3B layers, device copy bandwidth and
@@ -213,7 +213,8 @@ EOF
 }
 
 step_cuda_tests() {
-  local args=(-m pytest tests/test_kernel.py -k cuda -q -rs -p no:cacheprovider)
+  # every kernel test file, so CUDA tests added beside tests/test_kernel.py (named *cuda*) run too
+  local args=(-m pytest tests/test_kernel*.py -k cuda -q -rs -p no:cacheprovider)
   if [ "$GC_DRY" = 1 ]; then
     local n
     "$PY" "${args[@]}" --collect-only | tee "$GC_LOGS/.collect"
