@@ -14,14 +14,17 @@ with the expert weights laid out input-major (``x @ w``):
     weights    [T, K]      combine weights (float32 or the activation dtype)
     keep       [T, K]      bool, optional: False drops the pair (BEAM's mask); default all True
 
-Three paths, tested equal in ``tests/test_experts.py``:
+Four paths, tested equal (values and gradients) in ``tests/test_experts.py``:
 
 - ``experts_reference``: gathers each selected expert's weights per token. Obviously right, memory-hungry.
 - ``experts_grouped``: sorts the pairs by expert (dropped pairs go to the end), ``jax.lax.ragged_dot``
   over the groups, scatters back. The work it does follows the kept pairs on backends whose ragged_dot
   is a real grouped GEMM (not XLA:CPU, see ../shared/INFRA.md).
-- ``experts_dense``: every expert on every token, combined through a [T, E] weight matrix. The fastest
-  path on CPU for small models and what training uses there; it does all E experts' work.
+- ``experts_dense``: every expert on every token, combined through a [T, E] weight matrix. It does all E
+  experts' work.
+- ``experts_kernel``: ``beam_jax.masked_moe`` (the FFI kernel where it is built, else ``grouped``), whose
+  custom VJP runs the backward as grouped GEMMs over the same pairs: K experts per token in the forward and
+  the backward. What ``model.impl="auto"`` trains with on CPU (:func:`training_impl`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["experts_reference", "experts_grouped", "experts_dense", "combine_weights", "EXPERT_PATHS"]
+__all__ = ["experts_reference", "experts_grouped", "experts_dense", "experts_kernel", "combine_weights",
+           "training_impl", "EXPERT_PATHS"]
 
 
 def _keep_or_all(keep, expert_ids):
@@ -88,4 +92,35 @@ def experts_dense(x, w_gate, w_up, w_down, expert_ids, weights, keep=None):
     return jnp.einsum("ted,te->td", out.astype(cw.dtype), cw).astype(x.dtype)
 
 
-EXPERT_PATHS = {"reference": experts_reference, "grouped": experts_grouped, "dense": experts_dense}
+def experts_kernel(x, w_gate, w_up, w_down, expert_ids, weights, keep=None):
+    """``beam_jax.masked_moe`` with its default backend (differentiable). Returns y [T, d] in x.dtype.
+
+    x must be float32, bfloat16 or float16 and the expert weights in x's dtype (the kernel's contract);
+    weights are passed as float32."""
+    from .kernel import masked_moe  # kernel imports this module
+
+    return masked_moe(x, w_gate, w_up, w_down, expert_ids, weights.astype(jnp.float32), keep)
+
+
+EXPERT_PATHS = {"reference": experts_reference, "grouped": experts_grouped, "dense": experts_dense,
+                "kernel": experts_kernel}
+
+
+def training_impl(platform: str | None = None) -> str:
+    """The expert path ``model.impl="auto"`` trains with on ``platform`` (default: jax's default backend).
+
+    - CPU with the FFI kernel's backward built: ``"kernel"`` (only the Top-K pairs, forward and backward;
+      bench/train_step.py measures it against ``dense``: bench/results/train_step_cpu.json).
+    - CPU without it: ``"dense"`` (XLA:CPU's ragged_dot is a dense per-group product, slower than dense).
+    - GPU: ``"kernel"`` once the CUDA backward exists (``kernel.ffi_grad_available("gpu")``); until then
+      ``"grouped"`` (``jax.lax.ragged_dot``; check its compiled HLO on the device: XLA:GPU in jaxlib 0.10.x
+      was reported to lower it to a zero-padded dense dot).
+    """
+    import jax
+
+    from . import kernel
+
+    platform = platform or jax.default_backend()
+    if kernel.ffi_grad_available(platform):
+        return "kernel"
+    return "dense" if platform == "cpu" else "grouped"

@@ -14,11 +14,21 @@
 ``backend=None`` picks ``"ffi"`` when the extension is built for the default backend's platform,
 else ``"grouped"`` (``jax.lax.ragged_dot``), else ``"reference"``.
 
-The op is for inference: it is not differentiable whatever the backend (so whether ``jax.grad``
-works does not depend on the machine), and differentiating through it raises ``TypeError``. It
-works under ``jax.jit`` and ``jax.vmap`` (a vmap over tokens with shared expert weights becomes one
-kernel call over all tokens; batched expert weights run one call per example). An out-of-range
-expert id in a kept pair contributes nothing on the ``"ffi"`` backend.
+The op is differentiable on every backend (so whether ``jax.grad`` works does not depend on the
+machine): the pure-JAX backends through JAX's own autodiff, ``"ffi"`` through a ``jax.custom_vjp``
+whose backward is the kernel's backward target (``beam_masked_moe_bwd``, ``ffi/masked_moe_cpu_kernel.h``):
+grouped GEMMs over the same kept pairs, so the backward too computes K experts per token, not E.
+It returns d(x), d(weights) (``<dy[t], expert_out[t, k]>`` for kept pairs, 0 for dropped ones) and,
+only when one of the expert weights is being differentiated (``custom_vjp``'s ``symbolic_zeros``
+tells), d(w_gate), d(w_up), d(w_down) (``beam_masked_moe_bwd_full``); with frozen expert weights
+(BEAM's ``train.trainable=mask``) those GEMMs are skipped. Where the extension has no backward
+target for the platform (CUDA today), the ``"ffi"`` backward is the VJP of
+:func:`beam_jax.experts.experts_grouped` on the same inputs (see :func:`ffi_grad_available`).
+``keep`` and ``expert_ids`` get no gradient.
+
+It works under ``jax.jit`` and ``jax.vmap`` (a vmap over tokens with shared expert weights becomes
+one kernel call over all tokens; batched expert weights run one call per example). An out-of-range
+expert id in a kept pair contributes nothing on the ``"ffi"`` backend, and gets no gradient.
 """
 
 from __future__ import annotations
@@ -29,13 +39,16 @@ import numpy as np
 
 from beam_jax.experts import experts_dense, experts_grouped, experts_reference
 
-__all__ = ["masked_moe", "ffi_available", "default_backend", "BACKENDS", "FFI_DTYPES"]
+__all__ = ["masked_moe", "ffi_available", "ffi_grad_available", "default_backend", "BACKENDS",
+           "FFI_DTYPES"]
 
 BACKENDS = ("ffi", "grouped", "reference", "dense")
 FFI_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 _TARGET = "beam_masked_moe"
 _TARGET_ALIASED = "beam_masked_moe_aliased"  # + y_init aliased to y (tests: poisoned output)
+_BWD_TARGET = "beam_masked_moe_bwd"  # -> (dx, dweights)
+_BWD_FULL_TARGET = "beam_masked_moe_bwd_full"  # -> (dx, dweights, dw_gate, dw_up, dw_down)
 
 try:  # the compiled extension; a source checkout without a build still imports this module
     from beam_jax import _ffi
@@ -46,20 +59,26 @@ else:
     _FFI_IMPORT_ERROR = None
 
 _FFI_PLATFORMS: set[str] = set()  # jax.default_backend() names with a registered kernel
+_GRAD_PLATFORMS: set[str] = set()  # ... and with the backward targets too
 
 
 def _register_targets() -> None:
     if _ffi is None:
         return
-    for name, capsule in _ffi.registrations().items():
+    cpu = _ffi.registrations()
+    for name, capsule in cpu.items():
         jax.ffi.register_ffi_target(name, capsule, platform="cpu")
     _FFI_PLATFORMS.add("cpu")
+    if _BWD_TARGET in cpu and _BWD_FULL_TARGET in cpu:  # an older build has the forward only
+        _GRAD_PLATFORMS.add("cpu")
     cuda = _ffi.cuda_registrations()
     for name, capsule in cuda.items():
         # Registering a CUDA target on a CPU-only jaxlib passes silently.
         jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
     if cuda:
         _FFI_PLATFORMS.add("gpu")
+        if _BWD_TARGET in cuda and _BWD_FULL_TARGET in cuda:
+            _GRAD_PLATFORMS.add("gpu")
 
 
 _register_targets()
@@ -78,6 +97,15 @@ def ffi_available(platform: str | None = None) -> bool:
     if platform == "gpu" and _is_rocm():
         return False
     return platform in _FFI_PLATFORMS
+
+
+def ffi_grad_available(platform: str | None = None) -> bool:
+    """Whether the FFI kernel's backward targets are built for ``platform`` (default: jax's default).
+
+    Where they are not (but the forward is), the ``"ffi"`` backend's backward is the VJP of
+    :func:`beam_jax.experts.experts_grouped`."""
+    platform = platform or jax.default_backend()
+    return ffi_available(platform) and platform in _GRAD_PLATFORMS
 
 
 def default_backend(platform: str | None = None) -> str:
@@ -184,36 +212,107 @@ def _ffi_op_vmap(axis_size, in_batched, x, w_gate, w_up, w_down, expert_ids, wei
     return y.reshape(axis_size, x.shape[-2] if in_batched[0] else x.shape[0], -1), True
 
 
-# --- non-differentiable wrappers -----------------------------------------------------------------
+# --- the backward ----------------------------------------------------------------------------------
 
 
-def _not_differentiable(fn, name):
-    op = jax.custom_vjp(fn)
+def _ffi_bwd_2d(x, w_gate, w_up, w_down, expert_ids, weights, keep, dy, full):
+    """(dx [T, d] x.dtype, dweights [T, K] f32[, dw_gate, dw_up, dw_down] in x.dtype)."""
+    T, d = x.shape
+    E, _, f = w_gate.shape
+    K = expert_ids.shape[1]
+    wshapes = [w_gate.shape, w_up.shape, w_down.shape] if full else []
+    if T == 0 or K == 0 or d == 0 or E == 0 or f == 0:  # no zero-sized custom call
+        return (jnp.zeros((T, d), x.dtype), jnp.zeros((T, K), jnp.float32),
+                *(jnp.zeros(s, x.dtype) for s in wshapes))
+    outs = [jax.ShapeDtypeStruct((T, d), x.dtype), jax.ShapeDtypeStruct((T, K), jnp.float32)]
+    outs += [jax.ShapeDtypeStruct(s, x.dtype) for s in wshapes]
+    target = _BWD_FULL_TARGET if full else _BWD_TARGET
+    return tuple(jax.ffi.ffi_call(target, outs, vmap_method="sequential")(
+        x, w_gate, w_up, w_down, expert_ids, weights.astype(jnp.float32), keep, dy.astype(x.dtype)))
 
-    def fwd(*args):
-        raise TypeError(
-            f"masked_moe (backend={name!r}) is an inference op and is not differentiable; "
-            "for training use beam_jax.experts (experts_grouped / experts_dense) directly")
 
-    def bwd(res, g):  # pragma: no cover - fwd already raised
-        raise TypeError("masked_moe is not differentiable")
+def _make_bwd_op(full: bool):
+    @jax.custom_batching.custom_vmap
+    def op(x, w_gate, w_up, w_down, expert_ids, weights, keep, dy):
+        return _ffi_bwd_2d(x, w_gate, w_up, w_down, expert_ids, weights, keep, dy, full)
 
-    op.defvjp(fwd, bwd)
+    @op.def_vmap
+    def op_vmap(axis_size, in_batched, x, w_gate, w_up, w_down, expert_ids, weights, keep, dy):
+        args = [x, w_gate, w_up, w_down, expert_ids, weights, keep, dy]
+        n_out = 5 if full else 2
+        if full or any(in_batched[1:4]):
+            # Per-example expert weights, or per-example expert-weight gradients (a vmapped
+            # backward owes each example its own): one kernel call per example.
+            idx = [i for i, b in enumerate(in_batched) if b]
+
+            def one(sliced):
+                a = list(args)
+                for i, v in zip(idx, sliced):
+                    a[i] = v
+                return op(*a)
+
+            return jax.lax.map(one, tuple(args[i] for i in idx)), (True,) * n_out
+        # Shared expert weights, token-local outputs: fold the batch into the tokens.
+        tok = []
+        for a, b in zip((x, expert_ids, weights, keep, dy), (in_batched[0], *in_batched[4:])):
+            a = a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
+            tok.append(a.reshape(axis_size * a.shape[1], *a.shape[2:]))
+        xb, ib, wb, kb, gb = tok
+        dx, dw = op(xb, w_gate, w_up, w_down, ib, wb, kb, gb)
+        return (dx.reshape(axis_size, -1, dx.shape[-1]), dw.reshape(axis_size, -1, dw.shape[-1])), \
+            (True, True)
+
     return op
 
 
-def _pure_jax(path):
-    def run(x, w_gate, w_up, w_down, expert_ids, weights, keep):
-        return path(x, w_gate, w_up, w_down, expert_ids, weights, keep)
+_BWD_OPS = {False: _make_bwd_op(False), True: _make_bwd_op(True)}
 
-    return run
+
+@jax.custom_vjp
+def _ffi_diff(x, w_gate, w_up, w_down, expert_ids, weights, keep):
+    return _ffi_op(x, w_gate, w_up, w_down, expert_ids, weights, keep)
+
+
+def _ffi_diff_fwd(x, w_gate, w_up, w_down, expert_ids, weights, keep):
+    # symbolic_zeros=True: each argument is a CustomVJPPrimal(value, perturbed).
+    vals = tuple(a.value for a in (x, w_gate, w_up, w_down, expert_ids, weights, keep))
+    weight_grads = w_gate.perturbed or w_up.perturbed or w_down.perturbed
+    # The residual's key carries the static choice (a pytree key, not a traced value).
+    return _ffi_op(*vals), {"full" if weight_grads else "partial": vals}
+
+
+def _ffi_diff_bwd(res, dy):
+    (kind, vals), = res.items()
+    x, w_gate, w_up, w_down, expert_ids, weights, keep = vals
+    if isinstance(dy, jax.custom_derivatives.SymbolicZero):
+        return (None,) * 7
+    full = kind == "full"
+    if ffi_grad_available():
+        dx, dw, *dws = _BWD_OPS[full](x, w_gate, w_up, w_down, expert_ids, weights, keep, dy)
+    else:  # no backward target on this platform: the grouped path's VJP on the same inputs
+        def f(x_, wg_, wu_, wd_, w_):
+            return experts_grouped(x_, wg_, wu_, wd_, expert_ids, w_, keep & _in_range(expert_ids, w_gate))
+
+        _, vjp = jax.vjp(f, x, w_gate, w_up, w_down, weights.astype(jnp.float32))
+        dx, dwg, dwu, dwd, dw = vjp(dy.astype(x.dtype))
+        dws = [dwg, dwu, dwd] if full else []
+    if not full:
+        dws = [None, None, None]
+    return (dx.astype(x.dtype), *dws, None, dw.astype(weights.dtype), None)
+
+
+_ffi_diff.defvjp(_ffi_diff_fwd, _ffi_diff_bwd, symbolic_zeros=True)
+
+
+def _in_range(expert_ids, w_gate):
+    return (expert_ids >= 0) & (expert_ids < w_gate.shape[0])
 
 
 _OPS = {
-    "ffi": _not_differentiable(_ffi_op, "ffi"),
-    "grouped": _not_differentiable(_pure_jax(experts_grouped), "grouped"),
-    "reference": _not_differentiable(_pure_jax(experts_reference), "reference"),
-    "dense": _not_differentiable(_pure_jax(experts_dense), "dense"),
+    "ffi": _ffi_diff,
+    "grouped": experts_grouped,
+    "reference": experts_reference,
+    "dense": experts_dense,
 }
 
 
@@ -232,7 +331,8 @@ def masked_moe(x, w_gate, w_up, w_down, expert_ids, weights, keep=None, backend=
       ValueError: a tensor of the wrong rank, shape or dtype (named in the message), or an unknown
         backend.
       RuntimeError: ``backend="ffi"`` where the extension is not built for this platform.
-      TypeError: when differentiated.
+
+    Differentiable in x, the expert weights and weights (see the module docstring).
     """
     _validate(x, w_gate, w_up, w_down, expert_ids, weights, keep)
     if backend is None:

@@ -24,11 +24,13 @@ from .trainer import LossConfig, Trainer, fit
 
 
 def expert_impl(name: str) -> str:
-    """'auto' -> the fastest differentiable path here: dense einsum on CPU (ragged_dot is 20-30x slower
-    there, see bench/), grouped ragged_dot elsewhere."""
+    """'auto' -> the training path chosen by `experts.training_impl` (the differentiable FFI kernel on CPU
+    where it is built, see bench/train_step.py); anything else forces that path."""
     if name != "auto":
         return name
-    return "dense" if jax.default_backend() == "cpu" else "grouped"
+    from .experts import training_impl
+
+    return training_impl()
 
 
 def eval_impl(name: str) -> str:

@@ -34,6 +34,25 @@ struct Problem {
   void* y = nullptr;                    // [T, d], same element type as x
 };
 
+// The backward of one call: the forward's operands plus the output cotangent dy, and the gradients
+// to write. With keep[t,k] and e = expert_ids[t,k] in [0, E), a = x[t] @ gate_e, b = x[t] @ up_e,
+// h = silu(a) * b and g = down_e @ dy[t] (so that <dy[t], h @ down_e> = <g, h>):
+//   dweights[t,k] = <g, h>                          (0 for a dropped pair)
+//   da = weights[t,k] * g * b * silu'(a),  db = weights[t,k] * g * silu(a)
+//   dx[t]        += da @ gate_e^T + db @ up_e^T
+//   dw_gate[e]   += x[t]^T da,  dw_up[e] += x[t]^T db,  dw_down[e] += h^T (weights[t,k] * dy[t])
+// The expert-weight gradients are optional (null pointers: not computed); when asked, every element
+// is written (zero for experts without kept pairs).
+struct BwdProblem {
+  Problem fwd;                   // x, weights, routing (fwd.y unused)
+  const void* dy = nullptr;      // [T, d], x's element type
+  void* dx = nullptr;            // [T, d], x's element type
+  float* dweights = nullptr;     // [T, K] f32
+  void* dw_gate = nullptr;       // [E, d, f] or null
+  void* dw_up = nullptr;         // [E, d, f] or null
+  void* dw_down = nullptr;       // [E, f, d] or null
+};
+
 // How the CPU kernel runs work in parallel: `schedule(task)` runs `task` on another thread (or
 // inline), `num_threads` is how many threads may work at once (the caller's included).
 struct Runner {
@@ -44,9 +63,11 @@ struct Runner {
 // CPU kernels, one per instruction set; `masked_moe_cpu.cc` picks one at run time.
 namespace cpu_generic {
 void MaskedMoe(const Problem& p, const Runner& runner);
+void MaskedMoeBwd(const BwdProblem& p, const Runner& runner);
 }
 namespace cpu_avx2 {
 void MaskedMoe(const Problem& p, const Runner& runner);
+void MaskedMoeBwd(const BwdProblem& p, const Runner& runner);
 }
 bool CpuHasAvx2();
 
@@ -68,6 +89,12 @@ xla::ffi::Error CheckAndDescribe(xla::ffi::AnyBuffer x, xla::ffi::AnyBuffer w_ga
 // (input_output_aliases): its contents are ignored, so a poisoned y_init shows unwritten rows.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCpuAliased);
+// Backward targets (CPU only):
+//   beam_masked_moe_bwd:      (x, w_gate, w_up, w_down, expert_ids, weights, keep, dy)
+//                             -> (dx [T,d] x's dtype, dweights [T,K] f32)
+//   beam_masked_moe_bwd_full: same operands -> (dx, dweights, dw_gate, dw_up, dw_down) (x's dtype)
+XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeBwdCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeBwdFullCpu);
 #ifdef BEAM_JAX_WITH_CUDA
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCudaAliased);

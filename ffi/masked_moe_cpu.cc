@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
 #include <thread>
 
@@ -40,6 +41,7 @@ bool CpuHasAvx2() {
 #ifndef BEAM_JAX_HAVE_AVX2_TU
 namespace cpu_avx2 {
 void MaskedMoe(const Problem& p, const Runner& runner) { cpu_generic::MaskedMoe(p, runner); }
+void MaskedMoeBwd(const BwdProblem& p, const Runner& runner) { cpu_generic::MaskedMoeBwd(p, runner); }
 }  // namespace cpu_avx2
 #endif
 
@@ -108,6 +110,18 @@ ffi::Error CheckAndDescribe(ffi::AnyBuffer x, ffi::AnyBuffer w_gate, ffi::AnyBuf
 
 namespace {
 
+Runner MakeRunner(ffi::ThreadPool& pool) {
+  Runner runner;
+  const int64_t pool_threads = pool.num_threads();
+  if (pool_threads > 0) {
+    runner.num_threads = int(pool_threads);
+    runner.schedule = [&pool](std::function<void()> task) { pool.Schedule(std::move(task)); };
+  } else {
+    runner.num_threads = 1;  // no intra-op pool: run on the caller's thread
+  }
+  return runner;
+}
+
 ffi::Error MaskedMoeCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w_gate,
                         ffi::AnyBuffer w_up, ffi::AnyBuffer w_down,
                         ffi::Buffer<ffi::S32> expert_ids, ffi::Buffer<ffi::F32> weights,
@@ -117,20 +131,89 @@ ffi::Error MaskedMoeCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
       err.failure())
     return err;
   if (p.T == 0 || p.d == 0) return ffi::Error::Success();
-  Runner runner;
-  const int64_t pool_threads = pool.num_threads();
-  if (pool_threads > 0) {
-    runner.num_threads = int(pool_threads);
-    runner.schedule = [&pool](std::function<void()> task) { pool.Schedule(std::move(task)); };
-  } else {
-    runner.num_threads = 1;  // no intra-op pool: run on the caller's thread
-  }
+  Runner runner = MakeRunner(pool);
   if (CpuHasAvx2()) {
     cpu_avx2::MaskedMoe(p, runner);
   } else {
     cpu_generic::MaskedMoe(p, runner);
   }
   return ffi::Error::Success();
+}
+
+ffi::Error CheckSame(const char* name, const ffi::AnyBuffer& b, ffi::DataType t,
+                     std::initializer_list<int64_t> dims) {
+  auto bd = b.dimensions();
+  bool ok = b.element_type() == t && bd.size() == dims.size();
+  size_t i = 0;
+  for (int64_t v : dims) ok = ok && bd[i++] == v;
+  if (!ok)
+    return ffi::Error::InvalidArgument(std::string(name) + " must have x's dtype and shape [" +
+                                       [&] {
+                                         std::string s;
+                                         for (int64_t v : dims) s += (s.empty() ? "" : ", ") + std::to_string(v);
+                                         return s;
+                                       }() + "], got " + DimsString(bd));
+  return ffi::Error::Success();
+}
+
+// The backward; dw_gate, dw_up and dw_down are null for the variant without expert-weight gradients.
+ffi::Error MaskedMoeBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w_gate,
+                            ffi::AnyBuffer w_up, ffi::AnyBuffer w_down,
+                            ffi::Buffer<ffi::S32> expert_ids, ffi::Buffer<ffi::F32> weights,
+                            ffi::Buffer<ffi::PRED> keep, ffi::AnyBuffer dy, ffi::AnyBuffer* dx,
+                            ffi::Buffer<ffi::F32>* dweights, ffi::AnyBuffer* dw_gate,
+                            ffi::AnyBuffer* dw_up, ffi::AnyBuffer* dw_down) {
+  BwdProblem bp;
+  Problem& p = bp.fwd;
+  // dy plays the forward's y in the checks: [T, d] in x's dtype.
+  if (ffi::Error err = CheckAndDescribe(x, w_gate, w_up, w_down, expert_ids, weights, keep, dy, &p);
+      err.failure())
+    return err;
+  const ffi::DataType t = x.element_type();
+  if (ffi::Error err = CheckSame("dx", *dx, t, {p.T, p.d}); err.failure()) return err;
+  auto wdims = dweights->dimensions();
+  if (wdims.size() != 2 || wdims[0] != p.T || wdims[1] != p.K)
+    return ffi::Error::InvalidArgument("dweights must be [T, K], got " + DimsString(wdims));
+  if (dw_gate != nullptr) {
+    if (ffi::Error err = CheckSame("dw_gate", *dw_gate, t, {p.E, p.d, p.f}); err.failure()) return err;
+    if (ffi::Error err = CheckSame("dw_up", *dw_up, t, {p.E, p.d, p.f}); err.failure()) return err;
+    if (ffi::Error err = CheckSame("dw_down", *dw_down, t, {p.E, p.f, p.d}); err.failure()) return err;
+    bp.dw_gate = dw_gate->untyped_data();
+    bp.dw_up = dw_up->untyped_data();
+    bp.dw_down = dw_down->untyped_data();
+  }
+  bp.dy = dy.untyped_data();
+  bp.dx = dx->untyped_data();
+  bp.dweights = dweights->typed_data();
+  Runner runner = MakeRunner(pool);
+  if (CpuHasAvx2()) {
+    cpu_avx2::MaskedMoeBwd(bp, runner);
+  } else {
+    cpu_generic::MaskedMoeBwd(bp, runner);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error MaskedMoeBwdCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w_gate,
+                           ffi::AnyBuffer w_up, ffi::AnyBuffer w_down,
+                           ffi::Buffer<ffi::S32> expert_ids, ffi::Buffer<ffi::F32> weights,
+                           ffi::Buffer<ffi::PRED> keep, ffi::AnyBuffer dy,
+                           ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::Buffer<ffi::F32>> dweights) {
+  return MaskedMoeBwdImpl(pool, x, w_gate, w_up, w_down, expert_ids, weights, keep, dy, &*dx,
+                          &*dweights, nullptr, nullptr, nullptr);
+}
+
+ffi::Error MaskedMoeBwdFullCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w_gate,
+                               ffi::AnyBuffer w_up, ffi::AnyBuffer w_down,
+                               ffi::Buffer<ffi::S32> expert_ids, ffi::Buffer<ffi::F32> weights,
+                               ffi::Buffer<ffi::PRED> keep, ffi::AnyBuffer dy,
+                               ffi::Result<ffi::AnyBuffer> dx,
+                               ffi::Result<ffi::Buffer<ffi::F32>> dweights,
+                               ffi::Result<ffi::AnyBuffer> dw_gate,
+                               ffi::Result<ffi::AnyBuffer> dw_up,
+                               ffi::Result<ffi::AnyBuffer> dw_down) {
+  return MaskedMoeBwdImpl(pool, x, w_gate, w_up, w_down, expert_ids, weights, keep, dy, &*dx,
+                          &*dweights, &*dw_gate, &*dw_up, &*dw_down);
 }
 
 ffi::Error MaskedMoeCpuAliased(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w_gate,
@@ -171,3 +254,36 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BeamMaskedMoeCpuAliased, beam::MaskedMoeCpuAliased
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // keep
                                   .Arg<ffi::AnyBuffer>()        // y_init (aliased to y)
                                   .Ret<ffi::AnyBuffer>());       // y
+
+// Backward: (forward operands, dy [T,d] in x's dtype) -> (dx [T,d] x's dtype, dweights [T,K] f32)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BeamMaskedMoeBwdCpu, beam::MaskedMoeBwdCpu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()        // x
+                                  .Arg<ffi::AnyBuffer>()        // w_gate
+                                  .Arg<ffi::AnyBuffer>()        // w_up
+                                  .Arg<ffi::AnyBuffer>()        // w_down
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_ids
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // weights
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // keep
+                                  .Arg<ffi::AnyBuffer>()        // dy
+                                  .Ret<ffi::AnyBuffer>()        // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dweights
+
+// Same, plus the expert-weight gradients dw_gate, dw_up [E,d,f] and dw_down [E,f,d] (x's dtype).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BeamMaskedMoeBwdFullCpu, beam::MaskedMoeBwdFullCpu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()        // x
+                                  .Arg<ffi::AnyBuffer>()        // w_gate
+                                  .Arg<ffi::AnyBuffer>()        // w_up
+                                  .Arg<ffi::AnyBuffer>()        // w_down
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_ids
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // weights
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // keep
+                                  .Arg<ffi::AnyBuffer>()        // dy
+                                  .Ret<ffi::AnyBuffer>()        // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dweights
+                                  .Ret<ffi::AnyBuffer>()        // dw_gate
+                                  .Ret<ffi::AnyBuffer>()        // dw_up
+                                  .Ret<ffi::AnyBuffer>());       // dw_down

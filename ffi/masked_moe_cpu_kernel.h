@@ -327,7 +327,7 @@ void ParallelFor(const Runner& runner, int64_t n, const std::function<void(int64
 
 // Per-thread scratch, reused across calls.
 float* ThreadBuffer(int which, size_t count) {
-  thread_local std::vector<float> buffers[3];
+  thread_local std::vector<float> buffers[8];
   std::vector<float>& b = buffers[which];
   if (b.size() < count) b.resize(count);
   return b.data();
@@ -600,6 +600,356 @@ void Run(const Problem& p, const Runner& runner) {
   }
 }
 
+// =============================================================================================
+// Backward (see BwdProblem in masked_moe.h for the formulas).
+//
+// Same grouping as the forward: the kept pairs sorted by expert, processed in chunks of rows,
+// one segment per expert in a chunk. Per chunk, with rows gathered into f32 row-major buffers
+// (X: x of the pair's token, G: dy of the pair's token):
+//   a. [A | B] = X @ [gate_e | up_e] (the forward's first GEMM, recomputed) and
+//      Gd = G @ down_e^T, per (segment, block of f); the epilogue forms h = silu(A) * B, the
+//      partial sums of dweights = <Gd, h> per block (summed in block order afterwards), and
+//      DA = w Gd B silu'(A), DB = w Gd silu(A).
+//   b. DX = DA @ gate_e^T + DB @ up_e^T per (segment, block of d) into a row buffer, then added
+//      into dx[token] by column blocks, rows in sorted order (no races, a fixed sum order).
+//   c. Only when asked: dw_gate_e | dw_up_e += X^T [DA | DB] and dw_down_e += H^T (w G), per
+//      (segment, 64 x 64 tile); an expert has one segment per chunk, so tiles are disjoint.
+// Every GEMM runs the forward's packed MR x NR micro-kernel (TileGemm below); weights used
+// transposed are packed through PackBT. Work follows the kept pairs: K experts per token.
+
+// C[ceil(M / MR) * MR x ldc] (=, or += when accumulate) A[M x Kd] @ B[Kd x nb], A and B given by
+// packers: packA(k0, kc, pi, out) writes panel pi (rows pi * MR ..) as out[k * MR + i], zero for
+// rows at or past M; packB(k0, kc, out) writes ceil(nb / NR) strips of kc x NR (zero-padded).
+template <class PA, class PB>
+void TileGemm(int64_t M, int64_t nb, int64_t Kd, const PA& packA, const PB& packB, float* C,
+              int64_t ldc, bool accumulate) {
+  const int64_t panels = (M + MR - 1) / MR, strips = (nb + NR - 1) / NR;
+  if (Kd <= 0) {
+    if (!accumulate) std::fill(C, C + panels * MR * ldc, 0.0f);
+    return;
+  }
+  float* Ap = ThreadBuffer(3, size_t(KC * MR));
+  float* Bp = ThreadBuffer(4, size_t(KC * strips * NR));
+  for (int64_t k0 = 0; k0 < Kd; k0 += KC) {
+    const int64_t kc = std::min(KC, Kd - k0);
+    packB(k0, kc, Bp);
+    for (int64_t pi = 0; pi < panels; ++pi) {
+      packA(k0, kc, pi, Ap);
+      for (int64_t s = 0; s < strips; ++s)
+        MicroKernel(kc, Ap, Bp + s * kc * NR, C + pi * MR * ldc + s * NR, ldc,
+                    accumulate || k0 > 0);
+    }
+  }
+}
+
+// A(m, k) = S[m * ld + k] for m < M (f32 rows).
+struct RowsA {
+  const float* S;
+  int64_t ld, M;
+  void operator()(int64_t k0, int64_t kc, int64_t pi, float* out) const {
+    for (int i = 0; i < MR; ++i) {
+      const int64_t m = pi * MR + i;
+      if (m < M) {
+        const float* src = S + m * ld + k0;
+        for (int64_t k = 0; k < kc; ++k) out[k * MR + i] = src[k];
+      } else {
+        for (int64_t k = 0; k < kc; ++k) out[k * MR + i] = 0.0f;
+      }
+    }
+  }
+};
+
+// A(m, k) = S[k * ld + m] for m < M: the transpose of f32 rows (the weight-gradient GEMMs, whose
+// reduction runs over the rows of a segment).
+struct ColsA {
+  const float* S;
+  int64_t ld, M;
+  void operator()(int64_t k0, int64_t kc, int64_t pi, float* out) const {
+    const int64_t m0 = pi * MR, n = std::min<int64_t>(MR, M - m0);
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* src = S + (k0 + k) * ld + m0;
+      float* o = out + k * MR;
+      int64_t i = 0;
+      for (; i < n; ++i) o[i] = src[i];
+      for (; i < MR; ++i) o[i] = 0.0f;
+    }
+  }
+};
+
+// Like PackB for the transpose: B(k, n) = W[(j0 + n) * ldw + k0 + k] for k < kc, n < nb, in
+// ceil(nb / NR) strips of kc x NR f32 (zero-padded columns).
+template <typename T>
+void PackBT(const T* W, int64_t ldw, int64_t k0, int64_t kc, int64_t j0, int64_t nb, float* out) {
+  const int64_t strips = (nb + NR - 1) / NR;
+  for (int64_t s = 0; s < strips; ++s) {
+    float* o = out + s * kc * NR;
+    for (int64_t jj = 0; jj < NR; ++jj) {
+      const int64_t n = s * NR + jj;
+      if (n < nb) {
+        const T* src = W + (j0 + n) * ldw + k0;
+        for (int64_t k = 0; k < kc; ++k) o[k * NR + jj] = ToFloat(src[k]);
+      } else {
+        for (int64_t k = 0; k < kc; ++k) o[k * NR + jj] = 0.0f;
+      }
+    }
+  }
+}
+
+// Converts n f32 values to T in parallel blocks (a no-op copy is never needed: f32 outputs are
+// accumulated in place).
+template <typename T>
+void ConvertOut(const Runner& runner, const float* src, T* dst, int64_t n) {
+  constexpr int64_t kBlock = 1 << 14;
+  ParallelFor(runner, (n + kBlock - 1) / kBlock, [&](int64_t b) {
+    const int64_t i0 = b * kBlock, i1 = std::min(n, i0 + kBlock);
+    for (int64_t i = i0; i < i1; ++i) dst[i] = FromFloat<T>(src[i]);
+  });
+}
+
+void ZeroF32(const Runner& runner, float* dst, int64_t n) {
+  constexpr int64_t kBlock = 1 << 16;
+  ParallelFor(runner, (n + kBlock - 1) / kBlock, [&](int64_t b) {
+    const int64_t i0 = b * kBlock, i1 = std::min(n, i0 + kBlock);
+    std::fill(dst + i0, dst + i1, 0.0f);
+  });
+}
+
+template <typename T>
+void RunBwd(const BwdProblem& bp, const Runner& runner) {
+  const Problem& p = bp.fwd;
+  const int64_t T_ = p.T, K = p.K, E = p.E, d = p.d, f = p.f;
+  const T* x = static_cast<const T*>(p.x);
+  const T* wg = static_cast<const T*>(p.w_gate);
+  const T* wu = static_cast<const T*>(p.w_up);
+  const T* wd = static_cast<const T*>(p.w_down);
+  const T* dy = static_cast<const T*>(bp.dy);
+  const bool wgrad = bp.dw_gate != nullptr;
+
+  // 1. Group the kept pairs by expert (counting sort, stable in pair order), as the forward.
+  const int64_t num_pairs = T_ * K;
+  std::vector<int64_t> offsets(E + 1, 0);
+  for (int64_t q = 0; q < num_pairs; ++q) {
+    const int32_t e = p.expert_ids[q];
+    if (p.keep[q] && e >= 0 && e < E) ++offsets[e + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) offsets[e + 1] += offsets[e];
+  const int64_t kept = offsets[E];
+  std::vector<int64_t> sorted(kept);
+  {
+    std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
+    for (int64_t q = 0; q < num_pairs; ++q) {
+      const int32_t e = p.expert_ids[q];
+      if (p.keep[q] && e >= 0 && e < E) sorted[cursor[e]++] = q;
+    }
+  }
+
+  // f32 accumulators: the outputs themselves for f32, temporaries otherwise. Every element is
+  // zeroed first, so tokens without kept pairs and experts without rows get zero gradients.
+  std::vector<float> dx_tmp, dw_tmp;
+  float* DX;
+  float *DWG = nullptr, *DWU = nullptr, *DWD = nullptr;
+  const int64_t nw = E * d * f;
+  if constexpr (std::is_same_v<T, float>) {
+    DX = static_cast<float*>(bp.dx);
+    if (wgrad) {
+      DWG = static_cast<float*>(bp.dw_gate);
+      DWU = static_cast<float*>(bp.dw_up);
+      DWD = static_cast<float*>(bp.dw_down);
+    }
+  } else {
+    dx_tmp.resize(size_t(T_ * d));
+    DX = dx_tmp.data();
+    if (wgrad) {
+      dw_tmp.resize(size_t(3 * nw));
+      DWG = dw_tmp.data();
+      DWU = DWG + nw;
+      DWD = DWU + nw;
+    }
+  }
+  ZeroF32(runner, DX, T_ * d);
+  std::fill(bp.dweights, bp.dweights + num_pairs, 0.0f);
+  if (wgrad) {
+    ZeroF32(runner, DWG, nw);
+    ZeroF32(runner, DWU, nw);
+    ZeroF32(runner, DWD, nw);
+  }
+
+  // 2. Chunks of sorted rows, sized so the row buffers stay near 128 MiB.
+  const int64_t chunk = std::max<int64_t>(
+      16 * MR, std::min<int64_t>(kChunkRows, (int64_t(1) << 25) / std::max<int64_t>(1, 4 * d + 4 * f)));
+  const int64_t fblocks = (f + NB1 - 1) / NB1, dblocks = (d + NB2 - 1) / NB2;
+  constexpr int64_t TB = 64;  // tile of the weight-gradient GEMMs
+  const int64_t gu_m = (d + TB - 1) / TB, gu_n = (2 * f + TB - 1) / TB;
+  const int64_t dn_m = (f + TB - 1) / TB, dn_n = (d + TB - 1) / TB;
+  const int64_t wunits = gu_m * gu_n + dn_m * dn_n;
+  const int64_t rows_max = std::min(chunk, kept);
+  std::vector<float> xs(size_t(rows_max * d)), gs(size_t(rows_max * d)), dxs(size_t(rows_max * d));
+  std::vector<float> dab(size_t(rows_max * 2 * f)), dwp(size_t(rows_max * fblocks));
+  std::vector<float> wr(static_cast<size_t>(rows_max));
+  std::vector<float> hs, wdy;
+  if (wgrad) {
+    hs.resize(size_t(rows_max * f));
+    wdy.resize(size_t(rows_max * d));
+  }
+  struct Seg { int64_t expert, row0, rows; };  // row0: first row of the chunk's buffers
+  std::vector<Seg> segs;
+  for (int64_t c0 = 0; c0 < kept; c0 += chunk) {
+    const int64_t c1 = std::min(kept, c0 + chunk), R = c1 - c0;
+    segs.clear();
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t r0 = std::max(offsets[e], c0), r1 = std::min(offsets[e + 1], c1);
+      if (r1 > r0) segs.push_back({e, r0 - c0, r1 - r0});
+    }
+    const int64_t nseg = int64_t(segs.size());
+
+    // 2a'. Gather x and dy of each row's token (f32), and the row's weight.
+    constexpr int64_t kGather = 32;
+    ParallelFor(runner, (R + kGather - 1) / kGather, [&](int64_t b) {
+      const int64_t i1 = std::min(R, (b + 1) * kGather);
+      for (int64_t i = b * kGather; i < i1; ++i) {
+        const int64_t q = sorted[c0 + i], t = q / K;
+        const T* xr = x + t * d;
+        const T* gr = dy + t * d;
+        float* xo = xs.data() + i * d;
+        float* go = gs.data() + i * d;
+        for (int64_t k = 0; k < d; ++k) xo[k] = ToFloat(xr[k]);
+        for (int64_t k = 0; k < d; ++k) go[k] = ToFloat(gr[k]);
+        const float w = p.weights[q];
+        wr[i] = w;
+        if (wgrad) {
+          float* wo = wdy.data() + i * d;
+          for (int64_t k = 0; k < d; ++k) wo[k] = w * go[k];
+        }
+      }
+    });
+
+    // 2a. Recompute gate/up, Gd = G @ down^T, and the SwiGLU backward.
+    ParallelFor(runner, nseg * fblocks, [&](int64_t unit) {
+      const Seg& sg = segs[unit / fblocks];
+      const int64_t fb = unit % fblocks, j0 = fb * NB1, nb = std::min(NB1, f - j0);
+      const int64_t ldc = RoundUp(nb, NR), mp = RoundUp(sg.rows, MR);
+      const T* g_e = wg + sg.expert * d * f;
+      const T* u_e = wu + sg.expert * d * f;
+      const T* d_e = wd + sg.expert * f * d;
+      float* Cab = ThreadBuffer(5, size_t(mp * 2 * ldc));
+      float* Cg = ThreadBuffer(6, size_t(mp * ldc));
+      TileGemm(sg.rows, 2 * ldc, d, RowsA{xs.data() + sg.row0 * d, d, sg.rows},
+               [&](int64_t k0, int64_t kc, float* out) {
+                 PackB(g_e, f, k0, kc, j0, nb, out);
+                 PackB(u_e, f, k0, kc, j0, nb, out + kc * ldc);
+               },
+               Cab, 2 * ldc, false);
+      TileGemm(sg.rows, nb, d, RowsA{gs.data() + sg.row0 * d, d, sg.rows},
+               [&](int64_t k0, int64_t kc, float* out) { PackBT(d_e, d, k0, kc, j0, nb, out); },
+               Cg, ldc, false);
+      for (int64_t i = 0; i < sg.rows; ++i) {
+        const int64_t li = sg.row0 + i;
+        const float w = wr[li];
+        const float* ca = Cab + i * 2 * ldc;
+        const float* cb = ca + ldc;
+        const float* cg = Cg + i * ldc;
+        float* da = dab.data() + li * 2 * f + j0;
+        float* db = da + f;
+        float* h = wgrad ? hs.data() + li * f + j0 : nullptr;
+        float acc = 0.0f;
+        for (int64_t j = 0; j < nb; ++j) {
+          const float a = ca[j], b = cb[j], g = cg[j];
+          const float s = 1.0f / (1.0f + std::exp(-a));
+          const float sa = a * s;  // silu(a)
+          const float hv = sa * b;
+          acc += g * hv;
+          const float dh = w * g;
+          da[j] = dh * b * (s + sa * (1.0f - s));  // silu'(a) = s (1 + a (1 - s))
+          db[j] = dh * sa;
+          if (h) h[j] = hv;
+        }
+        dwp[li * fblocks + fb] = acc;
+      }
+    });
+    for (int64_t i = 0; i < R; ++i) {
+      float acc = 0.0f;
+      for (int64_t fb = 0; fb < fblocks; ++fb) acc += dwp[i * fblocks + fb];
+      bp.dweights[sorted[c0 + i]] = acc;
+    }
+
+    // 2b. DX rows, then into dx by column blocks.
+    ParallelFor(runner, nseg * dblocks, [&](int64_t unit) {
+      const Seg& sg = segs[unit / dblocks];
+      const int64_t j0 = (unit % dblocks) * NB2, nb = std::min(NB2, d - j0);
+      const int64_t ldc = RoundUp(nb, NR), mp = RoundUp(sg.rows, MR);
+      const T* g_e = wg + sg.expert * d * f;
+      const T* u_e = wu + sg.expert * d * f;
+      float* C = ThreadBuffer(5, size_t(mp * ldc));
+      const float* da = dab.data() + sg.row0 * 2 * f;
+      TileGemm(sg.rows, nb, f, RowsA{da, 2 * f, sg.rows},
+               [&](int64_t k0, int64_t kc, float* out) { PackBT(g_e, f, k0, kc, j0, nb, out); },
+               C, ldc, false);
+      TileGemm(sg.rows, nb, f, RowsA{da + f, 2 * f, sg.rows},
+               [&](int64_t k0, int64_t kc, float* out) { PackBT(u_e, f, k0, kc, j0, nb, out); },
+               C, ldc, true);
+      for (int64_t i = 0; i < sg.rows; ++i)
+        std::memcpy(dxs.data() + (sg.row0 + i) * d + j0, C + i * ldc, size_t(nb) * sizeof(float));
+    });
+    const int64_t rblocks_d = (d + NBR - 1) / NBR;
+    ParallelFor(runner, rblocks_d, [&](int64_t unit) {
+      const int64_t j0 = unit * NBR, j1 = std::min(d, j0 + NBR);
+      for (int64_t i = 0; i < R; ++i) {
+        float* dst = DX + (sorted[c0 + i] / K) * d;
+        const float* src = dxs.data() + i * d;
+        for (int64_t j = j0; j < j1; ++j) dst[j] += src[j];
+      }
+    });
+
+    // 2c. Expert-weight gradients.
+    if (wgrad) ParallelFor(runner, nseg * wunits, [&](int64_t unit) {
+      const Seg& sg = segs[unit / wunits];
+      int64_t u = unit % wunits;
+      float* C = ThreadBuffer(5, size_t(RoundUp(TB, MR) * TB));
+      constexpr int64_t ldc = TB;
+      if (u < gu_m * gu_n) {  // [dw_gate | dw_up][m0.., n0..] += X^T [DA | DB]
+        const int64_t m0 = (u / gu_n) * TB, n0 = (u % gu_n) * TB;
+        const int64_t M = std::min(TB, d - m0), nb = std::min(TB, 2 * f - n0);
+        const float* dabs = dab.data() + sg.row0 * 2 * f;
+        TileGemm(M, nb, sg.rows, ColsA{xs.data() + sg.row0 * d + m0, d, M},
+                 [&](int64_t k0, int64_t kc, float* out) {
+                   PackB(dabs, 2 * f, k0, kc, n0, nb, out);
+                 },
+                 C, ldc, false);
+        for (int64_t i = 0; i < M; ++i) {
+          const int64_t row = sg.expert * d + m0 + i;
+          for (int64_t j = 0; j < nb; ++j) {
+            const int64_t n = n0 + j;
+            if (n < f) DWG[row * f + n] += C[i * ldc + j];
+            else DWU[row * f + n - f] += C[i * ldc + j];
+          }
+        }
+        return;
+      }
+      u -= gu_m * gu_n;  // dw_down[m0.., n0..] += H^T (w G)
+      const int64_t m0 = (u / dn_n) * TB, n0 = (u % dn_n) * TB;
+      const int64_t M = std::min(TB, f - m0), nb = std::min(TB, d - n0);
+      const float* wdys = wdy.data() + sg.row0 * d;
+      TileGemm(M, nb, sg.rows, ColsA{hs.data() + sg.row0 * f + m0, f, M},
+               [&](int64_t k0, int64_t kc, float* out) { PackB(wdys, d, k0, kc, n0, nb, out); },
+               C, ldc, false);
+      for (int64_t i = 0; i < M; ++i) {
+        float* dst = DWD + (sg.expert * f + m0 + i) * d + n0;
+        for (int64_t j = 0; j < nb; ++j) dst[j] += C[i * ldc + j];
+      }
+    });
+  }
+
+  // 3. Convert the accumulators to the output type.
+  if constexpr (!std::is_same_v<T, float>) {
+    ConvertOut(runner, DX, static_cast<T*>(bp.dx), T_ * d);
+    if (wgrad) {
+      ConvertOut(runner, DWG, static_cast<T*>(bp.dw_gate), nw);
+      ConvertOut(runner, DWU, static_cast<T*>(bp.dw_up), nw);
+      ConvertOut(runner, DWD, static_cast<T*>(bp.dw_down), nw);
+    }
+  }
+}
+
 }  // namespace
 
 void MaskedMoe(const Problem& p, const Runner& runner) {
@@ -607,6 +957,14 @@ void MaskedMoe(const Problem& p, const Runner& runner) {
     case ElemType::kF32: Run<float>(p, runner); break;
     case ElemType::kBF16: Run<bf16_t>(p, runner); break;
     case ElemType::kF16: Run<f16_t>(p, runner); break;
+  }
+}
+
+void MaskedMoeBwd(const BwdProblem& p, const Runner& runner) {
+  switch (p.fwd.type) {
+    case ElemType::kF32: RunBwd<float>(p, runner); break;
+    case ElemType::kBF16: RunBwd<bf16_t>(p, runner); break;
+    case ElemType::kF16: RunBwd<f16_t>(p, runner); break;
   }
 }
 

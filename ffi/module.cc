@@ -1,10 +1,12 @@
 // Python module beam_jax._ffi: hands the FFI handlers to jax as capsules.
 //
-//   registrations()       -> {target name: capsule} for platform "cpu"
+//   registrations()       -> {target name: capsule} for platform "cpu" (forward and backward)
 //   cuda_registrations()  -> {target name: capsule} for platform "CUDA" (empty without CUDA)
 //   cuda_compiled()       -> whether the CUDA kernels were built into this module
 //   cpu_isa()             -> "avx2" or "generic": which CPU kernel this processor runs
-// A target has the same name on both platforms, so one ffi_call lowers on either.
+// A target has the same name on both platforms, so one ffi_call lowers on either. The backward
+// targets (beam_masked_moe_bwd, beam_masked_moe_bwd_full) exist on CPU only for now: a CUDA build
+// leaves them out of cuda_registrations(), and beam_jax.kernel reads which are there.
 
 #include <pybind11/pybind11.h>
 
@@ -29,6 +31,8 @@ PYBIND11_MODULE(_ffi, m) {
     py::dict d;
     d["beam_masked_moe"] = Capsule(BeamMaskedMoeCpu);
     d["beam_masked_moe_aliased"] = Capsule(BeamMaskedMoeCpuAliased);
+    d["beam_masked_moe_bwd"] = Capsule(BeamMaskedMoeBwdCpu);
+    d["beam_masked_moe_bwd_full"] = Capsule(BeamMaskedMoeBwdFullCpu);
     return d;
   });
   m.def("cuda_registrations", []() {
