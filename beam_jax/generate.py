@@ -1,12 +1,21 @@
-"""Autoregressive generation with a preallocated KV cache: one jitted prefill, one jitted decode step.
+"""Autoregressive generation with a preallocated KV cache, compiled whole: one call per `generate`.
 
 Matches `transformers`' `generate` conventions: left padding through `attention_mask`, sequences that hit
 an end-of-sequence token continue with the pad token, greedy by default, sampling with temperature,
 top-k and top-p.
+
+The model is split once per call into its graph definition (static) and its state (arrays, passed to the
+compiled function and only read), and one jitted function runs the prefill and the whole decode loop
+(`lax.while_loop`, stopping early when every sequence has ended). So a generation costs one dispatch, no host
+round trip per token, and no copy or write-back of the model's state. The KV cache length is bucketed
+(`cache_bucket`), and `max_new_tokens`, the pad token and a hook's knobs (BEAM's tau) are traced, so changing
+them within a bucket does not recompile. `generate_reference` is the plain step-by-step loop (one forward per
+token, a host round trip each) that the tests hold the compiled path to.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
@@ -16,11 +25,14 @@ from flax import nnx
 
 from .moe import topk_hook
 
+__all__ = ["generate", "generate_reference", "sample_next", "cache_bucket", "compiled_cache_size"]
 
-@partial(nnx.jit, static_argnames=("mask_hook", "impl"))
-def _forward(model, input_ids, attention_mask, cache, mask_hook, impl):
-    out = model(input_ids, attention_mask=attention_mask, cache=cache, mask_hook=mask_hook, impl=impl)
-    return out.logits[:, -1], out.cache
+MIN_BUCKET = 64
+
+
+def cache_bucket(n: int) -> int:
+    """KV-cache slots for `n` positions: the next power of two, at least MIN_BUCKET (64)."""
+    return max(MIN_BUCKET, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
 def sample_next(logits, rng, *, do_sample=False, temperature=1.0, top_k=0, top_p=1.0):
@@ -41,36 +53,180 @@ def sample_next(logits, rng, *, do_sample=False, temperature=1.0, top_k=0, top_p
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def _is_eos(tokens, eos: tuple):
+    """tokens [B] int32 -> [B] bool: whether each is one of the (static) end-of-sequence ids."""
+    hit = jnp.zeros(tokens.shape, bool)
+    for e in eos:
+        hit = hit | (tokens == e)
+    return hit
+
+
+def _resolve(model, input_ids, attention_mask, eos_token_id, pad_token_id, max_new_tokens):
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    input_ids = np.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"generate: input_ids must be [B, S], got shape {input_ids.shape}")
+    mask = np.ones(input_ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask)
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"generate: attention_mask {mask.shape} must match input_ids {input_ids.shape}")
+    cfg = model.cfg
+    eos = cfg.eos_token_id if eos_token_id is None else (
+        tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (eos_token_id,))
+    eos = tuple(int(e) for e in (eos or ()))
+    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None
+                                                          else (eos[0] if eos else 0))
+    return input_ids.astype(np.int32), mask.astype(np.int32), eos, int(pad)
+
+
+class _Static:
+    """A static jit argument compared by value whose hash never fails: a model's graph definition can hold
+    unhashable static attributes (a loaded model's `beam_config` dict), so the hash falls back to a coarse one
+    and equality decides."""
+
+    def __init__(self, value):
+        self.value = value
+        try:
+            self._hash = hash(value)
+        except TypeError:
+            self._hash = hash((type(value).__name__, getattr(value, "num_leaves", None),
+                               len(getattr(value, "nodes", ()))))
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return isinstance(other, _Static) and self._hash == other._hash and bool(self.value == other.value)
+
+
+def _split_hook(hook):
+    """A hook as (dynamic leaves, static rest): a pytree hook's array/number leaves (BEAM's tau) are traced so
+    a new value does not recompile; anything else (a plain function such as `topk_hook`) is static."""
+    leaves, treedef = jax.tree_util.tree_flatten(hook)
+    if all(isinstance(v, (int, float, np.number, np.ndarray, jax.Array)) and not isinstance(v, bool)
+           for v in leaves):
+        return [jnp.asarray(v) for v in leaves], (treedef, None)
+    return [], (None, hook)
+
+
+def _join_hook(leaves, static):
+    treedef, hook = static.value
+    return hook if treedef is None else jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "hook_static", "impl", "max_len", "eos", "do_sample", "temperature",
+                                   "top_k", "top_p"))
+def _generate_compiled(state, input_ids, mask, max_new_tokens, pad, rng, hook_leaves, *, graphdef, hook_static,
+                       impl, max_len, eos, do_sample, temperature, top_k, top_p):
+    """Prefill + decode loop. input_ids, mask [B, S] int32; max_new_tokens, pad int32 scalars and rng (the
+    PRNG key of the seed), all traced.
+    Returns (tokens [B, max_len - S] int32, pad-filled past the end; n [] int32: how many were generated)."""
+    model = nnx.merge(graphdef.value, state)
+    hook = _join_hook(hook_leaves, hook_static)
+    B, S = input_ids.shape
+    slots = max_len - S
+    sample = partial(sample_next, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    cache = model.init_cache(B, max_len)
+    out = model(input_ids, attention_mask=mask, cache=cache, mask_hook=hook, impl=impl)
+    rng, sub = jax.random.split(rng)
+    first = sample(out.logits[:, -1], sub)
+    tokens = jnp.full((B, slots), pad, jnp.int32).at[:, 0].set(first)
+    done = _is_eos(first, eos)
+    ones = jnp.ones((B, 1), jnp.int32)
+
+    def cond(carry):
+        n, _, _, done, _ = carry
+        return (n < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        n, cache, tokens, done, rng = carry
+        prev = jax.lax.dynamic_index_in_dim(tokens, n - 1, axis=1, keepdims=True)
+        step = model(prev, attention_mask=ones, cache=cache, mask_hook=hook, impl=impl)
+        rng, sub = jax.random.split(rng)
+        nxt = jnp.where(done, pad, sample(step.logits[:, -1], sub))
+        tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, n, axis=1)
+        return n + 1, step.cache, tokens, done | _is_eos(nxt, eos), rng
+
+    n, _, tokens, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out.cache, tokens, done, rng))
+    return tokens, n
+
+
+def compiled_cache_size() -> int:
+    """How many compiled variants of the generation function exist (for tests: no recompiles)."""
+    return _generate_compiled._cache_size()
+
+
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              eos_token_id=None, pad_token_id=None, mask_hook=topk_hook, impl: str = "kernel"):
     """input_ids [B, S] int (left-padded when `attention_mask` [B, S] has zeros) -> [B, S + new] int32.
 
-    Stops early when every sequence has produced an end-of-sequence token (default: the model config's).
-    impl="kernel" runs the experts through `beam_jax.masked_moe` (dropped pairs are skipped).
+    Greedy unless `do_sample` (then temperature, top-k and top-p filters, seeded by `seed`). Stops early when
+    every sequence has produced an end-of-sequence token (`eos_token_id`: an id, a list, () for none; default
+    the model config's); ended sequences continue with `pad_token_id` (default the config's, else the first
+    eos id, else 0). impl="kernel" runs the experts through `beam_jax.masked_moe` (dropped pairs are skipped).
+    The whole generation is one compiled call (see the module docstring); `generate_reference` is the same
+    computation one forward at a time.
     """
-    input_ids = jnp.asarray(input_ids, jnp.int32)
+    input_ids, mask, eos, pad = _resolve(model, input_ids, attention_mask, eos_token_id, pad_token_id,
+                                         max_new_tokens)
+    if max_new_tokens == 0:
+        return jnp.asarray(input_ids)
     B, S = input_ids.shape
-    mask = jnp.ones((B, S), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    cfg = model.cfg
-    eos = cfg.eos_token_id if eos_token_id is None else (
-        tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (eos_token_id,))
-    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None
-                                                          else (eos[0] if eos else 0))
-    cache = model.init_cache(B, S + max_new_tokens)
+    graphdef, state = nnx.split(model)
+    hook_leaves, hook_static = _split_hook(mask_hook)
+    tokens, n = _generate_compiled(
+        state, jnp.asarray(input_ids), jnp.asarray(mask), jnp.int32(max_new_tokens), jnp.int32(pad),
+        jax.random.PRNGKey(seed), hook_leaves, graphdef=_Static(graphdef), hook_static=_Static(hook_static), impl=impl,
+        max_len=cache_bucket(S + max_new_tokens), eos=eos, do_sample=bool(do_sample), temperature=float(temperature),
+        top_k=int(top_k), top_p=float(top_p))
+    n = int(n)
+    return jnp.concatenate([jnp.asarray(input_ids), tokens[:, :n]], axis=1)
+
+
+@partial(nnx.jit, static_argnames=("mask_hook", "impl"))
+def _forward(model, input_ids, attention_mask, cache, mask_hook, impl):
+    out = model(input_ids, attention_mask=attention_mask, cache=cache, mask_hook=mask_hook, impl=impl)
+    return out.logits[:, -1], out.cache
+
+
+def generate_reference(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, do_sample: bool = False,
+                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                       eos_token_id=None, pad_token_id=None, mask_hook=topk_hook, impl: str = "kernel",
+                       use_cache: bool = True):
+    """`generate`'s semantics as a plain Python loop: one forward per token and a host round trip each (slow;
+    the obviously-right reference). use_cache=False runs every step as a full forward over the whole prefix,
+    without a KV cache. Same arguments and result as `generate`."""
+    input_ids, mask, eos, pad = _resolve(model, input_ids, attention_mask, eos_token_id, pad_token_id,
+                                         max_new_tokens)
+    if max_new_tokens == 0:
+        return jnp.asarray(input_ids)
+    B, S = input_ids.shape
     rng = jax.random.PRNGKey(seed)
-    logits, cache = _forward(model, input_ids, mask, cache, mask_hook, impl)
+    if use_cache:
+        cache = model.init_cache(B, S + max_new_tokens)
+        logits, cache = _forward(model, jnp.asarray(input_ids), jnp.asarray(mask), cache, mask_hook, impl)
+    else:
+        logits = model(jnp.asarray(input_ids), attention_mask=jnp.asarray(mask), mask_hook=mask_hook,
+                       impl=impl).logits[:, -1]
+    seq, seq_mask = input_ids, mask
     tokens = []
     done = np.zeros(B, bool)
     for _ in range(max_new_tokens):
         rng, sub = jax.random.split(rng)
         nxt = np.asarray(sample_next(logits, sub, do_sample=do_sample, temperature=temperature, top_k=top_k,
                                      top_p=top_p))
-        nxt = np.where(done, pad, nxt)
+        nxt = np.where(done, pad, nxt).astype(np.int32)
         tokens.append(nxt)
         done |= np.isin(nxt, eos)
         if done.all() or len(tokens) == max_new_tokens:
             break
-        logits, cache = _forward(model, jnp.asarray(nxt[:, None], jnp.int32), jnp.ones((B, 1), jnp.int32),
-                                 cache, mask_hook, impl)
-    return jnp.concatenate([input_ids, jnp.asarray(np.stack(tokens, 1), jnp.int32)], axis=1)
+        if use_cache:
+            logits, cache = _forward(model, jnp.asarray(nxt[:, None]), jnp.ones((B, 1), jnp.int32), cache,
+                                     mask_hook, impl)
+        else:
+            seq = np.concatenate([seq, nxt[:, None]], axis=1)
+            seq_mask = np.concatenate([seq_mask, np.ones((B, 1), np.int32)], axis=1)
+            logits = model(jnp.asarray(seq), attention_mask=jnp.asarray(seq_mask), mask_hook=mask_hook,
+                           impl=impl).logits[:, -1]
+    return jnp.concatenate([jnp.asarray(input_ids), jnp.asarray(np.stack(tokens, 1), jnp.int32)], axis=1)

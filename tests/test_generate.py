@@ -79,3 +79,119 @@ def test_stops_at_eos_and_pads(tmp_path):
     eos = int(free[0, 7])  # pretend the third generated token is the end-of-sequence token
     out = np.asarray(beam_jax.generate(model, prompt, max_new_tokens=6, eos_token_id=eos))
     np.testing.assert_array_equal(out[0], free[0, :8])
+
+
+# ---- the compiled generation (one jitted prefill + while_loop) against the step-by-step reference
+
+from beam_jax.generate import cache_bucket, compiled_cache_size, generate_reference  # noqa: E402
+from beam_jax.routing import BeamHook, TopKHook  # noqa: E402
+
+
+def _model(tmp_path, family="qwen3_moe", dtype=None, **overrides):
+    make_tiny(family, tmp_path, **overrides)
+    return beam_jax.load_pretrained(tmp_path, dtype=dtype)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2"])
+@pytest.mark.parametrize("hook", [TopKHook(), BeamHook(0.5)], ids=["topk", "beam"])
+def test_compiled_equals_uncached_reference(tmp_path, family, hook):
+    """Greedy tokens of the compiled path equal a reference that runs a full forward over the whole prefix at every
+    step (no KV cache), on random left-padded prompts; BEAM with random mask routers drops real pairs."""
+    model = _model(tmp_path, family)
+    rs = np.random.RandomState(11)
+    for block in (layer.mlp for layer in model.layers if layer.is_moe):
+        k = block.mask_router.kernel
+        k[...] = rs.normal(0, 2.0, k[...].shape).astype(np.float32)
+    ids = rs.randint(3, 160, size=(3, 7))
+    mask = np.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0
+    ids[2, :5], mask[2, :5] = 0, 0
+    kw = dict(attention_mask=mask, max_new_tokens=9, eos_token_id=(), mask_hook=hook)
+    ours = np.asarray(beam_jax.generate(model, ids, **kw))
+    ref = np.asarray(generate_reference(model, ids, use_cache=False, **kw))
+    np.testing.assert_array_equal(ours, ref)
+    if isinstance(hook, BeamHook):  # the mask really dropped pairs, and the kernel path equals the reference path
+        kept = np.mean([np.asarray(m.aux["kept"]).mean() for m in model(ours, mask_hook=hook).moe])
+        assert 0.05 < kept < 0.95
+        np.testing.assert_array_equal(ours, np.asarray(beam_jax.generate(model, ids, impl="reference", **kw)))
+
+
+def test_compiled_equals_cached_reference_bfloat16_and_sampling(tmp_path):
+    """bfloat16 weights (the `attention.matmul` fast path) and seeded sampling: same tokens as the step loop."""
+    model = _model(tmp_path, dtype="bfloat16")
+    prompt = np.random.RandomState(12).randint(3, 160, size=(2, 5))
+    for kw in (dict(), dict(do_sample=True, temperature=1.3, top_k=5, seed=7),
+               dict(do_sample=True, top_p=0.8, seed=3)):
+        kw = dict(max_new_tokens=7, eos_token_id=(), **kw)
+        np.testing.assert_array_equal(np.asarray(beam_jax.generate(model, prompt, **kw)),
+                                      np.asarray(generate_reference(model, prompt, **kw)), err_msg=str(kw))
+
+
+def test_eos_early_stop_per_row_and_all(tmp_path):
+    """A row that ends continues with the pad token; generation stops when every row has ended."""
+    model = _model(tmp_path)
+    prompt = np.random.RandomState(13).randint(3, 160, size=(2, 5))
+    free = np.asarray(beam_jax.generate(model, prompt, max_new_tokens=8, eos_token_id=()))
+    eos = int(free[0, 5 + 2])  # row 0's third token
+    kw = dict(max_new_tokens=8, eos_token_id=[eos, 159], pad_token_id=3)
+    ours = np.asarray(beam_jax.generate(model, prompt, **kw))
+    np.testing.assert_array_equal(ours, np.asarray(generate_reference(model, prompt, **kw)))
+    row0 = ours[0, 5:]
+    assert row0[2] == eos and (row0[3:] == 3).all()
+    if eos not in free[1, 5:]:
+        assert ours.shape[1] == 13  # row 1 never ends: all 8 tokens
+    # a single row that ends stops the whole generation right there
+    one = np.asarray(beam_jax.generate(model, prompt[:1], max_new_tokens=8, eos_token_id=eos))
+    np.testing.assert_array_equal(one, free[:1, :8])
+
+
+def test_no_recompile_within_a_bucket(tmp_path):
+    """max_new_tokens, tau and the pad token are traced: changing them within a cache bucket compiles nothing new;
+    a longer generation past the bucket compiles once more."""
+    model = _model(tmp_path)
+    prompt = np.random.RandomState(14).randint(3, 160, size=(1, 6))
+    assert cache_bucket(6 + 5) == cache_bucket(6 + 40) == 64 and cache_bucket(6 + 70) == 128
+    beam_jax.generate(model, prompt, max_new_tokens=5, eos_token_id=(), mask_hook=BeamHook(0.5))
+    n0 = compiled_cache_size()
+    for n, tau, pad in ((12, 0.6, None), (40, 0.45, 5), (1, 0.5, None)):
+        out = beam_jax.generate(model, prompt, max_new_tokens=n, eos_token_id=(), mask_hook=BeamHook(tau),
+                                pad_token_id=pad)
+        assert out.shape == (1, 6 + n)
+    assert compiled_cache_size() == n0
+    beam_jax.generate(model, prompt, max_new_tokens=70, eos_token_id=(), mask_hook=BeamHook(0.5))
+    assert compiled_cache_size() == n0 + 1
+
+
+def test_edge_cases(tmp_path):
+    model = _model(tmp_path)
+    prompt = np.random.RandomState(15).randint(3, 160, size=(2, 4))
+    np.testing.assert_array_equal(np.asarray(beam_jax.generate(model, prompt, max_new_tokens=0)), prompt)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        beam_jax.generate(model, prompt, max_new_tokens=-1)
+    with pytest.raises(ValueError, match="attention_mask"):
+        beam_jax.generate(model, prompt, attention_mask=np.ones((2, 3)))
+    # the plain function hook (static) works as well as the pytree hooks
+    from beam_jax.moe import topk_hook
+    np.testing.assert_array_equal(
+        np.asarray(beam_jax.generate(model, prompt, max_new_tokens=3, eos_token_id=(), mask_hook=topk_hook)),
+        np.asarray(beam_jax.generate(model, prompt, max_new_tokens=3, eos_token_id=(), mask_hook=TopKHook())))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_matmul_fast_path_equals_float32_product(rows, transpose_w):
+    """attention.matmul in bfloat16 (padded single row, float32 accumulation) is the float32 product rounded once."""
+    import jax.numpy as jnp
+    from beam_jax.attention import matmul
+
+    rs = np.random.RandomState(rows)
+    x = jnp.asarray(rs.normal(size=(rows, 1, 96)), jnp.bfloat16)
+    w = jnp.asarray(rs.normal(size=(40, 96) if transpose_w else (96, 40)), jnp.bfloat16)
+    y = matmul(x, w, transpose_w=transpose_w)
+    assert y.shape == (rows, 1, 40) and y.dtype == jnp.bfloat16
+    w32 = np.asarray(w, np.float32)
+    ref = np.asarray(x, np.float32) @ (w32.T if transpose_w else w32)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(jnp.asarray(ref, jnp.float32).astype(jnp.bfloat16)))
+    x32 = jnp.asarray(x, jnp.float32)
+    np.testing.assert_allclose(np.asarray(matmul(x32, jnp.asarray(w32), transpose_w=transpose_w)), ref, rtol=1e-5,
+                               atol=1e-4)
