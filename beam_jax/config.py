@@ -52,6 +52,7 @@ class ModelConfig:
     rope_factor: float = 1.0
     rope_yarn: tuple[tuple[str, float], ...] = ()  # extra yarn fields, as sorted (name, value) pairs
     rope_interleaved: bool = False  # DeepSeek pairs (2i, 2i+1); others rotate halves
+    partial_rotary_factor: float = 1.0  # GQA: the first head_dim * this dims rotate, the rest pass (GLM-4.5: 0.5)
     max_position_embeddings: int = 4096
 
     # --- MLP / MoE
@@ -62,7 +63,10 @@ class ModelConfig:
     moe_intermediate_size: int = 0  # f
     norm_topk_prob: bool = False  # renormalise the Top-K softmax weights to sum to one
     routed_scaling_factor: float = 1.0
-    topk_method: Literal["greedy", "group_limited_greedy"] = "greedy"
+    # greedy: Top-K of the scores; group_limited_greedy (DeepSeek-V2): within the topk_group groups of highest max
+    # score; noaux_tc (DeepSeek-V3, GLM-4.5): scores + e_score_correction_bias choose, groups ranked by their top-2
+    scoring_func: Literal["softmax", "sigmoid"] = "softmax"  # router logits -> scores (DeepSeek-V3, GLM: sigmoid)
+    topk_method: Literal["greedy", "group_limited_greedy", "noaux_tc"] = "greedy"
     n_group: int = 1
     topk_group: int = 1
     router_float32: bool = False  # DeepSeek computes router logits in float32
@@ -89,14 +93,30 @@ class ModelConfig:
             need(1 <= self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok",
                  f"must be in [1, {self.num_experts}], got {self.num_experts_per_tok}")
             need(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be positive")
-        if self.topk_method == "group_limited_greedy":
-            need(self.num_experts % self.n_group == 0, "n_group",
+        need(self.topk_method in ("greedy", "group_limited_greedy", "noaux_tc"), "topk_method",
+             f"'{self.topk_method}' is not supported (greedy, group_limited_greedy, noaux_tc)")
+        need(self.scoring_func in ("softmax", "sigmoid"), "scoring_func",
+             f"'{self.scoring_func}' is not supported (softmax, sigmoid)")
+        if self.topk_method in ("group_limited_greedy", "noaux_tc"):
+            need(self.n_group >= 1 and self.num_experts % self.n_group == 0, "n_group",
                  f"must divide num_experts={self.num_experts}, got {self.n_group}")
             need(1 <= self.topk_group <= self.n_group, "topk_group", f"must be in [1, n_group={self.n_group}]")
+            need(self.topk_group * (self.num_experts // self.n_group) >= self.num_experts_per_tok, "topk_group",
+                 f"({self.topk_group} groups of {self.num_experts // self.n_group} experts) leaves fewer experts "
+                 f"than num_experts_per_tok={self.num_experts_per_tok}")
+        if self.topk_method == "noaux_tc":
+            need(self.num_experts // self.n_group >= 2, "n_group",
+                 f"noaux_tc ranks groups by their top-2 scores: groups need >= 2 experts, got "
+                 f"{self.num_experts // self.n_group}")
         if self.attention == "gqa":
             need(self.head_dim > 0, "head_dim", "must be positive")
             need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
                  f"({self.num_key_value_heads}) must divide num_attention_heads ({self.num_attention_heads})")
+            rot = self.head_dim * self.partial_rotary_factor
+            need(0 < self.partial_rotary_factor <= 1 and rot == int(rot) and int(rot) % 2 == 0,
+                 "rope_parameters.partial_rotary_factor",
+                 f"must give an even number of rotary dims out of head_dim={self.head_dim}, got "
+                 f"{self.partial_rotary_factor}")
         else:
             for f in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
                 need(getattr(self, f) > 0, f, "must be positive for MLA attention")
@@ -115,7 +135,7 @@ class ModelConfig:
 
     @property
     def rotary_dim(self) -> int:
-        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+        return self.qk_rope_head_dim if self.attention == "mla" else int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def attention_scale(self) -> float:

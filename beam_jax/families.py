@@ -24,6 +24,9 @@ class Family:
     moe_prefix: str = "mlp"  # HF module name of the MoE block ("block_sparse_moe" for Mixtral)
     shared_name: str = "shared_experts"  # HF module name of the shared expert MLP
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # checkpoints carry multi-token-prediction layers after the last decoder layer (`model.layers.{L}...`,
+    # DeepSeek-V3, GLM-4.5): not part of the causal LM, left unread as transformers does
+    mtp_layers: bool = False
 
 
 def _common(c, architecture: str, **kw) -> dict:
@@ -125,12 +128,42 @@ def build_deepseek_v2(c) -> ModelConfig:
         mlp_bias=bool(getattr(c, "mlp_bias", False))))
 
 
+def _noaux_tc(c) -> dict:
+    """DeepSeek-V3 / GLM-4.5 routing: sigmoid scores, bias-corrected group-limited Top-K, float32 router."""
+    return dict(scoring_func="sigmoid", topk_method="noaux_tc", n_group=c.n_group or 1, topk_group=c.topk_group or 1,
+                routed_scaling_factor=float(c.routed_scaling_factor), norm_topk_prob=bool(c.norm_topk_prob),
+                router_float32=True, num_experts=c.n_routed_experts, num_experts_per_tok=c.num_experts_per_tok,
+                moe_intermediate_size=c.moe_intermediate_size,
+                moe_layers=tuple(i >= (c.first_k_dense_replace or 0) for i in range(c.num_hidden_layers)),
+                shared_expert_intermediate_size=c.moe_intermediate_size * (c.n_shared_experts or 0))
+
+
+def build_deepseek_v3(c) -> ModelConfig:
+    """DeepSeek-V3 / R1, Kimi-K2: DeepSeek-V2's MLA with `noaux_tc` routing."""
+    return ModelConfig(**_common(
+        c, "DeepseekV3ForCausalLM", attention="mla", qkv_bias=bool(c.attention_bias), o_bias=bool(c.attention_bias),
+        head_dim=c.qk_rope_head_dim, q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank,
+        qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim,
+        rope_interleaved=bool(getattr(c, "rope_interleave", True)), **_noaux_tc(c)))
+
+
+def build_glm4_moe(c) -> ModelConfig:
+    """GLM-4.5 / 4.5-Air: GQA with partial rotary (and optional per-head q/k norm), `noaux_tc` routing."""
+    rope = dict(getattr(c, "rope_parameters", None) or {})
+    partial = rope.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0))
+    return ModelConfig(**_common(
+        c, "Glm4MoeForCausalLM", qkv_bias=bool(c.attention_bias), qk_norm="head" if c.use_qk_norm else "none",
+        partial_rotary_factor=float(partial), **_noaux_tc(c)))
+
+
 FAMILIES: dict[str, Family] = {f.architecture: f for f in (
     Family("MixtralForCausalLM", build_mixtral, moe_prefix="block_sparse_moe", expert_names=("w1", "w3", "w2")),
     Family("Qwen2MoeForCausalLM", build_qwen2_moe, shared_name="shared_expert"),
     Family("Qwen3MoeForCausalLM", build_qwen3_moe),
     Family("OlmoeForCausalLM", build_olmoe),
     Family("DeepseekV2ForCausalLM", build_deepseek_v2),
+    Family("DeepseekV3ForCausalLM", build_deepseek_v3, mtp_layers=True),
+    Family("Glm4MoeForCausalLM", build_glm4_moe, mtp_layers=True),
 )}
 
 

@@ -57,11 +57,15 @@ def rope_cos_sin(cfg: ModelConfig, positions):
 
 
 def apply_rope(x, cos, sin, interleaved: bool):
-    """x [B, S, H, D]; cos/sin [B, S, D/2]. Rotate-half layout (Llama) or interleaved pairs (DeepSeek).
+    """x [B, S, H, D]; cos/sin [B, S, R/2] with R <= D rotary dims (R < D: partial rotary, the first R dims
+    rotate). Rotate-half layout (Llama) or interleaved pairs (DeepSeek).
 
     Rotate-half runs in x.dtype like transformers' `apply_rotary_pos_emb` (cos/sin cast first);
     interleaved runs in float32 like DeepSeek's complex multiply, then casts back.
     """
+    rot = 2 * cos.shape[-1]
+    if rot < x.shape[-1]:  # partial rotary (GLM-4.5): the first `rot` dims rotate, the rest pass unchanged
+        return jnp.concatenate([apply_rope(x[..., :rot], cos, sin, interleaved), x[..., rot:]], -1)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     if interleaved:
         xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)

@@ -204,13 +204,20 @@ def load_pretrained(path: str | os.PathLike, dtype=None, *, param_dtype=None,
             continue
         arr = _load_param(idx, family, cfg, p, var.get_value().shape, var.get_value().dtype)
         leaves.append((p, var.replace(jnp.asarray(arr, dtype=var.get_value().dtype))))
-    return _assemble(path, idx, cfg, graphdef, leaves)
+    return _assemble(path, idx, cfg, family, graphdef, leaves)
 
 
-def _assemble(path: Path, idx: TensorIndex, cfg: ModelConfig, graphdef, leaves) -> MoECausalLM:
+def _layer_index(name: str) -> int:
+    """`model.layers.12.mlp...` -> 12; -1 for a tensor outside the decoder layers."""
+    parts = name.split(".")
+    return int(parts[2]) if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() else -1
+
+
+def _assemble(path: Path, idx: TensorIndex, cfg: ModelConfig, family: Family, graphdef, leaves) -> MoECausalLM:
     """Check every checkpoint tensor was used, then build the model from its loaded leaves; records the source
     path and the directory's `beam` section (None for a base checkpoint) as `model.beam_config`."""
-    unused = [k for k in idx.files if k not in idx.used and not k.endswith(IGNORED_SUFFIXES)]
+    unused = [k for k in idx.files if k not in idx.used and not k.endswith(IGNORED_SUFFIXES)
+              and not (family.mtp_layers and _layer_index(k) >= cfg.num_hidden_layers)]
     if unused:
         raise CheckpointError(f"{path}: {len(unused)} checkpoint tensor(s) not used by {cfg.architecture}, "
                               f"e.g. '{unused[0]}' in {idx.files[unused[0]].name}")
@@ -359,4 +366,4 @@ def load_sharded(path: str | os.PathLike, mesh, dtype=None, *, param_dtype=None,
                 shape, sharding, lambda index, read=read, shape=shape, want=want:
                 read(_window(index, shape)).astype(want))
         leaves.append((p, var.replace(arr)))
-    return _assemble(path, idx, cfg, graphdef, leaves)
+    return _assemble(path, idx, cfg, family, graphdef, leaves)

@@ -52,6 +52,16 @@ class BeamHook:
         return hard, beam.apply_mask(weights, hard, self.renormalize), aux
 
 
+def router_distribution(router_logits, spec) -> jax.Array:
+    """router_logits [T, E] -> [T, E] float32 probabilities the policies read: the softmax, or for sigmoid-scored
+    routers (DeepSeek-V3, GLM-4.5) the sigmoid scores normalised to sum to one."""
+    logits = router_logits.astype(jnp.float32)
+    if spec.scoring_func == "sigmoid":
+        scores = jax.nn.sigmoid(logits)
+        return scores / jnp.sum(scores, axis=-1, keepdims=True)
+    return jax.nn.softmax(logits, axis=-1)
+
+
 @_pytree(("knob", "per_layer"), ("name", "renormalize"))
 @dataclasses.dataclass(frozen=True)
 class PolicyHook:
@@ -64,7 +74,7 @@ class PolicyHook:
     renormalize: bool = False
 
     def __call__(self, block, x, router_logits, weights, ids):
-        probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+        probs = router_distribution(router_logits, block.spec)
         outputs = dict(weights=weights, probs_topk=jnp.take_along_axis(probs, ids, axis=-1), router_probs=probs,
                        expert_ids=ids)
         pol = policies.POLICIES[self.name]

@@ -39,7 +39,7 @@ LOGICAL: dict[str, tuple[str, ...]] = {
 # (regex on the dotted parameter path, logical axis per dimension; None = not sharded). First match wins.
 RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"mask_router\.(kernel|bias)$", ()),  # BEAM's mask routers [d, E]: trainable, small, replicated
-    (r"mlp\.gate\.(kernel|bias)$", ()),  # the router [d, E]: replicated
+    (r"mlp\.gate\.(kernel|bias|e_score_correction_bias)$", ()),  # the router [d, E] (and its [E] bias): replicated
     (r"shared_expert_gate\.(kernel|bias)$", ()),
     (r"embed_tokens\.embedding$", ("vocab", "embed")),  # [V, d]
     (r"lm_head\.kernel$", ("embed", "vocab")),  # [d, V]

@@ -31,6 +31,17 @@ FAMILY_CONFIGS = {
                                              v_head_dim=32, first_k_dense_replace=1, num_key_value_heads=4,
                                              topk_method="group_limited_greedy", n_group=3, topk_group=2,
                                              routed_scaling_factor=1.5, num_hidden_layers=3)),
+    "deepseek_v3": ("DeepseekV3Config", dict(intermediate_size=56, moe_intermediate_size=24, n_routed_experts=8,
+                                             num_experts_per_tok=3, n_shared_experts=1, kv_lora_rank=16,
+                                             q_lora_rank=24, qk_nope_head_dim=32, qk_rope_head_dim=32,
+                                             v_head_dim=32, first_k_dense_replace=1, num_key_value_heads=4,
+                                             n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                                             norm_topk_prob=True, num_hidden_layers=3)),
+    "glm4_moe": ("Glm4MoeConfig", dict(head_dim=32, intermediate_size=56, moe_intermediate_size=24,
+                                       n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1, n_group=2,
+                                       topk_group=1, routed_scaling_factor=1.5, first_k_dense_replace=1,
+                                       attention_bias=True, use_qk_norm=True, norm_topk_prob=True,
+                                       num_hidden_layers=3)),
 }
 
 
@@ -64,6 +75,9 @@ def make_tiny(family: str, path, seed: int = 0, dtype="float32", scale_router: f
                 p.mul_(scale_router)
             if "norm" in name:  # move norm weights off 1 so a transposed or missing norm would show
                 p.add_(0.1 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # zero at init: give it a say in the choice
+                b.copy_(0.05 * torch.randn_like(b))
     path = Path(path)
     model.to(getattr(torch, dtype)).save_pretrained(path)
     return model.float().eval()

@@ -54,7 +54,8 @@ def main(root: Path):
     load = {}
     for fam, kw in [("qwen3_moe", dict(num_experts=8)), ("mixtral", dict(num_local_experts=8)),
                     ("deepseek_v2", dict(n_routed_experts=8, n_group=2, topk_group=1)),
-                    ("qwen2_moe", dict(num_experts=8)), ("olmoe", dict(num_experts=8))]:
+                    ("qwen2_moe", dict(num_experts=8)), ("olmoe", dict(num_experts=8)),
+                    ("deepseek_v3", {}), ("glm4_moe", {})]:
         d = root / fam
         make_tiny(fam, d, **kw)
         if fam == "mixtral":

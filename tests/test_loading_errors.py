@@ -88,3 +88,18 @@ def test_missing_shard(tmp_path):
     shard.unlink()
     with pytest.raises(CheckpointError, match=f"shard {shard.name} is listed but missing"):
         beam_jax.load_pretrained(tmp_path / "s")
+
+
+@pytest.mark.parametrize("family,ignored", [("deepseek_v3", True), ("glm4_moe", True), ("deepseek_v2", False)])
+def test_multi_token_prediction_layers(tmp_path, family, ignored):
+    """DeepSeek-V3 and GLM-4.5 checkpoints carry MTP layers after the last decoder layer: left unread, as
+    transformers does; in another family the same tensor is an unused tensor, refused by name."""
+    make_tiny(family, tmp_path)
+    L = json.loads((tmp_path / "config.json").read_text())["num_hidden_layers"]
+    extra = f"model.layers.{L}.eh_proj.weight"
+    _rewrite_tensors(tmp_path, lambda t: {**t, extra: np.ones((4, 4), np.float32)})
+    if ignored:
+        assert beam_jax.load_pretrained(tmp_path).cfg.num_hidden_layers == L
+    else:
+        with pytest.raises(CheckpointError, match=rf"not used by DeepseekV2ForCausalLM, e\.g\. '{extra}'"):
+            beam_jax.load_pretrained(tmp_path)

@@ -25,6 +25,12 @@ CASES = [
     ("deepseek_v2", {}),  # group-limited routing, MLA without q LoRA, one dense layer
     ("deepseek_v2", {"topk_method": "greedy", "n_group": None, "topk_group": None, "q_lora_rank": 24,
                      "num_experts_per_tok": 1}),
+    ("deepseek_v3", {}),  # sigmoid scores, noaux_tc group Top-K with e_score_correction_bias, q LoRA
+    ("deepseek_v3", {"rope_interleave": False, "q_lora_rank": None, "n_group": 1, "topk_group": 1,
+                     "norm_topk_prob": False}),
+    ("glm4_moe", {}),  # GQA with partial rotary (0.5), qkv bias, per-head q/k norm, noaux_tc
+    ("glm4_moe", {"use_qk_norm": False, "attention_bias": False, "n_group": 4, "topk_group": 3,
+                  "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0, "partial_rotary_factor": 0.25}}),
 ]
 
 
@@ -57,7 +63,7 @@ def test_float32_parity(tmp_path, family, overrides):
         np.testing.assert_array_equal(ours_ids, np.sort(hf_ids, -1), err_msg=f"selected experts, MoE layer {layer}")
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v2"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v2", "glm4_moe"])
 def test_bfloat16_parity(tmp_path, family):
     tm32 = make_tiny(family, tmp_path / "f32")
     make_tiny(family, tmp_path / "bf16", dtype="bfloat16")
@@ -140,3 +146,27 @@ def test_param_dtype_reaches_every_weight(tmp_path, family):
     wrong = [".".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
              if v.get_value().dtype != jnp.float32]
     assert not wrong, wrong
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
+def test_score_correction_bias_is_loaded_and_chooses(tmp_path, family):
+    """noaux_tc families: `mlp.gate.e_score_correction_bias` is read from the checkpoint (not left at zero), is not
+    a trainable Param, and changes which experts are chosen (so the parity cases above test it)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from beam_jax.moe import RouterBias, route
+
+    tm = make_tiny(family, tmp_path)
+    model = beam_jax.load_pretrained(tmp_path)
+    block = model.layers[1].mlp
+    hf_bias = tm.model.layers[1].mlp.gate.e_score_correction_bias.numpy()
+    assert np.abs(hf_bias).max() > 0
+    np.testing.assert_array_equal(np.asarray(block.gate.e_score_correction_bias[...]), hf_bias)
+    assert isinstance(block.gate.e_score_correction_bias, RouterBias)
+    assert not any("e_score_correction_bias" in ".".join(map(str, p))
+                   for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    logits = jnp.asarray(np.random.RandomState(0).randn(64, model.cfg.num_experts), jnp.float32)
+    _, with_bias, _ = route(logits, block.spec, 20 * jnp.asarray(hf_bias))
+    _, without, _ = route(logits, block.spec, None)
+    assert (np.sort(np.asarray(with_bias), -1) != np.sort(np.asarray(without), -1)).any()
