@@ -12,6 +12,8 @@ evaluation step per expert path, as ratios to the dense path, in one run, for tw
 Paths: ``dense`` (every expert on every token), ``grouped`` (`jax.lax.ragged_dot`, which XLA:CPU lowers
 to a dense per-group product), ``reference`` (per-pair weight gather, on a smaller batch), ``kernel``
 (`beam_jax.masked_moe` on the FFI kernel with its custom VJP: only the Top-K pairs, forward and backward).
+``none`` is not a model: the experts replaced by ``x * sum(weights)`` (no expert GEMMs), the step's time
+without expert compute, so ``dense / none`` bounds what any expert path can gain over dense on this model.
 ``impl="auto"`` trains with ``kernel`` on CPU where the extension's backward is built (see
 `beam_jax.experts.training_impl`).
 """
@@ -19,6 +21,7 @@ to a dense per-group product), ``reference`` (per-pair weight gather, on a small
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -49,17 +52,25 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--impls", default="dense,kernel,grouped,reference")
+    ap.add_argument("--impls", default="dense,kernel,grouped,reference,none")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     args = ap.parse_args()
 
+    import jax.numpy as jnp
+
+    from beam_jax import experts
     from beam_jax.configs import tiny
     from beam_jax.experts import training_impl
+
+    # The lower bound (see the module docstring): differentiable in x and weights, no expert GEMMs.
+    experts.EXPERT_PATHS.setdefault(
+        "none", lambda x, wg, wu, wd, ids, w, keep=None: x * jnp.sum(w, -1, keepdims=True).astype(x.dtype))
     from beam_jax.routing import BeamHook
     from beam_jax.trainer import LossConfig, Trainer, peak_memory_bytes
 
     cfg = tiny.get_config()
     rs = np.random.RandomState(0)
+    load0 = os.getloadavg()[0]
     results = []
     for shape in args.shapes.split(","):
         model0 = build_model(args.model, SHAPES[shape])
@@ -86,7 +97,8 @@ def main():
         dense = next((r["train_tokens_per_s"] for r in rows if r["impl"] == "dense"), None)
         for r in rows:
             r["train_speed_vs_dense"] = r["train_tokens_per_s"] / dense if dense else None
-            print(f"  {r['impl']:10s} train x{r['train_speed_vs_dense']:.2f} of dense" if dense else "")
+            if dense:
+                print(f"  {r['impl']:10s} train x{r['train_speed_vs_dense']:.2f} of dense")
         results.append({"shape": shape, "num_experts": mc.num_experts, "top_k": mc.num_experts_per_tok,
                         "hidden_size": mc.hidden_size, "moe_intermediate_size": mc.moe_intermediate_size,
                         "rows": rows})
@@ -94,7 +106,11 @@ def main():
     print(f"peak memory {peak / 2**20:.0f} MiB | {machine()} | impl=auto trains with {training_impl()!r} here")
     out = write_result("train_step", {"model": args.model, "batch": args.batch, "seq": args.seq,
                                       "auto_training_impl": training_impl(), "shapes": results,
-                                      "peak_memory_bytes": peak})
+                                      "peak_memory_bytes": peak,
+                                      "load_average_1min": [load0, os.getloadavg()[0]],
+                                      "note": "ratios measured side by side in one run (flock -x /tmp/beam-bench.lock); "
+                                              "'reference' on a 2 x 256 batch; 'none' is the no-expert-compute "
+                                              "lower bound, not a model"})
     print(f"wrote {out}")
 
 
