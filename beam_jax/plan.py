@@ -54,9 +54,27 @@ PUBLISHED: dict[str, tuple[str, dict]] = {
         num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096,
         rope_theta=10000.0, rms_norm_eps=1e-5, clip_qkv=None, norm_topk_prob=False, pad_token_id=1,
         eos_token_id=50279, bos_token_id=None, tie_word_embeddings=False)),
+    # DeepSeek-V3 (also the layout of DeepSeek-R1 and Kimi-K2's sizes differ); the MTP layer is not counted
+    "DeepSeek-V3": ("DeepseekV3Config", dict(
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+        num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128, n_shared_experts=1,
+        n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
+        v_head_dim=128, qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8,
+        first_k_dense_replace=3, norm_topk_prob=True, max_position_embeddings=163840, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, attention_bias=False, rope_interleave=True,
+        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
+                          beta_slow=1, mscale=1.0, mscale_all_dim=1.0), rope_theta=10000.0)),
+    "GLM-4.5-Air": ("Glm4MoeConfig", dict(
+        vocab_size=151552, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=46, num_attention_heads=96, num_key_value_heads=8, head_dim=128, n_routed_experts=128,
+        n_shared_experts=1, num_experts_per_tok=8, first_k_dense_replace=1, n_group=1, topk_group=1,
+        routed_scaling_factor=1.0, norm_topk_prob=True, attention_bias=True, use_qk_norm=False,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6, partial_rotary_factor=0.5))),
 }
 ALIASES = {"Mixtral-8x7B-Instruct-v0.1": "Mixtral-8x7B-v0.1", "OLMoE-1B-7B-0125": "OLMoE-1B-7B-0924",
-           "DeepSeek-V2-Lite-Chat": "DeepSeek-V2-Lite"}
+           "DeepSeek-V2-Lite-Chat": "DeepSeek-V2-Lite", "DeepSeek-R1": "DeepSeek-V3", "DeepSeek-V3-0324": "DeepSeek-V3",
+           "GLM-4.5-Air-Base": "GLM-4.5-Air"}
 
 
 class MemoryPlanError(ValueError):
@@ -109,9 +127,7 @@ def model_config(config):
         raise ConfigError(f"model.path={str(path)!r}: no config.json there, no model.arch, and no published sizes "
                           f"for '{path.name}' (known: {', '.join(sorted(PUBLISHED))})")
     hf = published_config(name)
-    family = FAMILIES[{"MixtralConfig": "MixtralForCausalLM", "Qwen3MoeConfig": "Qwen3MoeForCausalLM",
-                       "DeepseekV2Config": "DeepseekV2ForCausalLM", "Qwen2MoeConfig": "Qwen2MoeForCausalLM",
-                       "OlmoeConfig": "OlmoeForCausalLM"}[PUBLISHED[name][0]]]
+    family = FAMILIES[PUBLISHED[name][0].removesuffix("Config") + "ForCausalLM"]  # XConfig -> XForCausalLM
     return family.build(hf), f"published {name} config"
 
 

@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from beam_jax import plan, sharding
-from beam_jax.configs import deepseek_v2_lite, mixtral, qwen3_moe, tiny
+from beam_jax.configs import deepseek_v2_lite, deepseek_v3, glm4_5_air, mixtral, qwen3_moe, tiny
 
 HERE = Path(__file__).parent
 
@@ -27,7 +27,10 @@ def test_parse_bytes():
 
 @pytest.mark.parametrize("mod,arch,billions", [(mixtral, "MixtralForCausalLM", 46.70),
                                                (qwen3_moe, "Qwen3MoeForCausalLM", 30.53),
-                                               (deepseek_v2_lite, "DeepseekV2ForCausalLM", 15.71)])
+                                               (deepseek_v2_lite, "DeepseekV2ForCausalLM", 15.71),
+                                               # published: 671B without the MTP layer; 106B (12B active)
+                                               (deepseek_v3, "DeepseekV3ForCausalLM", 671.03),
+                                               (glm4_5_air, "Glm4MoeForCausalLM", 106.85)])
 def test_published_sizes_without_checkpoint(mod, arch, billions):
     """The configs point at checkpoints that are not here: plan builds the model from the published
     config.json values, and counts the published number of parameters (+ BEAM's mask routers)."""
@@ -40,6 +43,8 @@ def test_published_sizes_without_checkpoint(mod, arch, billions):
     routers = len(cfg.moe_layer_ids) * cfg.hidden_size * cfg.num_experts
     assert (count - routers) / 1e9 == pytest.approx(billions, rel=2e-3)
     f32 = routers * (2 if cfg.router_float32 else 1)  # mask routers, and DeepSeek's routers, are float32
+    if cfg.topk_method == "noaux_tc":  # ... and so is the e_score_correction_bias [E] of each MoE layer
+        f32 += len(cfg.moe_layer_ids) * cfg.num_experts
     assert params == (count - f32) * 2 + f32 * 4  # the rest bfloat16, all on one device
 
 
