@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import Attention, AttentionContext, MLAttention
+from .attention import Attention, AttentionContext, MLAttention, matmul, project
 from .config import ModelConfig
 from .layers import INIT_STD, MLP, RMSNorm, linear, rope_cos_sin
-from .moe import MaskHook, MoEBlock, MoEOutput, topk_hook
+from .moe import MaskHook, MoEBlock, MoEOutput, swiglu, topk_hook
 
 
 @dataclasses.dataclass
@@ -63,7 +63,7 @@ class DecoderLayer(nnx.Module):
         if self.is_moe:
             h, rec = self.mlp(self.post_attention_layernorm(x), mask_hook, impl)
         else:
-            h = self.mlp(self.post_attention_layernorm(x))
+            h = swiglu(self.mlp, self.post_attention_layernorm(x))
         return x + h, cache, rec
 
 
@@ -139,9 +139,10 @@ class MoECausalLM(nnx.Module):
                 recs.append(rec)
         x = self.norm(x)
         if self.lm_head is None:
-            logits = self.embed_tokens.attend(x)
+            emb = self.embed_tokens
+            logits = matmul(x.astype(emb.dtype), emb.embedding[...].astype(emb.dtype), transpose_w=True)
         else:
-            logits = self.lm_head(x)
+            logits = project(self.lm_head, x)
         new_cache = None
         if cache is not None:
             new_cache = {"layers": new_layers, "index": index + S, "valid": kv_valid}

@@ -17,6 +17,7 @@ from flax import nnx
 
 from .config import ModelConfig
 from .experts import EXPERT_PATHS
+from .attention import project
 from .layers import INIT_STD, MLP, linear
 
 
@@ -67,6 +68,12 @@ MaskHook = Callable[..., tuple]
 def topk_hook(block, x, router_logits, weights, ids):
     """Plain Top-K: every candidate kept, weights unchanged."""
     return None, weights, {}
+
+
+def swiglu(mlp: MLP, x):
+    """`mlp(x)` for a SwiGLU `layers.MLP` with its projections through `attention.project` (the fast XLA:CPU
+    path in bfloat16, the same arithmetic in float32). x [..., d] -> [..., d]."""
+    return project(mlp.down_proj, jax.nn.silu(project(mlp.gate_proj, x)) * project(mlp.up_proj, x))
 
 
 class MaskRouterParam(nnx.Param):
@@ -147,7 +154,7 @@ class MoEBlock(nnx.Module):
         """xt [T, d] -> [T, E], in the router's dtype (float32 for DeepSeek, else the model dtype)."""
         if self.router_float32:
             xt = xt.astype(jnp.float32)
-        return self.gate(xt)
+        return project(self.gate, xt)
 
     def __call__(self, x, mask_hook: MaskHook = topk_hook, impl: str = "reference"):
         B, S, d = x.shape
@@ -157,9 +164,9 @@ class MoEBlock(nnx.Module):
         keep, weights, aux = mask_hook(self, xt, logits, weights, ids)
         y = self.experts(xt, ids, weights, keep, impl)
         if self.shared_experts is not None:
-            shared = self.shared_experts(xt)
+            shared = swiglu(self.shared_experts, xt)
             if self.shared_expert_gate is not None:
-                shared = jax.nn.sigmoid(self.shared_expert_gate(xt)) * shared
+                shared = jax.nn.sigmoid(project(self.shared_expert_gate, xt)) * shared
             y = y + shared
         rec = MoEOutput(logits.reshape(B, S, -1), ids.reshape(B, S, -1), weights.reshape(B, S, -1),
                         None if keep is None else keep.reshape(B, S, -1), aux)
