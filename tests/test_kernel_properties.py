@@ -110,6 +110,28 @@ def test_out_of_range_ids_in_kept_pairs_contribute_nothing_on_ffi(case, data):
     EXAMPLES["ffi out-of-range ids"] = EXAMPLES.get("ffi out-of-range ids", 0) + 1
 
 
+_grad_ref = jax.jit(lambda x, wg, wu, wd, ids, w, keep, dy: jax.vjp(
+    lambda *a: experts_reference(*a[:4], ids, a[4], keep), x, wg, wu, wd, w)[1](dy))
+_grad_ffi = jax.jit(lambda x, wg, wu, wd, ids, w, keep, dy: jax.vjp(
+    lambda *a: masked_moe(*a[:4], ids, a[4], keep, backend="ffi"), x, wg, wu, wd, w)[1](dy))
+
+
+@pytest.mark.skipif(not mm.ffi_grad_available("cpu"), reason="beam_jax._ffi built without the backward")
+@settings(**SETTINGS)
+@given(case=routings())
+def test_any_routing_gradients_match_reference_on_ffi(case):
+    """The kernel's VJP (dx, dw_gate, dw_up, dw_down, dweights) against autodiff of the reference."""
+    args, _ = case
+    x, wg, wu, wd, ids, w, keep = args
+    keep = jnp.ones(ids.shape, bool) if keep is None else keep
+    dy = jnp.asarray(np.random.default_rng(int(ids.sum()) + x.shape[0]).standard_normal(x.shape), x.dtype)
+    got = _grad_ffi(x, wg, wu, wd, ids, w, keep, dy)
+    want = _grad_ref(x, wg, wu, wd, ids, w, keep, dy)
+    for g, r in zip(got, want):
+        _check(g, r, 5e-5)
+    EXAMPLES["ffi gradients"] = EXAMPLES.get("ffi gradients", 0) + 1
+
+
 def test_examples_were_checked(reliability):
     """Runs after the properties (file order): each ran its examples, and the count goes to the summary."""
     for backend in BACKENDS:
