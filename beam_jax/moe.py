@@ -1,8 +1,9 @@
 """The one MoE block every family uses: router -> Top-K -> mask hook -> expert compute -> combine.
 
-Families differ only in `ModelConfig` fields: Top-K renormalisation (`norm_topk_prob`), DeepSeek's
-group-limited Top-K and routed scaling factor, float32 router logits, and shared experts (with Qwen2-MoE's
-sigmoid gate). The mask hook is where BEAM (and the comparison policies) act: it receives the router
+Families differ only in `ModelConfig` fields: softmax or sigmoid scores, Top-K renormalisation
+(`norm_topk_prob`), DeepSeek-V2's group-limited Top-K, DeepSeek-V3's / GLM-4.5's bias-corrected group Top-K
+(`noaux_tc`), the routed scaling factor, float32 router logits, and shared experts (with Qwen2-MoE's sigmoid
+gate). The mask hook is where BEAM (and the comparison policies) act: it receives the router
 outputs and returns which (token, expert) pairs are kept and their final weights.
 """
 
@@ -31,31 +32,55 @@ class RouterSpec:
     topk_method: str = "greedy"
     n_group: int = 1
     topk_group: int = 1
+    scoring_func: str = "softmax"
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "RouterSpec":
         return cls(cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor, cfg.topk_method,
-                   cfg.n_group, cfg.topk_group)
+                   cfg.n_group, cfg.topk_group, cfg.scoring_func)
 
 
-def route(router_logits, spec: RouterSpec):
-    """Softmax over all experts, Top-K, optional renormalisation and scaling.
+def _group_mask(group_scores, topk_group: int, experts_per_group: int):
+    """group_scores [T, G] -> [T, G * experts_per_group] bool: the experts of each token's topk_group best groups."""
+    T, G = group_scores.shape
+    _, top_groups = jax.lax.top_k(group_scores, topk_group)
+    mask = jnp.zeros((T, G), bool).at[jnp.arange(T)[:, None], top_groups].set(True)
+    return jnp.repeat(mask, experts_per_group, axis=1)
 
-    router_logits [T, E] (any float dtype) -> (weights [T, K] float32, expert_ids [T, K] int32, probs [T, E] f32).
-    Candidates are sorted by descending probability. `group_limited_greedy` (DeepSeek-V2) first keeps the
-    `topk_group` groups with the highest max-probability and zeroes the rest before Top-K.
+
+def route(router_logits, spec: RouterSpec, score_bias=None):
+    """Scores over all experts (softmax or sigmoid), Top-K, optional renormalisation and scaling.
+
+    router_logits [T, E] (any float dtype); score_bias [E] float32 (`noaux_tc` only: DeepSeek-V3's
+    `e_score_correction_bias`) -> (weights [T, K] float32, expert_ids [T, K] int32, probs [T, E] float32 scores).
+    Candidates are sorted by descending weight.
+    - greedy: the K highest scores.
+    - group_limited_greedy (DeepSeek-V2): only experts of the `topk_group` groups with the highest max score.
+    - noaux_tc (DeepSeek-V3, GLM-4.5): `scores + score_bias` choose; groups are ranked by the sum of their two
+      highest biased scores; the weights are the unbiased scores of the chosen experts.
     """
-    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
-    scores = probs
-    if spec.topk_method == "group_limited_greedy":
-        T, E = probs.shape
-        grouped = probs.reshape(T, spec.n_group, E // spec.n_group)
-        _, top_groups = jax.lax.top_k(grouped.max(-1), spec.topk_group)
-        group_mask = jnp.zeros((T, spec.n_group), bool).at[jnp.arange(T)[:, None], top_groups].set(True)
-        scores = jnp.where(jnp.repeat(group_mask, E // spec.n_group, axis=1), probs, 0.0)
-    weights, ids = jax.lax.top_k(scores, spec.top_k)
+    logits = router_logits.astype(jnp.float32)
+    probs = jax.nn.sigmoid(logits) if spec.scoring_func == "sigmoid" else jax.nn.softmax(logits, axis=-1)
+    T, E = probs.shape
+    per_group = E // spec.n_group
+    if spec.topk_method == "noaux_tc":
+        choice = probs if score_bias is None else probs + score_bias.astype(jnp.float32)
+        group_scores = jax.lax.top_k(choice.reshape(T, spec.n_group, per_group), 2)[0].sum(-1)
+        choice = jnp.where(_group_mask(group_scores, spec.topk_group, per_group), choice, -jnp.inf)
+        _, ids = jax.lax.top_k(choice, spec.top_k)
+        weights = jnp.take_along_axis(probs, ids, axis=-1)
+        order = jnp.argsort(-weights, axis=-1, stable=True)
+        weights, ids = jnp.take_along_axis(weights, order, -1), jnp.take_along_axis(ids, order, -1)
+    else:
+        scores = probs
+        if spec.topk_method == "group_limited_greedy":
+            group_scores = probs.reshape(T, spec.n_group, per_group).max(-1)
+            scores = jnp.where(_group_mask(group_scores, spec.topk_group, per_group), probs, 0.0)
+        weights, ids = jax.lax.top_k(scores, spec.top_k)
     if spec.norm_topk_prob:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        # sigmoid scores can all be ~0: DeepSeek-V3 adds 1e-20 to the denominator
+        eps = 1e-20 if spec.scoring_func == "sigmoid" else 0.0
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + eps)
     weights = weights * spec.routed_scaling_factor
     return weights, ids.astype(jnp.int32), probs
 
@@ -68,6 +93,12 @@ MaskHook = Callable[..., tuple]
 def topk_hook(block, x, router_logits, weights, ids):
     """Plain Top-K: every candidate kept, weights unchanged."""
     return None, weights, {}
+
+
+class RouterBias(nnx.Variable):
+    """DeepSeek-V3's / GLM-4.5's `e_score_correction_bias` [E] float32: it only chooses experts (no gradient
+    reaches it) and the base model's balancing rule, not the optimizer, sets it, so it is not an `nnx.Param`: no
+    `train.trainable` set (and no weight decay) touches it. Loaded from and exported to the checkpoint."""
 
 
 def swiglu(mlp: MLP, x):
@@ -144,6 +175,8 @@ class MoEBlock(nnx.Module):
         router_dtype = jnp.float32 if cfg.router_float32 else dtype
         self.gate = linear(d, E, dtype=router_dtype, param_dtype=jnp.float32 if cfg.router_float32 else param_dtype,
                            rngs=rngs)
+        if cfg.topk_method == "noaux_tc":  # HF: mlp.gate.e_score_correction_bias
+            self.gate.e_score_correction_bias = RouterBias(jnp.zeros((E,), jnp.float32))
         self.experts = Experts(E, d, cfg.moe_intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         shared = cfg.shared_expert_intermediate_size
         self.shared_experts = MLP(d, shared, bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if shared else None
@@ -160,7 +193,8 @@ class MoEBlock(nnx.Module):
         B, S, d = x.shape
         xt = x.reshape(B * S, d)
         logits = self.router_logits(xt)
-        weights, ids, _ = route(logits, self.spec)
+        bias = getattr(self.gate, "e_score_correction_bias", None)
+        weights, ids, _ = route(logits, self.spec, None if bias is None else bias[...])
         keep, weights, aux = mask_hook(self, xt, logits, weights, ids)
         y = self.experts(xt, ids, weights, keep, impl)
         if self.shared_experts is not None:
