@@ -1,9 +1,11 @@
 """`python -m beam_jax.eval --config NAME_OR_PATH --workdir RUN_DIR [--config.eval.multiple_choice=FILE]`
 
-Evaluates a trained run (its latest checkpoint's mask routers on the base model it references) on the
-held-out split: next-token loss, perplexity and top-1 accuracy, experts per token per layer, routed-expert
-FLOPs reduction (shared-expert, attention and router FLOPs apart), for Top-K, BEAM at every tau of
-`eval.taus`, and each baseline of `eval.policies` over its knob; optionally multiple-choice accuracy on a
+Benchmarks a trained run (its latest checkpoint's mask routers on the base model it references) as
+training does (`train.run_benchmark`): Top-K, BEAM at every tau of `eval.taus` and each baseline of
+`eval.policies` over its knob, all scored on the validation split's tasks (`beam_jax.tasks`: next-token
+accuracy, greedy line completion, multiple choice), the points chosen there scored on the test split, with
+retention (mean over tasks of score / Top-K score) and its 95% bootstrap CI, experts per token per layer and
+routed-expert FLOPs reduction (shared-expert, attention and router FLOPs apart); optionally multiple-choice accuracy on a
 local JSONL file of {"context", "choices", "label"} items scored by log-likelihood (lm-eval-harness style:
 `acc` on the summed log-probability, `acc_norm` divided by the choice's length in bytes).
 Writes eval.json, eval_sweep.md and eval_pareto.png into the run directory.
@@ -22,11 +24,10 @@ import numpy as np
 from flax import nnx
 
 from . import evaluate as ev
-from .data import BatchIterator
 from .data.errors import DataError
 from .loading import load_pretrained
 from .routing import BeamHook, TopKHook
-from .run_data import fingerprint_diff, load_splits, model_fingerprint
+from .run_data import fingerprint_diff, load_splits, model_fingerprint, split_examples_of
 from .trainer import restore_trainable
 
 
@@ -88,7 +89,7 @@ def multiple_choice(model, tokenizer, items, hook, impl="dense") -> dict:
 def main(config, workdir: Path, resume: bool):
     import transformers
 
-    from .train import _batches, eval_impl
+    from .train import eval_impl, run_benchmark
 
     model = load_pretrained(config.model.path, dtype=config.model.dtype)
     meta = restore_trainable(Path(workdir) / "ckpt", model)
@@ -101,22 +102,27 @@ def main(config, workdir: Path, resume: bool):
         raise SystemExit(f"error: {workdir}/ckpt was trained on another base model than {config.model.path}: "
                          + "; ".join(diffs))
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.model.path)
-    splits = load_splits(config, tokenizer)
+    examples = split_examples_of(config)
+    splits = load_splits(config, tokenizer, examples)
     impl = eval_impl(config.model.impl)
-    batches = _batches(splits["eval"], config.data.batch_size, config.data.eval_batches)
-    calib = _batches(splits["calib"], config.data.batch_size, 4)
-    rows = ev.sweep(original, batches, taus=tuple(config.eval.taus), policy_names=tuple(config.eval.policies),
-                    calib_batches=calib, impl=impl, beam_model=model, renormalize=config.beam.renormalize)
-    result = {"checkpoint_step": meta["step"], "sweep": rows,
+    bench = run_benchmark(config, original, model, tokenizer, examples, splits["validation"])
+    rows = bench["test"]
+    head = rows[bench["headline"]] if bench["headline"] is not None else None
+    tau = head["value"] if head is not None else config.beam.tau
+    result = {"checkpoint_step": meta["step"], "eval_split": "test", "selection_split": "validation",
+              "eval_tokens": bench["test_tasks"]["tokens"], "tasks": dict(rows[0]["task_scores"]),
+              "task_sizes": {"test": bench["test_tasks"], "validation": bench["selection_tasks"]}, "tau": tau,
+              "sweep": rows, "selection_sweep": bench["validation"],
               "flops_per_token_per_moe_layer": ev.flops_breakdown(model.cfg, rows[0]["experts_per_token"],
                                                                   config.data.seq_len)}
     if config.eval.multiple_choice:
         items = read_multiple_choice(config.eval.multiple_choice)
         result["multiple_choice"] = {"topk": multiple_choice(original, tokenizer, items, TopKHook(), impl),
-                                     "beam": multiple_choice(model, tokenizer, items, BeamHook(config.beam.tau), impl)}
+                                     "beam": multiple_choice(model, tokenizer, items, BeamHook(tau), impl)}
     workdir = Path(workdir)
-    (workdir / "eval_sweep.md").write_text(ev.markdown_table(rows))
-    ev.pareto_plot(rows, workdir / "eval_pareto.png")
+    (workdir / "eval_sweep.md").write_text(ev.markdown_table(rows) + "\n## Validation sweep (selection)\n\n"
+                                          + ev.markdown_table(bench["validation"]))
+    ev.pareto_plot(rows, workdir / "eval_pareto.png", background=bench["validation"])
     tmp = workdir / "eval.json.tmp"
     tmp.write_text(json.dumps(result, indent=2, default=float) + "\n")
     os.replace(tmp, workdir / "eval.json")

@@ -1,4 +1,9 @@
-"""Evaluation: quality against routed-expert FLOPs for BEAM and every comparison policy, on one held-out split.
+"""Evaluation: quality against routed-expert FLOPs for BEAM and every comparison policy.
+
+`task_sweep(model, selection, test, ...)` is the benchmark: every policy point is scored on the validation
+split's tasks (`beam_jax.tasks`: next-token accuracy, greedy line completion, multiple choice), the points
+`select_test_rows` chooses there are scored on the test split, retention = mean over tasks of the ratio to
+Top-K with a 95% bootstrap CI over documents.
 
 `evaluate(model, batches, hook)` gives next-token loss, perplexity, top-1 accuracy, experts per token
 (overall and per layer), how often each Top-K rank is dropped, and the routed-expert FLOPs reduction
@@ -18,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from . import beam, flops, policies
+from . import tasks as tasks_lib
 from .routing import BeamHook, PolicyHook, TopKHook, make_hook
 
 
@@ -74,19 +80,10 @@ def calibrate_dynamic_skip(model, batches, quantile: float, impl: str = "dense")
     return tuple(betas)
 
 
-def sweep(model, batches, *, taus=(), policy_names=(), calib_batches=None, impl: str = "dense",
-          base: dict | None = None, progress: bool = True, beam_model=None, renormalize: bool = False) -> list[dict]:
-    """Evaluate Top-K (the reference), BEAM at each tau and each baseline over its default grid.
-
-    `model` is the base model: Top-K and the training-free baselines run on it. BEAM runs on `beam_model`
-    (default `model`, which then holds the trained mask routers); they differ when training also changed the
-    base (`train.trainable` mask+router or all). Each knob is a traced leaf of its hook, so a sweep compiles
-    once per policy. Each row: policy, knob, value, and `evaluate`'s metrics + retention against Top-K."""
-    from tqdm.auto import tqdm
-
-    batches = list(batches)
+def _jobs(model, taus, policy_names, calib_batches, impl, renormalize):
+    """(policy, knob name, value, hook) for Top-K, BEAM at each tau and each baseline over its default grid;
+    dynamic skipping's per-layer betas are calibrated on `calib_batches` (one job per calibration quantile)."""
     K = model.cfg.num_experts_per_tok
-    beam_model = model if beam_model is None else beam_model
     jobs = [("topk", None, None, TopKHook())]
     jobs += [("beam", "tau", t, BeamHook(float(t), renormalize=renormalize)) for t in taus]
     for name in policy_names:
@@ -97,6 +94,23 @@ def sweep(model, batches, *, taus=(), policy_names=(), calib_batches=None, impl:
                 jobs.append((name, "quantile", q, PolicyHook(name, per_layer=betas)))
         else:
             jobs += [(name, pol.knob, v, make_hook(name, knob=v)) for v in pol.grid(K)]
+    return jobs
+
+
+def sweep(model, batches, *, taus=(), policy_names=(), calib_batches=None, impl: str = "dense",
+          base: dict | None = None, progress: bool = True, beam_model=None, renormalize: bool = False) -> list[dict]:
+    """Evaluate Top-K (the reference), BEAM at each tau and each baseline over its default grid, on next-token
+    accuracy of `batches` only (`task_sweep` is the benchmark with validation selection and CIs).
+
+    `model` is the base model: Top-K and the training-free baselines run on it. BEAM runs on `beam_model`
+    (default `model`, which then holds the trained mask routers); they differ when training also changed the
+    base (`train.trainable` mask+router or all). Each knob is a traced leaf of its hook, so a sweep compiles
+    once per policy. Each row: policy, knob, value, and `evaluate`'s metrics + retention against Top-K."""
+    from tqdm.auto import tqdm
+
+    batches = list(batches)
+    beam_model = model if beam_model is None else beam_model
+    jobs = _jobs(model, taus, policy_names, calib_batches, impl, renormalize)
     rows = []
     for name, knob, value, hook in tqdm(jobs, desc="sweep", disable=not progress, dynamic_ncols=True):
         if name == "topk" and base is not None:
@@ -109,6 +123,86 @@ def sweep(model, batches, *, taus=(), policy_names=(), calib_batches=None, impl:
         r["retention"] = r["accuracy"] / ref["accuracy"] if ref["accuracy"] else float("nan")
         r["loss_increase"] = r["loss"] - ref["loss"]
     return rows
+
+
+def select_test_rows(rows: list[dict], levels) -> tuple[dict[int, list[float]], int | None]:
+    """Which validation rows go to the test split, and BEAM's headline row. Pure: reads policy,
+    moe_flops_reduction and retention.
+
+    -> ({row index: [levels it was chosen at]}, headline index or None). Row 0 (Top-K, the reference) is
+    always chosen. For every other policy and every level s: the row of that policy with the highest
+    retention among those saving at least s of the routed-expert FLOPs (ties: the one saving more). BEAM's
+    headline: its row chosen at the highest level BEAM reaches; if it reaches none, its best-retaining row."""
+    chosen: dict[int, list[float]] = {0: []}
+    headline, head_level = None, -1.0
+    for name in dict.fromkeys(r["policy"] for r in rows[1:]):
+        idx = [i for i, r in enumerate(rows) if i and r["policy"] == name]
+        for s in sorted(levels):
+            ok = [i for i in idx if rows[i]["moe_flops_reduction"] >= s - 1e-9]
+            if not ok:
+                continue
+            best = max(ok, key=lambda i: (_finite(rows[i]["retention"]), rows[i]["moe_flops_reduction"]))
+            chosen.setdefault(best, []).append(float(s))
+            if name == "beam" and s > head_level:
+                headline, head_level = best, s
+        if name == "beam" and headline is None and idx:
+            headline = max(idx, key=lambda i: (_finite(rows[i]["retention"]), rows[i]["moe_flops_reduction"]))
+            chosen.setdefault(headline, [])
+    return dict(sorted(chosen.items())), headline
+
+
+def _finite(x):
+    return x if x == x else float("-inf")
+
+
+def _with_retention(rows, pers, ref_per, resamples, split):
+    for r, per in zip(rows, pers):
+        b = tasks_lib.bootstrap_retention(per, ref_per, resamples=resamples)
+        r["retention"] = b["retention"]
+        r["retention_ci95"] = b["ci95"]
+        r["task_retention"] = {t: v["ratio"] for t, v in b["tasks"].items()}
+        r["task_retention_ci95"] = {t: v["ci95"] for t, v in b["tasks"].items()}
+        r["task_scores_ci95"] = {t: v["score_ci95"] for t, v in b["tasks"].items()}
+        r["bootstrap"] = {"documents": b["documents"], "resamples": b["resamples"], "skipped": b["skipped"]}
+        r["split"] = split
+    ref = rows[0]
+    for r in rows:
+        r["loss_increase"] = r["loss"] - ref["loss"]
+        r["accuracy_retention"] = r["accuracy"] / ref["accuracy"] if ref["accuracy"] else float("nan")
+    return rows
+
+
+def task_sweep(model, selection, test, *, taus=(), policy_names=(), calib_batches=None, impl: str = "dense",
+               beam_model=None, renormalize: bool = False, test_savings=(0.5, 0.75, 0.85), resamples: int = 1000,
+               progress: bool = True) -> dict:
+    """The benchmark: every job of `_jobs` scored on the `selection` TaskSet (validation split), the rows
+    `select_test_rows` picks there scored on the `test` TaskSet, each with retention = mean over the tasks
+    of (score / Top-K score) and its 95% bootstrap CI over documents (`beam_jax.tasks`).
+
+    -> {"validation": rows, "test": rows (each with "validation": its selection figures and "selected_at":
+    the FLOPs-saved levels it was chosen at), "headline": index of BEAM's headline row in "test" or None}."""
+    from tqdm.auto import tqdm
+
+    beam_model = model if beam_model is None else beam_model
+    jobs = _jobs(model, taus, policy_names, calib_batches, impl, renormalize)
+
+    def run(job_list, ts, desc):
+        rows, pers = [], []
+        for name, knob, value, hook in tqdm(job_list, desc=desc, disable=not progress, dynamic_ncols=True):
+            r = tasks_lib.score(beam_model if name == "beam" else model, ts, hook, impl)
+            pers.append(r.pop("per_document"))
+            rows.append({"policy": name, "knob": knob, "value": value, **r})
+        return _with_retention(rows, pers, pers[0], resamples, ts.split)
+
+    val = run(jobs, selection, f"{selection.split} sweep")
+    chosen, headline = select_test_rows(val, test_savings)
+    test_rows = run([jobs[i] for i in chosen], test, f"{test.split} (chosen rows)")
+    for r, (i, levels) in zip(test_rows, chosen.items()):
+        r["selected_at"] = levels
+        r["validation"] = {k: val[i][k] for k in ("retention", "retention_ci95", "moe_flops_reduction",
+                                                  "experts_per_token", "task_scores")}
+    head = list(chosen).index(headline) if headline is not None else None
+    return {"validation": val, "test": test_rows, "headline": head}
 
 
 def pareto_front(rows: list[dict], x="moe_flops_reduction", y="accuracy") -> list[dict]:
@@ -126,19 +220,30 @@ def retention_at(rows: list[dict], policy: str, reduction: float) -> float | Non
     return max(c) if c else None
 
 
+def _ci_text(r):
+    ci = r.get("retention_ci95")
+    return f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci and ci[0] == ci[0] else ""
+
+
 def markdown_table(rows: list[dict]) -> str:
-    head = "| policy | knob | value | experts/token | MoE FLOPs saved | loss | accuracy | retention |\n"
-    head += "|---|---|---|---|---|---|---|---|\n"
+    """One line per row; with task scores (rows of `task_sweep`) also each task's score and retention's 95% CI."""
+    names = list(rows[0].get("task_scores", {})) if rows else []
+    head = "| policy | knob | value | experts/token | MoE FLOPs saved | loss | accuracy | "
+    head += "".join(f"{t} | " for t in names) + "retention [95% CI] |\n"
+    head += "|---" * (8 + len(names)) + "|\n"
     lines = []
     for r in rows:
         v = "" if r["value"] is None else (f"{r['value']:.3g}" if isinstance(r["value"], float) else str(r["value"]))
+        tasks = "".join(f"{r['task_scores'][t]:.4f} | " for t in names)
         lines.append(f"| {r['policy']} | {r['knob'] or ''} | {v} | {r['experts_per_token']:.2f} | "
-                     f"{100 * r['moe_flops_reduction']:.1f}% | {r['loss']:.4f} | {r['accuracy']:.4f} | "
-                     f"{100 * r['retention']:.1f}% |")
+                     f"{100 * r['moe_flops_reduction']:.1f}% | {r['loss']:.4f} | {r['accuracy']:.4f} | {tasks}"
+                     f"{100 * r['retention']:.1f}%{_ci_text(r)} |")
     return head + "\n".join(lines) + "\n"
 
 
-def pareto_plot(rows: list[dict], path, title: str = "") -> None:
+def pareto_plot(rows: list[dict], path, title: str = "", background: list[dict] | None = None) -> None:
+    """Retention against FLOPs saved, one line per policy; 95% CIs as error bars where rows have them;
+    `background` rows (e.g. the validation sweep) drawn faint and dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,17 +252,35 @@ def pareto_plot(rows: list[dict], path, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"beam": ("tab:red", "o", 2.5), "top_p": ("tab:blue", "s", 1.2), "dynamic_skip": ("tab:green", "^", 1.2),
               "static_topk": ("tab:purple", "D", 1.2), "entropy": ("tab:orange", "v", 1.2)}
-    for name in dict.fromkeys(r["policy"] for r in rows):
-        pts = sorted((r["moe_flops_reduction"], 100 * r["retention"]) for r in rows if r["policy"] == name)
+    for name in dict.fromkeys(r["policy"] for r in background or []):
         if name == "topk":
-            ax.scatter(*zip(*pts), color="black", marker="*", s=120, zorder=5, label="Top-K (original)")
+            continue
+        pts = sorted((r["moe_flops_reduction"], 100 * r["retention"]) for r in background if r["policy"] == name)
+        c, m, lw = styles.get(name, ("gray", ".", 1))
+        ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], ls=":", color=c, lw=0.8, alpha=0.45)
+    seen = []
+    for name in dict.fromkeys(r["policy"] for r in rows):
+        sel = sorted((r for r in rows if r["policy"] == name), key=lambda r: r["moe_flops_reduction"])
+        x = [100 * r["moe_flops_reduction"] for r in sel]
+        y = [100 * r["retention"] for r in sel]
+        ci = [r.get("retention_ci95") for r in sel]
+        err = None
+        if all(c is not None for c in ci):
+            err = np.array([[max(0.0, v - 100 * c[0]) for v, c in zip(y, ci)],
+                            [max(0.0, 100 * c[1] - v) for v, c in zip(y, ci)]])
+        if name == "topk":
+            ax.scatter(x, y, color="black", marker="*", s=120, zorder=5, label="Top-K (original)")
             continue
         c, m, lw = styles.get(name, ("gray", ".", 1))
-        ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker=m, color=c, lw=lw, label=name)
+        if name.startswith("beam@"):  # BEAM runs at several targets (beam_jax.curve)
+            shades = ("tab:red", "darkred", "salmon", "tab:pink", "maroon")
+            c, m, lw = shades[sum(n.startswith("beam@") for n in seen) % len(shades)], "o", 2.0
+            seen.append(name)
+        ax.errorbar(x, y, yerr=err, marker=m, color=c, lw=lw, capsize=3, label=name)
     ax.axhline(98, color="gray", ls=":", lw=1)
     ax.axvline(85, color="gray", ls=":", lw=1)
     ax.set_xlabel("routed-expert FLOPs saved (%)  = 1 - mean K_eff / K")
-    ax.set_ylabel("quality retained (% of Top-K accuracy)")
+    ax.set_ylabel("quality retained (% of Top-K)" + (", 95% CI" if rows and "retention_ci95" in rows[0] else ""))
     ax.set_title(title or "quality vs MoE FLOPs saved")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

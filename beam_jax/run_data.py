@@ -10,37 +10,48 @@ from . import corpus as corpus_lib
 from .data import pack_examples, read_all, split_examples
 
 
-def load_splits(config, tokenizer) -> dict:
-    """-> {"train", "eval", "calib"}: Packed rows of `config.data.seq_len`.
+def split_examples_of(config) -> dict:
+    """-> {"train", "validation", "test"}: lists of Examples (one per document).
 
-    data.train == "stdlib": the standard-library corpus (train / test / validation splits). Otherwise the
-    user's files; held-out data from data.eval if given, else a stable 90/5/5 hash split of data.train
-    (eval = test part, calibration of baselines = validation part).
+    data.train == "stdlib": the standard-library corpus's train / validation / test splits (by file).
+    Otherwise the user's files: with data.eval, test = data.eval and validation = a stable 5% hash split of
+    data.train (`beam_jax.data.splits`), which is not trained on; without it, a stable 90/5/5 hash split of
+    data.train. Validation is what every choice is made on (the sweep's selection, the baselines'
+    calibration); test is only reported.
     """
     d = config.data
     fmt = d.format or None
-    S = d.seq_len
     if d.train == "stdlib":
         corpus = corpus_lib.stdlib_corpus()
-        parts = {"train": corpus.examples("train"), "eval": corpus.examples("test"),
-                 "calib": corpus.examples("validation")}
-    else:
-        if not d.train:
-            raise ValueError("config field 'data.train' is empty: give a file or directory of training data, "
-                             "or 'stdlib'")
-        examples = read_all(d.train, fmt)
-        split = split_examples(examples)
-        if d.eval:
-            held = read_all(d.eval, fmt)
-            parts = {"train": examples, "eval": held, "calib": held}
-        else:
-            parts = {"train": split["train"], "eval": split["test"] or split["validation"],
-                     "calib": split["validation"] or split["test"]}
-    out = {k: pack_examples(v, tokenizer, S, mode=d.pack) for k, v in parts.items()}
+        return {k: corpus.examples(k) for k in ("train", "validation", "test")}
+    if not d.train:
+        raise ValueError("config field 'data.train' is empty: give a file or directory of training data, "
+                         "or 'stdlib'")
+    examples = read_all(d.train, fmt)
+    if d.eval:
+        split = split_examples(examples, {"train": 0.95, "validation": 0.05})
+        if not split["validation"] or not split["train"]:
+            raise ValueError(f"data.train={d.train!r} has {len(examples)} examples: too few to hold out a 5% "
+                             "validation split (selection and calibration must not use data.eval, the test split)")
+        return {"train": split["train"], "validation": split["validation"], "test": read_all(d.eval, fmt)}
+    split = split_examples(examples)
+    return {"train": split["train"], "validation": split["validation"] or split["test"],
+            "test": split["test"] or split["validation"]}
+
+
+def load_splits(config, tokenizer, examples: dict | None = None) -> dict:
+    """-> {"train", "validation", "test", "eval", "calib"}: Packed rows of `config.data.seq_len`
+    (`split_examples_of`; "eval" is the test split, "calib", for the baselines' calibration, the validation
+    split). `examples`: that function's result, if already read.
+    """
+    S = config.data.seq_len
+    parts = examples if examples is not None else split_examples_of(config)
+    out = {k: pack_examples(parts[k], tokenizer, S, mode=config.data.pack) for k in ("train", "validation", "test")}
     for k, p in out.items():
         if len(p) == 0:
             raise ValueError(f"data split '{k}' is empty after packing into sequences of {S} tokens "
-                             f"(data.train={d.train!r}, data.eval={d.eval!r})")
+                             f"(data.train={config.data.train!r}, data.eval={config.data.eval!r})")
+    out["eval"], out["calib"] = out["test"], out["validation"]
     return out
 
 

@@ -1,7 +1,8 @@
 """`python -m beam_jax.train --config NAME_OR_PATH [--config.train.steps=200] [--workdir DIR] [--resume]`
 
 Loads a Hugging Face MoE checkpoint, trains BEAM's mask routers (or more, `train.trainable`), then
-evaluates Top-K against BEAM and the comparison policies on the held-out split and writes, under WORKDIR:
+benchmarks Top-K against BEAM and the comparison policies (`run_benchmark`: every point on the validation
+split's tasks, the points chosen there on the test split's, retention with 95% CIs) and writes, under WORKDIR:
 ckpt/ (orbax, trainable parameters only), metrics.jsonl, tensorboard/, report.json, sweep.md and plots.
 """
 
@@ -18,8 +19,8 @@ import numpy as np
 from . import beam as beam_lib
 from .data import BatchIterator
 from .loading import load_pretrained
-from .routing import BeamHook, TopKHook
-from .run_data import load_splits, model_fingerprint
+from .routing import BeamHook
+from .run_data import load_splits, model_fingerprint, split_examples_of
 from .trainer import LossConfig, Trainer, fit
 
 
@@ -75,7 +76,8 @@ def train_and_evaluate(config, workdir: Path, resume: bool = False) -> dict:
     model = load_pretrained(config.model.path, dtype=config.model.dtype, param_dtype=param_dtype, mesh=mesh)
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.model.path)
     cfg = model.cfg
-    splits = load_splits(config, tokenizer)
+    examples = split_examples_of(config)
+    splits = load_splits(config, tokenizer, examples)
     impl = expert_impl(config.model.impl)
     tc = config.train
     hook = BeamHook(config.beam.tau, train=True, renormalize=config.beam.renormalize)
@@ -94,22 +96,46 @@ def train_and_evaluate(config, workdir: Path, resume: bool = False) -> dict:
                   target=config.beam.target_ratio, controller_rate=config.beam.controller_rate, resume=resume,
                   meta=meta, desc="beam")
 
-    from . import evaluate as ev
     from .report import write_report
 
     trained = trainer.model()
     # Top-K and the training-free baselines run on the base model as loaded; BEAM on the trained one
     original = trainer.model(initial) if tc.trainable != "mask" else trained
-    eval_batches = _batches(splits["eval"], config.data.batch_size, config.data.eval_batches)
-    calib = _batches(splits["calib"], config.data.batch_size, 4)
-    impl = eval_impl(config.model.impl)
-    base = ev.evaluate(original, eval_batches, TopKHook(), impl)
-    beam = ev.evaluate(trained, eval_batches, BeamHook(config.beam.tau, renormalize=config.beam.renormalize), impl)
-    rows = ev.sweep(original, eval_batches, taus=tuple(config.eval.taus), policy_names=tuple(config.eval.policies),
-                    calib_batches=calib, impl=impl, base=base, beam_model=trained,
-                    renormalize=config.beam.renormalize)
-    report = write_report(workdir, config, cfg, base, beam, rows, summary, trainer.num_trainable)
+    bench = run_benchmark(config, original, trained, tokenizer, examples, splits["validation"])
+    report = write_report(workdir, config, cfg, bench, summary, trainer.num_trainable)
     return report
+
+
+def run_benchmark(config, original, trained, tokenizer, examples: dict, validation) -> dict:
+    """Tasks of the validation and test splits (`beam_jax.tasks`), dynamic skipping calibrated on validation
+    rows, `evaluate.task_sweep` over them. -> task_sweep's result plus "selection_tasks" / "test_tasks" (their
+    sizes and construction) and "seconds" per part."""
+    import time
+
+    from . import evaluate as ev
+    from . import tasks
+
+    e, d = config.eval, config.data
+    impl = eval_impl(config.model.impl)
+    t0 = time.perf_counter()
+    V = original.cfg.vocab_size
+    sel = tasks.build_tasks(examples["validation"], tokenizer, d.seq_len, d.batch_size, split="validation",
+                            max_batches=e.selection_batches, mc_items=e.selection_mc_items, seed=config.seed,
+                            vocab_size=V)
+    test = tasks.build_tasks(examples["test"], tokenizer, d.seq_len, d.batch_size, split="test",
+                             max_batches=d.eval_batches, mc_items=e.mc_items, seed=config.seed, vocab_size=V)
+    calib = _batches(validation, d.batch_size, 4)
+    t1 = time.perf_counter()
+    taus = tuple(dict.fromkeys(tuple(e.taus) + (config.beam.tau,))) if e.taus else (config.beam.tau,)
+    out = ev.task_sweep(original, sel, test, taus=taus, policy_names=tuple(e.policies), calib_batches=calib,
+                        impl=impl, beam_model=trained, renormalize=config.beam.renormalize,
+                        test_savings=tuple(e.test_savings), resamples=e.resamples)
+    t2 = time.perf_counter()
+    out["selection_tasks"] = {**sel.sizes(), **sel.construction}
+    out["test_tasks"] = {**test.sizes(), **test.construction}
+    out["seconds"] = {"build_tasks": t1 - t0, "sweep_and_test": t2 - t1,
+                      "rows": {"validation": len(out["validation"]), "test": len(out["test"])}}
+    return out
 
 
 def _batches(packed, batch_size, max_batches):
@@ -126,9 +152,11 @@ def main(config, workdir: Path, resume: bool):
     report = train_and_evaluate(config, workdir, resume)
     print()
     print((Path(workdir) / "sweep.md").read_text())
-    print(f"BEAM at tau={config.beam.tau}: {report['experts_per_token']['overall']:.2f} of "
-          f"{report['top_k']} experts per token, MoE FLOPs saved {100 * report['moe_flops_reduction']:.1f}%, "
-          f"quality retained {100 * report['quality_retention']:.1f}%")
+    lo, hi = report["quality_retention_ci95"]
+    print(f"BEAM at tau={report['tau']} (chosen on {report['selection_split']}), on {report['eval_split']}: "
+          f"{report['experts_per_token']['overall']:.2f} of {report['top_k']} experts per token, MoE FLOPs saved "
+          f"{100 * report['moe_flops_reduction']:.1f}%, quality retained {100 * report['quality_retention']:.1f}% "
+          f"[95% CI {100 * lo:.1f}, {100 * hi:.1f}] over {len(report['tasks'])} tasks")
     print("wrote:", ", ".join(sorted(str(p) for p in report["files"])))
 
 

@@ -29,8 +29,10 @@ def test_shipped_model_is_complete():
 
 def test_tiny_config_end_to_end(tmp_path):
     cmd = [sys.executable, "-m", "beam_jax.train", "--config", "tiny.py", "--workdir", str(tmp_path),
-           "--config.train.steps=40", "--config.data.eval_batches=2", "--config.train.ckpt_every=20",
-           "--config.eval.taus=(0.5,0.7)", "--config.eval.policies=('static_topk','top_p')"]
+           "--config.train.steps=40", "--config.data.eval_batches=4", "--config.train.ckpt_every=20",
+           "--config.eval.taus=(0.5,0.7)", "--config.eval.policies=('static_topk','top_p')",
+           "--config.eval.selection_batches=2", "--config.eval.mc_items=200", "--config.eval.selection_mc_items=60",
+           "--config.eval.test_savings=(0.75,)"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "| policy |" in r.stdout and "wrote:" in r.stdout
@@ -41,5 +43,15 @@ def test_tiny_config_end_to_end(tmp_path):
     assert report["moe_flops_reduction"] > 0.1  # the controller pushes towards 85% within 40 steps
     assert report["quality_retention"] > 0.7
     assert report["base"]["accuracy"] > 0.2  # the shipped model predicts code, it is not random
+    assert report["eval_split"] == "test" and report["selection_split"] == "validation"
+    assert report["task_sizes"]["test"]["multiple_choice_items"] == 200 and report["eval_tokens"] > 10000
+    assert report["tasks"]["multiple_choice"] > 0.4  # chance is 0.25
+    assert 0 < report["tasks"]["line_completion"] < report["tasks"]["next_token"]
+    for r in report["sweep"] + report["selection_sweep"]:
+        lo, hi = r["retention_ci95"]
+        assert lo <= r["retention"] <= hi, r
+    assert report["sweep"][0]["retention_ci95"] == [1.0, 1.0]  # Top-K against itself
+    lo, hi = report["quality_retention_ci95"]
+    assert lo < report["quality_retention"] < hi and hi - lo < 0.5
     for f in ("pareto.png", "experts_per_layer.png", "rank_drop.png", "loss_curves.png", "sweep.md"):
         assert (tmp_path / f).is_file(), f

@@ -59,6 +59,11 @@ def get_config() -> ConfigDict:
     c.eval.taus = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # BEAM's serving-time sweep
     c.eval.policies = ("top_p", "dynamic_skip", "static_topk", "entropy")  # baselines swept on the same split
     c.eval.multiple_choice = ""  # optional local JSONL of {context, choices, label} items
+    c.eval.selection_batches = 6  # batches of the validation split the selection sweep scores (0 = all)
+    c.eval.selection_mc_items = 300  # multiple-choice items of the selection sweep (beam_jax.tasks)
+    c.eval.mc_items = 2000  # multiple-choice items on the test split (its size: data.eval_batches)
+    c.eval.test_savings = (0.5, 0.75, 0.85)  # per policy, the validation-best point saving >= each goes to test
+    c.eval.resamples = 1000  # bootstrap resamples of documents for the 95% CIs
     return c
 
 
@@ -113,6 +118,12 @@ CHECKS = {
     "plan.headroom": (_num(0, 1, lo_open=True), "a number in (0, 1]"),
     "eval.taus": (lambda v: isinstance(v, (tuple, list)) and all(_num(0, 1)(t) for t in v),
                   "a list of numbers in [0, 1]"),
+    "eval.selection_batches": (_num(0, integer=True), "an integer >= 0 (0 = all)"),
+    "eval.selection_mc_items": (_num(0, integer=True), "an integer >= 0"),
+    "eval.mc_items": (_num(0, integer=True), "an integer >= 0"),
+    "eval.test_savings": (lambda v: isinstance(v, (tuple, list)) and all(_num(0, 1)(t) for t in v),
+                          "a list of numbers in [0, 1]"),
+    "eval.resamples": (_num(10, integer=True), "an integer >= 10"),
 }
 
 
