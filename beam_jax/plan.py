@@ -8,7 +8,7 @@ How each figure is obtained (no checkpoint needed; nothing is allocated, nothing
   abstract state (`jax.eval_shape(tx.init)`), each leaf divided as `beam_jax.sharding.RULES` lays it out;
 - activations, gradients and temporaries of one step: the peak of a liveness walk over the jaxpr of the real
   training step traced for one device's rows of the batch (`step_memory`); platform-independent, so a GPU
-  run is planned from a CPU host with the expert path it will use (grouped, as `model.impl=auto` picks there).
+  run is planned from a CPU host with the expert path it will use (`experts.training_impl`: grouped there today).
 
 The model's sizes come from `model.path/config.json` when it exists, else from `model.arch` (as in
 tiny_pretrain.py), else from the published Hugging Face configs below, matched by the directory name.
@@ -315,7 +315,9 @@ def estimate(config, mesh, *, processes: int = 1, target: str | None = None, dev
 
     cfg, _ = model_config(config)
     target = target or mesh.devices.flat[0].platform
-    impl = config.model.impl if config.model.impl != "auto" else ("dense" if target == "cpu" else "grouped")
+    from .experts import training_impl  # what train.py's model.impl=auto runs on `target`
+
+    impl = config.model.impl if config.model.impl != "auto" else training_impl(target)
     global_batch = config.data.batch_size * processes
     sharding.check_batch(global_batch, mesh)
     params, opt_bytes, count = _state_bytes(cfg, config, mesh)
