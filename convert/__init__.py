@@ -18,6 +18,8 @@ BASE_ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "OlmoeForCausalLM": "olmoe",
     "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+    "Glm4MoeForCausalLM": "glm4_moe",
 }
 BEAM_ARCHITECTURES = tuple("Beam" + a for a in BASE_ARCHITECTURES)
 BEAM_MODEL_TYPES = tuple("beam_" + t for t in BASE_ARCHITECTURES.values())

@@ -309,6 +309,11 @@ def beam_config(base: Path, cfg, tau: float, renormalize: bool, provenance: dict
         raw["model_type"] = beam_model_type(raw["model_type"])
     except ValueError as e:
         raise ExportError(f"{base / 'config.json'}: {e}") from None
+    if cfg.topk_method == "noaux_tc":
+        # DeepSeek-V3's routing as its hub config.json names it: transformers 5 implies it (and save_pretrained
+        # drops the fields), vLLM reads them and would otherwise route with a plain softmax
+        raw.setdefault("topk_method", "noaux_tc")
+        raw.setdefault("scoring_func", "sigmoid")
     raw["beam"] = {"tau": float(tau), "renormalize": bool(renormalize),
                    "layers": [i for i, m in enumerate(cfg.moe_layers) if m],
                    "num_experts": cfg.num_experts, "top_k": cfg.num_experts_per_tok,

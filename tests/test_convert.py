@@ -206,7 +206,7 @@ def test_expert_implementations_and_bfloat16(tmp_path):
 # ----------------------------------------------------------------------------- PyTorch parity, every family
 
 PARITY = [("mixtral", {}), ("qwen2_moe", {"renormalize": True}), ("qwen3_moe", {}), ("olmoe", {}),
-          ("deepseek_v2", {})]
+          ("deepseek_v2", {}), ("deepseek_v3", {}), ("glm4_moe", {})]
 
 
 @pytest.mark.parametrize("family,opts", PARITY, ids=[f for f, _ in PARITY])

@@ -206,11 +206,13 @@ FAMILIES = {
     "qwen2_moe": ({"hidden_size": 128}, 1e-4),  # vLLM's Qwen2-MoE takes head_dim = hidden / heads
     "olmoe": ({}, 2e-2),
     "deepseek_v2": (DEEPSEEK_MLA, 2e-2),
+    "deepseek_v3": (DEEPSEEK_MLA, 2e-2),  # sigmoid scores, noaux_tc with e_score_correction_bias, q LoRA
+    "glm4_moe": ({}, 2e-2),  # GQA with partial rotary, qkv bias, per-head q/k norm, noaux_tc
 }
 # DeepSeek-V2's MLA in float32 is served by vLLM's reference CPU_MLA backend, named explicitly: it is what vLLM-CPU
 # picks on a processor without AMX, and the documented way to keep float32 on one with AMX (whose AMX_MLA backend
 # takes bfloat16 only; that path is `test_deepseek_bfloat16_export` / `test_float32_mla_refused_where_amx`)
-FAMILY_LLM = {"deepseek_v2": {"dtype": "float32", "attention_config": {"backend": "CPU_MLA"}}}
+FAMILY_LLM = {f: {"dtype": "float32", "attention_config": {"backend": "CPU_MLA"}} for f in ("deepseek_v2", "deepseek_v3")}
 FAMILY_PROMPTS = [[5, 17, 42, 99, 100, 7, 64, 12], [11, 12, 13]]
 # the bfloat16 comparison: greedy tokens over BF16_STEPS steps, on prompts whose top-2 logit gap (transformers,
 # bfloat16) stays above BF16_MIN_GAP at every step, from a tiny DeepSeek-V2 whose lm_head is scaled by
@@ -495,7 +497,7 @@ def test_serve_openai_completion(exported, vllm_outputs, torch_outputs, tmp_path
 
 
 def test_other_families(family_exports, family_outputs):
-    """The plugin's Mixtral, Qwen2-MoE, OLMoE and DeepSeek-V2 variants in float32, with random mask routers (about
+    """The plugin's Mixtral, Qwen2-MoE, OLMoE, DeepSeek-V2, DeepSeek-V3 and GLM-4.5 variants in float32, with random mask routers (about
     half the pairs dropped): the first greedy token and the pairs computed equal transformers' BEAM model's."""
     import torch
     import transformers

@@ -20,7 +20,7 @@ from convert import BEAM_ARCHITECTURES
 
 ARCHITECTURES = BEAM_ARCHITECTURES
 # BEAM model types whose base vLLM recognises by model_type (DeepSeek-V2's MLA detection)
-_MLA_MODEL_TYPES = ("beam_deepseek_v2",)
+_MLA_MODEL_TYPES = ("beam_deepseek_v2", "beam_deepseek_v3")
 
 
 class BeamServingError(RuntimeError):

@@ -13,7 +13,8 @@ import sys
 import torch
 from torch import nn
 
-from vllm.model_executor.models.deepseek_v2 import DeepseekV2ForCausalLM
+from vllm.model_executor.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+from vllm.model_executor.models.glm4_moe import Glm4MoeForCausalLM
 from vllm.model_executor.models.mixtral import MixtralForCausalLM
 from vllm.model_executor.models.olmoe import OlmoeForCausalLM
 from vllm.model_executor.models.qwen2_moe import Qwen2MoeForCausalLM
@@ -86,4 +87,12 @@ class BeamOlmoeForCausalLM(BeamModelMixin, OlmoeForCausalLM):
 
 
 class BeamDeepseekV2ForCausalLM(BeamModelMixin, DeepseekV2ForCausalLM):
+    pass
+
+
+class BeamDeepseekV3ForCausalLM(BeamModelMixin, DeepseekV3ForCausalLM):
+    pass
+
+
+class BeamGlm4MoeForCausalLM(BeamModelMixin, Glm4MoeForCausalLM):
     pass

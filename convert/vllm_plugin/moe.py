@@ -58,23 +58,36 @@ class BeamRouting:
     num_expert_group: int | None = None
     topk_group: int | None = None
     routed_scaling_factor: float = 1.0
+    scoring_func: str = "softmax"  # or "sigmoid" (DeepSeek-V3, GLM-4.5)
+    e_score_correction_bias: torch.Tensor | None = None  # [E], chooses only (noaux_tc); the block's loaded parameter
     tau: float = 0.5
     beam_renormalize: bool = False
     mask_router: nn.Linear | None = None  # bound after the block is built
 
     def topk(self, gating_output: torch.Tensor):
-        """Softmax Top-K exactly as the families do it: -> (weights [T, K] f32, ids [T, K] int64)."""
-        scores = torch.softmax(gating_output.float(), dim=-1)
+        """The family's Top-K exactly as it does it: -> (weights [T, K] f32, ids [T, K] int64).
+
+        softmax scores (group-limited: groups ranked by their max score), or sigmoid scores whose choice adds
+        `e_score_correction_bias` (DeepSeek-V3's noaux_tc: groups ranked by the sum of their two best biased
+        scores), the weights being the unbiased scores of the chosen experts."""
+        logits = gating_output.float()
+        sigmoid = self.scoring_func == "sigmoid"
+        scores = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, dim=-1)
+        bias = self.e_score_correction_bias
+        choice = scores if bias is None else scores + bias.float()
+        fill = float("-inf") if sigmoid or bias is not None else 0.0
         if self.use_grouped_topk and (self.num_expert_group or 1) > 1:
-            T, E = scores.shape
-            groups = scores.view(T, self.num_expert_group, E // self.num_expert_group).max(dim=-1).values
+            T, E = choice.shape
+            grouped = choice.view(T, self.num_expert_group, E // self.num_expert_group)
+            groups = grouped.topk(2, dim=-1)[0].sum(-1) if bias is not None else grouped.max(dim=-1).values
             top_groups = torch.topk(groups, k=self.topk_group, dim=-1, sorted=False)[1]
             group_mask = torch.zeros_like(groups).scatter_(1, top_groups, 1.0)
             expert_mask = group_mask.repeat_interleave(E // self.num_expert_group, dim=1)
-            scores = scores.masked_fill(expert_mask == 0, 0.0)
-        weights, ids = torch.topk(scores, k=self.top_k, dim=-1)
+            choice = choice.masked_fill(expert_mask == 0, fill)
+        ids = torch.topk(choice, k=self.top_k, dim=-1)[1]
+        weights = scores.gather(1, ids)
         if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if sigmoid else 0.0))
         return weights * self.routed_scaling_factor, ids
 
     def __call__(self, hidden_states, gating_output, topk, renormalize):
@@ -240,15 +253,16 @@ def _mk_internal():
 
 def _beam_factory(original, **kw):
     """`FusedMoEFactory` with BEAM's routing and runner; the family's routing settings become BEAM's Top-K."""
-    if kw.get("e_score_correction_bias") is not None or kw.get("scoring_func", "softmax") != "softmax":
-        raise NotImplementedError("BEAM supports softmax routing without a score-correction bias")
+    if kw.get("scoring_func", "softmax") not in ("softmax", "sigmoid"):
+        raise NotImplementedError(f"BEAM supports softmax or sigmoid routing, not {kw['scoring_func']!r}")
     if kw.get("fuse_shared_experts"):
         raise NotImplementedError("BEAM does not support shared experts fused into the routed kernel")
     scale = 1.0 if kw.get("apply_routed_scale_to_output") else float(kw.get("routed_scaling_factor", 1.0))
     routing = BeamRouting(num_experts=kw["num_experts"], top_k=kw["top_k"], renormalize=kw.get("renormalize", True),
                           use_grouped_topk=kw.get("use_grouped_topk", False),
                           num_expert_group=kw.get("num_expert_group"), topk_group=kw.get("topk_group"),
-                          routed_scaling_factor=scale)
+                          routed_scaling_factor=scale, scoring_func=kw.get("scoring_func", "softmax"),
+                          e_score_correction_bias=kw.get("e_score_correction_bias"))
     kw.update(custom_routing_function=routing, use_grouped_topk=False, runner_cls=BeamMoERunner,
               runner_args={**(kw.get("runner_args") or {}), "beam": routing})
     if not kw.get("apply_routed_scale_to_output"):
