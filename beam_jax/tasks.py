@@ -24,8 +24,9 @@ tokens of the same document inside one row, holding a non-whitespace character, 
    thing for greedy decoding: exact iff the argmax at each of the ``n`` positions is the reference token and
    the argmax after the last one is a line-end token. Per document: (exact, lines).
 3. ``multiple_choice``: ``mc_items`` lines with ``mc_tokens[0] <= n <= mc_tokens[1]`` drawn without
-   replacement (numpy ``default_rng(seed)``); for each, 3 distractors drawn from the lines of *other*
-   documents of the split with the same token count ``n`` and different tokens (a line with fewer than 3 such
+   replacement (numpy ``default_rng(seed)``) from the scored rows; for each, 3 distractors drawn from the lines
+   of *other* documents anywhere in the split (scored rows or not) with the same token count ``n`` and
+   different tokens (a line with fewer than 3 such
    distractors is skipped); the 4 choices in a random order. At most ``ceil(1.25 * mc_items / batches)``
    items are taken from one batch's rows (one padded shape for every batch); a sampled line past that cap is
    passed over. Score: log p(choice tokens | the row up to the
@@ -137,26 +138,28 @@ def build_tasks(examples: Sequence, tokenizer, seq_len: int, batch_size: int, *,
     lens = np.array([len(ids) for ids, _ in docs], np.int64)
     stream_doc = np.repeat(np.arange(len(docs), dtype=np.int32), lens)
     n_rows = len(packed) if not max_batches else min(len(packed), max_batches * batch_size)
-    idx = np.arange(n_rows)[:, None] * S + np.arange(S + 1)[None, :]
+    idx = np.arange(len(packed))[:, None] * S + np.arange(S + 1)[None, :]
     row_doc = np.where(idx < stream_doc.size, stream_doc[np.minimum(idx, stream_doc.size - 1)], -1)
     line_end, blank = line_end_table(tokenizer, vocab_size)
     line_end = np.pad(line_end, (0, max(0, int(packed.tokens.max()) + 1 - line_end.size)))
     blank = np.pad(blank, (0, line_end.size - blank.size))
 
-    full = packed.batch(np.arange(n_rows))
-    lines = []  # (row, pos, n, doc)
-    for r in range(n_rows):
+    full = packed.batch(np.arange(len(packed)))
+    lines = []  # (row, pos, n, doc), over every row of the split: rows >= n_rows only supply distractors
+    for r in range(len(packed)):
         for pos, n, d in _rows_lines(packed.tokens[r], row_doc[r], full["loss_mask"][r] > 0, line_end, blank,
                                      min_context):
             lines.append((r, pos, n, d))
-    lc = [ln for ln in lines if ln[2] <= lc_max_tokens]
+    lc = [ln for ln in lines if ln[2] <= lc_max_tokens and ln[0] < n_rows]
 
-    # multiple choice: sampled true lines, same-length distractors from other documents
+    # multiple choice: sampled true lines of the scored rows, same-length distractors from the lines of other
+    # documents anywhere in the split (the scored rows alone may hold a single document)
     rng = np.random.default_rng(seed)
     content = [tuple(packed.tokens[r, pos + 1:pos + 1 + n].tolist()) for r, pos, n, _ in lines]
-    cand = [i for i, ln in enumerate(lines) if lo <= ln[2] <= hi]
+    pool_ids = [i for i, ln in enumerate(lines) if lo <= ln[2] <= hi]
+    cand = [i for i in pool_ids if lines[i][0] < n_rows]
     by_len: dict[int, np.ndarray] = {}
-    for i in cand:
+    for i in pool_ids:
         by_len.setdefault(lines[i][2], []).append(i)
     by_len = {k: np.array(v) for k, v in by_len.items()}
     order = rng.permutation(len(cand)) if cand else np.zeros(0, int)
@@ -187,6 +190,10 @@ def build_tasks(examples: Sequence, tokenizer, seq_len: int, batch_size: int, *,
         mc.append((r, pos, n, d, choices, label))
         per_batch[r // batch_size] += 1
     mc.sort(key=lambda m: (m[0], m[1]))
+    if len(mc) < mc_items:
+        warnings.warn(f"{split}: {len(mc)} multiple-choice items built of the {mc_items} asked for ({len(cand)} "
+                      f"candidate lines of {lo}-{hi} tokens in {n_rows} rows; raise the batches scored)",
+                      stacklevel=2)
 
     lc_per = [[x for x in lc if x[0] // batch_size == b] for b in range(n_batches)]
     mc_per = [[x for x in mc if x[0] // batch_size == b] for b in range(n_batches)]
