@@ -89,7 +89,8 @@ def multiple_choice(model, tokenizer, items, hook, impl="dense") -> dict:
 def main(config, workdir: Path, resume: bool):
     import transformers
 
-    from .train import eval_impl, run_benchmark
+    from .experts import eval_impl
+    from .train import run_benchmark
 
     model = load_pretrained(config.model.path, dtype=config.model.dtype)
     meta = restore_trainable(Path(workdir) / "ckpt", model)

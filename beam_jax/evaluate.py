@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import beam, flops, policies
+from . import flops, policies
 from . import tasks as tasks_lib
 from .routing import BeamHook, PolicyHook, TopKHook, make_hook
 

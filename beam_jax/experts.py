@@ -124,3 +124,15 @@ def training_impl(platform: str | None = None) -> str:
     if kernel.ffi_grad_available(platform):
         return "kernel"
     return "dense" if platform == "cpu" else "grouped"
+
+
+def expert_impl(name: str) -> str:
+    """config.model.impl -> the training path: 'auto' -> `training_impl()` (the differentiable FFI kernel on CPU
+    where it is built, see bench/train_step.py); anything else forces that path."""
+    return training_impl() if name == "auto" else name
+
+
+def eval_impl(name: str) -> str:
+    """config.model.impl -> the evaluation path: 'auto' -> "kernel" (`beam_jax.masked_moe`: only kept pairs are
+    computed, the FFI kernel where it is built); anything else forces that path."""
+    return "kernel" if name == "auto" else name

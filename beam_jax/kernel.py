@@ -188,20 +188,24 @@ def _ffi_op(x, w_gate, w_up, w_down, expert_ids, weights, keep):
     return _ffi_call_2d(x, w_gate, w_up, w_down, expert_ids, weights, keep)
 
 
+def _per_example(op, args, in_batched):
+    """vmap as a loop: `op(*args)` once per example (lax.map over the batched args, the others shared)."""
+    idx = [i for i, b in enumerate(in_batched) if b]
+
+    def one(sliced):
+        a = list(args)
+        for i, v in zip(idx, sliced):
+            a[i] = v
+        return op(*a)
+
+    return jax.lax.map(one, tuple(args[i] for i in idx))
+
+
 @_ffi_op.def_vmap
 def _ffi_op_vmap(axis_size, in_batched, x, w_gate, w_up, w_down, expert_ids, weights, keep):
     args = [x, w_gate, w_up, w_down, expert_ids, weights, keep]
-    if any(in_batched[1:4]):
-        # Per-example expert weights: one kernel call per example.
-        idx = [i for i, b in enumerate(in_batched) if b]
-
-        def one(sliced):
-            full = list(args)
-            for i, a in zip(idx, sliced):
-                full[i] = a
-            return _ffi_op(*full)
-
-        return jax.lax.map(one, tuple(args[i] for i in idx)), True
+    if any(in_batched[1:4]):  # per-example expert weights: one kernel call per example
+        return _per_example(_ffi_op, args, in_batched), True
     # Shared expert weights: fold the batch into the tokens and make one call.
     tok = []
     for a, b in zip((x, expert_ids, weights, keep), (in_batched[0], *in_batched[4:])):
@@ -243,15 +247,7 @@ def _make_bwd_op(full: bool):
         if full or any(in_batched[1:4]):
             # Per-example expert weights, or per-example expert-weight gradients (a vmapped
             # backward owes each example its own): one kernel call per example.
-            idx = [i for i, b in enumerate(in_batched) if b]
-
-            def one(sliced):
-                a = list(args)
-                for i, v in zip(idx, sliced):
-                    a[i] = v
-                return op(*a)
-
-            return jax.lax.map(one, tuple(args[i] for i in idx)), (True,) * n_out
+            return _per_example(op, args, in_batched), (True,) * n_out
         # Shared expert weights, token-local outputs: fold the batch into the tokens.
         tok = []
         for a, b in zip((x, expert_ids, weights, keep, dy), (in_batched[0], *in_batched[4:])):

@@ -273,7 +273,7 @@ class _SliceReader:
     def dtype(self, name: str):
         return jnp.dtype(_ST_DTYPES.get(self._slice(name).get_dtype(), "float32"))
 
-    def read(self, name: str, window) -> "np.ndarray":
+    def read(self, name: str, window):
         """window: one (start, stop) per dimension of the stored tensor."""
         try:
             return self._slice(name)[tuple(slice(a, b) for a, b in window)]

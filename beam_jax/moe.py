@@ -137,7 +137,7 @@ class Experts(nnx.Module):
 
     def __call__(self, x, ids, weights, keep=None, impl: str = "reference"):
         """impl: an `experts.EXPERT_PATHS` name, or "kernel" for `beam_jax.masked_moe` (the FFI kernel where it
-        is built, inference only: dropped pairs cost nothing)."""
+        is built: dropped pairs cost nothing, forward and, on CPU, backward)."""
         wg, wu, wd = (p[...].astype(x.dtype) for p in (self.w_gate, self.w_up, self.w_down))
         if impl == "kernel":
             from .kernel import masked_moe

@@ -21,6 +21,7 @@ from flax import nnx
 from . import corpus as corpus_lib
 from .config import ModelConfig
 from .data import BatchIterator, pack_examples
+from .experts import expert_impl
 from .export_hf import save_pretrained
 from .model import MoECausalLM
 from .routing import TopKHook
@@ -94,7 +95,7 @@ def main(config, workdir: Path, resume: bool):
     cfg = model_config(config.model.arch, tok)
     model = MoECausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(config.seed))
     trainer = Trainer(model, "all", config.train, LossConfig(alpha=config.beam.alpha, hook=TopKHook(),
-                                                             impl=config.model.impl))
+                                                             impl=expert_impl(config.model.impl)))
     print(f"{cfg.architecture}: {trainer.num_trainable / 1e6:.2f}M parameters")
     it = BatchIterator(packed["train"], B, seed=config.seed)
     summary = fit(trainer, it, workdir, config.train, resume=resume, desc="pretrain",

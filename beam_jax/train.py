@@ -9,35 +9,18 @@ ckpt/ (orbax, trainable parameters only), metrics.jsonl, tensorboard/, report.js
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import beam as beam_lib
 from .data import BatchIterator
 from .loading import load_pretrained
 from .routing import BeamHook
 from .run_data import load_splits, model_fingerprint, split_examples_of
+from .experts import eval_impl, expert_impl
 from .trainer import LossConfig, Trainer, fit
-
-
-def expert_impl(name: str) -> str:
-    """'auto' -> the training path chosen by `experts.training_impl` (the differentiable FFI kernel on CPU
-    where it is built, see bench/train_step.py); anything else forces that path."""
-    if name != "auto":
-        return name
-    from .experts import training_impl
-
-    return training_impl()
-
-
-def eval_impl(name: str) -> str:
-    """Expert path for evaluation: 'auto' -> "kernel" (`beam_jax.masked_moe`: only kept pairs are computed,
-    the FFI kernel where it is built); anything else forces that path."""
-    return "kernel" if name == "auto" else name
 
 
 def run_mesh(config):

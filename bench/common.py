@@ -11,8 +11,9 @@ from pathlib import Path
 import jax
 
 
-def timeit(fn, *args, repeat: int = 5, warmup: int = 1) -> float:
-    """Median seconds of fn(*args) (blocking on the result) over `repeat` runs after `warmup` runs."""
+def timeit(fn, *args, repeat: int = 5, warmup: int = 1, budget_s: float | None = None) -> float:
+    """Median seconds of fn(*args) (blocking on the result) over `repeat` runs after `warmup` runs; with
+    `budget_s`, fewer runs once their total passes it (at least one)."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []
@@ -20,6 +21,8 @@ def timeit(fn, *args, repeat: int = 5, warmup: int = 1) -> float:
         t = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t)
+        if budget_s is not None and sum(times) > budget_s:
+            break
     times.sort()
     return times[len(times) // 2]
 

@@ -29,9 +29,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import json
-import statistics
 import sys
-import time
 
 from pathlib import Path
 
@@ -43,7 +41,7 @@ from beam_jax import kernel as mm
 from beam_jax.experts import experts_grouped, experts_reference
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, write_result  # noqa: E402
+from common import machine, timeit, write_result  # noqa: E402
 
 MODELS = {  # name: (d, f, E, K)
     "mixtral": (4096, 14336, 8, 2),
@@ -59,22 +57,9 @@ REDUCED = {
 # --- machine -------------------------------------------------------------------------------------
 
 
-def timeit(fn, *args, repeats=3, budget_s=None):
-    """Median wall time of fn(*args) after one warm-up call (compile)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-        if budget_s is not None and sum(times) > budget_s:
-            break
-    return statistics.median(times)
-
-
 def measure_matmul(dtype, n):
     a = jnp.ones((n, n), dtype)
-    t = timeit(jax.jit(jnp.matmul), a, a, repeats=5)
+    t = timeit(jax.jit(jnp.matmul), a, a, repeat=5)
     return 2 * n**3 / t
 
 
@@ -82,7 +67,7 @@ def measure_copy_bandwidth(nbytes=1 << 30):
     """Bytes moved per second (read + write) by a device-to-device copy."""
     a = jnp.ones((nbytes // 4,), jnp.float32)
     f = jax.jit(lambda v: v + 1.0)  # one read, one write per element (not elided like a copy)
-    t = timeit(f, a, repeats=10)
+    t = timeit(f, a, repeat=10)
     return 2 * nbytes / t
 
 
@@ -232,7 +217,7 @@ def run(args):
                         row["skipped"][b] = why
                         continue
                     try:
-                        t = timeit(fns[b], x, wg, wu, wd, ids, w, keep, repeats=args.repeats,
+                        t = timeit(fns[b], x, wg, wu, wd, ids, w, keep, repeat=args.repeats,
                                    budget_s=args.time_cap_s)
                     except Exception as err:  # noqa: BLE001 - report and go on
                         row["skipped"][b] = f"failed: {type(err).__name__}: {str(err)[:200]}"

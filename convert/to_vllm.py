@@ -342,7 +342,7 @@ def model_card(out_name: str, config: dict, meta: dict, step: int, report: dict 
         f"alpha {beam.get('alpha', '?')}",
         f"- serving threshold tau = {b['tau']} (trained at {beam.get('tau', '?')})", "",
         "## Weights", "",
-        f"- {b['dtype']}" + (f", as the base checkpoint" if b["dtype"] == b["source_dtype"] else
+        f"- {b['dtype']}" + (", as the base checkpoint" if b["dtype"] == b["source_dtype"] else
                              f", cast from the base checkpoint's {b['source_dtype']} (`--dtype {b['dtype']}`)")
         + f"; mask routers float32 (`{MASK_FILE}`); base shards {' / '.join(b.get('weights', []))}",
         "- vLLM on a CPU with AMX serves DeepSeek-V2's MLA attention in bfloat16 only: export such a model with "

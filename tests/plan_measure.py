@@ -31,7 +31,7 @@ def main(config_name: str = "tiny.py"):
     from beam_jax import plan, sharding
     from beam_jax.configs import resolve
     from beam_jax.routing import BeamHook
-    from beam_jax.train import expert_impl
+    from beam_jax.experts import expert_impl
     from beam_jax.trainer import LossConfig, Trainer
 
     spec = importlib.util.spec_from_file_location("_cfg", resolve(config_name))

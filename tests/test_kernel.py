@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +19,7 @@ import pytest
 from beam_jax import kernel as mm
 from beam_jax.experts import experts_reference
 from beam_jax.kernel import masked_moe
+from procs import run_generic_isa
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 # Error bound relative to max |reference|: f32 accumulation on both sides; the half references
@@ -302,12 +301,7 @@ def test_portable_cpu_kernel_matches_reference():
         "    a = make_inputs(37, 40, 70, 5, 3, dtype=dt, seed=8)\n"
         "    assert_matches(masked_moe(*a, backend='ffi'), experts_reference(*a), dt)\n"
         "print('ok')\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, BEAM_JAX_CPU_ISA="generic", JAX_PLATFORMS="cpu",
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+    run_generic_isa(code)
 
 
 # --- GPU ------------------------------------------------------------------------------------------

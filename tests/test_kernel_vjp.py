@@ -19,6 +19,7 @@ import pytest
 from beam_jax import kernel as mm
 from beam_jax.experts import EXPERT_PATHS, experts_reference, training_impl
 from beam_jax.kernel import masked_moe
+from procs import run_generic_isa
 
 needs_grad = pytest.mark.skipif(not mm.ffi_grad_available("cpu"),
                                 reason=f"beam_jax._ffi built without the backward ({mm._FFI_IMPORT_ERROR})")
@@ -260,7 +261,7 @@ def test_training_through_auto_follows_the_reference_path(tiny_model_dir, traina
     import beam_jax
     from beam_jax.configs import tiny
     from beam_jax.routing import BeamHook
-    from beam_jax.train import expert_impl
+    from beam_jax.experts import expert_impl
     from beam_jax.trainer import LossConfig, Trainer
 
     assert expert_impl("auto") == "kernel"
@@ -294,10 +295,6 @@ def test_training_through_auto_follows_the_reference_path(tiny_model_dir, traina
 @needs_grad
 def test_portable_cpu_backward_matches_reference():
     # The non-AVX2 build of the backward, forced through BEAM_JAX_CPU_ISA=generic.
-    import os
-    import subprocess
-    import sys
-
     code = (
         "import jax.numpy as jnp\n"
         "from beam_jax import _ffi\n"
@@ -310,12 +307,7 @@ def test_portable_cpu_backward_matches_reference():
         "    _, want = vjp_of(experts_reference, up32(a), dy.astype(jnp.float32))\n"
         "    assert_grads(got, want, dt)\n"
         "print('ok')\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, BEAM_JAX_CPU_ISA="generic", JAX_PLATFORMS="cpu",
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+    run_generic_isa(code)
 
 
 @needs_grad

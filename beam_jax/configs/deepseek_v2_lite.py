@@ -1,11 +1,9 @@
-"""DeepSeek-V2-Lite (MLA, 64 routed experts K=6 + 2 shared, first layer dense): BEAM mask routers on a Tulu-3-style chat SFT mixture, bf16 on GPUs. Only what differs from
-mixtral.py (the project's first config) is set here."""
+"""DeepSeek-V2-Lite (MLA, 64 routed experts K=6 + 2 shared, first layer dense): BEAM mask routers on a Tulu-3-style
+chat SFT mixture, bf16 on GPUs. mixtral.py's recipe on this checkpoint."""
 
 from beam_jax.configs import mixtral
 
 
 def get_config():
-    c = mixtral.get_config()
-    c.model.path = "checkpoints/DeepSeek-V2-Lite"
-    c.beam.alpha = 0.001  # the family's router_aux_loss_coef (only matters when the router trains)
-    return c
+    # alpha: the family's router_aux_loss_coef
+    return mixtral.for_checkpoint("checkpoints/DeepSeek-V2-Lite", alpha=0.001)

@@ -22,3 +22,13 @@ def get_config():
     c.beam.beta = 0.05
     c.beam.alpha = 0.02  # Mixtral's router_aux_loss_coef (only matters when the router trains)
     return c
+
+
+def for_checkpoint(path: str, alpha: float):
+    """This recipe on another family's checkpoint: model.path = `path`, beam.alpha = `alpha` (the family's
+    router_aux_loss_coef; 0 where the family balances with a correction bias instead). The other family configs
+    are this call."""
+    c = get_config()
+    c.model.path = path
+    c.beam.alpha = alpha
+    return c

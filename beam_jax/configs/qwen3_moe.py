@@ -1,11 +1,9 @@
-"""Qwen3-30B-A3B (128 experts, K=8): BEAM mask routers on a Tulu-3-style chat SFT mixture, bf16 on GPUs. Only what differs from
-mixtral.py (the project's first config) is set here."""
+"""Qwen3-30B-A3B (128 experts, K=8): BEAM mask routers on a Tulu-3-style chat SFT mixture, bf16 on GPUs.
+mixtral.py's recipe on this checkpoint."""
 
 from beam_jax.configs import mixtral
 
 
 def get_config():
-    c = mixtral.get_config()
-    c.model.path = "checkpoints/Qwen3-30B-A3B"
-    c.beam.alpha = 0.001  # the family's router_aux_loss_coef (only matters when the router trains)
-    return c
+    # alpha: the family's router_aux_loss_coef
+    return mixtral.for_checkpoint("checkpoints/Qwen3-30B-A3B", alpha=0.001)
