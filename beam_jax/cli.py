@@ -20,7 +20,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     directory and a full disk; FloatingPointError is a run stopped after too many non-finite steps;
     MissingExtraError is an optional dependency that is not installed (the message names the extra)."""
     from .extras import MissingExtraError
-    from .trainer import CheckpointSaveError
+    from .checkpoint import CheckpointSaveError
 
     return (ValueError, OSError, FloatingPointError, CheckpointSaveError, MissingExtraError)
 

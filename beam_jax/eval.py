@@ -28,7 +28,7 @@ from .data.errors import DataError
 from .loading import load_pretrained
 from .routing import BeamHook, TopKHook
 from .run_data import fingerprint_diff, load_splits, model_fingerprint, split_examples_of
-from .trainer import restore_trainable
+from .checkpoint import restore_trainable
 
 
 def read_multiple_choice(path) -> list[dict]:

@@ -181,7 +181,7 @@ def _abstract_split(cfg, config):
     from flax import nnx
 
     from .model import MoECausalLM
-    from .trainer import trainable_filter
+    from .trainable import trainable_filter
 
     dtype, param_dtype = _dtypes(config)
     model = nnx.eval_shape(lambda: MoECausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))

@@ -47,7 +47,7 @@ def main():
 
     import beam_jax
     from beam_jax.routing import BeamHook, TopKHook
-    from beam_jax.trainer import restore_trainable
+    from beam_jax.checkpoint import restore_trainable
 
     model = beam_jax.load_pretrained(args.model)
     restore_trainable(Path(args.run) / "ckpt", model)

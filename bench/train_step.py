@@ -66,7 +66,8 @@ def main():
     experts.EXPERT_PATHS.setdefault(
         "none", lambda x, wg, wu, wd, ids, w, keep=None: x * jnp.sum(w, -1, keepdims=True).astype(x.dtype))
     from beam_jax.routing import BeamHook
-    from beam_jax.trainer import LossConfig, Trainer, peak_memory_bytes
+    from beam_jax.metrics import peak_memory_bytes
+    from beam_jax.trainer import LossConfig, Trainer
 
     cfg = tiny.get_config()
     rs = np.random.RandomState(0)

@@ -112,7 +112,8 @@ def restore_trained(ckpt_dir: Path, step: int, base: Path, meta: dict):
 
     from beam_jax.loading import read_config
     from beam_jax.model import MoECausalLM
-    from beam_jax.trainer import restore_trainable, trainable_filter
+    from beam_jax.checkpoint import restore_trainable
+    from beam_jax.trainable import trainable_filter
 
     cfg, family, _ = read_config(base)
     model = nnx.eval_shape(lambda: MoECausalLM(cfg, rngs=nnx.Rngs(0)))

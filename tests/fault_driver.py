@@ -45,11 +45,11 @@ def config(model_dir, data_dir, steps, ckpt_every):
 
 def install_fault(fault: str):
     """Wrap Checkpointer.save so that the save of the fault's step meets the fault."""
-    from beam_jax import trainer
+    from beam_jax import checkpoint
 
     kind, step = fault.split("@")
     step = int(step)
-    real_save = trainer.Checkpointer.save
+    real_save = checkpoint.Checkpointer.save
 
     def save(self, s, tree, meta):
         if s == step:
@@ -63,7 +63,7 @@ def install_fault(fault: str):
                 raise SystemExit(f"unknown fault {kind!r}")
         return real_save(self, s, tree, meta)
 
-    trainer.Checkpointer.save = save
+    checkpoint.Checkpointer.save = save
 
 
 def run(args):

@@ -32,7 +32,8 @@ def main(model_dir: Path, workdir: Path):
     from beam_jax.data import BatchIterator
     from beam_jax.data.packing import pack
     from beam_jax.routing import BeamHook
-    from beam_jax.trainer import Checkpointer, LossConfig, Trainer, fit
+    from beam_jax.checkpoint import Checkpointer
+    from beam_jax.trainer import LossConfig, Trainer, fit
 
     pid, n = jax.process_index(), jax.process_count()
     rng = np.random.RandomState(0)  # the same documents on every process

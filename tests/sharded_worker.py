@@ -22,7 +22,8 @@ import beam_jax  # noqa: E402
 from beam_jax import loading, sharding  # noqa: E402
 from beam_jax.configs import base  # noqa: E402
 from beam_jax.routing import BeamHook  # noqa: E402
-from beam_jax.trainer import Checkpointer, LossConfig, Trainer  # noqa: E402
+from beam_jax.checkpoint import Checkpointer  # noqa: E402
+from beam_jax.trainer import LossConfig, Trainer  # noqa: E402
 
 MESHES = {"data8": {"data": 8}, "fsdp8": {"fsdp": 8}, "d2f2e2": {"data": 2, "fsdp": 2, "expert": 2},
           "e4t2": {"expert": 4, "tensor": 2}}

@@ -21,10 +21,10 @@ from flax import nnx
 import beam_jax
 import convert
 from beam_jax.configs import base as base_config
-from beam_jax.moe import MaskRouterParam
 from beam_jax.routing import BeamHook
 from beam_jax.run_data import model_fingerprint
-from beam_jax.trainer import Checkpointer, restore_trainable, trainable_filter
+from beam_jax.checkpoint import Checkpointer
+from beam_jax.trainable import trainable_filter
 from convert import to_vllm
 from hf_tiny import FAMILY_CONFIGS, fuse_experts, make_tiny
 

@@ -507,7 +507,8 @@ def test_nonfinite_mid_run_stops_and_keeps_the_last_good_checkpoint(tiny_model_d
     from beam_jax.data import BatchIterator
     from beam_jax.routing import BeamHook
     from beam_jax.run_data import load_splits
-    from beam_jax.trainer import Checkpointer, LossConfig, Trainer, fit
+    from beam_jax.checkpoint import Checkpointer
+    from beam_jax.trainer import LossConfig, Trainer, fit
 
     c = tiny.get_config()
     c.model.path, c.data.train, c.data.seq_len, c.data.batch_size = str(tiny_model_dir), str(text_data_dir), 32, 4

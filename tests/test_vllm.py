@@ -383,7 +383,7 @@ def torch_outputs(exported, vllm_outputs):
 def test_llm_matches_transformers_and_flax(exported, vllm_outputs, torch_outputs):
     import beam_jax
     from beam_jax.routing import BeamHook
-    from beam_jax.trainer import restore_trainable
+    from beam_jax.checkpoint import restore_trainable
 
     v, t = vllm_outputs["exported"], torch_outputs["exported"]
     assert v["tokens"] == t["tokens"]
