@@ -193,3 +193,21 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     inv_interp = 1.0 / (factor * pos_freqs)
     inv = inv_interp * (1 - extrap) + inv_freq * extrap
     return inv.astype(np.float32), float(attention_factor)
+
+
+def config_from_arch(arch, *, bos_token_id=None, eos_token_id=None, pad_token_id=None) -> ModelConfig:
+    """A Qwen3-MoE-layout ModelConfig from a `model.arch` mapping (configs/tiny_pretrain.py: architecture,
+    vocab_size, hidden_size, num_hidden_layers, heads, head_dim, experts, ...; every layer MoE, per-head q/k norm),
+    with the tokenizer's special token ids."""
+    a = dict(arch)
+    n = a.pop("num_hidden_layers")
+    return ModelConfig(
+        architecture=a.pop("architecture"), vocab_size=a.pop("vocab_size"), hidden_size=a.pop("hidden_size"),
+        num_hidden_layers=n, rms_norm_eps=a.pop("rms_norm_eps"), tie_word_embeddings=a.pop("tie_word_embeddings"),
+        num_attention_heads=a.pop("num_attention_heads"), num_key_value_heads=a.pop("num_key_value_heads"),
+        head_dim=a.pop("head_dim"), qk_norm="head", rope_theta=a.pop("rope_theta"),
+        max_position_embeddings=a.pop("max_position_embeddings"), moe_layers=(True,) * n,
+        num_experts=a.pop("num_experts"), num_experts_per_tok=a.pop("num_experts_per_tok"),
+        moe_intermediate_size=a.pop("moe_intermediate_size"), intermediate_size=0,
+        norm_topk_prob=a.pop("norm_topk_prob"), bos_token_id=bos_token_id, eos_token_id=(eos_token_id,),
+        pad_token_id=pad_token_id, **a)

@@ -1,7 +1,7 @@
 """`python -m beam_jax.eval --config NAME_OR_PATH --workdir RUN_DIR [--config.eval.multiple_choice=FILE]`
 
 Benchmarks a trained run (its latest checkpoint's mask routers on the base model it references) as
-training does (`train.run_benchmark`): Top-K, BEAM at every tau of `eval.taus` and each baseline of
+training does (`evaluate.run_benchmark`): Top-K, BEAM at every tau of `eval.taus` and each baseline of
 `eval.policies` over its knob, all scored on the validation split's tasks (`beam_jax.tasks`: next-token
 accuracy, greedy line completion, multiple choice), the points chosen there scored on the test split, with
 retention (mean over tasks of score / Top-K score) and its 95% bootstrap CI, experts per token per layer and
@@ -24,11 +24,11 @@ import numpy as np
 from flax import nnx
 
 from . import evaluate as ev
+from .checkpoint import restore_trainable
 from .data.errors import DataError
 from .loading import load_pretrained
 from .routing import BeamHook, TopKHook
 from .run_data import fingerprint_diff, load_splits, model_fingerprint, split_examples_of
-from .checkpoint import restore_trainable
 
 
 def read_multiple_choice(path) -> list[dict]:
@@ -90,7 +90,6 @@ def main(config, workdir: Path, resume: bool):
     import transformers
 
     from .experts import eval_impl
-    from .train import run_benchmark
 
     model = load_pretrained(config.model.path, dtype=config.model.dtype)
     meta = restore_trainable(Path(workdir) / "ckpt", model)
@@ -106,7 +105,7 @@ def main(config, workdir: Path, resume: bool):
     examples = split_examples_of(config)
     splits = load_splits(config, tokenizer, examples)
     impl = eval_impl(config.model.impl)
-    bench = run_benchmark(config, original, model, tokenizer, examples, splits["validation"])
+    bench = ev.run_benchmark(config, original, model, tokenizer, examples, splits["validation"])
     rows = bench["test"]
     head = rows[bench["headline"]] if bench["headline"] is not None else None
     tau = head["value"] if head is not None else config.beam.tau

@@ -15,6 +15,7 @@ Top-K with a 95% bootstrap CI over documents.
 from __future__ import annotations
 
 import math
+import time
 from functools import partial
 
 import jax
@@ -23,6 +24,8 @@ import numpy as np
 from flax import nnx
 
 from . import flops, policies
+from .data import BatchIterator
+from .experts import eval_impl
 from . import tasks as tasks_lib
 from .routing import BeamHook, PolicyHook, TopKHook, make_hook
 
@@ -308,3 +311,41 @@ def flops_breakdown(cfg, mean_k_eff: float, seq_len: int) -> dict:
         "attention": float(sum(attn.values())),
         **{k: float(v) for k, v in flops.router_flops(cfg.hidden_size, cfg.num_experts).items()},
     }
+
+
+def run_benchmark(config, original, trained, tokenizer, examples: dict, validation) -> dict:
+    """The benchmark of a run: tasks of the validation and test splits (`beam_jax.tasks`), dynamic skipping
+    calibrated on validation rows, `task_sweep` over them; uses config.eval, data, model.impl, beam, seed. -> task_sweep's result plus "selection_tasks" / "test_tasks" (their
+    sizes and construction) and "seconds" per part."""
+    e, d = config.eval, config.data
+    impl = eval_impl(config.model.impl)
+    t0 = time.perf_counter()
+    V = original.cfg.vocab_size
+    sel = tasks_lib.build_tasks(examples["validation"], tokenizer, d.seq_len, d.batch_size, split="validation",
+                            max_batches=e.selection_batches, mc_items=e.selection_mc_items, seed=config.seed,
+                            vocab_size=V)
+    test = tasks_lib.build_tasks(examples["test"], tokenizer, d.seq_len, d.batch_size, split="test",
+                             max_batches=d.eval_batches, mc_items=e.mc_items, seed=config.seed, vocab_size=V)
+    calib = calibration_batches(validation, d.batch_size, 4)
+    t1 = time.perf_counter()
+    taus = tuple(dict.fromkeys(tuple(e.taus) + (config.beam.tau,))) if e.taus else (config.beam.tau,)
+    out = task_sweep(original, sel, test, taus=taus, policy_names=tuple(e.policies), calib_batches=calib,
+                        impl=impl, beam_model=trained, renormalize=config.beam.renormalize,
+                        test_savings=tuple(e.test_savings), resamples=e.resamples)
+    t2 = time.perf_counter()
+    out["selection_tasks"] = {**sel.sizes(), **sel.construction}
+    out["test_tasks"] = {**test.sizes(), **test.construction}
+    out["seconds"] = {"build_tasks": t1 - t0, "sweep_and_test": t2 - t1,
+                      "rows": {"validation": len(out["validation"]), "test": len(out["test"])}}
+    return out
+
+
+def calibration_batches(packed, batch_size: int, max_batches: int) -> list[dict]:
+    """The first `max_batches` batches of a packed split in order (0 = all; the last one may be short)."""
+    it = BatchIterator(packed, batch_size, shuffle=False, num_epochs=1, drop_remainder=False)
+    out = []
+    for b in it:
+        out.append(b)
+        if max_batches and len(out) >= max_batches:
+            break
+    return out

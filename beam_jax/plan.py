@@ -20,6 +20,7 @@ import dataclasses
 import math
 import re
 import sys
+from functools import partial
 from pathlib import Path
 
 # published config.json values (the architectures' Hugging Face repositories), for planning without weights
@@ -116,12 +117,9 @@ def model_config(config):
 
         return read_config(path)[0], str(path / "config.json")
     if "arch" in config.model and config.model.arch:
-        from types import SimpleNamespace
+        from .config import config_from_arch
 
-        from .pretrain import model_config as from_arch
-
-        return from_arch(config.model.arch, SimpleNamespace(bos_token_id=None, eos_token_id=None,
-                                                            pad_token_id=None)), "model.arch"
+        return config_from_arch(config.model.arch), "model.arch"
     name = ALIASES.get(path.name, path.name)
     if name not in PUBLISHED:
         raise ConfigError(f"model.path={str(path)!r}: no config.json there, no model.arch, and no published sizes "
@@ -268,7 +266,7 @@ def step_memory(cfg, config, mesh, global_batch: int, impl: str) -> int:
 
     from . import sharding
     from .routing import BeamHook
-    from .trainer import LossConfig, Trainer, make_optimizer
+    from .trainer import LossConfig, make_optimizer, train_step
 
     graphdef, params, frozen = _abstract_split(cfg, config)
     tx = make_optimizer(config.train)
@@ -292,15 +290,14 @@ def step_memory(cfg, config, mesh, global_batch: int, impl: str) -> int:
         b = math.prod(shape) * np.dtype(aval.dtype).itemsize
         return int(b * share.get(shape, 1.0)) if shape else b
 
-    step = Trainer.__new__(Trainer)  # the real step function, without materialising a model
-    step.graphdef, step.tx = graphdef, tx
-    step.lc = LossConfig(alpha=config.beam.alpha, hook=BeamHook(config.beam.tau, train=True,
-                                                                renormalize=config.beam.renormalize), impl=impl)
+    lc = LossConfig(alpha=config.beam.alpha, hook=BeamHook(config.beam.tau, train=True,
+                                                           renormalize=config.beam.renormalize), impl=impl)
+    step = partial(train_step, graphdef, tx, lc)  # the real step function, without materialising a model
     rows, S = global_batch // sharding.batch_shards(mesh), config.data.seq_len
     batch = {"input_ids": jax.ShapeDtypeStruct((rows, S), jnp.int32),
              "targets": jax.ShapeDtypeStruct((rows, S), jnp.int32),
              "loss_mask": jax.ShapeDtypeStruct((rows, S), jnp.float32)}
-    closed = jax.make_jaxpr(step._train_step)(params, opt, frozen, batch, jax.ShapeDtypeStruct((), jnp.float32))
+    closed = jax.make_jaxpr(step)(params, opt, frozen, batch, jax.ShapeDtypeStruct((), jnp.float32))
     donated = closed.jaxpr.invars[: len(jax.tree.leaves(params)) + len(jax.tree.leaves(opt))]
     return liveness_peak(closed.jaxpr, size, frozenset(donated)) + 2 * int(gathered)
 

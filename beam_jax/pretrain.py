@@ -19,28 +19,13 @@ import numpy as np
 from flax import nnx
 
 from . import corpus as corpus_lib
-from .config import ModelConfig
+from .config import config_from_arch
 from .data import BatchIterator, pack_examples
 from .experts import expert_impl
 from .export_hf import save_pretrained
 from .model import MoECausalLM
 from .routing import TopKHook
 from .trainer import LossConfig, Trainer, fit
-
-
-def model_config(arch, tokenizer) -> ModelConfig:
-    a = dict(arch)
-    n = a.pop("num_hidden_layers")
-    return ModelConfig(
-        architecture=a.pop("architecture"), vocab_size=a.pop("vocab_size"), hidden_size=a.pop("hidden_size"),
-        num_hidden_layers=n, rms_norm_eps=a.pop("rms_norm_eps"), tie_word_embeddings=a.pop("tie_word_embeddings"),
-        num_attention_heads=a.pop("num_attention_heads"), num_key_value_heads=a.pop("num_key_value_heads"),
-        head_dim=a.pop("head_dim"), qk_norm="head", rope_theta=a.pop("rope_theta"),
-        max_position_embeddings=a.pop("max_position_embeddings"), moe_layers=(True,) * n,
-        num_experts=a.pop("num_experts"), num_experts_per_tok=a.pop("num_experts_per_tok"),
-        moe_intermediate_size=a.pop("moe_intermediate_size"), intermediate_size=0,
-        norm_topk_prob=a.pop("norm_topk_prob"), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id, **a)
 
 
 def routing_stats(trainer: Trainer, batches) -> dict:
@@ -92,7 +77,8 @@ def main(config, workdir: Path, resume: bool):
     packed = {s: pack_examples(corpus.examples(s), tok, S, mode="concat") for s in ("train", "validation", "test")}
     print(f"corpus {corpus.fingerprint[:12]}: " + ", ".join(f"{s} {len(p)} rows" for s, p in packed.items()))
 
-    cfg = model_config(config.model.arch, tok)
+    cfg = config_from_arch(config.model.arch, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id)
     model = MoECausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(config.seed))
     trainer = Trainer(model, "all", config.train, LossConfig(alpha=config.beam.alpha, hook=TopKHook(),
                                                              impl=expert_impl(config.model.impl)))

@@ -70,7 +70,7 @@ _SUMMARY = ("loss", "perplexity", "accuracy", "tokens", "experts_per_token", "re
 
 
 def write_report(workdir, config, cfg, bench: dict, summary: dict, num_trainable: int) -> dict:
-    """report.json, sweep.md (the test rows, then the validation sweep) and the plots from `run_benchmark`'s
+    """report.json, sweep.md (the test rows, then the validation sweep) and the plots from `evaluate.run_benchmark`'s
     result. Every quality figure is on the test split; which point of each policy is shown, and BEAM's
     headline tau, were chosen on the validation split (`evaluate.select_test_rows`)."""
     workdir = Path(workdir)

@@ -1,7 +1,7 @@
 """`python -m beam_jax.train --config NAME_OR_PATH [--config.train.steps=200] [--workdir DIR] [--resume]`
 
 Loads a Hugging Face MoE checkpoint, trains BEAM's mask routers (or more, `train.trainable`), then
-benchmarks Top-K against BEAM and the comparison policies (`run_benchmark`: every point on the validation
+benchmarks Top-K against BEAM and the comparison policies (`evaluate.run_benchmark`: every point on the validation
 split's tasks, the points chosen there on the test split's, retention with 95% CIs) and writes, under WORKDIR:
 ckpt/ (orbax, trainable parameters only), metrics.jsonl, tensorboard/, report.json, sweep.md and plots.
 """
@@ -15,11 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from . import beam as beam_lib
+from . import evaluate
 from .data import BatchIterator
+from .experts import expert_impl
 from .loading import load_pretrained
 from .routing import BeamHook
 from .run_data import load_splits, model_fingerprint, split_examples_of
-from .experts import eval_impl, expert_impl
 from .trainer import LossConfig, Trainer, fit
 
 
@@ -84,51 +85,9 @@ def train_and_evaluate(config, workdir: Path, resume: bool = False) -> dict:
     trained = trainer.model()
     # Top-K and the training-free baselines run on the base model as loaded; BEAM on the trained one
     original = trainer.model(initial) if tc.trainable != "mask" else trained
-    bench = run_benchmark(config, original, trained, tokenizer, examples, splits["validation"])
+    bench = evaluate.run_benchmark(config, original, trained, tokenizer, examples, splits["validation"])
     report = write_report(workdir, config, cfg, bench, summary, trainer.num_trainable)
     return report
-
-
-def run_benchmark(config, original, trained, tokenizer, examples: dict, validation) -> dict:
-    """Tasks of the validation and test splits (`beam_jax.tasks`), dynamic skipping calibrated on validation
-    rows, `evaluate.task_sweep` over them. -> task_sweep's result plus "selection_tasks" / "test_tasks" (their
-    sizes and construction) and "seconds" per part."""
-    import time
-
-    from . import evaluate as ev
-    from . import tasks
-
-    e, d = config.eval, config.data
-    impl = eval_impl(config.model.impl)
-    t0 = time.perf_counter()
-    V = original.cfg.vocab_size
-    sel = tasks.build_tasks(examples["validation"], tokenizer, d.seq_len, d.batch_size, split="validation",
-                            max_batches=e.selection_batches, mc_items=e.selection_mc_items, seed=config.seed,
-                            vocab_size=V)
-    test = tasks.build_tasks(examples["test"], tokenizer, d.seq_len, d.batch_size, split="test",
-                             max_batches=d.eval_batches, mc_items=e.mc_items, seed=config.seed, vocab_size=V)
-    calib = _batches(validation, d.batch_size, 4)
-    t1 = time.perf_counter()
-    taus = tuple(dict.fromkeys(tuple(e.taus) + (config.beam.tau,))) if e.taus else (config.beam.tau,)
-    out = ev.task_sweep(original, sel, test, taus=taus, policy_names=tuple(e.policies), calib_batches=calib,
-                        impl=impl, beam_model=trained, renormalize=config.beam.renormalize,
-                        test_savings=tuple(e.test_savings), resamples=e.resamples)
-    t2 = time.perf_counter()
-    out["selection_tasks"] = {**sel.sizes(), **sel.construction}
-    out["test_tasks"] = {**test.sizes(), **test.construction}
-    out["seconds"] = {"build_tasks": t1 - t0, "sweep_and_test": t2 - t1,
-                      "rows": {"validation": len(out["validation"]), "test": len(out["test"])}}
-    return out
-
-
-def _batches(packed, batch_size, max_batches):
-    it = BatchIterator(packed, batch_size, shuffle=False, num_epochs=1, drop_remainder=False)
-    out = []
-    for b in it:
-        out.append(b)
-        if max_batches and len(out) >= max_batches:
-            break
-    return out
 
 
 def main(config, workdir: Path, resume: bool):

@@ -69,6 +69,27 @@ def compute_loss(model, batch, beta, lc: LossConfig):
     return total, metrics
 
 
+def _split_loss(graphdef, lc: LossConfig, params, frozen, batch, beta):
+    return compute_loss(nnx.merge(graphdef, params, frozen), batch, beta, lc)
+
+
+def train_step(graphdef, tx, lc: LossConfig, params, opt_state, frozen, batch, beta):
+    """One optimizer step as a pure function of the split model (`nnx.split`: graphdef, trainable `params`,
+    `frozen` rest) -> (params, opt_state, metrics). A step whose loss or gradients are not finite is refused:
+    parameters and optimizer state come back as they were, metrics["finite"] False."""
+    (loss, metrics), grads = jax.value_and_grad(_split_loss, argnums=2, has_aux=True)(graphdef, lc, params, frozen,
+                                                                                     batch, beta)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    leaf_ok = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    ok = jnp.isfinite(loss) & jnp.all(leaf_ok)
+    updates, new_opt = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+    metrics["finite"] = ok
+    metrics["finite_grad_leaves"] = leaf_ok
+    return keep(new_params, params), keep(new_opt, opt_state), metrics
+
+
 class Trainer:
     """Owns the split model, optimizer state and the jitted step."""
 
@@ -114,25 +135,15 @@ class Trainer:
     def model(self, params=None):
         return nnx.merge(self.graphdef, self.params if params is None else params, self.frozen)
 
-    def _loss(self, params, frozen, batch, beta):
-        model = nnx.merge(self.graphdef, params, frozen)
-        return compute_loss(model, batch, beta, self.lc)
+    def loss(self, params, frozen, batch, beta):
+        """-> (total loss, metrics) of the split model on a device batch (`_put`), differentiable in params."""
+        return _split_loss(self.graphdef, self.lc, params, frozen, batch, beta)
 
     def _train_step(self, params, opt_state, frozen, batch, beta):
-        (loss, metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(params, frozen, batch, beta)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        # a step whose loss or gradients are not finite is refused: parameters and optimizer state stay as they were
-        leaf_ok = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
-        ok = jnp.isfinite(loss) & jnp.all(leaf_ok)
-        updates, new_opt = self.tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-        metrics["finite"] = ok
-        metrics["finite_grad_leaves"] = leaf_ok
-        return keep(new_params, params), keep(new_opt, opt_state), metrics
+        return train_step(self.graphdef, self.tx, self.lc, params, opt_state, frozen, batch, beta)
 
     def _eval_step(self, params, frozen, batch, beta):
-        return self._loss(params, frozen, batch, beta)[1]
+        return self.loss(params, frozen, batch, beta)[1]
 
     def step(self, batch, beta) -> dict:
         batch = self._put(batch)

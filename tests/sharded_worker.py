@@ -84,7 +84,7 @@ def main(root: Path):
 
     def loss_and_grads(mesh):
         tr = Trainer(beam_jax.load_pretrained(model_dir, mesh=mesh), "all", tc, lc, mesh=mesh)
-        fn = jax.jit(jax.value_and_grad(lambda p, f, b: tr._loss(p, f, b, 0.1)[0]))
+        fn = jax.jit(jax.value_and_grad(lambda p, f, b: tr.loss(p, f, b, 0.1)[0]))
         loss, grads = fn(tr.params, tr.frozen, tr._put(batch))
         return float(loss), leaves(grads), tr
 

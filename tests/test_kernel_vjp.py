@@ -280,7 +280,7 @@ def test_training_through_auto_follows_the_reference_path(tiny_model_dir, traina
         grads = {}
         for impl, tr in trainers.items():
             b = tr._put(batch)
-            (_, metrics), g = jax.value_and_grad(tr._loss, has_aux=True)(tr.params, tr.frozen, b, 0.1)
+            (_, metrics), g = jax.value_and_grad(tr.loss, has_aux=True)(tr.params, tr.frozen, b, 0.1)
             grads[impl] = (float(metrics["loss"]), g)
             tr.step(batch, 0.1)
         assert abs(grads["auto"][0] - grads["reference"][0]) < 1e-4 * max(1.0, abs(grads["reference"][0])), step

@@ -166,7 +166,7 @@ def test_trainable_sets_and_remat(tiny_model_dir, trainable):
             assert any("experts.w_gate" in n for n in names)
         else:
             assert not any("experts" in n or "self_attn" in n for n in names)
-        g = jax.grad(lambda p: tr._loss(p, tr.frozen, {k: jax.numpy.asarray(v) for k, v in batch.items()}, 0.1)[0])(
+        g = jax.grad(lambda p: tr.loss(p, tr.frozen, {k: jax.numpy.asarray(v) for k, v in batch.items()}, 0.1)[0])(
             tr.params)
         grads.append([np.asarray(x) for x in jax.tree.leaves(g)])
         before = [np.asarray(x) for x in jax.tree.leaves(tr.params)]
