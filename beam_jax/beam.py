@@ -68,13 +68,16 @@ def mask_probs(mask_logits, expert_ids):
     return jax.nn.sigmoid(z.astype(jnp.float32))
 
 
-def hard_mask(m_hat, tau=0.5):
+DEFAULT_TAU = 0.5  # the paper's threshold; sigmoid(0) = 0.5, so zero-initialised mask routers keep every pair
+
+
+def hard_mask(m_hat, tau=DEFAULT_TAU):
     """Binarised mask 1[m_hat >= tau]: m_hat [..., K] float, tau scalar -> bool [..., K]."""
     return m_hat >= tau
 
 
 @jax.custom_jvp
-def ste_mask(m_hat, tau=0.5):
+def ste_mask(m_hat, tau=DEFAULT_TAU):
     """Straight-through mask: forward value is exactly hard_mask(m_hat, tau) as 0.0/1.0 in m_hat's dtype;
     the derivative w.r.t. m_hat is the identity (as ``m_hat + stop_gradient(hard - m_hat)``), none w.r.t. tau.
 

@@ -265,7 +265,7 @@ def step_memory(cfg, config, mesh, global_batch: int, impl: str) -> int:
     import numpy as np
 
     from . import sharding
-    from .routing import BeamHook
+    from .routing import beam_hook
     from .trainer import LossConfig, make_optimizer, train_step
 
     graphdef, params, frozen = _abstract_split(cfg, config)
@@ -290,8 +290,7 @@ def step_memory(cfg, config, mesh, global_batch: int, impl: str) -> int:
         b = math.prod(shape) * np.dtype(aval.dtype).itemsize
         return int(b * share.get(shape, 1.0)) if shape else b
 
-    lc = LossConfig(alpha=config.beam.alpha, hook=BeamHook(config.beam.tau, train=True,
-                                                           renormalize=config.beam.renormalize), impl=impl)
+    lc = LossConfig(alpha=config.beam.alpha, hook=beam_hook(config.beam, train=True), impl=impl)
     step = partial(train_step, graphdef, tx, lc)  # the real step function, without materialising a model
     rows, S = global_batch // sharding.batch_shards(mesh), config.data.seq_len
     batch = {"input_ids": jax.ShapeDtypeStruct((rows, S), jnp.int32),

@@ -23,7 +23,7 @@ from typing import Callable
 
 import jax.numpy as jnp
 
-from beam_jax.beam import hard_mask
+from beam_jax.beam import DEFAULT_TAU, hard_mask
 
 __all__ = [
     "candidate_ranks",
@@ -69,7 +69,7 @@ def topk_keep(weights):
     return jnp.ones(weights.shape, bool)
 
 
-def beam_keep(m_hat, tau=0.5):
+def beam_keep(m_hat, tau=DEFAULT_TAU):
     """BEAM at inference: keep where m_hat >= tau. m_hat [..., K] float -> bool [..., K].
     A token may keep no routed expert."""
     return hard_mask(m_hat, tau)

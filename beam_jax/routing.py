@@ -39,7 +39,7 @@ class TopKHook:
 @_pytree(("tau",), ("train", "renormalize"))
 @dataclasses.dataclass(frozen=True)
 class BeamHook:
-    tau: float = 0.5
+    tau: float = beam.DEFAULT_TAU
     train: bool = False
     renormalize: bool = False
 
@@ -93,7 +93,13 @@ def make_hook(policy: str = "topk", *, knob=None, per_layer=None, train: bool = 
     if policy == "topk":
         return TopKHook()
     if policy == "beam":
-        return BeamHook(0.5 if knob is None else float(knob), train, renormalize)
+        return BeamHook(beam.DEFAULT_TAU if knob is None else float(knob), train, renormalize)
     if policy not in policies.POLICIES:
         raise ValueError(f"unknown routing policy {policy!r}; known: topk, beam, {', '.join(policies.POLICIES)}")
     return PolicyHook(policy, knob, None if per_layer is None else tuple(float(v) for v in per_layer), renormalize)
+
+
+def beam_hook(beam_config, *, train: bool = False, tau: float | None = None) -> BeamHook:
+    """BEAM's hook from a run config's `beam` section (tau, renormalize): the one place a run's settings
+    become a hook. tau: a serving threshold other than the trained one."""
+    return BeamHook(float(beam_config.tau if tau is None else tau), train, bool(beam_config.renormalize))

@@ -19,7 +19,7 @@ from . import evaluate
 from .data import BatchIterator
 from .experts import expert_impl
 from .loading import load_pretrained
-from .routing import BeamHook
+from .routing import beam_hook
 from .run_data import load_splits, model_fingerprint, split_examples_of
 from .trainer import LossConfig, Trainer, fit
 
@@ -64,7 +64,7 @@ def train_and_evaluate(config, workdir: Path, resume: bool = False) -> dict:
     splits = load_splits(config, tokenizer, examples)
     impl = expert_impl(config.model.impl)
     tc = config.train
-    hook = BeamHook(config.beam.tau, train=True, renormalize=config.beam.renormalize)
+    hook = beam_hook(config.beam, train=True)
     trainer = Trainer(model, tc.trainable, tc, LossConfig(alpha=config.beam.alpha, hook=hook, impl=impl), mesh=mesh)
     # what training changes beyond the mask routers (mask+router, all) is kept as loaded for the baselines
     initial = jax.tree.map(jnp.copy, trainer.params) if tc.trainable != "mask" else None

@@ -2,6 +2,8 @@
 
 from ml_collections import ConfigDict
 
+from beam_jax.beam import DEFAULT_TAU
+
 
 def get_config() -> ConfigDict:
     c = ConfigDict()
@@ -37,7 +39,7 @@ def get_config() -> ConfigDict:
     c.train.max_bad_steps = 5  # refused (NaN/Inf) steps in a row before the run stops
 
     c.beam = ConfigDict()
-    c.beam.tau = 0.5  # binarisation threshold m = 1[sigmoid(W_m x) >= tau]; also a serving-time knob
+    c.beam.tau = DEFAULT_TAU  # binarisation threshold m = 1[sigmoid(W_m x) >= tau]; also a serving-time knob
     c.beam.alpha = 0.0  # load-balancing loss coefficient (the family's router_aux_loss_coef when training the router)
     c.beam.beta = 0.05  # sparsity regulariser coefficient (L_reg = mean m_hat over Top-K candidates)
     c.beam.renormalize = False  # renormalise kept weights (off: the paper's g * m)

@@ -20,12 +20,14 @@ from vllm.model_executor.models.olmoe import OlmoeForCausalLM
 from vllm.model_executor.models.qwen2_moe import Qwen2MoeForCausalLM
 from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 
+from convert.modeling_beam import BEAM_DEFAULTS
+
 from .moe import BeamMoERunner, beam_moe_factory
 
 
 def beam_settings(hf_config) -> dict:
     """tau and renormalize from `config.beam`, a flat `beam_tau` / `beam_renormalize` (hf_overrides) winning."""
-    beam = {"tau": 0.5, "renormalize": False, **(getattr(hf_config, "beam", None) or {})}
+    beam = {**BEAM_DEFAULTS, **(getattr(hf_config, "beam", None) or {})}
     for key in ("tau", "renormalize"):
         flat = getattr(hf_config, f"beam_{key}", None)
         if flat is not None:

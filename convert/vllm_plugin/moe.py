@@ -43,6 +43,8 @@ from torch import nn
 from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 from vllm.platforms import current_platform
 
+from convert.modeling_beam import BEAM_DEFAULTS, beam_mask
+
 _RUNNERS: "weakref.WeakSet[BeamMoERunner]" = weakref.WeakSet()
 
 
@@ -60,7 +62,7 @@ class BeamRouting:
     routed_scaling_factor: float = 1.0
     scoring_func: str = "softmax"  # or "sigmoid" (DeepSeek-V3, GLM-4.5)
     e_score_correction_bias: torch.Tensor | None = None  # [E], chooses only (noaux_tc); the block's loaded parameter
-    tau: float = 0.5
+    tau: float = BEAM_DEFAULTS["tau"]
     beam_renormalize: bool = False
     mask_router: nn.Linear | None = None  # bound after the block is built
 
@@ -94,14 +96,10 @@ class BeamRouting:
         if self.mask_router is None:
             raise RuntimeError("BEAM routing called before its mask router was bound")
         weights, ids = self.topk(gating_output)
-        x = hidden_states[..., : self.mask_router.in_features].float()
-        m_hat = torch.sigmoid(torch.gather(self.mask_router(x), 1, ids))
-        keep = m_hat >= self.tau
-        g = weights * keep
-        if self.beam_renormalize:
-            kept, total = g.sum(-1, keepdim=True), weights.sum(-1, keepdim=True)
-            g = torch.where(kept > 1e-9, g * (total / kept.clamp_min(1e-9)), torch.zeros_like(g))
-        return g, torch.where(keep, ids, torch.full_like(ids, self.num_experts))
+        x = hidden_states[..., : self.mask_router.in_features]
+        g, ids, _ = beam_mask(x, weights, ids, self.mask_router.weight, self.tau, self.beam_renormalize,
+                              self.num_experts)  # the transformers classes' own mask
+        return g, ids
 
 
 def compact_pairs(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int):
