@@ -17,34 +17,21 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelConfig
-from .families import FAMILIES, hf_name
+from .families import FAMILIES
+from .moe import RouterBias
+from .weight_map import hf_arrays
 
 
 def hf_state_dict(model, *, include_mask_router: bool = False) -> dict[str, np.ndarray]:
-    """{checkpoint name: array} in the model's dtype (numpy; bfloat16 through ml_dtypes)."""
+    """{checkpoint name: array} in the model's dtype (numpy; bfloat16 through ml_dtypes), named and laid out by
+    `weight_map`'s table (the family's own names, one tensor per expert); mask routers float32."""
     cfg: ModelConfig = model.cfg
     family = FAMILIES[cfg.architecture]
     out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        keys = [str(p) for p in path]
-        leaf, module = keys[-1], ".".join(keys[:-1])
-        value = np.asarray(var.get_value())
-        is_moe = keys[0] == "layers" and cfg.moe_layers[int(keys[1])]
-        if "mask_router" in module and not include_mask_router:
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, RouterBias))):
+        if "mask_router" in map(str, path) and not include_mask_router:
             continue
-        if module == "embed_tokens":
-            out["model.embed_tokens.weight"] = value
-        elif module.endswith("mlp.experts"):
-            prefix = hf_name(family, module, True)
-            which = {"w_gate": 0, "w_up": 1, "w_down": 2}[leaf]
-            for e in range(value.shape[0]):
-                out[f"{prefix}.{e}.{family.expert_names[which]}.weight"] = np.ascontiguousarray(value[e].T)
-        else:
-            name = hf_name(family, module, is_moe)
-            if leaf == "kernel":
-                out[f"{name}.weight"] = np.ascontiguousarray(value.T)
-            else:
-                out[f"{name}.{leaf}"] = value
+        out.update(hf_arrays(family, cfg, path, np.asarray(var.get_value())))
     return out
 
 

@@ -2,8 +2,9 @@
 tensor names map to this package's parameters. Both are data plus one small function per family.
 
 Parameter paths are dotted paths in `MoECausalLM` (for example `layers.3.mlp.experts.w_gate`); `hf_name`
-turns one into the checkpoint's name (without the `model.` prefix and the `.weight` suffix handling,
-which `beam_jax.loading` does).
+turns a module path into the family's HF module name. The leaf names, the transforms and the other candidate
+names (fused-era checkpoints) are `beam_jax.weight_map`'s table, the one place the loaders, the HF export and
+`convert.to_vllm` take names from.
 """
 
 from __future__ import annotations
@@ -176,8 +177,8 @@ def family_for(architecture: str, source: str = "config.json") -> Family:
 
 
 def hf_name(family: Family, path: str, is_moe_layer: bool) -> str:
-    """Our parameter path (minus its leaf) -> the HF module path, e.g. `layers.0.mlp.gate` ->
-    `model.layers.0.block_sparse_moe.gate` for Mixtral."""
+    """Our module path (a parameter path minus its leaf) -> the family's HF module path, e.g. `layers.0.mlp.gate`
+    -> `model.layers.0.block_sparse_moe.gate` for Mixtral (`weight_map.modules` adds the in-memory name)."""
     if path.startswith("lm_head"):
         return path
     if is_moe_layer and ".mlp." in path:

@@ -1,13 +1,11 @@
 """Load a Hugging Face MoE checkpoint (config.json + safetensors, sharded or not) into `MoECausalLM`.
 
-Tensors are read one at a time with `safetensors` (framework "flax", so bfloat16 works without
-PyTorch), transposed / stacked into this package's layout, cast to the requested dtype and placed into an
-abstract (shape-only) model: at no point are two full copies of the weights alive. Every checkpoint tensor
-must be consumed and every parameter filled, or loading fails with the tensor's name and file.
-
-Expert weights come in two layouts, both read: one tensor per expert
-(`...experts.{e}.gate_proj.weight` [f, d], or Mixtral's `w1`/`w3`/`w2`) and fused
-(`...experts.gate_up_proj` [E, 2f, d] and `...experts.down_proj` [E, d, f]).
+Which checkpoint tensors make which parameter, and how (transposed, stacked per expert, split from fused
+experts), is `beam_jax.weight_map`'s table. Tensors are read one at a time with `safetensors` (numpy; bfloat16
+through ml_dtypes, no PyTorch), cast to the requested dtype and placed into an abstract (shape-only) model: at no
+point are two full copies of the weights alive. Every checkpoint tensor must be consumed and every parameter
+filled, or loading fails with the tensor's name and file. The single-device loader reads each parameter whole,
+the sharded one (`load_sharded`) each device's window of it.
 """
 
 from __future__ import annotations
@@ -22,14 +20,11 @@ from flax import nnx
 from safetensors import safe_open
 
 from .config import ConfigError, ModelConfig
-from .families import Family, family_for, hf_name
+from .families import Family, family_for
 from .model import MoECausalLM
+from .weight_map import CheckpointError, Source, resolve
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint tensor is missing, unexpected, of the wrong shape, or a file is unreadable."""
 
 
 def read_config(path: str | os.PathLike) -> tuple[ModelConfig, Family, object]:
@@ -77,8 +72,16 @@ def read_config(path: str | os.PathLike) -> tuple[ModelConfig, Family, object]:
     return cfg, family, hf
 
 
+def _open(f: Path):
+    try:
+        return safe_open(str(f), framework="numpy")
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
+
+
 class TensorIndex:
-    """name -> file over one or many safetensors files; opens each file lazily, reads one tensor at a time."""
+    """name -> file over one or many safetensors files (read from the index or the files' headers); `used`
+    collects the names the loader consumed."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -95,77 +98,83 @@ class TensorIndex:
                 raise CheckpointError(f"{path}: no model.safetensors, no model.safetensors.index.json")
             self.files = {}
             for f in shards:
-                for name in self._open(f).keys():
+                for name in _open(f).keys():
                     self.files[name] = f
-        self._handles = {}
         self.used: set[str] = set()
-
-    def _open(self, f: Path):
-        if f not in getattr(self, "_handles", {}):
-            try:
-                h = safe_open(str(f), framework="flax")
-            except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-                raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
-            if hasattr(self, "_handles"):
-                self._handles[f] = h
-            return h
-        return self._handles[f]
 
     def __contains__(self, name):
         return name in self.files
 
-    def get(self, name: str, shape=None) -> jax.Array:
-        if name not in self.files:
-            raise CheckpointError(f"{self.path}: tensor '{name}' is missing from the checkpoint")
-        f = self.files[name]
-        handle = self._open(f)
+
+_ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+class _SliceReader:
+    """Reads [start:stop] windows of checkpoint tensors (safetensors `get_slice`, numpy): the sharded loader only
+    the windows a device owns, the single-device loader whole tensors. Shares the name -> file map (and the
+    `used` set) of a `TensorIndex`."""
+
+    def __init__(self, idx: TensorIndex):
+        self.idx = idx
+        self._handles = {}
+
+    def _slice(self, name: str):
+        if name not in self.idx.files:
+            raise CheckpointError(f"{self.idx.path}: tensor '{name}' is missing from the checkpoint")
+        f = self.idx.files[name]
+        if f not in self._handles:
+            self._handles[f] = _open(f)
+        return self._handles[f].get_slice(name)
+
+    def check(self, name: str, shape) -> None:
+        """Refuse a tensor of the wrong shape and mark it used."""
+        got = tuple(self._slice(name).get_shape())
+        if got != tuple(shape):
+            raise CheckpointError(f"{self.idx.files[name]}: tensor '{name}' has shape {got}, expected {tuple(shape)}")
+        self.idx.used.add(name)
+
+    def dtype(self, name: str):
+        return jnp.dtype(_ST_DTYPES.get(self._slice(name).get_dtype(), "float32"))
+
+    def read(self, name: str, window):
+        """window: one (start, stop) per dimension of the stored tensor."""
         try:
-            t = handle.get_tensor(name)
+            return self._slice(name)[tuple(slice(a, b) for a, b in window)]
+        except CheckpointError:
+            raise
         except Exception as e:
-            raise CheckpointError(f"{f}: tensor '{name}' could not be read ({e})") from None
-        if shape is not None and tuple(t.shape) != tuple(shape):
-            raise CheckpointError(f"{f}: tensor '{name}' has shape {tuple(t.shape)}, expected {tuple(shape)}")
-        self.used.add(name)
-        return t
+            raise CheckpointError(f"{self.idx.files[name]}: tensor '{name}' could not be read ({e})") from None
 
 
-def _load_param(idx: TensorIndex, family: Family, cfg: ModelConfig, path: tuple, shape, dtype):
-    """One parameter of `MoECausalLM` (dotted `path`) from the checkpoint, in our layout."""
-    keys = [str(p) for p in path]
-    leaf, module = keys[-1], ".".join(keys[:-1])
-    layer = int(keys[1]) if keys[0] == "layers" else None
-    is_moe = layer is not None and cfg.moe_layers[layer]
-    if module == "embed_tokens":
-        return idx.get("model.embed_tokens.weight", shape)
-    if module.endswith("mlp.experts"):
-        return _load_experts(idx, family, cfg, module, leaf, shape)
-    name = hf_name(family, module, is_moe)
-    if is_moe and name not in idx and f"{name}.weight" not in idx and f"{name}.{leaf}" not in idx:
-        name = "model." + module  # fused-era checkpoints keep the in-memory name `mlp`
-    if leaf == "kernel":
-        return idx.get(f"{name}.weight", shape[::-1]).T
-    return idx.get(f"{name}.{leaf}", shape)
+def _source(rd: _SliceReader, family: Family, cfg: ModelConfig, dotted: str, shape, optional) -> Source | None:
+    """The parameter's `Source` in this checkpoint (`weight_map.resolve`), its tensors' shapes checked and marked
+    used; None for an optional parameter (a mask router) the checkpoint lacks."""
+    src = resolve(family, cfg, dotted, shape, rd.idx.files, optional=any(o in dotted for o in optional),
+                  where=str(rd.idx.path))
+    if src is not None:
+        for name, stored in zip(src.names, src.shapes):
+            rd.check(name, stored)
+    return src
 
 
-def _load_experts(idx: TensorIndex, family: Family, cfg: ModelConfig, module: str, leaf: str, shape):
-    E, f, d = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
-    layer = int(module.split(".")[1])
-    prefixes = [hf_name(family, module, True), "model." + module]
-    which = {"w_gate": 0, "w_up": 1, "w_down": 2}[leaf]
-    for p in prefixes:
-        fused = f"{p}.gate_up_proj" if leaf != "w_down" else f"{p}.down_proj"
-        if fused in idx:
-            if leaf == "w_down":
-                return idx.get(fused, (E, d, f)).transpose(0, 2, 1)
-            gu = idx.get(fused, (E, 2 * f, d))
-            part = gu[:, :f] if leaf == "w_gate" else gu[:, f:]
-            return part.transpose(0, 2, 1)
-        first = f"{p}.0.{family.expert_names[which]}.weight"
-        if first in idx:
-            want = (d, f) if leaf == "w_down" else (f, d)
-            return jnp.stack([idx.get(f"{p}.{e}.{family.expert_names[which]}.weight", want).T for e in range(E)])
-    raise CheckpointError(f"{idx.path}: no expert tensors for layer {layer} ({leaf}): looked for "
-                          f"'{prefixes[0]}.0.{family.expert_names[which]}.weight' and '{prefixes[0]}.gate_up_proj'")
+def _load(path, dtype, param_dtype, optional, place) -> MoECausalLM:
+    """Both loaders: resolve every parameter of the abstract model and `place(rd, source or None, dotted path,
+    shape, dtype)` it; then `_assemble`."""
+    path = Path(path)
+    cfg, family, hf = read_config(path)
+    idx = TensorIndex(path)
+    rd = _SliceReader(idx)
+    dtype = jnp.dtype(dtype) if dtype is not None else rd.dtype("model.embed_tokens.weight")
+    param_dtype = jnp.dtype(param_dtype or dtype)
+    abstract = nnx.eval_shape(lambda: MoECausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    leaves = []
+    for p, var in nnx.to_flat_state(state):
+        dotted = ".".join(map(str, p))
+        shape, want = var.get_value().shape, var.get_value().dtype
+        src = _source(rd, family, cfg, dotted, shape, optional)
+        leaves.append((p, var.replace(place(rd, src, dotted, shape, want))))
+    return _assemble(path, idx, cfg, family, graphdef, leaves)
 
 
 def load_pretrained(path: str | os.PathLike, dtype=None, *, param_dtype=None,
@@ -183,28 +192,11 @@ def load_pretrained(path: str | os.PathLike, dtype=None, *, param_dtype=None,
     """
     if mesh is not None:
         return load_sharded(path, mesh, dtype, param_dtype=param_dtype, optional=optional)
-    path = Path(path)
-    cfg, family, hf = read_config(path)
-    idx = TensorIndex(path)
-    if dtype is None:
-        dtype = idx.get("model.embed_tokens.weight").dtype
-    dtype = jnp.dtype(dtype)
-    param_dtype = jnp.dtype(param_dtype or dtype)
-    abstract = nnx.eval_shape(lambda: MoECausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    flat = nnx.to_flat_state(state)
-    leaves = []
-    for p, var in flat:
-        dotted = ".".join(map(str, p))
-        if any(o in dotted for o in optional):
-            value = _load_optional(idx, family, cfg, p, var.get_value().shape)
-            if value is None:
-                value = jnp.zeros(var.get_value().shape, var.get_value().dtype)
-            leaves.append((p, var.replace(jnp.asarray(value, dtype=var.get_value().dtype))))
-            continue
-        arr = _load_param(idx, family, cfg, p, var.get_value().shape, var.get_value().dtype)
-        leaves.append((p, var.replace(jnp.asarray(arr, dtype=var.get_value().dtype))))
-    return _assemble(path, idx, cfg, family, graphdef, leaves)
+
+    def place(rd, src, dotted, shape, want):
+        return jnp.zeros(shape, want) if src is None else jnp.asarray(src.read(rd.read), dtype=want)
+
+    return _load(path, dtype, param_dtype, optional, place)
 
 
 def _layer_index(name: str) -> int:
@@ -228,59 +220,7 @@ def _assemble(path: Path, idx: TensorIndex, cfg: ModelConfig, family: Family, gr
     return model
 
 
-def _load_optional(idx: TensorIndex, family: Family, cfg: ModelConfig, path: tuple, shape):
-    """A parameter a base checkpoint lacks (a mask router's `kernel` [d, E] / `bias` [E]) from an exported BEAM
-    directory, or None when the checkpoint does not hold it."""
-    keys = [str(k) for k in path]
-    layer = int(keys[1]) if keys[0] == "layers" else None
-    name = hf_name(family, ".".join(keys[:-1]), layer is not None and cfg.moe_layers[layer])
-    if keys[-1] == "kernel":
-        return idx.get(f"{name}.weight", shape[::-1]).T if f"{name}.weight" in idx else None
-    return idx.get(f"{name}.{keys[-1]}", shape) if f"{name}.{keys[-1]}" in idx else None
-
-
 # ---- sharded loading: every host reads only the slices its devices own
-
-_ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
-
-
-class _SliceReader:
-    """Reads [start:stop] windows of checkpoint tensors (safetensors `get_slice`, numpy), never a whole tensor
-    unless a device owns all of it. Shares the name -> file map (and the `used` set) of a `TensorIndex`."""
-
-    def __init__(self, idx: TensorIndex):
-        self.idx = idx
-        self._handles = {}
-
-    def _slice(self, name: str):
-        if name not in self.idx.files:
-            raise CheckpointError(f"{self.idx.path}: tensor '{name}' is missing from the checkpoint")
-        f = self.idx.files[name]
-        if f not in self._handles:
-            try:
-                self._handles[f] = safe_open(str(f), framework="numpy")
-            except Exception as e:
-                raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
-        return self._handles[f].get_slice(name)
-
-    def check(self, name: str, shape) -> None:
-        """Refuse a tensor of the wrong shape (as the single-device loader does) and mark it used."""
-        got = tuple(self._slice(name).get_shape())
-        if got != tuple(shape):
-            raise CheckpointError(f"{self.idx.files[name]}: tensor '{name}' has shape {got}, expected {tuple(shape)}")
-        self.idx.used.add(name)
-
-    def dtype(self, name: str):
-        return jnp.dtype(_ST_DTYPES.get(self._slice(name).get_dtype(), "float32"))
-
-    def read(self, name: str, window):
-        """window: one (start, stop) per dimension of the stored tensor."""
-        try:
-            return self._slice(name)[tuple(slice(a, b) for a, b in window)]
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"{self.idx.files[name]}: tensor '{name}' could not be read ({e})") from None
 
 
 def _window(index, shape) -> list[tuple[int, int]]:
@@ -288,82 +228,23 @@ def _window(index, shape) -> list[tuple[int, int]]:
     return [s.indices(n)[:2] for s, n in zip(index, shape)]
 
 
-def _sharded_source(rd: _SliceReader, family: Family, cfg: ModelConfig, path: tuple, shape):
-    """-> read(window) giving the parameter's [window] in our layout, from only those checkpoint bytes.
-    Mirrors `_load_param` / `_load_experts` name for name."""
-    import numpy as np
-
-    keys = [str(p) for p in path]
-    leaf, module = keys[-1], ".".join(keys[:-1])
-    layer = int(keys[1]) if keys[0] == "layers" else None
-    is_moe = layer is not None and cfg.moe_layers[layer]
-    if module == "embed_tokens":
-        rd.check("model.embed_tokens.weight", shape)
-        return lambda w: rd.read("model.embed_tokens.weight", w)
-    if module.endswith("mlp.experts"):
-        E, f, d = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
-        which = {"w_gate": 0, "w_up": 1, "w_down": 2}[leaf]
-        prefixes = [hf_name(family, module, True), "model." + module]
-        for p in prefixes:
-            fused = f"{p}.gate_up_proj" if leaf != "w_down" else f"{p}.down_proj"
-            if fused in rd.idx:
-                if leaf == "w_down":  # stored [E, d, f], ours [E, f, d]
-                    rd.check(fused, (E, d, f))
-                    return lambda w: rd.read(fused, [w[0], w[2], w[1]]).transpose(0, 2, 1)
-                rd.check(fused, (E, 2 * f, d))  # stored [E, 2f, d]: gate rows then up rows
-                off = 0 if leaf == "w_gate" else f
-                return lambda w: rd.read(fused, [w[0], (w[2][0] + off, w[2][1] + off), w[1]]).transpose(0, 2, 1)
-            first = f"{p}.0.{family.expert_names[which]}.weight"
-            if first in rd.idx:
-                names = [f"{p}.{e}.{family.expert_names[which]}.weight" for e in range(E)]
-                for n in names:  # stored per expert as [out, in], ours [E, in, out]
-                    rd.check(n, (d, f) if leaf == "w_down" else (f, d))
-                return lambda w: np.stack([rd.read(names[e], [w[2], w[1]]).T for e in range(*w[0])])
-        raise CheckpointError(f"{rd.idx.path}: no expert tensors for layer {layer} ({leaf}): looked for "
-                              f"'{prefixes[0]}.0.{family.expert_names[which]}.weight' and '{prefixes[0]}.gate_up_proj'")
-    name = hf_name(family, module, is_moe)
-    if is_moe and name not in rd.idx and f"{name}.weight" not in rd.idx and f"{name}.{leaf}" not in rd.idx:
-        name = "model." + module
-    if leaf == "kernel":  # ours [in, out] = stored weight [out, in] transposed
-        rd.check(f"{name}.weight", tuple(shape)[::-1])
-        return lambda w: rd.read(f"{name}.weight", w[::-1]).T
-    rd.check(f"{name}.{leaf}", shape)
-    return lambda w: rd.read(f"{name}.{leaf}", w)
-
-
 def load_sharded(path: str | os.PathLike, mesh, dtype=None, *, param_dtype=None,
                  optional=("mask_router",)) -> MoECausalLM:
     """`load_pretrained` straight into the layout of `beam_jax.sharding.RULES` on `mesh`.
 
     Each parameter is a `jax.make_array_from_callback` whose callback reads, for each of this process's
-    devices, only the window of the checkpoint tensor that device owns (safetensors `get_slice`): no host
-    ever holds a whole sharded tensor, and no device more than its shard. Replicated parameters (norms,
-    routers) are read whole. Every checkpoint tensor must be used and every parameter filled, as in
-    `load_pretrained`, with the same errors.
+    devices, only the window of the checkpoint tensor(s) that device owns (`Source.read` with the window,
+    safetensors `get_slice`): no host ever holds a whole sharded tensor, and no device more than its shard.
+    Replicated parameters (norms, routers) are read whole. Every checkpoint tensor must be used and every
+    parameter filled, as in `load_pretrained`, with the same errors.
     """
     from .sharding import param_sharding
 
-    path = Path(path)
-    cfg, family, hf = read_config(path)
-    idx = TensorIndex(path)
-    rd = _SliceReader(idx)
-    dtype = jnp.dtype(dtype) if dtype is not None else rd.dtype("model.embed_tokens.weight")
-    param_dtype = jnp.dtype(param_dtype or dtype)
-    abstract = nnx.eval_shape(lambda: MoECausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    leaves = []
-    for p, var in nnx.to_flat_state(state):
-        dotted = ".".join(map(str, p))
-        shape, want = var.get_value().shape, var.get_value().dtype
+    def place(rd, src, dotted, shape, want):
         sharding = param_sharding(dotted, shape, mesh)
-        if any(o in dotted for o in optional):  # small and replicated: read whole where the directory has it
-            value = _load_optional(idx, family, cfg, p, shape)
-            value = jnp.zeros(shape, want) if value is None else jnp.asarray(value, want)
-            arr = jax.device_put(value, sharding)
-        else:
-            read = _sharded_source(rd, family, cfg, p, shape)
-            arr = jax.make_array_from_callback(
-                shape, sharding, lambda index, read=read, shape=shape, want=want:
-                read(_window(index, shape)).astype(want))
-        leaves.append((p, var.replace(arr)))
-    return _assemble(path, idx, cfg, family, graphdef, leaves)
+        if src is None:
+            return jax.device_put(jnp.zeros(shape, want), sharding)
+        return jax.make_array_from_callback(
+            shape, sharding, lambda index: src.read(rd.read, _window(index, shape)).astype(want))
+
+    return _load(path, dtype, param_dtype, optional, place)

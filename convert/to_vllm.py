@@ -177,39 +177,23 @@ def source_index(base: Path) -> dict[str, str]:
 
 
 def hf_tensors(cfg, family, trained: dict, names: dict[str, str]) -> dict[str, np.ndarray]:
-    """Trained Flax parameters -> {checkpoint name: array} in the source checkpoint's naming (PyTorch [out, in]).
-    Mask routers take the name of their layer's router with `gate` -> `mask_router`."""
-    from beam_jax.families import hf_name
-
-    def pick(*candidates):
-        for c in candidates:
-            if c in names:
-                return c
-        raise ExportError(f"base checkpoint has no tensor '{candidates[0]}' to replace with the trained one "
-                          f"(export of this layout is supported for trainable=mask only)")
+    """Trained Flax parameters -> {checkpoint name: array} in the source checkpoint's naming and layout
+    (`beam_jax.weight_map`: PyTorch [out, in], one tensor per expert). Mask routers (float32) take the name of their
+    layer's router with `gate` -> `mask_router`; every other tensor must be one the base checkpoint holds."""
+    from beam_jax.weight_map import CheckpointError, LayoutError, MissingTensor, hf_arrays
 
     out = {}
     for path, value in trained.items():
-        keys = [str(k) for k in path]
-        leaf, module = keys[-1], ".".join(keys[:-1])
-        is_moe = keys[0] == "layers" and cfg.moe_layers[int(keys[1])]
-        if "mask_router" in module:
-            gate = module.replace("mask_router", "gate")
-            gate_name = pick(f"{hf_name(family, gate, True)}.weight", f"model.{gate}.weight")
-            name = gate_name[: -len("gate.weight")] + f"mask_router.{'weight' if leaf == 'kernel' else leaf}"
-            out[name] = np.ascontiguousarray(value.T if leaf == "kernel" else value).astype(np.float32)
-        elif module == "embed_tokens":
-            out[pick("model.embed_tokens.weight")] = value
-        elif module.endswith("mlp.experts"):
-            prefix = hf_name(family, module, True)
-            which = {"w_gate": 0, "w_up": 1, "w_down": 2}[leaf]
-            for e in range(value.shape[0]):
-                out[pick(f"{prefix}.{e}.{family.expert_names[which]}.weight")] = np.ascontiguousarray(value[e].T)
-        else:
-            base = hf_name(family, module, is_moe)
-            suffix = "weight" if leaf == "kernel" else leaf
-            name = pick(f"{base}.{suffix}", f"model.{module}.{suffix}")
-            out[name] = np.ascontiguousarray(value.T) if leaf == "kernel" else value
+        try:
+            out.update(hf_arrays(family, cfg, path, value, names, where="base checkpoint"))
+        except MissingTensor as e:
+            raise ExportError(f"base checkpoint has no tensor '{e.tensors[0]}' to replace with the trained one "
+                              f"(export of this layout is supported for trainable=mask only)") from None
+        except LayoutError as e:  # fused experts: one stored tensor holds several parameters
+            raise ExportError(f"base checkpoint: {e} (export of this layout is supported for trainable=mask "
+                              f"only)") from None
+        except CheckpointError as e:  # two names for one tensor
+            raise ExportError(str(e)) from None
     return out
 
 
