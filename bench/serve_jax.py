@@ -157,11 +157,7 @@ def _write_beam_config(path: Path, tau: float, layers: list[int], E: int, K: int
 def load_tiny_with_run(run) -> object | None:
     """The shipped tiny model with a trained tiny.py run's mask routers, or None when `run`/ckpt is missing."""
     import beam_jax
-
-    try:
-        from beam_jax.checkpoint import restore_trainable
-    except ImportError:  # before beam_jax.checkpoint existed
-        from beam_jax.trainer import restore_trainable
+    from beam_jax.checkpoint import restore_trainable
 
     if run is None or not (Path(run) / "ckpt").is_dir():
         return None
@@ -174,7 +170,6 @@ def load_tiny_with_run(run) -> object | None:
 
 def beam_scores(model, seqs, mask=None):
     """m_hat of every Top-K candidate: one full forward of `seqs` [B, S] -> [layers, B, S, K] float32 (numpy)."""
-    import beam_jax  # noqa: F401
     from beam_jax.routing import BeamHook
 
     out = model(np.asarray(seqs), attention_mask=None if mask is None else np.asarray(mask), mask_hook=BeamHook(0.5),
