@@ -10,17 +10,26 @@ names (fused-era checkpoints) are `beam_jax.weight_map`'s table, the one place t
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from .config import ConfigError, ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """architecture: HF class name; build: HF config -> ModelConfig; renames: (ours, HF) path fragments;
-    expert_names: HF names of the (gate, up, down) projections of one expert in the per-expert layout."""
+    """One supported family, the only list of them: the torch BEAM classes (`convert.modeling_beam`), the vLLM
+    plugin's architectures and the planner's published sizes are all derived from `FAMILIES`.
+
+    architecture: HF causal-LM class name (config.json `architectures`); model_type: HF base `model_type`
+    (the BEAM variant is `beam_<model_type>`); config_class: the transformers config class name; build: HF
+    config -> ModelConfig; moe_prefix / shared_name: HF module names of the MoE block and the shared experts;
+    expert_names: HF names of the (gate, up, down) projections of one expert in the per-expert layout;
+    published: repository name -> the config class's keyword arguments (its config.json values), for
+    `beam_jax.plan` to plan a run without the weights."""
 
     architecture: str
+    model_type: str
+    config_class: str
     build: Callable[[Any], ModelConfig]
     moe_prefix: str = "mlp"  # HF module name of the MoE block ("block_sparse_moe" for Mixtral)
     shared_name: str = "shared_experts"  # HF module name of the shared expert MLP
@@ -28,6 +37,7 @@ class Family:
     # checkpoints carry multi-token-prediction layers after the last decoder layer (`model.layers.{L}...`,
     # DeepSeek-V3, GLM-4.5): not part of the causal LM, left unread as transformers does
     mtp_layers: bool = False
+    published: Mapping[str, dict] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
 
 def _common(c, architecture: str, **kw) -> dict:
@@ -157,14 +167,74 @@ def build_glm4_moe(c) -> ModelConfig:
         partial_rotary_factor=float(partial), **_noaux_tc(c)))
 
 
+# Published config.json values (the architectures' Hugging Face repositories), for `beam_jax.plan` to plan a
+# run without the weights: the transformers config class's keyword arguments.
+
+MIXTRAL_8X7B = dict(
+    vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
+    rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None, tie_word_embeddings=False)
+QWEN3_30B_A3B = dict(
+    vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+    num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+    num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+    max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    attention_bias=False, use_sliding_window=False)
+DEEPSEEK_V2_LITE = dict(
+    vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+    num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
+    n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None,
+    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, topk_method="greedy", n_group=1, topk_group=1,
+    routed_scaling_factor=1.0, norm_topk_prob=False, max_position_embeddings=163840, rms_norm_eps=1e-6,
+    tie_word_embeddings=False, attention_bias=False,
+    rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
+                      beta_slow=1, mscale=0.707, mscale_all_dim=0.707), rope_theta=10000.0)
+QWEN1_5_MOE_A2_7B = dict(
+    vocab_size=151936, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
+    shared_expert_intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+    num_key_value_heads=16, num_experts=60, num_experts_per_tok=4, norm_topk_prob=False,
+    decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=8192, rope_theta=1e6,
+    rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False)
+OLMOE_1B_7B = dict(
+    vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
+    num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096,
+    rope_theta=10000.0, rms_norm_eps=1e-5, clip_qkv=None, norm_topk_prob=False, pad_token_id=1,
+    eos_token_id=50279, bos_token_id=None, tie_word_embeddings=False)
+# DeepSeek-V3 (DeepSeek-R1 has the same sizes, Kimi-K2 the same layout with its own); the MTP layer is not counted
+DEEPSEEK_V3 = dict(
+    vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+    num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128, n_shared_experts=1,
+    n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
+    v_head_dim=128, qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8,
+    first_k_dense_replace=3, norm_topk_prob=True, max_position_embeddings=163840, rms_norm_eps=1e-6,
+    tie_word_embeddings=False, attention_bias=False, rope_interleave=True,
+    rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
+                      beta_slow=1, mscale=1.0, mscale_all_dim=1.0), rope_theta=10000.0)
+GLM_4_5_AIR = dict(
+    vocab_size=151552, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408,
+    num_hidden_layers=46, num_attention_heads=96, num_key_value_heads=8, head_dim=128, n_routed_experts=128,
+    n_shared_experts=1, num_experts_per_tok=8, first_k_dense_replace=1, n_group=1, topk_group=1,
+    routed_scaling_factor=1.0, norm_topk_prob=True, attention_bias=True, use_qk_norm=False,
+    max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    rope_parameters=dict(rope_type="default", rope_theta=1e6, partial_rotary_factor=0.5))
+
+
 FAMILIES: dict[str, Family] = {f.architecture: f for f in (
-    Family("MixtralForCausalLM", build_mixtral, moe_prefix="block_sparse_moe", expert_names=("w1", "w3", "w2")),
-    Family("Qwen2MoeForCausalLM", build_qwen2_moe, shared_name="shared_expert"),
-    Family("Qwen3MoeForCausalLM", build_qwen3_moe),
-    Family("OlmoeForCausalLM", build_olmoe),
-    Family("DeepseekV2ForCausalLM", build_deepseek_v2),
-    Family("DeepseekV3ForCausalLM", build_deepseek_v3, mtp_layers=True),
-    Family("Glm4MoeForCausalLM", build_glm4_moe, mtp_layers=True),
+    Family("MixtralForCausalLM", "mixtral", "MixtralConfig", build_mixtral, moe_prefix="block_sparse_moe",
+           expert_names=("w1", "w3", "w2"),
+           published={"Mixtral-8x7B-v0.1": MIXTRAL_8X7B, "Mixtral-8x7B-Instruct-v0.1": MIXTRAL_8X7B}),
+    Family("Qwen2MoeForCausalLM", "qwen2_moe", "Qwen2MoeConfig", build_qwen2_moe, shared_name="shared_expert",
+           published={"Qwen1.5-MoE-A2.7B": QWEN1_5_MOE_A2_7B}),
+    Family("Qwen3MoeForCausalLM", "qwen3_moe", "Qwen3MoeConfig", build_qwen3_moe,
+           published={"Qwen3-30B-A3B": QWEN3_30B_A3B}),
+    Family("OlmoeForCausalLM", "olmoe", "OlmoeConfig", build_olmoe,
+           published={"OLMoE-1B-7B-0924": OLMOE_1B_7B, "OLMoE-1B-7B-0125": OLMOE_1B_7B}),
+    Family("DeepseekV2ForCausalLM", "deepseek_v2", "DeepseekV2Config", build_deepseek_v2,
+           published={"DeepSeek-V2-Lite": DEEPSEEK_V2_LITE, "DeepSeek-V2-Lite-Chat": DEEPSEEK_V2_LITE}),
+    Family("DeepseekV3ForCausalLM", "deepseek_v3", "DeepseekV3Config", build_deepseek_v3, mtp_layers=True,
+           published={"DeepSeek-V3": DEEPSEEK_V3, "DeepSeek-V3-0324": DEEPSEEK_V3, "DeepSeek-R1": DEEPSEEK_V3}),
+    Family("Glm4MoeForCausalLM", "glm4_moe", "Glm4MoeConfig", build_glm4_moe, mtp_layers=True,
+           published={"GLM-4.5-Air": GLM_4_5_AIR, "GLM-4.5-Air-Base": GLM_4_5_AIR}),
 )}
 
 
@@ -185,3 +255,16 @@ def hf_name(family: Family, path: str, is_moe_layer: bool) -> str:
         path = path.replace(".mlp.", f".{family.moe_prefix}.", 1)
         path = path.replace(".shared_experts.", f".{family.shared_name}.")
     return "model." + path
+
+
+def published(name: str) -> tuple[Family, dict]:
+    """A published repository name (e.g. `Qwen3-30B-A3B`) -> (its family, its config.json values). KeyError if
+    no family lists it (`published_names()` are the known ones)."""
+    for family in FAMILIES.values():
+        if name in family.published:
+            return family, dict(family.published[name])
+    raise KeyError(name)
+
+
+def published_names() -> list[str]:
+    return sorted(n for f in FAMILIES.values() for n in f.published)

@@ -1,4 +1,4 @@
-"""`python -m beam_jax.plan --config mixtral.py --devices 8 [--device-memory 80GB] [--config.mesh.fsdp=8]`
+"""`python -m beam_jax.plan --config mixtral.py --devices 8 [--device_memory 80GB] [--config.mesh.fsdp=8]`
 
 Per-device memory of a training run on a mesh, before any weight is read: parameters, optimizer state, and
 the activations, gradients and temporaries of one training step, and whether they fit.
@@ -11,7 +11,8 @@ How each figure is obtained (no checkpoint needed; nothing is allocated, nothing
   run is planned from a CPU host with the expert path it will use (`experts.training_impl`: grouped there today).
 
 The model's sizes come from `model.path/config.json` when it exists, else from `model.arch` (as in
-tiny_pretrain.py), else from the published Hugging Face configs below, matched by the directory name.
+tiny_pretrain.py), else from the published Hugging Face configs `beam_jax.families` lists, matched by the
+directory name.
 """
 
 from __future__ import annotations
@@ -19,64 +20,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import sys
 from functools import partial
 from pathlib import Path
-
-# published config.json values (the architectures' Hugging Face repositories), for planning without weights
-PUBLISHED: dict[str, tuple[str, dict]] = {
-    "Mixtral-8x7B-v0.1": ("MixtralConfig", dict(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
-        rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None, tie_word_embeddings=False)),
-    "Qwen3-30B-A3B": ("Qwen3MoeConfig", dict(
-        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
-        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
-        num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
-        max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        attention_bias=False, use_sliding_window=False)),
-    "DeepSeek-V2-Lite": ("DeepseekV2Config", dict(
-        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
-        num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
-        n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None,
-        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, topk_method="greedy", n_group=1, topk_group=1,
-        routed_scaling_factor=1.0, norm_topk_prob=False, max_position_embeddings=163840, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, attention_bias=False,
-        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
-                          beta_slow=1, mscale=0.707, mscale_all_dim=0.707), rope_theta=10000.0)),
-    "Qwen1.5-MoE-A2.7B": ("Qwen2MoeConfig", dict(
-        vocab_size=151936, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
-        shared_expert_intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
-        num_key_value_heads=16, num_experts=60, num_experts_per_tok=4, norm_topk_prob=False,
-        decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=8192, rope_theta=1e6,
-        rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False)),
-    "OLMoE-1B-7B-0924": ("OlmoeConfig", dict(
-        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
-        num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096,
-        rope_theta=10000.0, rms_norm_eps=1e-5, clip_qkv=None, norm_topk_prob=False, pad_token_id=1,
-        eos_token_id=50279, bos_token_id=None, tie_word_embeddings=False)),
-    # DeepSeek-V3 (also the layout of DeepSeek-R1 and Kimi-K2's sizes differ); the MTP layer is not counted
-    "DeepSeek-V3": ("DeepseekV3Config", dict(
-        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
-        num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128, n_shared_experts=1,
-        n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
-        v_head_dim=128, qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8,
-        first_k_dense_replace=3, norm_topk_prob=True, max_position_embeddings=163840, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, attention_bias=False, rope_interleave=True,
-        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
-                          beta_slow=1, mscale=1.0, mscale_all_dim=1.0), rope_theta=10000.0)),
-    "GLM-4.5-Air": ("Glm4MoeConfig", dict(
-        vocab_size=151552, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408,
-        num_hidden_layers=46, num_attention_heads=96, num_key_value_heads=8, head_dim=128, n_routed_experts=128,
-        n_shared_experts=1, num_experts_per_tok=8, first_k_dense_replace=1, n_group=1, topk_group=1,
-        routed_scaling_factor=1.0, norm_topk_prob=True, attention_bias=True, use_qk_norm=False,
-        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        rope_parameters=dict(rope_type="default", rope_theta=1e6, partial_rotary_factor=0.5))),
-}
-ALIASES = {"Mixtral-8x7B-Instruct-v0.1": "Mixtral-8x7B-v0.1", "OLMoE-1B-7B-0125": "OLMoE-1B-7B-0924",
-           "DeepSeek-V2-Lite-Chat": "DeepSeek-V2-Lite", "DeepSeek-R1": "DeepSeek-V3", "DeepSeek-V3-0324": "DeepSeek-V3",
-           "GLM-4.5-Air-Base": "GLM-4.5-Air"}
-
 
 class MemoryPlanError(ValueError):
     """The run does not fit in device memory; the message carries the per-device figures."""
@@ -98,18 +43,21 @@ def fmt_bytes(n: float) -> str:
 
 
 def published_config(name: str):
-    """A Hugging Face config object for a published architecture (by repository name)."""
+    """A Hugging Face config object for a published architecture, by repository name
+    (`beam_jax.families.published`)."""
     import transformers
 
-    key = ALIASES.get(name, name)
-    cls, kw = PUBLISHED[key]
-    return getattr(transformers, cls)(**kw)
+    from .families import published
+
+    family, kwargs = published(name)
+    return getattr(transformers, family.config_class)(**kwargs)
 
 
 def model_config(config):
-    """(ModelConfig, where it came from) for a run config: config.json, then model.arch, then PUBLISHED."""
+    """(ModelConfig, where it came from) for a run config: config.json, then model.arch, then the published
+    sizes of `families.FAMILIES`."""
     from .config import ConfigError
-    from .families import FAMILIES
+    from .families import published, published_names
 
     path = Path(config.model.path)
     if (path / "config.json").is_file():
@@ -120,13 +68,11 @@ def model_config(config):
         from .config import config_from_arch
 
         return config_from_arch(config.model.arch), "model.arch"
-    name = ALIASES.get(path.name, path.name)
-    if name not in PUBLISHED:
+    if path.name not in published_names():
         raise ConfigError(f"model.path={str(path)!r}: no config.json there, no model.arch, and no published sizes "
-                          f"for '{path.name}' (known: {', '.join(sorted(PUBLISHED))})")
-    hf = published_config(name)
-    family = FAMILIES[PUBLISHED[name][0].removesuffix("Config") + "ForCausalLM"]  # XConfig -> XForCausalLM
-    return family.build(hf), f"published {name} config"
+                          f"for '{path.name}' (known: {', '.join(published_names())})")
+    family, _ = published(path.name)
+    return family.build(published_config(path.name)), f"published {path.name} config"
 
 
 @dataclasses.dataclass
@@ -353,51 +299,37 @@ def default_mesh_spec(config, devices: int) -> dict:
     return spec
 
 
-def main(argv=None) -> int:
-    """CLI: see the module docstring. Exit status 0 when it fits (or no memory was given), 1 when not."""
-    import argparse
-    import importlib.util
-
-    from .configs import resolve
-
-    ap = argparse.ArgumentParser(prog="python -m beam_jax.plan", description=__doc__.split("\n\n")[1])
-    ap.add_argument("--config", required=True, help="config file or built-in name (e.g. mixtral.py)")
-    ap.add_argument("--devices", type=int, default=1, help="devices in the mesh (all processes)")
-    ap.add_argument("--processes", type=int, default=1, help="processes (hosts); data.batch_size is per process")
-    ap.add_argument("--device-memory", default="", help="per-device memory, e.g. 80GB (default: plan.device_memory)")
-    ap.add_argument("--target", default="gpu", help="platform the run will use: picks the expert path (gpu)")
-    args, rest = ap.parse_known_args(argv)
+def plan_run(config, workdir=None, resume=False) -> int:
+    """The CLI's body (`cli.run` calls it with the parsed config): print the plan for `--devices` devices.
+    Exit status 0 when it fits (or no memory was given), 1 when not."""
     import jax
+    from absl import flags
 
-    jax.config.update("jax_num_cpu_devices", max(args.devices, 1))  # simulated CPU devices to compile for
-    spec = importlib.util.spec_from_file_location("_beam_plan_config", resolve(args.config))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    config = mod.get_config()
-    for a in rest:  # --config.a.b=value overrides, typed like the default
-        if not a.startswith("--config.") or "=" not in a:
-            ap.error(f"unrecognised argument {a!r}")
-        key, value = a[len("--config."):].split("=", 1)
-        *parents, leaf = key.split(".")
-        node = config
-        for k in parents:
-            node = node[k]
-        if leaf not in node:
-            ap.error(f"unknown config key '{key}'")
-        old = node[leaf]
-        node[leaf] = type(old)(value) if not isinstance(old, bool) else value.lower() in ("1", "true", "yes")
+    FLAGS = flags.FLAGS
+    jax.config.update("jax_num_cpu_devices", max(FLAGS.devices, 1))  # simulated CPU devices to compile for
     from .sharding import make_mesh
 
-    devices = jax.devices("cpu")[: args.devices]
-    mesh = make_mesh(default_mesh_spec(config, args.devices), devices)
-    plan = estimate(config, mesh, processes=args.processes, target=args.target,
-                    device_memory=args.device_memory or config.plan.device_memory or None)
+    mesh = make_mesh(default_mesh_spec(config, FLAGS.devices), jax.devices("cpu")[: FLAGS.devices])
+    plan = estimate(config, mesh, processes=FLAGS.processes, target=FLAGS.target,
+                    device_memory=FLAGS.device_memory or config.plan.device_memory or None)
     cfg, source = model_config(config)
     print(f"{cfg.architecture} ({source}), {config.model.dtype}, train.trainable={config.train.trainable}, "
-          f"remat={config.train.remat}, grad_accum={config.train.grad_accum}, target {args.target}")
+          f"remat={config.train.remat}, grad_accum={config.train.grad_accum}, target {FLAGS.target}")
     print(plan.table())
     return 0 if plan.fits in (None, True) else 1
 
 
+def define_flags():
+    from absl import flags
+
+    flags.DEFINE_integer("devices", 1, "devices in the mesh (all processes)", lower_bound=1)
+    flags.DEFINE_integer("processes", 1, "processes (hosts); data.batch_size is per process", lower_bound=1)
+    flags.DEFINE_string("device_memory", "", "per-device memory, e.g. 80GB (default: plan.device_memory)")
+    flags.DEFINE_string("target", "gpu", "platform the run will use: picks the expert path (gpu)")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run
+
+    define_flags()
+    run(plan_run, "mixtral.py")

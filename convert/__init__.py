@@ -10,17 +10,10 @@ itself.
 
 from __future__ import annotations
 
-# base architecture -> base model_type of every family with a BEAM variant; the BEAM names add "Beam" / "beam_".
-# The same families as `convert.modeling_beam.FAMILIES` (a test checks that the two agree).
-BASE_ARCHITECTURES = {
-    "MixtralForCausalLM": "mixtral",
-    "Qwen2MoeForCausalLM": "qwen2_moe",
-    "Qwen3MoeForCausalLM": "qwen3_moe",
-    "OlmoeForCausalLM": "olmoe",
-    "DeepseekV2ForCausalLM": "deepseek_v2",
-    "DeepseekV3ForCausalLM": "deepseek_v3",
-    "Glm4MoeForCausalLM": "glm4_moe",
-}
+from beam_jax.families import FAMILIES as _FAMILIES  # the one family list (imports neither jax nor torch)
+
+# base architecture -> base model_type of every family; the BEAM names add "Beam" / "beam_"
+BASE_ARCHITECTURES = {f.architecture: f.model_type for f in _FAMILIES.values()}
 BEAM_ARCHITECTURES = tuple("Beam" + a for a in BASE_ARCHITECTURES)
 BEAM_MODEL_TYPES = tuple("beam_" + t for t in BASE_ARCHITECTURES.values())
 
@@ -45,7 +38,7 @@ def register():
     import importlib.util
 
     if importlib.util.find_spec("torch") is None:
-        from beam_jax.extras import require  # only here: beam_jax imports jax, which vLLM's processes need not
+        from beam_jax.extras import require
 
         require("torch", "torch", "convert.register() (the PyTorch BEAM classes, convert.modeling_beam)")
     from .modeling_beam import register as _register

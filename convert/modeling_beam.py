@@ -47,16 +47,12 @@ import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from torch import nn  # noqa: E402
 
-# family key -> (transformers config class, causal-LM class, base model_type); the BEAM names add "Beam"/"beam_"
-FAMILIES = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
-    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
-    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
-    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
-    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM"),
-}
+# base model_type -> (transformers config class, causal-LM class); the BEAM names add "Beam" / "beam_". Derived
+# from `beam_jax.families.FAMILIES`, the one list of families; `convert.remote_code` writes this table in as a
+# literal when it copies the file into an exported directory (which must load without beam-jax).
+from beam_jax.families import FAMILIES as _FAMILIES  # noqa: E402
+
+FAMILIES = {f.model_type: (f.config_class, f.architecture) for f in _FAMILIES.values()}
 BEAM_DEFAULTS = {"tau": 0.5, "renormalize": False}
 
 

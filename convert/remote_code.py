@@ -1,8 +1,9 @@
 """What an exported directory needs so that plain transformers loads it, without beam-jax:
 `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`.
 
-`convert.modeling_beam` is self-contained (torch, transformers and the standard library only), so the export
-writes it verbatim into DIR (`remote_code_files`) and points config.json's `auto_map` at its classes
+`convert.modeling_beam` is self-contained (torch, transformers and the standard library only) but for its family
+table, which it derives from `beam_jax.families`; the export writes it into DIR with that table as a literal
+(`remote_code_files`) and points config.json's `auto_map` at its classes
 (`auto_map`). This module needs neither torch nor transformers: it reads modeling_beam.py as text.
 """
 
@@ -16,17 +17,28 @@ _SOURCE = Path(__file__).with_name(REMOTE_CODE_FILE)
 
 
 def remote_code_files() -> dict[str, str]:
-    """{file name in the exported directory: its text}: the BEAM modelling code, one file."""
-    return {REMOTE_CODE_FILE: _SOURCE.read_text(encoding="utf-8")}
+    """{file name in the exported directory: its text}: the BEAM modelling code, one file, made self-contained:
+    its `from beam_jax.families import ...` and the `FAMILIES` table derived from it become the literal table."""
+    source = _SOURCE.read_text(encoding="utf-8")
+    lines = source.splitlines(keepends=True)
+    tree = ast.parse(source)
+    imports = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "beam_jax.families"]
+    table = [n for n in tree.body if isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "FAMILIES"
+                                                                        for t in n.targets)]
+    if len(imports) != 1 or len(table) != 1:  # only if modeling_beam.py itself was edited out of this shape
+        raise RuntimeError(f"{_SOURCE}: expected one `from beam_jax.families import` and one FAMILIES table")
+    literal = "FAMILIES = {\n" + "".join(f"    {k!r}: {v!r},\n" for k, v in _families().items()) + "}\n"
+    start, end = imports[0].lineno - 1, table[0].end_lineno
+    text = "".join(lines[:start]) + literal + "".join(lines[end:])
+    return {REMOTE_CODE_FILE: text}
 
 
 def _families() -> dict[str, tuple[str, str]]:
-    """`modeling_beam.FAMILIES` ({family: (config class, causal-LM class)}), read from its source."""
-    tree = ast.parse(_SOURCE.read_text(encoding="utf-8"))
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "FAMILIES" for t in node.targets):
-            return ast.literal_eval(node.value)
-    raise RuntimeError(f"{_SOURCE}: no FAMILIES table")  # only if modeling_beam.py itself is broken
+    """`modeling_beam.FAMILIES` ({base model_type: (config class, causal-LM class)}), from `beam_jax.families`
+    (neither torch nor jax is imported)."""
+    from beam_jax.families import FAMILIES
+
+    return {f.model_type: (f.config_class, f.architecture) for f in FAMILIES.values()}
 
 
 def auto_map(architecture: str) -> dict[str, str]:

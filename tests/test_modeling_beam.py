@@ -5,6 +5,7 @@ and equals the mask's kept count, and an exported directory loads in plain trans
 where `convert` and `beam_jax` cannot be imported, with the same logits as the `import convert` path.
 """
 
+import ast
 import json
 import os
 import subprocess
@@ -188,7 +189,19 @@ def test_remote_code_tables_match_the_module():
         remote_code.auto_map("LlamaForCausalLM")
     files = remote_code.remote_code_files()
     assert list(files) == ["modeling_beam.py"]
-    assert files["modeling_beam.py"] == open(modeling_beam.__file__, encoding="utf-8").read()
+    # the copy is the module with its family table written in as a literal, nothing of beam_jax left, the rest as is
+    text, source = files["modeling_beam.py"], open(modeling_beam.__file__, encoding="utf-8").read()
+    imports = {line.split()[1] for line in text.splitlines()
+               if line.lstrip().startswith(("from beam_jax", "import beam_jax"))}
+    assert "from beam_jax.families import" in source and imports == {"beam_jax.extras"}  # extras: in a try block
+
+    def table(code):
+        return next(n for n in ast.parse(code).body if isinstance(n, ast.Assign) and n.targets[0].id == "FAMILIES")
+
+    assert ast.literal_eval(table(text).value) == modeling_beam.FAMILIES
+    head = source[:source.index("from beam_jax.families")].count("\n")
+    out, src = text.splitlines(), source.splitlines()
+    assert out[:head] == src[:head] and out[table(text).end_lineno:] == src[table(source).end_lineno:]
     lines = "\n".join(remote_code.usage_lines("/x/beam"))
     assert 'from_pretrained("/x/beam", trust_remote_code=True)' in lines and "convert.register()" in lines
     assert "vllm serve /x/beam" in lines and "python -m convert.vllm_plugin.serve /x/beam" in lines

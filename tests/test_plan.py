@@ -72,11 +72,11 @@ def test_cli_says_whether_it_fits():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     cmd = [sys.executable, "-m", "beam_jax.plan", "--config", "tiny.py", "--devices", "2", "--target", "cpu",
            "--config.data.batch_size=4", "--config.data.seq_len=64"]
-    ok = subprocess.run(cmd + ["--device-memory", "8GB"], capture_output=True, text=True, env=env, timeout=300)
+    ok = subprocess.run(cmd + ["--device_memory", "8GB"], capture_output=True, text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "mesh data=1, fsdp=2, expert=1, tensor=1" in ok.stdout and "-> fits" in ok.stdout
     assert "(2 rows per device)" in ok.stdout
-    bad = subprocess.run(cmd + ["--device-memory", "20MB"], capture_output=True, text=True, env=env, timeout=300)
+    bad = subprocess.run(cmd + ["--device_memory", "20MB"], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 1 and "DOES NOT FIT" in bad.stdout, bad.stdout + bad.stderr[-2000:]
 
 

@@ -16,11 +16,9 @@ the reference `CPU_MLA` backend, which takes float32.
 
 from __future__ import annotations
 
-from convert import BEAM_ARCHITECTURES
+from convert import BEAM_ARCHITECTURES, BEAM_MODEL_TYPES
 
-ARCHITECTURES = BEAM_ARCHITECTURES
-# BEAM model types whose base vLLM recognises by model_type (DeepSeek-V2's MLA detection)
-_MLA_MODEL_TYPES = ("beam_deepseek_v2", "beam_deepseek_v3")
+ARCHITECTURES = BEAM_ARCHITECTURES  # every family of `beam_jax.families.FAMILIES`
 
 
 class BeamServingError(RuntimeError):
@@ -43,14 +41,16 @@ def register():
 
 
 def _register_mla_model_types():
-    """vLLM decides "DeepSeek MLA" from the config's model_type; give the BEAM type the same answer."""
+    """vLLM decides "DeepSeek MLA" from the config's model_type (a list of base types); BEAM types answer from
+    the config itself (an MLA config has `kv_lora_rank`), so the BEAM DeepSeek variants get MLA and the others
+    the default convertor's answer (no MLA)."""
     from vllm.transformers_utils import model_arch_config_convertor as conv
 
     class BeamDeepseekMLAConvertor(conv.ModelArchConfigConvertorBase):
         def is_deepseek_mla(self) -> bool:
             return getattr(self.hf_text_config, "kv_lora_rank", None) is not None
 
-    for model_type in _MLA_MODEL_TYPES:
+    for model_type in BEAM_MODEL_TYPES:
         if model_type not in conv.MODEL_ARCH_CONFIG_CONVERTORS:
             conv.MODEL_ARCH_CONFIG_CONVERTORS[model_type] = BeamDeepseekMLAConvertor
 

@@ -8,18 +8,15 @@ tau comes from the config's `beam.tau`, overridable at load time:
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import torch
 from torch import nn
 
-from vllm.model_executor.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
-from vllm.model_executor.models.glm4_moe import Glm4MoeForCausalLM
-from vllm.model_executor.models.mixtral import MixtralForCausalLM
-from vllm.model_executor.models.olmoe import OlmoeForCausalLM
-from vllm.model_executor.models.qwen2_moe import Qwen2MoeForCausalLM
-from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
+from vllm.model_executor.models.registry import _VLLM_MODELS
 
+from convert import BASE_ARCHITECTURES
 from convert.modeling_beam import BEAM_DEFAULTS
 
 from .moe import BeamMoERunner, beam_moe_factory
@@ -72,29 +69,23 @@ class BeamModelMixin:
             r.reset_counts()
 
 
-class BeamMixtralForCausalLM(BeamModelMixin, MixtralForCausalLM):
-    pass
+def vllm_model_class(architecture: str) -> type:
+    """vLLM's own model class for a base architecture (`MixtralForCausalLM` ->
+    `vllm.model_executor.models.mixtral.MixtralForCausalLM`), through vLLM's model table
+    (`registry._VLLM_MODELS`: architecture -> (module, class)), as vLLM itself resolves it."""
+    module, name = _VLLM_MODELS[architecture]
+    return getattr(importlib.import_module(f"vllm.model_executor.models.{module}"), name)
 
 
-class BeamQwen2MoeForCausalLM(BeamModelMixin, Qwen2MoeForCausalLM):
-    pass
+def _beam_class(base_architecture: str) -> type:
+    name = "Beam" + base_architecture
+    return type(name, (BeamModelMixin, vllm_model_class(base_architecture)), {
+        "__module__": __name__, "__qualname__": name,
+        "__doc__": f"vLLM's {base_architecture} with BEAM MoE layers and a mask router in every MoE block."})
 
 
-class BeamQwen3MoeForCausalLM(BeamModelMixin, Qwen3MoeForCausalLM):
-    pass
-
-
-class BeamOlmoeForCausalLM(BeamModelMixin, OlmoeForCausalLM):
-    pass
-
-
-class BeamDeepseekV2ForCausalLM(BeamModelMixin, DeepseekV2ForCausalLM):
-    pass
-
-
-class BeamDeepseekV3ForCausalLM(BeamModelMixin, DeepseekV3ForCausalLM):
-    pass
-
-
-class BeamGlm4MoeForCausalLM(BeamModelMixin, Glm4MoeForCausalLM):
-    pass
+# Beam<Architecture> for every family of `beam_jax.families.FAMILIES` (through `convert.BASE_ARCHITECTURES`),
+# module attributes so that vLLM's lazy "convert.vllm_plugin.models:<name>" strings and pickling find them.
+MODELS: dict[str, type] = {"Beam" + a: _beam_class(a) for a in BASE_ARCHITECTURES}
+globals().update(MODELS)
+__all__ = ["BeamModelMixin", "MODELS", "beam_settings", "vllm_model_class", *MODELS]
