@@ -81,10 +81,10 @@ class _RecordingExperts:
         self.quant_method = types.SimpleNamespace(is_monolithic=False, topk_indices_dtype=None)
 
     def forward_modular(self, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
-        assert topk_ids.shape == topk_weights.shape == (x.shape[0], 1) and int(topk_ids.max()) < E
-        self.rows.append(x.shape[0])
-        return torch.stack([float(w) * _expert(self.w13, self.w2, int(e), r[None])[0]
-                            for r, w, e in zip(x, topk_weights[:, 0], topk_ids[:, 0])])
+        assert topk_ids.shape == topk_weights.shape and topk_ids.shape[0] == x.shape[0] and int(topk_ids.max()) < E
+        self.rows.append(tuple(topk_ids.shape))
+        return torch.stack([sum(float(w) * _expert(self.w13, self.w2, int(e), r[None])[0] for w, e in zip(ws, es))
+                            for r, ws, es in zip(x, topk_weights, topk_ids)])
 
 
 def _runner(routing, experts):
@@ -111,17 +111,31 @@ def test_cpu_runner_hands_only_kept_rows_and_counts_them(monkeypatch):
     shared, out = runner._apply_quant_method(x, logits, None)
     kept = int((ids < E).sum())
     assert shared is None and 0 < kept < T * K
-    assert experts.rows == [kept]
+    assert experts.rows == [(kept, 1)]  # the kept pairs as rows of a top_k=1 call
     assert (int(runner.offered), int(runner.computed)) == (T * K, kept)
     np.testing.assert_allclose(out.double().numpy(), _dense(x, weights, ids, w13, w2).numpy(), atol=1e-5, rtol=0)
 
     # tau above 1: every pair dropped, no expert call, output 0, counters add T*K offered and nothing computed
     routing.tau = 1.01
     _, out = runner._apply_quant_method(x, logits, None)
-    assert experts.rows == [kept] and torch.all(out == 0)
+    assert experts.rows == [(kept, 1)] and torch.all(out == 0)
     assert (int(runner.offered), int(runner.computed)) == (2 * T * K, kept)
     runner.reset_counts()
     assert (int(runner.offered), int(runner.computed)) == (0, 0)
+
+    # tau 0 (and any call whose mask drops nothing): the [T, K] routing goes to the experts unchanged, without
+    # running the mask router, and the output is plain Top-K's
+    routing.tau = 0.0
+    with torch.no_grad():
+        routing.mask_router.weight.fill_(float("nan"))  # were it run, NaN scores would keep nothing
+    topk_weights, topk_ids = routing.topk(logits)
+    weights0, ids0 = routing(x, logits, K, True)
+    assert torch.equal(weights0, topk_weights) and torch.equal(ids0, topk_ids)
+    _, out = runner._apply_quant_method(x, logits, None)
+    assert experts.rows == [(kept, 1), (T, K)]
+    assert (int(runner.offered), int(runner.computed)) == (T * K, T * K)
+    np.testing.assert_allclose(out.double().numpy(), _dense(x, topk_weights, topk_ids, w13, w2).numpy(), atol=1e-5,
+                               rtol=0)
 
 
 def test_compact_pairs_rows():

@@ -10,7 +10,9 @@ Three pieces, all installed while a BEAM model is being built (`beam_moe_factory
 - `BeamMoERunner`, the layer's runner: removes dropped pairs before any GEMM.
   CPU (and any non-CUDA platform): `compact_pairs` makes the kept pairs the rows of a top_k=1 call (`x[token]`,
   id, weight) and the result is `index_add_`-ed back per token; the CPU kernel computes every row it is given,
-  so this is what makes MoE time follow the kept fraction.
+  so this is what makes MoE time follow the kept fraction. When every pair is kept (tau 0, or a batch whose
+  mask drops nothing) the [T, K] routing goes to vLLM's call unchanged, as vLLM's own model does it, and at
+  tau <= 0 the mask router is not even run (sigmoid >= 0 keeps everything).
   CUDA: vLLM's expert-parallel mechanism, which its Triton experts document and test. `beam_kernel_args` keeps
   the ids [T, K] (static shapes: CUDA-graph safe) and passes `expert_map` = [0 .. E-1 (or the EP map), -1] with
   `global_num_experts = E + 1`, so the BEAM id E maps to -1. vLLM 0.32's `TritonExperts.apply` then aligns
@@ -96,6 +98,8 @@ class BeamRouting:
         if self.mask_router is None:
             raise RuntimeError("BEAM routing called before its mask router was bound")
         weights, ids = self.topk(gating_output)
+        if self.tau <= 0:  # m_hat = sigmoid(.) >= 0 >= tau: every pair kept, weights unchanged; no mask router
+            return weights, ids
         x = hidden_states[..., : self.mask_router.in_features]
         g, ids, _ = beam_mask(x, weights, ids, self.mask_router.weight, self.tau, self.beam_renormalize,
                               self.num_experts)  # the transformers classes' own mask
@@ -193,6 +197,9 @@ class BeamMoERunner(MoERunner):
     def _experts_compacted(self, x, weights, ids, shared_experts_input):
         """CPU (and any other non-CUDA backend): kept pairs as rows of a top_k=1 call, summed back per token.
         x [T, d]; weights, ids [T, K] -> [T, d]. Counts the rows it hands the kernel."""
+        if self.beam.tau <= 0 or bool((ids < self.beam.num_experts).all()):  # every pair kept: vLLM's own call
+            self._count(ids.numel(), ids.numel(), ids.device)
+            return self._forward_modular(x, weights, ids, shared_experts_input)
         token, rows_x, rows_w, rows_id = compact_pairs(x, weights, ids, self.beam.num_experts)
         out = torch.zeros_like(x)
         mk_shared = (self._shared_experts is not None
@@ -207,12 +214,17 @@ class BeamMoERunner(MoERunner):
             rows_w = torch.zeros((1, 1), dtype=weights.dtype, device=x.device)
             rows_id = torch.zeros((1, 1), dtype=ids.dtype, device=x.device)
         self._count(ids.numel(), rows_x.shape[0], ids.device)
+        rows = self._forward_modular(rows_x, rows_w, rows_id, shared_experts_input)
+        return out.index_add_(0, token, rows.to(out.dtype))
+
+    def _forward_modular(self, x, weights, ids, shared_experts_input):
+        """vLLM's modular expert call on x [N, d], weights / ids [N, k] -> [N, d]."""
         rows = self.routed_experts.forward_modular(
-            x=rows_x, topk_weights=rows_w, topk_ids=rows_id,
+            x=x, topk_weights=weights, topk_ids=ids,
             shared_experts=self._shared_experts, shared_experts_input=shared_experts_input)
         if not isinstance(rows, torch.Tensor):
             raise RuntimeError(f"{self.layer_name}: deferred MoE outputs are not supported with BEAM")
-        return out.index_add_(0, token, rows.to(out.dtype))
+        return rows
 
     def _experts_cuda(self, x, weights, ids, shared_experts_input):
         """CUDA: ids stay [T, K]; the expert map sends the BEAM id E to -1, so vLLM's Triton experts give those
