@@ -27,7 +27,7 @@ from . import evaluate as ev
 from .checkpoint import restore_trainable
 from .data.errors import DataError
 from .loading import load_pretrained
-from .routing import TopKHook, beam_hook
+from .routing import TOPK, beam_hook
 from .run_data import fingerprint_diff, load_splits, model_fingerprint, split_examples_of
 
 
@@ -117,7 +117,7 @@ def main(config, workdir: Path, resume: bool):
                                                                   config.data.seq_len)}
     if config.eval.multiple_choice:
         items = read_multiple_choice(config.eval.multiple_choice)
-        result["multiple_choice"] = {"topk": multiple_choice(original, tokenizer, items, TopKHook(), impl),
+        result["multiple_choice"] = {"topk": multiple_choice(original, tokenizer, items, TOPK, impl),
                                      "beam": multiple_choice(model, tokenizer, items, beam_hook(config.beam, tau=tau), impl)}
     workdir = Path(workdir)
     (workdir / "eval_sweep.md").write_text(ev.markdown_table(rows) + "\n## Validation sweep (selection)\n\n"

@@ -27,7 +27,7 @@ from . import flops, policies
 from .data import BatchIterator
 from .experts import eval_impl
 from . import tasks as tasks_lib
-from .routing import BeamHook, PolicyHook, TopKHook, make_hook
+from .routing import TOPK, BeamHook, PolicyHook, make_hook
 
 
 @partial(nnx.jit, static_argnames=("impl",))
@@ -39,7 +39,7 @@ def _eval_batch(model, input_ids, targets, loss_mask, hook, impl):
     correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
     m = loss_mask.astype(jnp.float32)
     valid = m.reshape(-1) > 0
-    kept = [r.aux.get("kept", jnp.ones(r.topk_ids.shape, bool)).reshape(valid.shape[0], -1) for r in out.moe]
+    kept = [r.kept.reshape(valid.shape[0], -1) for r in out.moe]
     kept = jnp.stack(kept) if kept else jnp.zeros((0, valid.shape[0], 1), bool)  # [L, T, K]
     w = valid.astype(jnp.float32)
     return {"nll": jnp.sum(nll * m), "correct": jnp.sum(correct * m), "tokens": jnp.sum(m),
@@ -47,7 +47,7 @@ def _eval_batch(model, input_ids, targets, loss_mask, hook, impl):
             "kept_per_rank": jnp.sum(kept * w[None, :, None], 1)}  # [L, K] (candidates sorted by weight)
 
 
-def evaluate(model, batches, hook=TopKHook(), impl: str = "dense") -> dict:
+def evaluate(model, batches, hook=TOPK, impl: str = "dense") -> dict:
     """batches: iterable of dicts with input_ids, targets, loss_mask [B, S]. Returns host floats/lists."""
     acc = None
     for b in batches:
@@ -87,7 +87,7 @@ def _jobs(model, taus, policy_names, calib_batches, impl, renormalize):
     """(policy, knob name, value, hook) for Top-K, BEAM at each tau and each baseline over its default grid;
     dynamic skipping's per-layer betas are calibrated on `calib_batches` (one job per calibration quantile)."""
     K = model.cfg.num_experts_per_tok
-    jobs = [("topk", None, None, TopKHook())]
+    jobs = [("topk", None, None, TOPK)]
     jobs += [("beam", "tau", t, BeamHook(float(t), renormalize=renormalize)) for t in taus]
     for name in policy_names:
         pol = policies.POLICIES[name]

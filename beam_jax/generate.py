@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .moe import topk_hook
+from .routing import TOPK
 
 __all__ = ["generate", "generate_reference", "sample_next", "cache_bucket", "compiled_cache_size"]
 
@@ -101,7 +101,8 @@ class _Static:
 
 def _split_hook(hook):
     """A hook as (dynamic leaves, static rest): a pytree hook's array/number leaves (BEAM's tau) are traced so
-    a new value does not recompile; anything else (a plain function such as `topk_hook`) is static."""
+    a new value does not recompile; anything else (a plain function) is static. A hook without
+    leaves (`routing.TOPK`) is its treedef alone, so it compiles once too."""
     leaves, treedef = jax.tree_util.tree_flatten(hook)
     if all(isinstance(v, (int, float, np.number, np.ndarray, jax.Array)) and not isinstance(v, bool)
            for v in leaves):
@@ -158,7 +159,7 @@ def compiled_cache_size() -> int:
 
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             eos_token_id=None, pad_token_id=None, mask_hook=topk_hook, impl: str = "kernel"):
+             eos_token_id=None, pad_token_id=None, mask_hook=TOPK, impl: str = "kernel"):
     """input_ids [B, S] int (left-padded when `attention_mask` [B, S] has zeros) -> [B, S + new] int32.
 
     Greedy unless `do_sample` (then temperature, top-k and top-p filters, seeded by `seed`). Stops early when
@@ -192,7 +193,7 @@ def _forward(model, input_ids, attention_mask, cache, mask_hook, impl):
 
 def generate_reference(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, do_sample: bool = False,
                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                       eos_token_id=None, pad_token_id=None, mask_hook=topk_hook, impl: str = "kernel",
+                       eos_token_id=None, pad_token_id=None, mask_hook=TOPK, impl: str = "kernel",
                        use_cache: bool = True):
     """`generate`'s semantics as a plain Python loop: one forward per token and a host round trip each (slow;
     the obviously-right reference). use_cache=False runs every step as a full forward over the whole prefix,

@@ -16,7 +16,8 @@ from flax import nnx
 from .attention import Attention, AttentionContext, MLAttention, matmul, project
 from .config import ModelConfig
 from .layers import INIT_STD, MLP, RMSNorm, linear, rope_cos_sin
-from .moe import MaskHook, MoEBlock, MoEOutput, swiglu, topk_hook
+from .moe import MoEBlock, MoEOutput, swiglu
+from .routing import TOPK, MaskHook
 
 
 @dataclasses.dataclass
@@ -56,7 +57,7 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, ctx, cache=None, mask_hook: MaskHook = topk_hook, impl="reference"):
+    def __call__(self, x, ctx, cache=None, mask_hook: MaskHook = TOPK, impl="reference"):
         h, cache = self.self_attn(self.input_layernorm(x), ctx, cache)
         x = x + h
         rec = None
@@ -110,7 +111,7 @@ class MoECausalLM(nnx.Module):
                 "valid": jnp.zeros((batch_size, max_len), bool)}
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None,
-                 mask_hook: MaskHook = topk_hook, impl: str = "reference") -> CausalLMOutput:
+                 mask_hook: MaskHook = TOPK, impl: str = "reference") -> CausalLMOutput:
         """input_ids [B, S] int; attention_mask [B, S] (1 = real token, 0 = padding), default all ones;
         positions [B, S], default counted from the mask (left padding) and the cache index;
         cache from `init_cache` (decoding) or None (a full forward); impl: expert path (see experts.py)."""

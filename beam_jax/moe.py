@@ -3,14 +3,13 @@
 Families differ only in `ModelConfig` fields: softmax or sigmoid scores, Top-K renormalisation
 (`norm_topk_prob`), DeepSeek-V2's group-limited Top-K, DeepSeek-V3's / GLM-4.5's bias-corrected group Top-K
 (`noaux_tc`), the routed scaling factor, float32 router logits, and shared experts (with Qwen2-MoE's sigmoid
-gate). The mask hook is where BEAM (and the comparison policies) act: it receives the router
-outputs and returns which (token, expert) pairs are kept and their final weights.
+gate). The routing itself (`route`, `RouterSpec`) and the mask hooks, where BEAM and the comparison policies
+act, live in `beam_jax.routing`; this module holds the block's parameters and calls them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,79 +19,7 @@ from .config import ModelConfig
 from .experts import EXPERT_PATHS
 from .attention import project
 from .layers import INIT_STD, MLP, linear
-
-
-@dataclasses.dataclass(frozen=True)
-class RouterSpec:
-    """The routing arithmetic of a family (pure data; see `route`)."""
-
-    top_k: int
-    norm_topk_prob: bool = False
-    routed_scaling_factor: float = 1.0
-    topk_method: str = "greedy"
-    n_group: int = 1
-    topk_group: int = 1
-    scoring_func: str = "softmax"
-
-    @classmethod
-    def from_config(cls, cfg: ModelConfig) -> "RouterSpec":
-        return cls(cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor, cfg.topk_method,
-                   cfg.n_group, cfg.topk_group, cfg.scoring_func)
-
-
-def _group_mask(group_scores, topk_group: int, experts_per_group: int):
-    """group_scores [T, G] -> [T, G * experts_per_group] bool: the experts of each token's topk_group best groups."""
-    T, G = group_scores.shape
-    _, top_groups = jax.lax.top_k(group_scores, topk_group)
-    mask = jnp.zeros((T, G), bool).at[jnp.arange(T)[:, None], top_groups].set(True)
-    return jnp.repeat(mask, experts_per_group, axis=1)
-
-
-def route(router_logits, spec: RouterSpec, score_bias=None):
-    """Scores over all experts (softmax or sigmoid), Top-K, optional renormalisation and scaling.
-
-    router_logits [T, E] (any float dtype); score_bias [E] float32 (`noaux_tc` only: DeepSeek-V3's
-    `e_score_correction_bias`) -> (weights [T, K] float32, expert_ids [T, K] int32, probs [T, E] float32 scores).
-    Candidates are sorted by descending weight.
-    - greedy: the K highest scores.
-    - group_limited_greedy (DeepSeek-V2): only experts of the `topk_group` groups with the highest max score.
-    - noaux_tc (DeepSeek-V3, GLM-4.5): `scores + score_bias` choose; groups are ranked by the sum of their two
-      highest biased scores; the weights are the unbiased scores of the chosen experts.
-    """
-    logits = router_logits.astype(jnp.float32)
-    probs = jax.nn.sigmoid(logits) if spec.scoring_func == "sigmoid" else jax.nn.softmax(logits, axis=-1)
-    T, E = probs.shape
-    per_group = E // spec.n_group
-    if spec.topk_method == "noaux_tc":
-        choice = probs if score_bias is None else probs + score_bias.astype(jnp.float32)
-        group_scores = jax.lax.top_k(choice.reshape(T, spec.n_group, per_group), 2)[0].sum(-1)
-        choice = jnp.where(_group_mask(group_scores, spec.topk_group, per_group), choice, -jnp.inf)
-        _, ids = jax.lax.top_k(choice, spec.top_k)
-        weights = jnp.take_along_axis(probs, ids, axis=-1)
-        order = jnp.argsort(-weights, axis=-1, stable=True)
-        weights, ids = jnp.take_along_axis(weights, order, -1), jnp.take_along_axis(ids, order, -1)
-    else:
-        scores = probs
-        if spec.topk_method == "group_limited_greedy":
-            group_scores = probs.reshape(T, spec.n_group, per_group).max(-1)
-            scores = jnp.where(_group_mask(group_scores, spec.topk_group, per_group), probs, 0.0)
-        weights, ids = jax.lax.top_k(scores, spec.top_k)
-    if spec.norm_topk_prob:
-        # sigmoid scores can all be ~0: DeepSeek-V3 adds 1e-20 to the denominator
-        eps = 1e-20 if spec.scoring_func == "sigmoid" else 0.0
-        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + eps)
-    weights = weights * spec.routed_scaling_factor
-    return weights, ids.astype(jnp.int32), probs
-
-
-# A mask hook: (block, x [T, d], router_logits [T, E], weights [T, K] f32, ids [T, K]) -> (keep [T, K] bool | None,
-# weights [T, K], aux dict). `keep=None` means every candidate is kept (plain Top-K).
-MaskHook = Callable[..., tuple]
-
-
-def topk_hook(block, x, router_logits, weights, ids):
-    """Plain Top-K: every candidate kept, weights unchanged."""
-    return None, weights, {}
+from .routing import TOPK, LayerContext, MaskHook, RouterSpec, route
 
 
 class RouterBias(nnx.Variable):
@@ -149,17 +76,20 @@ class Experts(nnx.Module):
 
 @dataclasses.dataclass
 class MoEOutput:
-    """Per-layer routing record. router_logits [T, E]; topk_ids / topk_weights / keep [T, K]."""
+    """Per-layer routing record, [B, S, ...]: router_logits [.., E]; topk_ids, topk_weights (the hook's final
+    weights), keep (None: every candidate computed), kept bool and m_hat float32 (None but for BEAM) [.., K]
+    (see `routing.MaskResult`)."""
 
     router_logits: jax.Array
     topk_ids: jax.Array
     topk_weights: jax.Array
     keep: jax.Array | None
-    aux: dict
+    kept: jax.Array
+    m_hat: jax.Array | None
 
 
 jax.tree_util.register_dataclass(MoEOutput, data_fields=["router_logits", "topk_ids", "topk_weights", "keep",
-                                                         "aux"], meta_fields=[])
+                                                         "kept", "m_hat"], meta_fields=[])
 
 
 class MoEBlock(nnx.Module):
@@ -189,19 +119,20 @@ class MoEBlock(nnx.Module):
             xt = xt.astype(jnp.float32)
         return project(self.gate, xt)
 
-    def __call__(self, x, mask_hook: MaskHook = topk_hook, impl: str = "reference"):
+    def __call__(self, x, mask_hook: MaskHook = TOPK, impl: str = "reference"):
         B, S, d = x.shape
         xt = x.reshape(B * S, d)
         logits = self.router_logits(xt)
         bias = getattr(self.gate, "e_score_correction_bias", None)
         weights, ids, _ = route(logits, self.spec, None if bias is None else bias[...])
-        keep, weights, aux = mask_hook(self, xt, logits, weights, ids)
-        y = self.experts(xt, ids, weights, keep, impl)
+        res = mask_hook(LayerContext(self.mask_router, self.spec, self.layer_idx), xt, logits, weights, ids)
+        y = self.experts(xt, ids, res.weights, res.keep, impl)
         if self.shared_experts is not None:
             shared = swiglu(self.shared_experts, xt)
             if self.shared_expert_gate is not None:
                 shared = jax.nn.sigmoid(project(self.shared_expert_gate, xt)) * shared
             y = y + shared
-        rec = MoEOutput(logits.reshape(B, S, -1), ids.reshape(B, S, -1), weights.reshape(B, S, -1),
-                        None if keep is None else keep.reshape(B, S, -1), aux)
+        per_pair = lambda a: None if a is None else a.reshape(B, S, -1)  # noqa: E731
+        rec = MoEOutput(logits.reshape(B, S, -1), ids.reshape(B, S, -1), per_pair(res.weights), per_pair(res.keep),
+                        per_pair(res.kept), per_pair(res.m_hat))
         return y.reshape(B, S, d), rec

@@ -13,6 +13,7 @@ to the lower index). The router outputs a policy may read, by name:
 
 Leading batch dims are allowed wherever T is. ``POLICIES`` names each policy, the outputs it reads, its
 sweep knob and a default grid for a Pareto sweep; ``policy_keep(name, **outputs_and_knobs)`` dispatches.
+Plain Top-K (every candidate kept) is no policy here: it is `beam_jax.routing.TOPK`, the default hook.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from beam_jax.beam import DEFAULT_TAU, hard_mask
 
 __all__ = [
     "candidate_ranks",
-    "topk_keep",
     "beam_keep",
     "top_p_keep",
     "dynamic_skip_keep",
@@ -62,11 +62,6 @@ def _per_layer(x, ndim):
     """Scalar or per-leading-dim knob (e.g. [L] for [L, T, K] inputs) -> broadcastable to [..., T, K]."""
     x = jnp.asarray(x)
     return x.reshape(x.shape + (1,) * (ndim - x.ndim))
-
-
-def topk_keep(weights):
-    """Plain Top-K: keep every candidate. weights [..., K] -> bool [..., K], all True."""
-    return jnp.ones(weights.shape, bool)
 
 
 def beam_keep(m_hat, tau=DEFAULT_TAU):
@@ -187,7 +182,6 @@ class Policy:
 
 
 POLICIES: dict[str, Policy] = {
-    "topk": Policy(topk_keep, ("weights",), None, lambda K: ()),
     "beam": Policy(beam_keep, ("m_hat",), "tau", lambda K: (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)),
     "top_p": Policy(
         top_p_keep, ("probs_topk",), "p", lambda K: (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)

@@ -24,7 +24,7 @@ from .data import BatchIterator, pack_examples
 from .experts import expert_impl
 from .export_hf import save_pretrained
 from .model import MoECausalLM
-from .routing import TopKHook
+from .routing import TOPK
 from .trainer import LossConfig, Trainer, fit
 
 
@@ -80,7 +80,7 @@ def main(config, workdir: Path, resume: bool):
     cfg = config_from_arch(config.model.arch, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                            pad_token_id=tok.pad_token_id)
     model = MoECausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(config.seed))
-    trainer = Trainer(model, "all", config.train, LossConfig(alpha=config.beam.alpha, hook=TopKHook(),
+    trainer = Trainer(model, "all", config.train, LossConfig(alpha=config.beam.alpha, hook=TOPK,
                                                              impl=expert_impl(config.model.impl)))
     print(f"{cfg.architecture}: {trainer.num_trainable / 1e6:.2f}M parameters")
     it = BatchIterator(packed["train"], B, seed=config.seed)

@@ -233,7 +233,7 @@ def build_tasks(examples: Sequence, tokenizer, seq_len: int, batch_size: int, *,
 
 
 def _kept(out, n_tokens):
-    kept = [r.aux.get("kept", jnp.ones(r.topk_ids.shape, bool)).reshape(n_tokens, -1) for r in out.moe]
+    kept = [r.kept.reshape(n_tokens, -1) for r in out.moe]
     return jnp.stack(kept) if kept else jnp.zeros((0, n_tokens, 1), bool)  # [L, T, K]
 
 

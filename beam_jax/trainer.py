@@ -58,11 +58,11 @@ def compute_loss(model, batch, beta, lc: LossConfig):
         bal = beam.load_balancing_loss_layers(logits, ids, cfg.num_experts, cfg.num_experts_per_tok, valid)
         metrics["balance_loss"] = bal
         total = total + lc.alpha * bal
-        kept = [m.aux.get("kept", jnp.ones(m.topk_ids.shape, bool)).reshape(T, -1) for m in out.moe]
+        kept = [m.kept.reshape(T, -1) for m in out.moe]
         metrics["experts_per_layer"] = experts_per_token_per_layer(kept, valid)
         metrics["finite_router_logits"] = jnp.stack([jnp.all(jnp.isfinite(x)) for x in logits])
-        if "m_hat" in out.moe[0].aux:
-            reg = jnp.mean(jnp.stack([beam.reg_loss(m.aux["m_hat"].reshape(T, -1), valid) for m in out.moe]))
+        if out.moe[0].m_hat is not None:  # BEAM's hooks
+            reg = jnp.mean(jnp.stack([beam.reg_loss(m.m_hat.reshape(T, -1), valid) for m in out.moe]))
             metrics["reg_loss"] = reg
             total = total + beta * reg
     metrics["loss"] = total

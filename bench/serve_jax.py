@@ -175,7 +175,7 @@ def beam_scores(model, seqs, mask=None):
     out = model(np.asarray(seqs), attention_mask=None if mask is None else np.asarray(mask), mask_hook=BeamHook(0.5),
                 impl="kernel")
     B, S = np.shape(seqs)
-    return np.stack([np.asarray(m.aux["m_hat"], np.float32).reshape(B, S, -1) for m in out.moe])
+    return np.stack([np.asarray(m.m_hat, np.float32).reshape(B, S, -1) for m in out.moe])
 
 
 def calibrate_tau(model, seqs, kept: float, start: int = 0, stop: int | None = None) -> float:
@@ -220,7 +220,7 @@ def decode_routing(model, seqs, prompt_len: int, hook):
     S + i - 1. Returns (ids [layers, N-1, B, K], keep [layers, N-1, B, K] bool)."""
     out = model(np.asarray(seqs), mask_hook=hook, impl="kernel")
     ids = np.stack([np.asarray(m.topk_ids) for m in out.moe])[:, :, prompt_len:-1]  # [L, B, N-1, K]
-    keep = np.stack([np.ones(m.topk_ids.shape, bool) if m.keep is None else np.asarray(m.keep) for m in out.moe])
+    keep = np.stack([np.asarray(m.kept) for m in out.moe])
     keep = keep[:, :, prompt_len:-1]
     return ids.transpose(0, 2, 1, 3), keep.transpose(0, 2, 1, 3)
 

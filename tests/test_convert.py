@@ -81,8 +81,8 @@ def _assert_parity(flax_model, export_dir, ids, tau, renormalize=False):
     tm, logits = _torch_logits(export_dir, ids)
     out = flax_model(ids, mask_hook=BeamHook(tau, renormalize=renormalize))
     np.testing.assert_allclose(logits, np.asarray(out.logits), atol=1e-4, rtol=0)
-    kept = sum(int(np.asarray(m.aux["kept"]).sum()) for m in out.moe)
-    offered = sum(int(np.asarray(m.aux["kept"]).size) for m in out.moe)
+    kept = sum(int(np.asarray(m.kept).sum()) for m in out.moe)
+    offered = sum(int(np.asarray(m.kept).size) for m in out.moe)
     assert tm.beam_pair_counts() == {"offered": offered, "computed": kept}
     return tm, kept / offered
 

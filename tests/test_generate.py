@@ -111,7 +111,7 @@ def test_compiled_equals_uncached_reference(tmp_path, family, hook):
     ref = np.asarray(generate_reference(model, ids, use_cache=False, **kw))
     np.testing.assert_array_equal(ours, ref)
     if isinstance(hook, BeamHook):  # the mask really dropped pairs, and the kernel path equals the reference path
-        kept = np.mean([np.asarray(m.aux["kept"]).mean() for m in model(ours, mask_hook=hook).moe])
+        kept = np.mean([np.asarray(m.kept).mean() for m in model(ours, mask_hook=hook).moe])
         assert 0.05 < kept < 0.95
         np.testing.assert_array_equal(ours, np.asarray(beam_jax.generate(model, ids, impl="reference", **kw)))
 
@@ -160,6 +160,12 @@ def test_no_recompile_within_a_bucket(tmp_path):
     assert compiled_cache_size() == n0
     beam_jax.generate(model, prompt, max_new_tokens=70, eos_token_id=(), mask_hook=BeamHook(0.5))
     assert compiled_cache_size() == n0 + 1
+    # Top-K (a hook without leaves): the default `routing.TOPK` and a fresh `TopKHook()` share one compile
+    beam_jax.generate(model, prompt, max_new_tokens=5, eos_token_id=())
+    n1 = compiled_cache_size()
+    for n in (12, 40):
+        beam_jax.generate(model, prompt, max_new_tokens=n, eos_token_id=(), mask_hook=TopKHook())
+    assert compiled_cache_size() == n1
 
 
 def test_edge_cases(tmp_path):
@@ -170,10 +176,16 @@ def test_edge_cases(tmp_path):
         beam_jax.generate(model, prompt, max_new_tokens=-1)
     with pytest.raises(ValueError, match="attention_mask"):
         beam_jax.generate(model, prompt, attention_mask=np.ones((2, 3)))
-    # the plain function hook (static) works as well as the pytree hooks
-    from beam_jax.moe import topk_hook
+    # a plain function hook (static) works as well as the pytree hooks
+    import jax.numpy as jnp
+
+    from beam_jax.routing import MaskResult
+
+    def plain_topk(ctx, x, router_logits, weights, ids):
+        return MaskResult(None, weights, jnp.ones(ids.shape, bool))
+
     np.testing.assert_array_equal(
-        np.asarray(beam_jax.generate(model, prompt, max_new_tokens=3, eos_token_id=(), mask_hook=topk_hook)),
+        np.asarray(beam_jax.generate(model, prompt, max_new_tokens=3, eos_token_id=(), mask_hook=plain_topk)),
         np.asarray(beam_jax.generate(model, prompt, max_new_tokens=3, eos_token_id=(), mask_hook=TopKHook())))
 
 

@@ -155,7 +155,8 @@ def test_score_correction_bias_is_loaded_and_chooses(tmp_path, family):
     import jax.numpy as jnp
     from flax import nnx
 
-    from beam_jax.moe import RouterBias, route
+    from beam_jax.moe import RouterBias
+    from beam_jax.routing import route
 
     tm = make_tiny(family, tmp_path)
     model = beam_jax.load_pretrained(tmp_path)

@@ -52,8 +52,15 @@ def test_candidate_ranks_unsorted_and_ties():
 # ----------------------------------------------------------------------------- each policy on hand-made outputs
 
 
-def test_topk_keep_all():
-    np.testing.assert_array_equal(P.topk_keep(W), _keep([True] * 4))
+def test_topk_is_the_routing_hook_not_a_policy():
+    """Plain Top-K lives in one place, `routing.TOPK`: every candidate kept, weights unchanged, kept all True."""
+    from beam_jax import routing
+
+    assert "topk" not in P.POLICIES and routing.make_hook("topk") is routing.TOPK
+    res = routing.TOPK(None, None, None, W, jnp.zeros(W.shape, jnp.int32))
+    assert res.keep is None and res.m_hat is None
+    np.testing.assert_array_equal(res.kept, _keep([True] * 4))
+    np.testing.assert_array_equal(res.weights, W)
 
 
 def test_beam_keep():
@@ -225,7 +232,7 @@ def test_policies_jit_with_traced_knob():
 
 
 def test_registry_is_consistent():
-    assert set(P.POLICIES) == {"topk", "beam", "top_p", "dynamic_skip", "static_topk", "entropy"}
+    assert set(P.POLICIES) == {"beam", "top_p", "dynamic_skip", "static_topk", "entropy"}
     for name, policy in P.POLICIES.items():
         params = inspect.signature(policy.fn).parameters
         assert all(i in params and i in P.ROUTER_OUTPUTS for i in policy.inputs), name

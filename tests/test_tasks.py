@@ -8,7 +8,6 @@ import pytest
 from beam_jax import evaluate as ev
 from beam_jax import tasks
 from beam_jax.configs import tiny
-from beam_jax.data.readers import Example
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ def test_step0_equals_topk_bit_for_bit(tiny_model_dir):
     for hook in (BeamHook(0.5), BeamHook(0.5, train=True)):
         out = model(ids, mask_hook=hook)
         np.testing.assert_array_equal(np.asarray(out.logits), ref)
-        assert all(bool(jnp.all(m.aux["kept"])) for m in out.moe)
+        assert all(bool(jnp.all(m.kept)) for m in out.moe)
 
 
 def test_report_and_sparsity(tiny_model_dir, text_data_dir, tmp_path):
