@@ -197,10 +197,13 @@ class BeamMoERunner(MoERunner):
     def _experts_compacted(self, x, weights, ids, shared_experts_input):
         """CPU (and any other non-CUDA backend): kept pairs as rows of a top_k=1 call, summed back per token.
         x [T, d]; weights, ids [T, K] -> [T, d]. Counts the rows it hands the kernel."""
-        if self.beam.tau <= 0 or bool((ids < self.beam.num_experts).all()):  # every pair kept: vLLM's own call
+        if self.beam.tau <= 0:  # every pair kept, known without looking: vLLM's own [T, K] call
             self._count(ids.numel(), ids.numel(), ids.device)
             return self._forward_modular(x, weights, ids, shared_experts_input)
         token, rows_x, rows_w, rows_id = compact_pairs(x, weights, ids, self.beam.num_experts)
+        if token.numel() == ids.numel():  # the mask dropped nothing: the same call (compact_pairs' one host sync)
+            self._count(ids.numel(), ids.numel(), ids.device)
+            return self._forward_modular(x, weights, ids, shared_experts_input)
         out = torch.zeros_like(x)
         mk_shared = (self._shared_experts is not None
                      and self._shared_experts._determine_shared_experts_order(shared_experts_input)
