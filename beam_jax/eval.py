@@ -102,10 +102,11 @@ def main(config, workdir: Path, resume: bool):
         raise SystemExit(f"error: {workdir}/ckpt was trained on another base model than {config.model.path}: "
                          + "; ".join(diffs))
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.model.path)
-    examples = split_examples_of(config)
-    splits = load_splits(config, tokenizer, examples)
+    examples = split_examples_of(config.data)
+    splits = load_splits(config.data, tokenizer, examples)
     impl = eval_impl(config.model.impl)
-    bench = ev.run_benchmark(config, original, model, tokenizer, examples, splits["validation"])
+    bench = ev.run_benchmark(original, model, tokenizer, examples, splits["validation"], eval_cfg=config.eval,
+                             data_cfg=config.data, beam_cfg=config.beam, impl=impl, seed=config.seed)
     rows = bench["test"]
     head = rows[bench["headline"]] if bench["headline"] is not None else None
     tau = head["value"] if head is not None else config.beam.tau

@@ -25,7 +25,6 @@ from flax import nnx
 
 from . import flops, policies
 from .data import BatchIterator
-from .experts import eval_impl
 from . import tasks as tasks_lib
 from .routing import TOPK, BeamHook, PolicyHook, make_hook
 
@@ -313,24 +312,29 @@ def flops_breakdown(cfg, mean_k_eff: float, seq_len: int) -> dict:
     }
 
 
-def run_benchmark(config, original, trained, tokenizer, examples: dict, validation) -> dict:
+def run_benchmark(original, trained, tokenizer, examples: dict, validation, *, eval_cfg, data_cfg, beam_cfg,
+                  impl: str, seed: int) -> dict:
     """The benchmark of a run: tasks of the validation and test splits (`beam_jax.tasks`), dynamic skipping
-    calibrated on validation rows, `task_sweep` over them; uses config.eval, data, model.impl, beam, seed. -> task_sweep's result plus "selection_tasks" / "test_tasks" (their
-    sizes and construction) and "seconds" per part."""
-    e, d = config.eval, config.data
-    impl = eval_impl(config.model.impl)
+    calibrated on validation rows, `task_sweep` over them.
+
+    Takes the config sections it reads: `eval_cfg` (config.eval: taus, policies, task sizes, test_savings,
+    resamples), `data_cfg` (config.data: seq_len, batch_size, eval_batches), `beam_cfg` (config.beam: tau,
+    renormalize); `impl` is the evaluation expert path (`experts.eval_impl(config.model.impl)`), `seed` the
+    tasks' seed. -> task_sweep's result plus "selection_tasks" / "test_tasks" (their sizes and construction)
+    and "seconds" per part."""
+    e, d, b = eval_cfg, data_cfg, beam_cfg
     t0 = time.perf_counter()
     V = original.cfg.vocab_size
     sel = tasks_lib.build_tasks(examples["validation"], tokenizer, d.seq_len, d.batch_size, split="validation",
-                            max_batches=e.selection_batches, mc_items=e.selection_mc_items, seed=config.seed,
+                            max_batches=e.selection_batches, mc_items=e.selection_mc_items, seed=seed,
                             vocab_size=V)
     test = tasks_lib.build_tasks(examples["test"], tokenizer, d.seq_len, d.batch_size, split="test",
-                             max_batches=d.eval_batches, mc_items=e.mc_items, seed=config.seed, vocab_size=V)
+                             max_batches=d.eval_batches, mc_items=e.mc_items, seed=seed, vocab_size=V)
     calib = calibration_batches(validation, d.batch_size, 4)
     t1 = time.perf_counter()
-    taus = tuple(dict.fromkeys(tuple(e.taus) + (config.beam.tau,))) if e.taus else (config.beam.tau,)
+    taus = tuple(dict.fromkeys(tuple(e.taus) + (b.tau,))) if e.taus else (b.tau,)
     out = task_sweep(original, sel, test, taus=taus, policy_names=tuple(e.policies), calib_batches=calib,
-                        impl=impl, beam_model=trained, renormalize=config.beam.renormalize,
+                        impl=impl, beam_model=trained, renormalize=b.renormalize,
                         test_savings=tuple(e.test_savings), resamples=e.resamples)
     t2 = time.perf_counter()
     out["selection_tasks"] = {**sel.sizes(), **sel.construction}

@@ -71,7 +71,7 @@ def main(config, workdir: Path, resume: bool):
     workdir.mkdir(parents=True, exist_ok=True)
     with open(workdir / "commands.txt", "a") as f:  # every invocation, so a resumed run's history is exact
         f.write(" ".join(["python", "-m", "beam_jax.pretrain"] + sys.argv[1:]) + "\n")
-    corpus = corpus_lib.stdlib_corpus()
+    corpus = corpus_lib.named_corpus(config.data.train)
     tok = corpus_lib.ensure_tokenizer(corpus, config.tokenizer_vocab, workdir / "tokenizer")
     S, B = config.data.seq_len, config.data.batch_size
     packed = {s: pack_examples(corpus.examples(s), tok, S, mode="concat") for s in ("train", "validation", "test")}

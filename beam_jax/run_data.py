@@ -10,19 +10,20 @@ from . import corpus as corpus_lib
 from .data import pack_examples, read_all, split_examples
 
 
-def split_examples_of(config) -> dict:
-    """-> {"train", "validation", "test"}: lists of Examples (one per document).
+def split_examples_of(data) -> dict:
+    """`data`: the config.data section -> {"train", "validation", "test"}: lists of Examples (one per document).
 
-    data.train == "stdlib": the standard-library corpus's train / validation / test splits (by file).
+    data.train == "stdlib" (or "stdlib+tests", `corpus.named_corpus`): the standard-library corpus's train /
+    validation / test splits (by file).
     Otherwise the user's files: with data.eval, test = data.eval and validation = a stable 5% hash split of
     data.train (`beam_jax.data.splits`), which is not trained on; without it, a stable 90/5/5 hash split of
     data.train. Validation is what every choice is made on (the sweep's selection, the baselines'
     calibration); test is only reported.
     """
-    d = config.data
+    d = data
     fmt = d.format or None
-    if d.train == "stdlib":
-        corpus = corpus_lib.stdlib_corpus()
+    if d.train in corpus_lib.CORPORA:
+        corpus = corpus_lib.named_corpus(d.train)
         return {k: corpus.examples(k) for k in ("train", "validation", "test")}
     if not d.train:
         raise ValueError("config field 'data.train' is empty: give a file or directory of training data, "
@@ -39,18 +40,19 @@ def split_examples_of(config) -> dict:
             "test": split["test"] or split["validation"]}
 
 
-def load_splits(config, tokenizer, examples: dict | None = None) -> dict:
-    """-> {"train", "validation", "test", "eval", "calib"}: Packed rows of `config.data.seq_len`
+def load_splits(data, tokenizer, examples: dict | None = None) -> dict:
+    """`data`: the config.data section -> {"train", "validation", "test", "eval", "calib"}: Packed rows of
+    `data.seq_len`
     (`split_examples_of`; "eval" is the test split, "calib", for the baselines' calibration, the validation
     split). `examples`: that function's result, if already read.
     """
-    S = config.data.seq_len
-    parts = examples if examples is not None else split_examples_of(config)
-    out = {k: pack_examples(parts[k], tokenizer, S, mode=config.data.pack) for k in ("train", "validation", "test")}
+    S = data.seq_len
+    parts = examples if examples is not None else split_examples_of(data)
+    out = {k: pack_examples(parts[k], tokenizer, S, mode=data.pack) for k in ("train", "validation", "test")}
     for k, p in out.items():
         if len(p) == 0:
             raise ValueError(f"data split '{k}' is empty after packing into sequences of {S} tokens "
-                             f"(data.train={config.data.train!r}, data.eval={config.data.eval!r})")
+                             f"(data.train={data.train!r}, data.eval={data.eval!r})")
     out["eval"], out["calib"] = out["test"], out["validation"]
     return out
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from . import beam as beam_lib
 from . import evaluate
 from .data import BatchIterator
-from .experts import expert_impl
+from .experts import eval_impl, expert_impl
 from .loading import load_pretrained
 from .routing import beam_hook
 from .run_data import load_splits, model_fingerprint, split_examples_of
@@ -60,8 +60,8 @@ def train_and_evaluate(config, workdir: Path, resume: bool = False) -> dict:
     model = load_pretrained(config.model.path, dtype=config.model.dtype, param_dtype=param_dtype, mesh=mesh)
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.model.path)
     cfg = model.cfg
-    examples = split_examples_of(config)
-    splits = load_splits(config, tokenizer, examples)
+    examples = split_examples_of(config.data)
+    splits = load_splits(config.data, tokenizer, examples)
     impl = expert_impl(config.model.impl)
     tc = config.train
     hook = beam_hook(config.beam, train=True)
@@ -85,7 +85,9 @@ def train_and_evaluate(config, workdir: Path, resume: bool = False) -> dict:
     trained = trainer.model()
     # Top-K and the training-free baselines run on the base model as loaded; BEAM on the trained one
     original = trainer.model(initial) if tc.trainable != "mask" else trained
-    bench = evaluate.run_benchmark(config, original, trained, tokenizer, examples, splits["validation"])
+    bench = evaluate.run_benchmark(original, trained, tokenizer, examples, splits["validation"],
+                                   eval_cfg=config.eval, data_cfg=config.data, beam_cfg=config.beam,
+                                   impl=eval_impl(config.model.impl), seed=config.seed)
     report = write_report(workdir, config, cfg, bench, summary, trainer.num_trainable)
     return report
 

@@ -241,21 +241,6 @@ for _key, (_cfg, _model) in FAMILIES.items():
     globals()[_c.__name__], globals()[_m.__name__] = _c, _m
 
 
-def beam_architecture(base_architecture: str) -> str:
-    """`MixtralForCausalLM` -> `BeamMixtralForCausalLM` (ValueError for an unsupported one)."""
-    name = "Beam" + base_architecture
-    if name not in MODELS:
-        raise ValueError(f"no BEAM variant of {base_architecture}; supported: {', '.join(sorted(BASE_ARCHITECTURE.values()))}")
-    return name
-
-
-def beam_model_type(base_model_type: str) -> str:
-    name = "beam_" + base_model_type
-    if name not in CONFIGS:
-        raise ValueError(f"no BEAM variant of model_type {base_model_type!r}")
-    return name
-
-
 def register_conversion_mappings():
     """Load BEAM checkpoints through the base family's checkpoint conversion (per-expert tensors -> fused experts):
     transformers looks the conversion up by model_type. Re-entrant; run when this module is imported, so a

@@ -83,7 +83,7 @@ def run(args):
         install_fault(args.fault)
     model = load_pretrained(c.model.path)
     tok = transformers.AutoTokenizer.from_pretrained(c.model.path)
-    splits = load_splits(c, tok)
+    splits = load_splits(c.data, tok)
     trainer = Trainer(model, c.train.trainable, c.train,
                       LossConfig(alpha=c.beam.alpha, hook=BeamHook(c.beam.tau, train=True), impl="dense"))
     meta = {"base_model": model_fingerprint(c.model.path), "config": json.loads(c.to_json()),

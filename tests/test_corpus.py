@@ -52,6 +52,31 @@ def test_listing_rules_on_a_fake_tree(tmp_path):
                                                              "test/test_x.py"]
 
 
+def test_tests_in_train_adds_test_files_to_train_only(tmp_path):
+    root = fake_tree(tmp_path)
+    for i in range(200):  # enough files that every split gets some
+        (root / f"m{i}.py").write_text(f"v = {i}\n")
+        (root / "test" / f"test_m{i}.py").write_text(f"assert {i}\n")
+    plain, extended = C.stdlib_corpus(root), C.stdlib_corpus(root, tests_in_train=True)
+    for split in ("validation", "test"):
+        assert extended.splits[split] == plain.splits[split] and plain.splits[split]
+    added = set(extended.splits["train"]) - set(plain.splits["train"])
+    assert added == {"pkg/tests/test_mod.py", *(f"test/test_m{i}.py" for i in range(200)), "test/test_x.py"}
+    assert set(plain.splits["train"]) <= set(extended.splits["train"])
+    assert list(extended.splits["train"]) == sorted(extended.splits["train"])
+    assert extended.fingerprint != plain.fingerprint and extended.describe()["name"] != plain.describe()["name"]
+    with pytest.raises(ValueError, match="exclusive"):
+        C.stdlib_corpus(root, include_tests=True, tests_in_train=True)
+    with pytest.raises(ValueError, match="needs a 'train' split"):
+        C.stdlib_corpus(root, fractions={"a": 0.5, "b": 0.5}, tests_in_train=True)
+
+
+def test_named_corpus(stdlib):
+    assert C.named_corpus("stdlib").splits == stdlib.splits
+    with pytest.raises(ValueError, match="unknown corpus 'stdlb'.*stdlib, stdlib\\+tests"):
+        C.named_corpus("stdlb")
+
+
 def test_stdlib_listing_is_sorted_and_clean(stdlib):
     rels = [r for files in stdlib.splits.values() for r in files]
     assert len(rels) > 300 and C.stdlib_root() == stdlib.root

@@ -515,7 +515,7 @@ def test_nonfinite_mid_run_stops_and_keeps_the_last_good_checkpoint(tiny_model_d
     c.train.steps, c.train.warmup_steps, c.train.lr, c.train.log_every = 8, 1, 0.05, 1
     c.train.ckpt_every, c.train.max_bad_steps = 1, 2
     model = beam_jax.load_pretrained(tiny_model_dir)
-    splits = load_splits(c, transformers.AutoTokenizer.from_pretrained(tiny_model_dir))
+    splits = load_splits(c.data, transformers.AutoTokenizer.from_pretrained(tiny_model_dir))
     tr = Trainer(model, "mask", c.train, LossConfig(hook=BeamHook(0.5, train=True), impl="dense"))
     good = {}
 

@@ -17,7 +17,7 @@ def test_shipped_model_is_complete():
     d = Path(tiny.TINY_MODEL)
     for f in ("config.json", "model.safetensors", "tokenizer.json", "PRETRAIN.json"):
         assert (d / f).is_file(), f"{d / f} missing: the tiny base model must ship with the package"
-    assert (d / "model.safetensors").stat().st_size <= 25 * 2**20
+    assert (d / "model.safetensors").stat().st_size <= 64 * 2**20  # issue 12: shipped at <= 64 MB
     record = json.loads((d / "PRETRAIN.json").read_text())
     assert record["commands"] and record["seed"] == 0 and len(record["corpus_fingerprint"]) == 64
     # clearly better than a unigram model on held-out text, and the experts specialise

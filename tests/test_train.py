@@ -126,7 +126,7 @@ def test_nonfinite_steps_are_refused_and_stop_the_run(tiny_model_dir, text_data_
     k = model.layers[1].self_attn.o_proj.kernel
     k[...] = k[...].at[0, 0].set(jnp.inf)
     tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
-    splits = load_splits(c, tok)
+    splits = load_splits(c.data, tok)
     tr = Trainer(model, "mask", c.train, LossConfig(hook=BeamHook(0.5, train=True), impl="dense"))
     before = jax_tree_copy(tr.params)
     with pytest.raises(FloatingPointError, match=r"MoE layer 1.*stopping after 3 refused steps"):

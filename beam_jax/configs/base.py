@@ -15,7 +15,8 @@ def get_config() -> ConfigDict:
     c.model.impl = "auto"  # expert path: auto (experts.training_impl / eval_impl) | kernel | dense | grouped | reference
 
     c.data = ConfigDict()
-    c.data.train = ""  # file or directory of training data; "stdlib" = the Python standard library corpus
+    c.data.train = ""  # file or directory of training data; "stdlib" = the Python standard library corpus,
+    # "stdlib+tests" = the same with its test directories added to train only (corpus.named_corpus)
     c.data.eval = ""  # held-out data; with "stdlib" the corpus's validation/test splits are used
     c.data.format = ""  # "" = by extension; text | jsonl | parquet | hf_disk
     c.data.seq_len = 256
