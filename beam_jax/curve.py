@@ -23,7 +23,7 @@ def main(config, workdir: Path, resume: bool):
     from ml_collections import ConfigDict
 
     from . import evaluate as ev
-    from .train import train_and_evaluate
+    from .pipeline import train_and_evaluate
 
     workdir = Path(workdir)
     targets = [float(t) for t in flags.FLAGS.targets]

@@ -25,6 +25,7 @@ __all__ = [
     "attention_flops",
     "mla_attention_flops",
     "layer_flops",
+    "decode_step_flops",
 ]
 
 
@@ -127,4 +128,41 @@ def layer_flops(k_eff, top_k, d, d_expert, num_experts, shared=0, attention=None
     }
     if attention is not None:
         out.update({f"attention_{k}": v for k, v in attention.items()})
+    return out
+
+
+def decode_step_flops(cfg, context: int, k_eff=None, mask_router: bool = False) -> dict:
+    """Weight and attention FLOPs of decoding one token of a whole model, summed over its layers.
+
+    cfg: a `beam_jax.config.ModelConfig`; context: cached positions the token attends to; k_eff: mean kept
+    experts per MoE layer (None: Top-K). -> {"routed_experts", "shared_experts", "dense_mlp", "router",
+    "mask_router", "attention_proj", "attention_scores", "lm_head", "total", "routed_share"}, routed_share =
+    routed_experts / total (the issue-12 criterion for the shipped base: >= 0.6 at Top-K).
+    """
+    d, K = cfg.hidden_size, cfg.num_experts_per_tok
+    k = K if k_eff is None else k_eff
+    if cfg.attention == "mla":
+        att = mla_attention_flops(d, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
+                                  cfg.qk_rope_head_dim, cfg.v_head_dim, context, cfg.q_lora_rank, causal=False)
+    else:
+        att = attention_flops(d, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, context,
+                              causal=False)
+    out = dict.fromkeys(("routed_experts", "shared_experts", "dense_mlp", "router", "mask_router",
+                         "attention_proj", "attention_scores"), 0.0)
+    for moe in cfg.moe_layers:
+        out["attention_proj"] += att["proj"]
+        out["attention_scores"] += att["scores"]
+        if moe:
+            out["routed_experts"] += routed_expert_flops(k, d, cfg.moe_intermediate_size)
+            if cfg.shared_expert_intermediate_size:
+                out["shared_experts"] += shared_expert_flops(d, cfg.shared_expert_intermediate_size,
+                                                             gated=cfg.shared_expert_gate)
+            r = router_flops(d, cfg.num_experts, mask_router)
+            out["router"] += r["router"]
+            out["mask_router"] += r["mask_router"]
+        else:
+            out["dense_mlp"] += 6 * d * cfg.intermediate_size
+    out["lm_head"] = 2 * d * cfg.vocab_size
+    out["total"] = sum(out.values())
+    out["routed_share"] = out["routed_experts"] / out["total"]
     return out

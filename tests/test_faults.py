@@ -410,7 +410,7 @@ def _model_copy(root, tmp_path, name):
 
 def _train(model, data, tmp_path, **extra):
     from beam_jax.configs import tiny
-    from beam_jax.train import train_and_evaluate
+    from beam_jax.pipeline import train_and_evaluate
 
     c = tiny.get_config()
     c.model.path, c.data.train = str(model), str(data)

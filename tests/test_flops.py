@@ -153,3 +153,26 @@ def test_flops_functions_jit():
     keep = jnp.array([[1, 0], [1, 1]], bool)
     k = jax.jit(F.experts_per_token)(keep)
     np.testing.assert_allclose(jax.jit(F.routed_expert_flops, static_argnums=(1, 2))(k, 8, 16), 1.5 * 6 * 8 * 16)
+
+
+def test_decode_step_flops_hand_values():
+    from ml_collections import ConfigDict
+
+    from beam_jax.config import config_from_arch
+    from beam_jax.configs import tiny_pretrain
+
+    cfg = config_from_arch(ConfigDict(tiny_pretrain.get_config().model.arch.to_dict()))
+    d, L, E, K, f, V = 192, 4, 32, 6, 96, 2048
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok,
+            cfg.moe_intermediate_size, cfg.vocab_size) == (d, L, E, K, f, V)
+    out = F.decode_step_flops(cfg, context=0)
+    assert out["routed_experts"] == L * K * 6 * d * f == 2_654_208
+    assert out["attention_proj"] == L * 2 * d * (2 * 6 * 32 + 2 * 2 * 32) == 786_432
+    assert out["router"] == L * 2 * d * E and out["mask_router"] == 0 and out["attention_scores"] == 0
+    assert out["lm_head"] == 2 * d * V and out["shared_experts"] == out["dense_mlp"] == 0
+    assert out["total"] == 2_654_208 + 786_432 + L * 2 * d * E + 2 * d * V
+    assert out["routed_share"] == pytest.approx(0.6207, abs=1e-4)  # the shipped base's criterion: >= 0.6
+    ctx = F.decode_step_flops(cfg, context=64)
+    assert ctx["attention_scores"] == L * 4 * 6 * 32 * 64 and ctx["routed_share"] < out["routed_share"]
+    half = F.decode_step_flops(cfg, context=0, k_eff=3, mask_router=True)
+    assert half["routed_experts"] == out["routed_experts"] / 2 and half["mask_router"] == half["router"]

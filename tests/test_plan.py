@@ -81,7 +81,7 @@ def test_cli_says_whether_it_fits():
 
 
 def test_training_refuses_a_run_that_does_not_fit(tiny_model_dir, text_data_dir, tmp_path):
-    from beam_jax.train import train_and_evaluate
+    from beam_jax.pipeline import train_and_evaluate
 
     c = tiny.get_config()
     c.model.path = str(tiny_model_dir)

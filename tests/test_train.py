@@ -11,7 +11,7 @@ import pytest
 import beam_jax
 from beam_jax.configs import tiny
 from beam_jax.routing import BeamHook, TopKHook
-from beam_jax.train import train_and_evaluate
+from beam_jax.pipeline import train_and_evaluate
 
 
 def small_config(model_dir, data_dir, **train):
