@@ -17,8 +17,10 @@ files exist.
 ``"stdlib+tests"`` (``stdlib_corpus(tests_in_train=True)``, the pretraining corpus of the shipped base model)
 adds every test-directory file to the TRAIN split only: validation and test are file for file those of
 ``"stdlib"``, so a model pretrained on it is evaluated on text it never saw. On CPython 3.11.7 that adds 1,027
-files, 19.4 MB, to the 11.1 MB of train (the standard library and its tests are under the PSF licence). ``Corpus.fingerprint`` is a sha256 over the Python version, the split fractions and every
-included file's relative path and size: record it with a model to say what it was trained on.
+files, 19.4 MB, to the 11.1 MB of train (the standard library and its tests are under the PSF licence).
+
+``Corpus.fingerprint`` is a sha256 over the Python version, the split fractions and every included file's
+relative path and size: record it with a model to say what it was trained on.
 
 Tokenizer: ``train_tokenizer`` trains a byte-level BPE (``tokenizers``; no normaliser, so decoding
 inverts encoding exactly) and saves a ``transformers`` fast tokenizer that ``AutoTokenizer.from_pretrained``

@@ -46,6 +46,8 @@ def check_memory(config, mesh):
 
 
 def train_and_evaluate(config, workdir: Path, resume: bool = False) -> dict:
+    """Train BEAM as `config` says (model.path, data, train, beam, mesh), benchmark it (eval), write WORKDIR's
+    checkpoints, metrics, report.json, sweep.md and plots; `resume` continues from WORKDIR/ckpt. -> the report."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     import transformers

@@ -1,6 +1,7 @@
 """`python -m beam_jax.pretrain --config tiny_pretrain.py [--workdir DIR] [--resume]`
 
-Trains the project's small base MoE from scratch on the Python standard library's source and writes it
+Trains the project's small base MoE from scratch on a shipped corpus (`data.train`: "stdlib", or "stdlib+tests",
+the standard library's source with its tests added to train only; `corpus.named_corpus`) and writes it
 in Hugging Face format (safetensors, config.json, tokenizer files) with PRETRAIN.json: the command, seed,
 corpus fingerprint, validation/test loss against a unigram model, and the routing statistics showing
 that the experts specialise (per-expert load, routing entropy).
