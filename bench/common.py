@@ -27,6 +27,19 @@ def timeit(fn, *args, repeat: int = 5, warmup: int = 1, budget_s: float | None =
     return times[len(times) // 2]
 
 
+def register_no_expert_path() -> str:
+    """Register expert path "none" (`beam_jax.experts.EXPERT_PATHS`): the experts replaced by x * sum(weights),
+    differentiable in x and weights, with no expert GEMMs. A step's time on it is the step without expert
+    compute, so dense / none bounds what any expert path can gain (bench/train_step.py), and 1 - none / Top-K
+    is the experts' share of a decode step (bench/serve.py). -> "none"."""
+    import jax.numpy as jnp
+    from beam_jax import experts
+
+    experts.EXPERT_PATHS.setdefault(
+        "none", lambda x, wg, wu, wd, ids, w, keep=None: x * jnp.sum(w, -1, keepdims=True).astype(x.dtype))
+    return "none"
+
+
 def machine() -> str:
     d = jax.devices()[0]
     cpu = platform.processor() or platform.machine()

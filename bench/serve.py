@@ -49,7 +49,9 @@ prefill tokens/s at 512 prompt tokens, batch 1 (512 / t(1 new)). Beside each dec
 decode step reads (`serve_jax.step_bytes`, from the JAX model's routing of the same prompts: every non-expert
 weight, the mask routers under BEAM, each expert a kept pair of the step uses), the bandwidth floor (those bytes
 / copy bandwidth measured in the same run, `serve_jax.memory_bandwidth`) and the ideal speed-up (Top-K bytes /
-this row's bytes). Timings are the best of `--repeat` runs after one warm-up run of each length.
+this row's bytes). Timings are the best of `--repeat` runs after one warm-up run of each length. The MoE share of
+`beam_jax.generate`'s Top-K decode step: 1 - (its step with the experts replaced by x * sum(weights), no expert
+GEMMs; `common.register_no_expert_path`) / (its step), per batch.
 
 Memory (measured 2026-12-03 on the 2-core AMD EPYC, 24 GiB): making the 2-layer Mixtral peaks at 9.5 GiB, loading it
 in JAX at 13.1 GiB (6.1 GiB once loaded; back to 0.6 GiB after it is freed, before the subprocess engines start),
@@ -226,10 +228,24 @@ def jax_phase(model, prompts: dict, prefill_prompt, kept_targets, args, timed: b
     for k, tau in taus.items():
         for B in sorted(prompts):
             one(B, BeamHook(tau), k, tau)
+    moe_share = {}
     if timed:
         for k, hook in [(1.0, TopKHook())] + [(k, BeamHook(t)) for k, t in taus.items()]:
             prefill[k] = _time_jax_prefill(model, prefill_prompt, hook, args.repeat)
-    return {"taus": taus, "stats": stats, "rows": rows, "prefill": prefill,
+        # the experts' share of the Top-K decode step: the same generation with the expert GEMMs left out
+        from common import register_no_expert_path
+
+        none = register_no_expert_path()
+        for B in sorted(prompts):
+            r = serve_jax.time_generate(model, np.asarray(prompts[B], np.int32), TopKHook(), N, short=1,
+                                        repeat=args.repeat, impl=none)
+            off = _row("jax", B, "topk", None, 1.0, t_new=r["seconds"], t_one=r["short_seconds"], kept_ratio=1.0,
+                       N=N)["step_ms"]
+            full = next(x["step_ms"] for x in rows if x["batch"] == B and x["policy"] == "topk")
+            moe_share[B] = {"step_ms_topk": full, "step_ms_no_experts": off, "moe_share": 1 - off / full}
+            print(f"  jax B={B}: step {full:.2f} ms, without expert compute {off:.2f} ms: MoE share "
+                  f"{moe_share[B]['moe_share']:.0%}", flush=True)
+    return {"taus": taus, "stats": stats, "rows": rows, "prefill": prefill, "moe_share": moe_share,
             "mask_router_bytes": serve_jax.param_bytes(model)["mask_router"]}
 
 
@@ -489,6 +505,7 @@ def bench_model(prep: dict, args, engines, kept_targets, bandwidth: float) -> tu
     info["prefill"] = [{"engine": e, "kept_target": k, "prefill_tokens_per_s": args.prefill_len / s, "seconds": s}
                        for (e, k), s in sorted(prefill.items(), key=lambda kv: (ENGINES.index(kv[0][0]), -kv[0][1]))]
     info["jax_kept_ratio"] = {f"{B}/{k}": s["kept_ratio"] for (B, k), s in jx["stats"].items()}
+    info["jax_moe_share"] = {str(B): v for B, v in jx["moe_share"].items()}
     _check_kept(rows, jx, notes, name)
     return rows, info, notes
 
@@ -552,6 +569,12 @@ def markdown(result: dict) -> str:
                        f"{r['floor_ms']:.2f} | {r['step_over_floor']:.2f} | {_f(r['speedup_vs_native'], '{:.2f}x')} | "
                        f"{_f(r['speedup_vs_own_topk'], '{:.2f}x')} | {r['ideal_speedup']:.2f}x | "
                        f"{_f(r['fraction_of_ideal'], '{:.0%}')} | {r['e2e_tokens_per_s']:.1f} | {r['ttft_ms']:.1f} |")
+        if info.get("jax_moe_share"):
+            out += ["", "MoE share of `beam_jax.generate`'s Top-K decode step (1 - step without expert compute / "
+                    "step; the experts replaced by x * sum(weights)):", "",
+                    "| batch | step ms | without expert compute ms | MoE share |", "| --- | --- | --- | --- |"]
+            out += [f"| {B} | {v['step_ms_topk']:.2f} | {v['step_ms_no_experts']:.2f} | {v['moe_share']:.0%} |"
+                    for B, v in info["jax_moe_share"].items()]
         out += ["", f"Prefill, {result['prefill_len']} prompt tokens, batch 1:", "",
                 "| engine | kept target | prefill tok/s |", "| --- | --- | --- |"]
         out += [f"| {ENGINE_LABEL[p['engine']]} | {p['kept_target']} | {p['prefill_tokens_per_s']:.0f} |"

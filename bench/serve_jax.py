@@ -259,12 +259,14 @@ def memory_bandwidth(nbytes: int = 512 << 20, threads: int | None = None, repeat
 
 # ---- timing ----------------------------------------------------------------------------------------------------
 
-def time_generate(model, prompt, hook, new_tokens: int, *, short: int = 8, repeat: int = 3) -> dict:
+def time_generate(model, prompt, hook, new_tokens: int, *, short: int = 8, repeat: int = 3,
+                  impl: str = "kernel") -> dict:
     """Best-of-`repeat` greedy `beam_jax.generate` (no eos) of `new_tokens` and of `short` tokens, each length run
     once first (its compilation: the two may fall in different cache buckets): {"tokens_per_s" (B * new_tokens /
     wall time, prefill included), "step_s" (steady decode step: the difference of the two runs over
     new_tokens - short), "seconds", "short_seconds", "first_call_s" (compile + run of `short`), "tokens"
-    [B, S + new_tokens]}."""
+    [B, S + new_tokens]}. `impl`: the expert path (`beam_jax.generate`'s; "none" from `common.register_no_expert_path`
+    times the step without expert compute)."""
     import beam_jax
 
     if not 0 < short < new_tokens:
@@ -272,7 +274,8 @@ def time_generate(model, prompt, hook, new_tokens: int, *, short: int = 8, repea
 
     def run(n):
         t = time.perf_counter()
-        out = np.asarray(beam_jax.generate(model, prompt, max_new_tokens=n, eos_token_id=(), mask_hook=hook))
+        out = np.asarray(beam_jax.generate(model, prompt, max_new_tokens=n, eos_token_id=(), mask_hook=hook,
+                                           impl=impl))
         return time.perf_counter() - t, out
 
     compile_s = run(short)[0]

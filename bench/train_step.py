@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, timeit, write_result  # noqa: E402
+from common import machine, register_no_expert_path, timeit, write_result  # noqa: E402
 
 SHAPES = {"tiny": {}, "tiny-e32k2": {"num_experts": 32, "num_experts_per_tok": 2}}
 
@@ -56,15 +56,10 @@ def main():
     ap.add_argument("--shapes", default=",".join(SHAPES))
     args = ap.parse_args()
 
-    import jax.numpy as jnp
-
-    from beam_jax import experts
     from beam_jax.configs import tiny
     from beam_jax.experts import training_impl
 
-    # The lower bound (see the module docstring): differentiable in x and weights, no expert GEMMs.
-    experts.EXPERT_PATHS.setdefault(
-        "none", lambda x, wg, wu, wd, ids, w, keep=None: x * jnp.sum(w, -1, keepdims=True).astype(x.dtype))
+    register_no_expert_path()  # the lower bound (see the module docstring)
     from beam_jax.routing import BeamHook
     from beam_jax.metrics import peak_memory_bytes
     from beam_jax.trainer import LossConfig, Trainer
