@@ -160,17 +160,17 @@ def stdlib_corpus(root: str | os.PathLike | None = None, include_tests: bool = F
     """
     if include_tests and tests_in_train:
         raise ValueError("stdlib_corpus: include_tests and tests_in_train are exclusive")
+    if tests_in_train and "train" not in fractions:
+        raise ValueError(f"stdlib_corpus(tests_in_train=True) needs a 'train' split; fractions {dict(fractions)}")
     root = Path(root) if root is not None else stdlib_root()
-    rels = list_stdlib_files(root, include_tests)
+    listed = list_stdlib_files(root, include_tests or tests_in_train)  # one walk (it reads every file)
+    rels = [r for r in listed if include_tests or _wanted(r, include_tests=False)]
     splits: dict[str, list[str]] = {name: [] for name in fractions}
     for rel in rels:
         splits[assign_split(rel, fractions)].append(rel)
     name = "python-stdlib"
     if tests_in_train:
-        if "train" not in splits:
-            raise ValueError(f"stdlib_corpus(tests_in_train=True) needs a 'train' split; fractions {dict(fractions)}")
-        base = set(rels)
-        extra = [r for r in list_stdlib_files(root, include_tests=True) if r not in base]
+        extra = [r for r in listed if not _wanted(r, include_tests=False)]
         splits["train"] = sorted(splits["train"] + extra)
         rels, name = rels + extra, "python-stdlib+tests-in-train"
     version = ".".join(map(str, sys.version_info[:3]))
