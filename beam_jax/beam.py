@@ -37,6 +37,8 @@ __all__ = [
     "load_balancing_from_stats",
     "load_balancing_loss",
     "load_balancing_loss_layers",
+    "load_balancing_loss_per_layer",
+    "expert_load_min_over_mean",
     "lm_loss",
     "next_token_accuracy",
     "BetaController",
@@ -190,15 +192,46 @@ def load_balancing_loss_layers(router_logits, expert_ids, num_experts, top_k, va
     row counts are pooled over layers, then multiplied: this is the value transformers adds to the
     LM loss times ``router_aux_loss_coef``.
     """
-    logits = jnp.stack(list(router_logits)) if isinstance(router_logits, (list, tuple)) else router_logits
-    if expert_ids is None:
-        ids = jax.lax.top_k(logits.astype(jnp.float32), top_k)[1]
-    else:
-        ids = jnp.stack(list(expert_ids)) if isinstance(expert_ids, (list, tuple)) else expert_ids
-        _ids_or_topk(logits, ids, top_k)
+    logits, ids = _stack_layers(router_logits, expert_ids, top_k)
     stats = jax.vmap(load_balancing_stats, in_axes=(0, 0, None, None))(logits, ids, num_experts, valid)
     counts, prob_sum, rows = (jnp.sum(s, axis=0) for s in stats)
     return load_balancing_from_stats(counts, prob_sum, rows, num_experts)
+
+
+def _stack_layers(router_logits, expert_ids, top_k):
+    logits = jnp.stack(list(router_logits)) if isinstance(router_logits, (list, tuple)) else router_logits
+    if expert_ids is None:
+        return logits, jax.lax.top_k(logits.astype(jnp.float32), top_k)[1]
+    ids = jnp.stack(list(expert_ids)) if isinstance(expert_ids, (list, tuple)) else expert_ids
+    return logits, _ids_or_topk(logits, ids, top_k)
+
+
+def load_balancing_loss_per_layer(router_logits, expert_ids, num_experts, top_k, valid=None):
+    """The mean over layers of each layer's own Switch loss (`load_balancing_loss`), as Switch Transformer and
+    DeepSeek apply it (they sum; the mean keeps the scale of one layer: top_k when perfectly uniform).
+
+    Unlike `load_balancing_loss_layers` (transformers' pooled value), an expert starved in one layer is not
+    hidden by the same expert's surplus in another: each layer is pushed towards its own uniform load.
+    router_logits [L, T, E] (or a list), expert_ids [L, T, K] / list / None, valid [T] optional -> float32 scalar.
+    """
+    logits, ids = _stack_layers(router_logits, expert_ids, top_k)
+    per_layer = jax.vmap(lambda lg, i: load_balancing_from_stats(*load_balancing_stats(lg, i, num_experts, valid),
+                                                                   num_experts))(logits, ids)
+    return jnp.mean(per_layer)
+
+
+def expert_load_min_over_mean(expert_ids, num_experts, valid=None):
+    """Per layer, the least-loaded expert's Top-K assignments over the mean (1 = perfectly balanced, 0 = an
+    expert never chosen). expert_ids [L, T, K] int (or a list of [T, K]), valid [T] optional -> [L] float32."""
+    ids = jnp.stack(list(expert_ids)) if isinstance(expert_ids, (list, tuple)) else expert_ids
+    w = _valid_weights(valid, (ids.shape[1],))
+
+    def one(i):
+        counts = jnp.zeros((num_experts,), jnp.float32).at[i].add(jnp.broadcast_to(w[:, None], i.shape))
+        mean = jnp.sum(counts) / num_experts
+        return jnp.min(counts) / jnp.where(mean > 0, mean, 1)
+
+    return jax.vmap(one)(ids)
 
 
 # ----------------------------------------------------------------------------- language modelling

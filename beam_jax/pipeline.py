@@ -65,7 +65,8 @@ def train_and_evaluate(config, workdir: Path, resume: bool = False) -> dict:
     impl = expert_impl(config.model.impl)
     tc = config.train
     hook = beam_hook(config.beam, train=True)
-    trainer = Trainer(model, tc.trainable, tc, LossConfig(alpha=config.beam.alpha, hook=hook, impl=impl), mesh=mesh)
+    lc = LossConfig(alpha=config.beam.alpha, balance=config.beam.balance, hook=hook, impl=impl)
+    trainer = Trainer(model, tc.trainable, tc, lc, mesh=mesh)
     # what training changes beyond the mask routers (mask+router, all) is kept as loaded for the baselines
     initial = jax.tree.map(jnp.copy, trainer.params) if tc.trainable != "mask" else None
     print(f"{cfg.architecture} from {config.model.path}: training {trainer.num_trainable:,} parameters "

@@ -81,8 +81,9 @@ def main(config, workdir: Path, resume: bool):
     cfg = config_from_arch(config.model.arch, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                            pad_token_id=tok.pad_token_id)
     model = MoECausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(config.seed))
-    trainer = Trainer(model, "all", config.train, LossConfig(alpha=config.beam.alpha, hook=TOPK,
-                                                             impl=expert_impl(config.model.impl)))
+    lc = LossConfig(alpha=config.beam.alpha, balance=config.beam.balance, hook=TOPK,
+                    impl=expert_impl(config.model.impl))
+    trainer = Trainer(model, "all", config.train, lc)
     print(f"{cfg.architecture}: {trainer.num_trainable / 1e6:.2f}M parameters")
     it = BatchIterator(packed["train"], B, seed=config.seed)
     summary = fit(trainer, it, workdir, config.train, resume=resume, desc="pretrain",

@@ -38,6 +38,7 @@ def make_optimizer(tc) -> optax.GradientTransformation:
 @dataclasses.dataclass
 class LossConfig:
     alpha: float = 0.0  # load-balancing coefficient
+    balance: str = "pooled"  # "pooled": transformers' multi-layer loss; "per_layer": each layer's own, averaged
     hook: Any = None  # routing hook used in training (e.g. BeamHook(train=True))
     impl: str = "dense"  # expert path
 
@@ -55,8 +56,11 @@ def compute_loss(model, batch, beta, lc: LossConfig):
         T = valid.shape[0]
         logits = [m.router_logits.reshape(T, -1) for m in out.moe]
         ids = [m.topk_ids.reshape(T, -1) for m in out.moe]
-        bal = beam.load_balancing_loss_layers(logits, ids, cfg.num_experts, cfg.num_experts_per_tok, valid)
+        balance_loss = {"pooled": beam.load_balancing_loss_layers,
+                        "per_layer": beam.load_balancing_loss_per_layer}[lc.balance]
+        bal = balance_loss(logits, ids, cfg.num_experts, cfg.num_experts_per_tok, valid)
         metrics["balance_loss"] = bal
+        metrics["load_min_over_mean"] = beam.expert_load_min_over_mean(ids, cfg.num_experts, valid)
         total = total + lc.alpha * bal
         kept = [m.kept.reshape(T, -1) for m in out.moe]
         metrics["experts_per_layer"] = experts_per_token_per_layer(kept, valid)
@@ -248,7 +252,10 @@ def fit(trainer: Trainer, train_iter, workdir: Path, tc, *, beta: float = 0.0, c
             beta = float(controller.update(jnp.float32(beta), kept / K, target, controller_rate))
         metrics.update(step=step, beta=beta, experts_per_token=kept, tokens_per_s=tp.tokens_per_s)
         bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", ept=f"{kept:.2f}", tok_s=f"{tp.tokens_per_s:.0f}")
+        post = dict(loss=f"{metrics['loss']:.3f}", ept=f"{kept:.2f}", tok_s=f"{tp.tokens_per_s:.0f}")
+        if "load_min_over_mean" in metrics:  # the least-loaded expert of the worst layer, over the mean load
+            post["load_min"] = f"{float(np.min(metrics['load_min_over_mean'])):.2f}"
+        bar.set_postfix(**post)
         if step % tc.log_every == 0 or step == tc.steps:
             log.write(step, {k: v for k, v in metrics.items() if k != "step"})
             if on_log is not None:

@@ -252,6 +252,40 @@ def test_load_balancing_hand_values():
         beam.load_balancing_loss(logits, ids, E, 3)
 
 
+def test_load_balancing_per_layer_is_the_mean_of_each_layers_loss():
+    rng = np.random.default_rng(7)
+    L, T, E, K = 3, 11, 8, 2
+    logits = jnp.asarray(np.stack([_rand(rng, (T, E), 2.0) for _ in range(L)]))
+    ids = jax.lax.top_k(logits, K)[1]
+    valid = jnp.asarray(rng.random(T) > 0.3)
+    want = np.mean([_hf_loss([np.asarray(logits[i])], E, K, np.asarray(valid, np.int64)[None]) for i in range(L)])
+    got = jax.jit(beam.load_balancing_loss_per_layer, static_argnums=(2, 3))(logits, ids, E, K, valid)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(beam.load_balancing_loss_per_layer(list(logits), None, E, K, valid), want, rtol=1e-5)
+
+
+def test_per_layer_balance_sees_what_pooling_hides():
+    # layer 0 sends everything to experts {0, 1}, layer 1 to {2, 3}: pooled over layers the load is uniform,
+    # per layer it is not. The per-layer loss is larger, and the least-loaded expert of each layer has 0 load.
+    E, K, T = 4, 2, 6
+    l0 = jnp.tile(jnp.array([[5.0, 5.0, -5.0, -5.0]]), (T, 1))
+    l1 = jnp.tile(jnp.array([[-5.0, -5.0, 5.0, 5.0]]), (T, 1))
+    logits = jnp.stack([l0, l1])
+    ids = jax.lax.top_k(logits, K)[1]
+    pooled = float(beam.load_balancing_loss_layers(logits, ids, E, K))
+    per_layer = float(beam.load_balancing_loss_per_layer(logits, ids, E, K))
+    np.testing.assert_allclose(pooled, K, rtol=1e-3)  # uniform when pooled
+    assert per_layer > 1.9 * pooled  # each layer: E * 2 * (1/2 * ~1/2) = 4
+    np.testing.assert_allclose(beam.expert_load_min_over_mean(ids, E), [0.0, 0.0])
+    # balanced ids: every expert equally often; padding rows do not count
+    ids_bal = jnp.asarray(np.tile([[0, 1], [2, 3]], (3, 1)))[None]
+    np.testing.assert_allclose(beam.expert_load_min_over_mean(ids_bal, E), [1.0])
+    ids_pad = jnp.concatenate([ids_bal, jnp.zeros((1, 4, 2), jnp.int32)], axis=1)
+    valid = jnp.arange(10) < 6
+    np.testing.assert_allclose(beam.expert_load_min_over_mean(ids_pad, E, valid), [1.0])
+    assert float(beam.expert_load_min_over_mean(ids_pad, E)[0]) < 1.0
+
+
 def test_load_balancing_all_padding_is_zero_not_nan():
     logits = jnp.ones((4, 8))
     ids = jnp.zeros((4, 2), jnp.int32)

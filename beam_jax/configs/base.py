@@ -42,6 +42,7 @@ def get_config() -> ConfigDict:
     c.beam = ConfigDict()
     c.beam.tau = DEFAULT_TAU  # binarisation threshold m = 1[sigmoid(W_m x) >= tau]; also a serving-time knob
     c.beam.alpha = 0.0  # load-balancing loss coefficient (the family's router_aux_loss_coef when training the router)
+    c.beam.balance = "pooled"  # "pooled" (transformers' multi-layer loss) or "per_layer" (mean of each layer's)
     c.beam.beta = 0.05  # sparsity regulariser coefficient (L_reg = mean m_hat over Top-K candidates)
     c.beam.renormalize = False  # renormalise kept weights (off: the paper's g * m)
     c.beam.target_ratio = 0.0  # > 0: a controller adapts beta so the kept fraction of Top-K tends to this
@@ -111,6 +112,7 @@ CHECKS = {
     "train.max_bad_steps": (_num(1, integer=True), "an integer >= 1"),
     "beam.tau": (_num(0, 1), "a number in [0, 1]"),
     "beam.alpha": (_num(0), "a number >= 0"),
+    "beam.balance": (_one_of("pooled", "per_layer"), "pooled or per_layer"),
     "beam.beta": (_num(0), "a number >= 0"),
     "beam.target_ratio": (_num(0, 1, hi_open=True), "a number in [0, 1) (0 = no controller)"),
     "beam.controller_rate": (_num(0, lo_open=True), "a number > 0"),
