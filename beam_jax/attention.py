@@ -16,6 +16,7 @@ from flax import nnx
 
 from .config import ModelConfig
 from .layers import RMSNorm, apply_rope, linear
+from .rows_matmul import rows_matmul, use_rows_matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,8 @@ def matmul(x, w, *, transpose_w: bool = False):
     (`preferred_element_type`) and, for a single row, padded to two rows: XLA:CPU (jaxlib 0.10) runs a bf16 dot
     with a bf16 result, and any bf16 matrix-vector product, through a scalar loop at about 0.5 GB/s, 20x
     slower than its library path (measured on the 2-core EPYC: a [1, 2048] x [2048, 4096] bf16 product
-    30 ms, the same product as two rows with a float32 result 1.6 ms). The result is the exact product
+    30 ms, the same product as two rows with a float32 result 1.6 ms). On the CPU a few rows (decode) go
+    to `beam_jax.rows_matmul`, which streams w at memory bandwidth. The result is the exact product
     rounded once to x.dtype.
     """
     if x.dtype == jnp.float32 and w.dtype == jnp.float32:
@@ -54,6 +56,8 @@ def matmul(x, w, *, transpose_w: bool = False):
     lead, din = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, din)
     rows = x2.shape[0]
+    if not transpose_w and x.dtype == w.dtype and use_rows_matmul(rows, x.dtype):  # decode: stream w once
+        return rows_matmul(x2, w).reshape(*lead, w.shape[-1])
     if rows == 1:
         x2 = jnp.concatenate([x2, x2], axis=0)
     dims = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))

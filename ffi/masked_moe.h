@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -53,6 +54,17 @@ struct BwdProblem {
   void* dw_down = nullptr;       // [E, f, d] or null
 };
 
+// The decode-time projections (CPU): y[M, N] = x[M, Kd] @ w[Kd, N], one element type, accumulated
+// in f32. Streams w once at memory bandwidth for a few rows of x (XLA:CPU's dot reads a bf16 matrix
+// at a third of it); ffi/rows_matmul_cpu.cc binds it.
+struct RowsProblem {
+  int64_t M = 0, Kd = 0, N = 0;
+  ElemType type = ElemType::kF32;
+  const void* x = nullptr;  // [M, Kd]
+  const void* w = nullptr;  // [Kd, N]
+  void* y = nullptr;        // [M, N]
+};
+
 // How the CPU kernel runs work in parallel: `schedule(task)` runs `task` on another thread (or
 // inline), `num_threads` is how many threads may work at once (the caller's included).
 struct Runner {
@@ -64,12 +76,20 @@ struct Runner {
 namespace cpu_generic {
 void MaskedMoe(const Problem& p, const Runner& runner);
 void MaskedMoeBwd(const BwdProblem& p, const Runner& runner);
+void RowsMatmul(const RowsProblem& p, const Runner& runner);
 }
 namespace cpu_avx2 {
 void MaskedMoe(const Problem& p, const Runner& runner);
 void MaskedMoeBwd(const BwdProblem& p, const Runner& runner);
+void RowsMatmul(const RowsProblem& p, const Runner& runner);
 }
 bool CpuHasAvx2();
+
+// The intra-op runner of a CPU FFI call (XLA's thread pool; the caller's thread alone without one).
+Runner MakeRunner(xla::ffi::ThreadPool& pool);
+
+// "[a, b, ...]" for error messages.
+std::string DimsString(xla::ffi::AnyBuffer::Dimensions dims);
 
 // Checks the FFI operands (shapes, matching E/d/f, one float dtype for x, the weights and y) and
 // fills `p`; defined in masked_moe_cpu.cc, used by the CPU and CUDA handlers.
@@ -95,6 +115,8 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCpuAliased);
 //   beam_masked_moe_bwd_full: same operands -> (dx, dweights, dw_gate, dw_up, dw_down) (x's dtype)
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeBwdCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeBwdFullCpu);
+// beam_rows_matmul (CPU): (x [M, Kd], w [Kd, N], one float dtype) -> y [M, N] in that dtype.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamRowsMatmulCpu);
 #ifdef BEAM_JAX_WITH_CUDA
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCudaAliased);

@@ -42,18 +42,15 @@ bool CpuHasAvx2() {
 namespace cpu_avx2 {
 void MaskedMoe(const Problem& p, const Runner& runner) { cpu_generic::MaskedMoe(p, runner); }
 void MaskedMoeBwd(const BwdProblem& p, const Runner& runner) { cpu_generic::MaskedMoeBwd(p, runner); }
+void RowsMatmul(const RowsProblem& p, const Runner& runner) { cpu_generic::RowsMatmul(p, runner); }
 }  // namespace cpu_avx2
 #endif
-
-namespace {
 
 std::string DimsString(ffi::AnyBuffer::Dimensions dims) {
   std::string s = "[";
   for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
   return s + "]";
 }
-
-}  // namespace
 
 // Checks the operands (the Python wrapper checks them first, with friendlier messages) and fills a
 // Problem. Shared with the CUDA handler's checks through the same rules.
@@ -108,8 +105,6 @@ ffi::Error CheckAndDescribe(ffi::AnyBuffer x, ffi::AnyBuffer w_gate, ffi::AnyBuf
   return ffi::Error::Success();
 }
 
-namespace {
-
 Runner MakeRunner(ffi::ThreadPool& pool) {
   Runner runner;
   const int64_t pool_threads = pool.num_threads();
@@ -121,6 +116,8 @@ Runner MakeRunner(ffi::ThreadPool& pool) {
   }
   return runner;
 }
+
+namespace {
 
 ffi::Error MaskedMoeCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w_gate,
                         ffi::AnyBuffer w_up, ffi::AnyBuffer w_down,

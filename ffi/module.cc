@@ -1,6 +1,7 @@
 // Python module beam_jax._ffi: hands the FFI handlers to jax as capsules.
 //
-//   registrations()       -> {target name: capsule} for platform "cpu" (forward and backward)
+//   registrations()       -> {target name: capsule} for platform "cpu" (forward and backward, and
+//                            beam_rows_matmul: the decode-time projections, CPU only)
 //   cuda_registrations()  -> {target name: capsule} for platform "CUDA" (empty without CUDA)
 //   cuda_compiled()       -> whether the CUDA kernels were built into this module
 //   cpu_isa()             -> "avx2" or "generic": which CPU kernel this processor runs
@@ -33,6 +34,7 @@ PYBIND11_MODULE(_ffi, m) {
     d["beam_masked_moe_aliased"] = Capsule(BeamMaskedMoeCpuAliased);
     d["beam_masked_moe_bwd"] = Capsule(BeamMaskedMoeBwdCpu);
     d["beam_masked_moe_bwd_full"] = Capsule(BeamMaskedMoeBwdFullCpu);
+    d["beam_rows_matmul"] = Capsule(BeamRowsMatmulCpu);
     return d;
   });
   m.def("cuda_registrations", []() {

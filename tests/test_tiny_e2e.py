@@ -27,6 +27,26 @@ def test_shipped_model_is_complete():
     assert max(entropy) < 0.9 * record["routing"]["uniform_entropy_nats"]
 
 
+def test_shipped_model_meets_the_issue_12_shape():
+    """A fine-grained base like the models BEAM targets, pretrained long enough, with every expert used."""
+    from beam_jax.flops import decode_step_flops
+    from beam_jax.loading import read_config
+
+    d = Path(tiny.TINY_MODEL)
+    cfg = read_config(str(d))[0]
+    assert cfg.num_experts >= 32 and cfg.num_experts_per_tok >= 6, (cfg.num_experts, cfg.num_experts_per_tok)
+    # routed experts carry >= 60% of a decode step's FLOPs, so serving benchmarks see the saving
+    assert decode_step_flops(cfg, context=0)["routed_share"] >= 0.6
+    record = json.loads((d / "PRETRAIN.json").read_text())
+    assert record["tokens_seen"] >= 30_000_000, record["tokens_seen"]
+    loads = record["routing"]["expert_load"]  # [layer][expert]: fraction of the layer's Top-K slots
+    assert len(loads) == cfg.num_hidden_layers and all(len(row) == cfg.num_experts for row in loads)
+    for i, row in enumerate(loads):
+        assert abs(sum(row) - 1) < 1e-3
+        # no expert under a quarter of the mean load in any layer
+        assert min(row) * cfg.num_experts >= 0.25, f"layer {i}: least-loaded expert {min(row) * cfg.num_experts:.3f}"
+
+
 def test_tiny_config_end_to_end(tmp_path):
     cmd = [sys.executable, "-m", "beam_jax.train", "--config", "tiny.py", "--workdir", str(tmp_path),
            "--config.train.steps=40", "--config.data.eval_batches=4", "--config.train.ckpt_every=20",

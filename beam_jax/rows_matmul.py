@@ -1,0 +1,89 @@
+"""The decode-time projections on CPU: ``y = x @ w`` for a few rows of ``x``.
+
+At decode time every dense projection (attention q/k/v/o, the LM head, dense MLPs) is a product of a
+few rows of activations with a whole weight matrix, so its time is the time to read the matrix.
+XLA:CPU (jaxlib 0.10) reads a bfloat16 matrix at about a third of the memory bandwidth in that
+product (even through `attention.matmul`'s float32-accumulation path, its best). The FFI target
+``beam_rows_matmul`` (``ffi/rows_matmul_cpu.cc``; the loop is the experts' weight-streaming loop of
+``ffi/masked_moe_cpu_kernel.h``) streams the matrix once, row by row, split over XLA's intra-op
+threads, for any number of rows (in groups of 8 that reuse each block of the matrix from cache).
+
+    rows_matmul(x [M, K], w [K, N]) -> [M, N] in x.dtype
+
+x and w share one dtype (float32, bfloat16 or float16); the product is accumulated in float32 and
+rounded once, as `attention.matmul` does. Differentiable (a ``custom_vjp`` whose backward is XLA's
+own products). `use_rows_matmul(rows, dtype)` says where `attention.matmul` sends a product here:
+on the CPU backend, where the extension is built, for at most `ROWS_MAX` rows (the loop spends
+loads and stores of its accumulators on every row, so from about 6 rows on XLA's register-blocked
+GEMM wins; `python bench/decode_proj.py` measures the crossover), in bfloat16 and float16 only (float32 keeps XLA's products, so float32 parity with transformers stays
+exact to rounding). ``BEAM_JAX_ROWS_MATMUL=0`` in the environment turns it off (read at trace time).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from beam_jax import kernel
+
+__all__ = ["rows_matmul", "rows_matmul_available", "use_rows_matmul", "ROWS_MAX", "DTYPES"]
+
+_TARGET = "beam_rows_matmul"
+ROWS_MAX = 4
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # where attention.matmul uses it
+_FFI_DTYPES = kernel.FFI_DTYPES  # what the target accepts
+
+
+def rows_matmul_available() -> bool:
+    """Whether this build of the extension has the CPU target (an older build does not)."""
+    return kernel._ffi is not None and _TARGET in kernel._ffi.registrations()
+
+
+def use_rows_matmul(rows: int, dtype) -> bool:
+    """Whether `attention.matmul` sends a product of `rows` rows in `dtype` to `rows_matmul`."""
+    return (0 < rows <= ROWS_MAX and jnp.dtype(dtype) in DTYPES and os.environ.get("BEAM_JAX_ROWS_MATMUL") != "0"
+            and jax.default_backend() == "cpu" and rows_matmul_available())
+
+
+def _check(x, w):
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(f"rows_matmul: x must be [M, K] and w [K, N], got x {x.shape} and w {w.shape}")
+    if x.dtype != w.dtype or jnp.dtype(x.dtype) not in _FFI_DTYPES:
+        raise TypeError(f"rows_matmul: x and w must share one dtype of float32, bfloat16, float16; got x "
+                        f"{x.dtype} and w {w.dtype}")
+
+
+def _call(x, w):
+    return jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype),
+                            vmap_method="sequential")(x, w)
+
+
+@jax.custom_vjp
+def _rows_matmul(x, w):
+    return _call(x, w)
+
+
+def _fwd(x, w):
+    return _call(x, w), (x, w)
+
+
+def _bwd(res, dy):
+    x, w = res
+    f32 = jnp.float32
+    dx = jax.lax.dot_general(dy, w, (((1,), (1,)), ((), ())), preferred_element_type=f32).astype(x.dtype)
+    dw = jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ())), preferred_element_type=f32).astype(w.dtype)
+    return dx, dw
+
+
+_rows_matmul.defvjp(_fwd, _bwd)
+
+
+def rows_matmul(x, w):
+    """x [M, K] @ w [K, N] -> [M, N] in x.dtype (float32 accumulation) on the CPU FFI target."""
+    _check(x, w)
+    if not rows_matmul_available():
+        raise RuntimeError("rows_matmul: the beam_jax._ffi extension has no beam_rows_matmul target "
+                           "(rebuild it: pip install -e .)")
+    return _rows_matmul(x, w)

@@ -1,0 +1,93 @@
+"""Decode-time dense projections on CPU: `beam_jax.rows_matmul` against XLA's product, side by side.
+
+    python bench/decode_proj.py [--rows 1,2,4,8,16] [--dtype bfloat16] [--repeat 7]
+
+For each projection of a Qwen3-30B-A3B decoder layer (q, k/v, o, a dense LM head of 8192 words) and each
+number of rows M (the decode batch), the time of ``x [M, K] @ w [K, N]`` through
+
+- ``xla``: what `beam_jax.attention.matmul` runs without the FFI target (``dot_general`` with float32
+  accumulation, one row padded to two: XLA:CPU's fastest path for bfloat16);
+- ``rows``: `beam_jax.rows_matmul.rows_matmul` (the FFI target streaming w once);
+
+with the floor: w's bytes over the copy bandwidth measured in the same run. Six distinct weight matrices
+are cycled so no product finds its matrix in cache. Picks `rows_matmul.ROWS_MAX`: the largest M where
+``rows`` wins on every shape. Writes bench/results/decode_proj_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import write_result  # noqa: E402
+from serve_jax import memory_bandwidth  # noqa: E402
+
+# (name, K, N): Qwen3-30B-A3B's attention projections (d 2048, 32 query / 4 kv heads of 128) and an LM head
+SHAPES = [("q_proj", 2048, 4096), ("k_proj", 2048, 512), ("o_proj", 4096, 2048), ("lm_head", 2048, 8192)]
+
+
+def _time(fn, x, ws, repeat: int) -> float:
+    for w in ws:
+        fn(x, w).block_until_ready()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for w in ws:
+            fn(x, w).block_until_ready()
+        best = min(best, (time.perf_counter() - t) / len(ws))
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="1,2,4,8,16")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--repeat", type=int, default=7)
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+
+    from beam_jax.rows_matmul import rows_matmul
+
+    def xla(x, w):
+        rows = x.shape[0]
+        x2 = jnp.concatenate([x, x]) if rows == 1 else x
+        y = jax.lax.dot_general(x2, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return y[:rows].astype(x.dtype)
+
+    paths = {"xla": jax.jit(xla), "rows": jax.jit(rows_matmul)}
+    dt = jnp.dtype(args.dtype)
+    bw = memory_bandwidth()
+    rng = np.random.default_rng(0)
+    rows_list = [int(r) for r in args.rows.split(",")]
+    results = []
+    for name, K, N in SHAPES:
+        ws = [jnp.asarray(rng.standard_normal((K, N), np.float32) * 0.02, dt) for _ in range(6)]
+        nbytes = K * N * dt.itemsize
+        for M in rows_list:
+            x = jnp.asarray(rng.standard_normal((M, K), np.float32), dt)
+            t = {p: _time(f, x, ws, args.repeat) for p, f in paths.items()}
+            row = {"shape": name, "K": K, "N": N, "rows": M, "floor_ms": 1e3 * nbytes / bw,
+                   **{f"{p}_ms": 1e3 * s for p, s in t.items()},
+                   **{f"{p}_GBps": nbytes / s / 1e9 for p, s in t.items()},
+                   "rows_over_xla": t["xla"] / t["rows"]}
+            results.append(row)
+            print(f"{name:8s} M={M:3d}  xla {row['xla_ms']:.3f} ms ({row['xla_GBps']:.1f} GB/s)  rows "
+                  f"{row['rows_ms']:.3f} ms ({row['rows_GBps']:.1f} GB/s)  x{row['rows_over_xla']:.2f}  floor "
+                  f"{row['floor_ms']:.3f} ms", flush=True)
+    wins = [M for M in rows_list if all(r["rows_over_xla"] > 1 for r in results if r["rows"] == M)]
+    best_max = max((M for M in rows_list if all(m in wins for m in rows_list if m <= M)), default=0)
+    print(f"copy bandwidth {bw / 1e9:.1f} GB/s; rows_matmul wins on every shape up to M = {best_max}")
+    write_result("decode_proj", {"dtype": args.dtype, "copy_bandwidth_GBps": bw / 1e9,
+                                     "command": "python bench/decode_proj.py " + " ".join(sys.argv[1:]),
+                                     "rows_max_winning": best_max, "results": results})
+
+
+if __name__ == "__main__":
+    main()

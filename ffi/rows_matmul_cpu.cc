@@ -1,0 +1,62 @@
+// CPU FFI handler of the rows matmul: the decode-time projections y[M, N] = x[M, Kd] @ w[Kd, N] for
+// a few rows M (beam_jax/rows_matmul.py sends them here). The compute is RunRows in
+// masked_moe_cpu_kernel.h (it shares the experts' weight-streaming loop); this file checks the
+// buffers and picks the instruction set, as masked_moe_cpu.cc does for the experts.
+
+#include <cstdint>
+
+#include "masked_moe.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace beam {
+namespace {
+
+ffi::Error RowsMatmulCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                         ffi::Result<ffi::AnyBuffer> y) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be [M, K], got " + DimsString(xd));
+  if (wd.size() != 2 || wd[0] != xd[1])
+    return ffi::Error::InvalidArgument("w must be [K, N] with K = " + std::to_string(xd[1]) +
+                                       " (x's columns), got " + DimsString(wd));
+  if (yd.size() != 2 || yd[0] != xd[0] || yd[1] != wd[1])
+    return ffi::Error::InvalidArgument("y must be [M, N] = [" + std::to_string(xd[0]) + ", " +
+                                       std::to_string(wd[1]) + "], got " + DimsString(yd));
+  const ffi::DataType t = x.element_type();
+  if (w.element_type() != t || y->element_type() != t)
+    return ffi::Error::InvalidArgument("x, w and y must share one dtype");
+  RowsProblem p;
+  switch (t) {
+    case ffi::DataType::F32: p.type = ElemType::kF32; break;
+    case ffi::DataType::BF16: p.type = ElemType::kBF16; break;
+    case ffi::DataType::F16: p.type = ElemType::kF16; break;
+    default:
+      return ffi::Error::InvalidArgument("unsupported dtype: x must be float32, bfloat16 or float16");
+  }
+  p.M = xd[0];
+  p.Kd = xd[1];
+  p.N = wd[1];
+  p.x = x.untyped_data();
+  p.w = w.untyped_data();
+  p.y = y->untyped_data();
+  if (p.M == 0 || p.N == 0) return ffi::Error::Success();
+  Runner runner = MakeRunner(pool);
+  if (CpuHasAvx2()) {
+    cpu_avx2::RowsMatmul(p, runner);
+  } else {
+    cpu_generic::RowsMatmul(p, runner);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace beam
+
+// (x [M, K], w [K, N]: one float dtype) -> y [M, N] in that dtype
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BeamRowsMatmulCpu, beam::RowsMatmulCpu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()   // x
+                                  .Arg<ffi::AnyBuffer>()   // w
+                                  .Ret<ffi::AnyBuffer>());  // y

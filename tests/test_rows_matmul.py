@@ -1,0 +1,141 @@
+"""beam_jax.rows_matmul (the decode-time projections' FFI target) against a float64 product, its gradients against
+XLA's, where attention.matmul uses it, and its errors."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from beam_jax import attention, rows_matmul as rm
+
+from procs import run_generic_isa
+
+pytestmark = pytest.mark.skipif(not rm.rows_matmul_available(), reason="beam_jax._ffi has no beam_rows_matmul target")
+
+# relative to the largest |y|: one rounding of the output plus float32 accumulation
+TOL = {jnp.float32: 2e-6, jnp.bfloat16: 8e-3, jnp.float16: 1e-3}
+SHAPES = [(1, 2048, 512), (1, 5, 3), (2, 130, 77), (3, 64, 16), (4, 257, 1000), (8, 300, 129), (9, 33, 40),
+          (17, 1, 40), (32, 128, 256)]
+
+
+def _inputs(rng, M, K, N, dtype):
+    x = jnp.asarray(rng.standard_normal((M, K), np.float32), dtype)
+    w = jnp.asarray(rng.standard_normal((K, N), np.float32) * 0.1, dtype)
+    return x, w
+
+
+def _ref(x, w):
+    return np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("M,K,N", SHAPES)
+def test_equals_the_float64_product(M, K, N, dtype):
+    rng = np.random.default_rng(M * 1000 + K + N)
+    x, w = _inputs(rng, M, K, N, dtype)
+    got = jax.jit(rm.rows_matmul)(x, w)
+    assert got.shape == (M, N) and got.dtype == jnp.dtype(dtype)
+    want = _ref(x, w)
+    err = np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want))
+    assert err < TOL[dtype], err
+
+
+def test_is_deterministic_and_matches_xla_closely():
+    rng = np.random.default_rng(1)
+    x, w = _inputs(rng, 3, 1024, 384, jnp.float32)
+    a, b = rm.rows_matmul(x, w), rm.rows_matmul(x, w)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(x @ w), rtol=1e-5, atol=1e-5)
+
+
+def test_zero_rows_and_under_vmap():
+    rng = np.random.default_rng(2)
+    x, w = _inputs(rng, 0, 16, 8, jnp.bfloat16)
+    assert rm.rows_matmul(x, w).shape == (0, 8)
+    xs = jnp.asarray(rng.standard_normal((3, 2, 16), np.float32))
+    w = jnp.asarray(rng.standard_normal((16, 8), np.float32))
+    got = jax.vmap(rm.rows_matmul, in_axes=(0, None))(xs, w)
+    np.testing.assert_allclose(np.asarray(got), np.einsum("bmk,kn->bmn", np.asarray(xs), np.asarray(w)), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gradients_equal_xlas(dtype):
+    rng = np.random.default_rng(3)
+    x, w = _inputs(rng, 3, 40, 24, dtype)
+    dy = jnp.asarray(rng.standard_normal((3, 24), np.float32), dtype)
+
+    def loss(f):
+        return lambda x, w: jnp.sum((f(x, w) * dy).astype(jnp.float32))
+
+    xla = lambda x, w: jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())),  # noqa: E731
+                                           preferred_element_type=jnp.float32).astype(x.dtype)
+    got = jax.grad(loss(rm.rows_matmul), argnums=(0, 1))(x, w)
+    want = jax.grad(loss(xla), argnums=(0, 1))(x, w)
+    for g, h in zip(got, want):
+        assert g.dtype == h.dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(h, np.float32), rtol=TOL[dtype] * 2,
+                                   atol=TOL[dtype] * 2)
+
+
+def test_bad_input_is_named():
+    x = jnp.ones((2, 8), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"x must be \[M, K\] and w \[K, N\], got x \(2, 8\) and w \(4, 3\)"):
+        rm.rows_matmul(x, jnp.ones((4, 3), jnp.bfloat16))
+    with pytest.raises(TypeError, match="share one dtype"):
+        rm.rows_matmul(x, jnp.ones((8, 3), jnp.float32))
+    with pytest.raises(TypeError, match="share one dtype"):
+        rm.rows_matmul(x.astype(jnp.int32), jnp.ones((8, 3), jnp.int32))
+
+
+def _targets(fn, *args):
+    """The lowered program of a fresh trace of fn (a new function each time: jit caches traces by function)."""
+    return str(jax.jit(lambda *a: fn(*a)).lower(*args).as_text())
+
+
+def test_attention_matmul_uses_it_for_a_few_bf16_rows_only(monkeypatch):
+    rng = np.random.default_rng(4)
+    w = jnp.asarray(rng.standard_normal((64, 32), np.float32), jnp.bfloat16)
+    few = jnp.asarray(rng.standard_normal((1, rm.ROWS_MAX, 64), np.float32), jnp.bfloat16)
+    many = jnp.asarray(rng.standard_normal((1, rm.ROWS_MAX + 1, 64), np.float32), jnp.bfloat16)
+    assert "beam_rows_matmul" in _targets(attention.matmul, few, w)
+    assert "beam_rows_matmul" not in _targets(attention.matmul, many, w)
+    assert "beam_rows_matmul" not in _targets(attention.matmul, few.astype(jnp.float32), w.astype(jnp.float32))
+    assert "beam_rows_matmul" not in _targets(lambda x, w: attention.matmul(x, w, transpose_w=True), few, w.T)
+    # same numbers either way, to one bfloat16 rounding
+    fast = attention.matmul(few, w)
+    monkeypatch.setenv("BEAM_JAX_ROWS_MATMUL", "0")
+    assert "beam_rows_matmul" not in _targets(attention.matmul, few, w)
+    slow = attention.matmul(few, w)
+    np.testing.assert_allclose(np.asarray(fast, np.float32), np.asarray(slow, np.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_generic_isa():
+    # The non-AVX2 build of the loop, forced through BEAM_JAX_CPU_ISA=generic.
+    code = (
+        "import numpy as np, jax.numpy as jnp\n"
+        "from beam_jax import _ffi\n"
+        "from beam_jax.rows_matmul import rows_matmul\n"
+        "assert _ffi.cpu_isa() == 'generic', _ffi.cpu_isa()\n"
+        "rng = np.random.default_rng(0)\n"
+        "for dt, tol in ((jnp.float32, 2e-6), (jnp.bfloat16, 8e-3), (jnp.float16, 1e-3)):\n"
+        "    for M, K, N in ((1, 130, 77), (9, 64, 40)):\n"
+        "        x = jnp.asarray(rng.standard_normal((M, K), np.float32), dt)\n"
+        "        w = jnp.asarray(rng.standard_normal((K, N), np.float32) * 0.1, dt)\n"
+        "        want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)\n"
+        "        got = np.asarray(rows_matmul(x, w), np.float64)\n"
+        "        assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < tol, (dt, M, K, N)\n"
+        "print('ok')\n")
+    run_generic_isa(code)
+
+
+def test_env_switch_is_read_at_trace_time(monkeypatch):
+    monkeypatch.setenv("BEAM_JAX_ROWS_MATMUL", "0")
+    assert not rm.use_rows_matmul(1, jnp.bfloat16)
+    monkeypatch.delenv("BEAM_JAX_ROWS_MATMUL")
+    assert rm.use_rows_matmul(1, jnp.bfloat16) == (jax.default_backend() == "cpu")
+    assert not rm.use_rows_matmul(rm.ROWS_MAX + 1, jnp.bfloat16)
+    assert not rm.use_rows_matmul(1, jnp.float32)
+    assert "BEAM_JAX_ROWS_MATMUL" not in os.environ
