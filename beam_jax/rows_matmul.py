@@ -14,8 +14,9 @@ x and w share one dtype (float32, bfloat16 or float16); the product is accumulat
 rounded once, as `attention.matmul` does. Differentiable (a ``custom_vjp`` whose backward is XLA's
 own products). `use_rows_matmul(rows, dtype)` says where `attention.matmul` sends a product here:
 on the CPU backend, where the extension is built, for at most `ROWS_MAX` rows (the loop spends
-loads and stores of its accumulators on every row, so from about 6 rows on XLA's register-blocked
-GEMM wins; `python bench/decode_proj.py` measures the crossover), in bfloat16 and float16 only (float32 keeps XLA's products, so float32 parity with transformers stays
+loads and stores of its accumulators on every row, so its lead shrinks with the rows: 2.5-3.7x XLA at
+one row, 1.06-1.37x at eight on the 2-core EPYC; `python bench/decode_proj.py` measures it), in
+bfloat16 and float16 only (float32 keeps XLA's products, so float32 parity with transformers stays
 exact to rounding). ``BEAM_JAX_ROWS_MATMUL=0`` in the environment turns it off (read at trace time).
 """
 
@@ -31,7 +32,7 @@ from beam_jax import kernel
 __all__ = ["rows_matmul", "rows_matmul_available", "use_rows_matmul", "ROWS_MAX", "DTYPES"]
 
 _TARGET = "beam_rows_matmul"
-ROWS_MAX = 4
+ROWS_MAX = 8
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # where attention.matmul uses it
 _FFI_DTYPES = kernel.FFI_DTYPES  # what the target accepts
 

@@ -3,9 +3,10 @@
     python bench/train_step.py [--repeat 3] [--model beam_jax/assets/tiny-moe] [--impls dense,kernel,...]
 
 Reports tokens/s of one BEAM training step (mask routers trainable, base frozen) and of a forward-only
-evaluation step per expert path, as ratios to the dense path, in one run, for two shapes:
+evaluation step per expert path, as ratios to the dense path, in one run, for three shapes:
 
-- ``tiny``: the pretrained tiny model (16 experts, K 4: E/K = 4);
+- ``tiny``: the pretrained tiny model (32 experts, K 6: E/K = 5.3);
+- ``tiny-e24k6``: the same architecture with 24 experts, K 6 (E/K = 4, issue 12's yardstick), random weights;
 - ``tiny-e32k2``: the same architecture with 32 experts and K 2 (E/K = 16), random weights: what a
   wider expert pool costs each path (dense does E experts' work, the others K).
 
@@ -30,7 +31,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, register_no_expert_path, timeit, write_result  # noqa: E402
 
-SHAPES = {"tiny": {}, "tiny-e32k2": {"num_experts": 32, "num_experts_per_tok": 2}}
+SHAPES = {"tiny": {}, "tiny-e24k6": {"num_experts": 24, "num_experts_per_tok": 6},
+          "tiny-e32k2": {"num_experts": 32, "num_experts_per_tok": 2}}
 
 
 def build_model(path, overrides):

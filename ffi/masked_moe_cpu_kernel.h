@@ -58,6 +58,7 @@ constexpr int64_t kChunkRows = 2048;  // sorted rows per chunk (bounds the packe
 constexpr int64_t kSkinnyRows = 8;    // segments with at most this many rows stream their weights
 constexpr int64_t kSlabMin = 128;     // fewest weight rows in one streaming (split-K) unit
 constexpr int64_t NBR = 256;          // columns per unit of the split-K reductions
+constexpr int64_t kPrefetchRows = 8;  // the weight-streaming loop prefetches this many rows ahead
 
 // ---------------------------------------------------------------------------------------------
 // Element types and conversions (round to nearest even on the way back).
@@ -254,6 +255,16 @@ void StreamRowsCols(const float* const* arow, int64_t lda, int64_t rows, int64_t
       __m256 w0l, w0h, w1l, w1h, w2l, w2h, w3l, w3h;
       if (n == NR && kn == 4) {  // the steady state: straight from W into registers
         const T* src = W + k * ldw + j;
+        // Prefetch the same columns kPrefetchRows rows ahead (each cache line once): the four rows
+        // in flight are short runs when N is small (an expert's f), too short for the hardware
+        // prefetcher to ramp up (measured: 16.5 -> 22.7 GB/s for Qwen3-shaped bf16 experts).
+        if (k + kPrefetchRows + 4 <= k1 && (sizeof(T) == 4 || ((j - j0) & NR) == 0)) {
+          const char* next = reinterpret_cast<const char*>(src + kPrefetchRows * ldw);
+          _mm_prefetch(next, _MM_HINT_T0);
+          _mm_prefetch(next + ldw * sizeof(T), _MM_HINT_T0);
+          _mm_prefetch(next + 2 * ldw * sizeof(T), _MM_HINT_T0);
+          _mm_prefetch(next + 3 * ldw * sizeof(T), _MM_HINT_T0);
+        }
         Load16(src, w0l, w0h);
         Load16(src + ldw, w1l, w1h);
         Load16(src + 2 * ldw, w2l, w2h);
