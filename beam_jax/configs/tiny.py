@@ -1,6 +1,6 @@
 """The embedded default: BEAM on the project's own small MoE (beam_jax/assets/tiny-moe, a Qwen3-MoE layout
-with 16 experts, K=4, pretrained by `python -m beam_jax.pretrain --config tiny_pretrain.py`) and the Python
-standard library corpus. Runs offline on a 2-core CPU in under six minutes (README has the results)."""
+with 32 fine-grained experts, K=6, pretrained by `python -m beam_jax.pretrain --config tiny_pretrain.py`) and
+the Python standard library corpus. Runs offline on a 2-core CPU in under six minutes (README has the results)."""
 
 from pathlib import Path
 
