@@ -64,9 +64,11 @@ def test_tiny_config_end_to_end(tmp_path):
     assert report["quality_retention"] > 0.7
     assert report["base"]["accuracy"] > 0.2  # the shipped model predicts code, it is not random
     assert report["eval_split"] == "test" and report["selection_split"] == "validation"
-    assert report["task_sizes"]["test"]["multiple_choice_items"] == 200 and report["eval_tokens"] > 10000
-    # above chance (0.25) by more than 3 standard errors of a chance-level score on 200 items
-    assert report["tasks"]["multiple_choice"] > 0.25 + 3 * (0.25 * 0.75 / 200) ** 0.5
+    # 200 asked; 4 test batches may hold fewer lines that qualify (the builder warns then)
+    n_mc = report["task_sizes"]["test"]["multiple_choice_items"]
+    assert 100 <= n_mc <= 200 and report["eval_tokens"] > 10000
+    # above chance (0.25) by more than 3 standard errors of a chance-level score on n_mc items
+    assert report["tasks"]["multiple_choice"] > 0.25 + 3 * (0.25 * 0.75 / n_mc) ** 0.5
     assert 0 < report["tasks"]["line_completion"] < report["tasks"]["next_token"]
     for r in report["sweep"] + report["selection_sweep"]:
         lo, hi = r["retention_ci95"]
