@@ -56,7 +56,7 @@ struct BwdProblem {
 
 // The decode-time projections (CPU): y[M, N] = x[M, Kd] @ w[Kd, N], one element type, accumulated
 // in f32. Streams w once at memory bandwidth for a few rows of x (XLA:CPU's dot reads a bf16 matrix
-// at a third of it); ffi/rows_matmul_cpu.cc binds it.
+// at a quarter of it); ffi/rows_matmul_cpu.cc binds it.
 struct RowsProblem {
   int64_t M = 0, Kd = 0, N = 0;
   ElemType type = ElemType::kF32;
