@@ -41,6 +41,7 @@ __all__ = [
     "expert_load_min_over_mean",
     "lm_loss",
     "next_token_accuracy",
+    "distill_loss",
     "BetaController",
     "total_loss",
 ]
@@ -267,6 +268,22 @@ def next_token_accuracy(logits, labels, loss_mask):
     hit = (jnp.argmax(logits, axis=-1) == safe).astype(jnp.float32)
     n = jnp.sum(w)
     return _safe_div(jnp.sum(hit * w), n), n
+
+
+def distill_loss(logits, teacher_logits, loss_mask):
+    """Mean token KL(teacher || student) in float32 over positions where loss_mask is set: the student (BEAM)
+    matches the full next-token distribution of the teacher (the same model under plain Top-K), not only the
+    label. Not in the paper (beam.distill weighs it against L_lm).
+
+    logits, teacher_logits [..., V] float (the teacher's gradient is stopped), loss_mask [...] bool/0-1 float ->
+    (kl float32 scalar >= 0, n_tokens float32 scalar); kl is 0 when n_tokens is 0 or the two logits agree.
+    """
+    s = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    t = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), axis=-1)
+    kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+    w = loss_mask.astype(jnp.float32)
+    n = jnp.sum(w)
+    return _safe_div(jnp.sum(kl * w), n), n
 
 
 # ----------------------------------------------------------------------------- total loss and beta

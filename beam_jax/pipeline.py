@@ -65,7 +65,8 @@ def train_and_evaluate(config, workdir: Path, resume: bool = False) -> dict:
     impl = expert_impl(config.model.impl)
     tc = config.train
     hook = beam_hook(config.beam, train=True)
-    lc = LossConfig(alpha=config.beam.alpha, balance=config.beam.balance, hook=hook, impl=impl)
+    lc = LossConfig(alpha=config.beam.alpha, balance=config.beam.balance,
+                    distill=config.beam.distill, hook=hook, impl=impl)
     trainer = Trainer(model, tc.trainable, tc, lc, mesh=mesh)
     # what training changes beyond the mask routers (mask+router, all) is kept as loaded for the baselines
     initial = jax.tree.map(jnp.copy, trainer.params) if tc.trainable != "mask" else None
@@ -78,7 +79,8 @@ def train_and_evaluate(config, workdir: Path, resume: bool = False) -> dict:
                        process_index=jax.process_index(), process_count=jax.process_count())
     controller = beam_lib.BetaController() if config.beam.target_ratio > 0 else None
     summary = fit(trainer, it, workdir, tc, beta=config.beam.beta, controller=controller,
-                  target=config.beam.target_ratio, controller_rate=config.beam.controller_rate, resume=resume,
+                  target=config.beam.target_ratio, controller_rate=config.beam.controller_rate,
+                  per_layer_beta=config.beam.controller == "per_layer", resume=resume,
                   meta=meta, desc="beam")
 
     from .report import write_report

@@ -236,7 +236,8 @@ def step_memory(cfg, config, mesh, global_batch: int, impl: str) -> int:
         b = math.prod(shape) * np.dtype(aval.dtype).itemsize
         return int(b * share.get(shape, 1.0)) if shape else b
 
-    lc = LossConfig(alpha=config.beam.alpha, balance=config.beam.balance, hook=beam_hook(config.beam, train=True),
+    lc = LossConfig(alpha=config.beam.alpha, balance=config.beam.balance,
+                    distill=config.beam.distill, hook=beam_hook(config.beam, train=True),
                     impl=impl)
     step = partial(train_step, graphdef, tx, lc)  # the real step function, without materialising a model
     rows, S = global_batch // sharding.batch_shards(mesh), config.data.seq_len

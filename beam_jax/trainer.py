@@ -26,7 +26,8 @@ from .trainable import trainable_filter
 
 def make_optimizer(tc) -> optax.GradientTransformation:
     """AdamW with linear warm-up and cosine decay, global-norm clipping and gradient accumulation."""
-    sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, max(tc.warmup_steps, 1), max(tc.steps, tc.warmup_steps + 1),
+    warmup = max(tc.warmup_steps, 1)  # optax needs >= 1 warm-up step and >= 1 decay step (train.steps may be 1)
+    sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, warmup, max(tc.steps, warmup + 1),
                                                end_value=tc.lr * tc.final_lr_fraction)
     tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
                      optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=tc.weight_decay))
@@ -41,6 +42,7 @@ class LossConfig:
     balance: str = "pooled"  # "pooled": transformers' multi-layer loss; "per_layer": each layer's own, averaged
     hook: Any = None  # routing hook used in training (e.g. BeamHook(train=True))
     impl: str = "dense"  # expert path
+    distill: float = 0.0  # weight of KL(Top-K teacher || student) in the task loss: (1 - d) * L_lm + d * L_kl
 
 
 def compute_loss(model, batch, beta, lc: LossConfig):
@@ -52,6 +54,11 @@ def compute_loss(model, batch, beta, lc: LossConfig):
     valid = (batch["loss_mask"] > 0).reshape(-1)
     metrics = {"lm_loss": lm, "accuracy": acc, "tokens": ntok}
     total = lm
+    if lc.distill > 0:  # the teacher: the same weights under plain Top-K, no gradient
+        teacher = model(batch["input_ids"], impl=lc.impl).logits
+        kl, _ = beam.distill_loss(out.logits, teacher, batch["loss_mask"])
+        metrics["distill_loss"] = kl
+        total = (1 - lc.distill) * lm + lc.distill * kl
     if out.moe:
         T = valid.shape[0]
         logits = [m.router_logits.reshape(T, -1) for m in out.moe]
@@ -66,9 +73,10 @@ def compute_loss(model, batch, beta, lc: LossConfig):
         metrics["experts_per_layer"] = experts_per_token_per_layer(kept, valid)
         metrics["finite_router_logits"] = jnp.stack([jnp.all(jnp.isfinite(x)) for x in logits])
         if out.moe[0].m_hat is not None:  # BEAM's hooks
-            reg = jnp.mean(jnp.stack([beam.reg_loss(m.m_hat.reshape(T, -1), valid) for m in out.moe]))
-            metrics["reg_loss"] = reg
-            total = total + beta * reg
+            regs = jnp.stack([beam.reg_loss(m.m_hat.reshape(T, -1), valid) for m in out.moe])
+            metrics["reg_loss"] = jnp.mean(regs)
+            # beta: a scalar, or [L] one per MoE layer (beam.controller = "per_layer")
+            total = total + jnp.mean(beta * regs)
     metrics["loss"] = total
     return total, metrics
 
@@ -150,9 +158,10 @@ class Trainer:
         return self.loss(params, frozen, batch, beta)[1]
 
     def step(self, batch, beta) -> dict:
+        """beta: the sparsity coefficient, a float or one per MoE layer."""
         batch = self._put(batch)
         self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, self.frozen, batch,
-                                                          jnp.float32(beta))
+                                                          jnp.asarray(beta, jnp.float32))
         return metrics
 
     def nonfinite_params(self, leaf_ok) -> list[str]:
@@ -163,7 +172,7 @@ class Trainer:
 
     def evaluate(self, batch, beta=0.0) -> dict:
         batch = self._put(batch)
-        return self._eval(self.params, self.frozen, batch, jnp.float32(beta))
+        return self._eval(self.params, self.frozen, batch, jnp.asarray(beta, jnp.float32))
 
     # ---- checkpoint state: only the trainable parameters and the optimizer state
     def state_tree(self) -> dict:
@@ -177,9 +186,13 @@ class Trainer:
 
 
 def fit(trainer: Trainer, train_iter, workdir: Path, tc, *, beta: float = 0.0, controller=None, target: float = 0.0,
-        controller_rate: float = 0.05, resume: bool = False, meta: dict | None = None, desc: str = "train",
-        on_log: Callable[[int, dict], None] | None = None) -> dict:
+        controller_rate: float = 0.05, per_layer_beta: bool = False, resume: bool = False, meta: dict | None = None,
+        desc: str = "train", on_log: Callable[[int, dict], None] | None = None) -> dict:
     """Run `tc.steps` optimizer steps (each `tc.grad_accum` micro-batches), logging and checkpointing.
+
+    With a `controller` and `target` > 0, beta follows the kept fraction of Top-K pairs towards `target`: one
+    beta for the model, or with `per_layer_beta` one per MoE layer, each following its own layer's kept fraction
+    (so every layer keeps about `target` of its pairs).
 
     With `resume`, restores the latest checkpoint in `workdir/ckpt` (trainable params, optimizer state,
     data position, beta) and continues exactly where it stopped. Returns a summary dict.
@@ -204,7 +217,7 @@ def fit(trainer: Trainer, train_iter, workdir: Path, tc, *, beta: float = 0.0, c
                                  f"({saved['base_model']['path']}): {'; '.join(diffs)}")
         trainer.load_state_tree(tree)
         train_iter.restore(saved["data"])
-        beta = float(saved["beta"])
+        beta = saved["beta"]
         micro = step0 * accum
         log.truncate_after(step0)
     elif ckpt.latest_step() is not None:
@@ -212,6 +225,8 @@ def fit(trainer: Trainer, train_iter, workdir: Path, tc, *, beta: float = 0.0, c
                               f"to continue that run, or use another --workdir")
     elif resume:  # killed before its first checkpoint: start over, without the records it logged
         log.truncate_after(0)
+    n_moe = len(trainer.model().cfg.moe_layer_ids)
+    beta = _beta_value(beta, n_moe if per_layer_beta else 0)
     tp = Throughput()
     total_micro = tc.steps * accum
     bar = tqdm(total=tc.steps, initial=micro // accum, desc=desc, dynamic_ncols=True)
@@ -249,7 +264,9 @@ def fit(trainer: Trainer, train_iter, workdir: Path, tc, *, beta: float = 0.0, c
         kept = float(np.mean(metrics.get("experts_per_layer", [0.0])))
         if controller is not None and target > 0 and "experts_per_layer" in metrics:
             K = trainer.model().cfg.num_experts_per_tok
-            beta = float(controller.update(jnp.float32(beta), kept / K, target, controller_rate))
+            observed = np.asarray(metrics["experts_per_layer"]) / K if per_layer_beta else kept / K
+            beta = _beta_value(np.asarray(controller.update(jnp.asarray(beta, jnp.float32), observed, target,
+                                                            controller_rate)), n_moe if per_layer_beta else 0)
         metrics.update(step=step, beta=beta, experts_per_token=kept, tokens_per_s=tp.tokens_per_s)
         bar.update(1)
         post = dict(loss=f"{metrics['loss']:.3f}", ept=f"{kept:.2f}", tok_s=f"{tp.tokens_per_s:.0f}")
@@ -268,3 +285,14 @@ def fit(trainer: Trainer, train_iter, workdir: Path, tc, *, beta: float = 0.0, c
     ckpt.close()
     return {"final": last, "train_tokens_per_s": tp.tokens_per_s, "peak_memory_bytes": peak_memory_bytes(),
             "log": log.read(), "beta": beta}
+
+
+def _beta_value(beta, per_layer: int):
+    """beta as the loop keeps it (and checkpoints, logs and reports it): a float, or with `per_layer` > 0 a list
+    of that many floats (a scalar is broadcast: the configured beta is each layer's start)."""
+    if not per_layer:
+        return float(np.mean(beta))
+    b = np.broadcast_to(np.asarray(beta, np.float64), (per_layer,)) if np.ndim(beta) == 0 else np.asarray(beta)
+    if b.shape != (per_layer,):
+        raise ValueError(f"per-layer beta has {b.shape[0]} values for {per_layer} MoE layers")
+    return [float(x) for x in b]

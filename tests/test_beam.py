@@ -327,6 +327,34 @@ def test_lm_loss_hand_value_and_empty_mask():
     assert bool(jnp.all(jnp.isfinite(grad)))
 
 
+def test_distill_loss_matches_numpy_kl_and_stops_the_teachers_gradient():
+    rng = np.random.default_rng(5)
+    B, S, V = 2, 4, 9
+    student, teacher = _rand(rng, (B, S, V), 2.0), _rand(rng, (B, S, V), 2.0)
+    mask = np.array([[1, 0, 1, 1], [1, 1, 0, 1]], bool)
+
+    def log_softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    t, s = log_softmax(teacher.astype(np.float64)), log_softmax(student.astype(np.float64))
+    want = (np.exp(t) * (t - s)).sum(-1)[mask].mean()
+    kl, n = beam.distill_loss(jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(mask))
+    assert n == mask.sum() and kl.dtype == jnp.float32
+    np.testing.assert_allclose(kl, want, rtol=1e-5)
+    assert want > 0.1  # random logits disagree
+    # equal logits: exactly no divergence; the gradient reaches the student only
+    same, _ = beam.distill_loss(jnp.asarray(teacher), jnp.asarray(teacher), jnp.asarray(mask))
+    np.testing.assert_allclose(same, 0.0, atol=1e-6)
+    g_student, g_teacher = jax.grad(lambda a, b: beam.distill_loss(a, b, jnp.asarray(mask))[0], argnums=(0, 1))(
+        jnp.asarray(student), jnp.asarray(teacher))
+    assert float(jnp.abs(g_student).max()) > 0 and float(jnp.abs(g_teacher).max()) == 0
+    # d KL / d student logits = (softmax(student) - softmax(teacher)) / n at masked positions, 0 elsewhere
+    np.testing.assert_allclose(g_student, (np.exp(s) - np.exp(t)) * mask[..., None] / mask.sum(), atol=1e-6)
+    empty, n0 = beam.distill_loss(jnp.asarray(student), jnp.asarray(teacher), jnp.zeros_like(jnp.asarray(mask)))
+    assert empty == 0 and n0 == 0
+
+
 def test_next_token_accuracy_hand_values():
     logits = jnp.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.0, 0.2, 0.7], [1.0, 0.0, 0.0]])
     labels = jnp.array([1, 2, 2, 0])

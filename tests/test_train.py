@@ -85,8 +85,12 @@ def test_report_and_sparsity(tiny_model_dir, text_data_dir, tmp_path):
     assert ckpt_files
 
 
-def test_resume_reproduces_losses(tiny_model_dir, text_data_dir, tmp_path):
-    c = small_config(tiny_model_dir, text_data_dir, beam__beta=0.5)
+@pytest.mark.parametrize("controller,target", [("global", 0.0), ("per_layer", 0.5)])
+def test_resume_reproduces_losses(tiny_model_dir, text_data_dir, tmp_path, controller, target):
+    """A run killed after a checkpoint and resumed logs the same losses and betas as the uninterrupted run; with
+    beam.controller = per_layer, beta is one value per MoE layer, each steered by its own layer's kept fraction."""
+    c = small_config(tiny_model_dir, text_data_dir, beam__beta=0.5, beam__controller=controller,
+                     beam__target_ratio=target, beam__controller_rate=0.5)
     c.eval.policies = ()
     c.eval.taus = ()
     full = tmp_path / "full"
@@ -102,6 +106,18 @@ def test_resume_reproduces_losses(tiny_model_dir, text_data_dir, tmp_path):
     assert [r["step"] for r in log_part] == [r["step"] for r in log_full] == list(range(1, 7))
     for a, b in zip(log_full, log_part):
         assert a["loss"] == b["loss"] and a["experts_per_token"] == b["experts_per_token"], (a, b)
+        assert a["beta"] == b["beta"]
+    if controller == "per_layer":
+        cfg = beam_jax.load_pretrained(tiny_model_dir).cfg
+        betas = np.array([r["beta"] for r in log_full])  # [steps, MoE layers]
+        assert betas.shape == (6, len(cfg.moe_layer_ids))
+        kept = np.array([r["experts_per_layer"] for r in log_full]) / cfg.num_experts_per_tok
+        # each layer's beta moved by its own kept fraction: up where it kept more than the target, down where less
+        for step in range(1, 6):
+            np.testing.assert_array_equal(np.sign(betas[step] - betas[step - 1]),
+                                          np.sign(kept[step] - target), err_msg=f"step {step + 1}")
+    else:
+        assert all(r["beta"] == 0.5 for r in log_full)
 
 
 def test_refuses_existing_run_without_resume(tiny_model_dir, text_data_dir, tmp_path):
@@ -176,3 +192,55 @@ def test_trainable_sets_and_remat(tiny_model_dir, trainable):
         assert any(not np.array_equal(a, b) for a, b in zip(before, after))
     for a, b in zip(*grads):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_distill_loss_term(tiny_model_dir):
+    """beam.distill: the teacher is the same model under Top-K, so at the zero-initialised mask (BEAM = Top-K) the
+    KL is exactly 0 and its gradient vanishes; the loss and its gradient are (1 - d) times the plain LM ones."""
+    import jax
+
+    from beam_jax.trainer import LossConfig, Trainer
+
+    c = small_config(tiny_model_dir, "unused")
+    ids = np.random.RandomState(2).randint(3, 320, size=(2, 17))
+    batch = {"input_ids": jnp.asarray(ids[:, :-1]), "targets": jnp.asarray(ids[:, 1:]),
+             "loss_mask": jnp.ones((2, 16), jnp.float32)}
+    out = {}
+    for d in (0.0, 0.5, 1.0):
+        tr = Trainer(beam_jax.load_pretrained(tiny_model_dir), "mask", c.train,
+                     LossConfig(hook=BeamHook(0.5, train=True), impl="dense", distill=d))
+        (loss, m), g = jax.value_and_grad(lambda p: tr.loss(p, tr.frozen, batch, 0.0), has_aux=True)(tr.params)
+        out[d] = (float(loss), m, [np.asarray(x) for x in jax.tree.leaves(g)])
+    lm = out[0.0][1]["lm_loss"]
+    assert "distill_loss" not in out[0.0][1] and lm > 1.0
+    for d in (0.5, 1.0):
+        assert out[d][1]["distill_loss"] == 0.0
+        np.testing.assert_allclose(out[d][0], (1 - d) * float(lm), rtol=1e-6)
+        for a, b in zip(out[d][2], out[0.0][2]):
+            np.testing.assert_allclose(a, (1 - d) * b, rtol=1e-4, atol=1e-9)
+    assert max(float(np.abs(x).max()) for x in out[0.0][2]) > 0  # the LM gradient itself is not 0
+    # a mask that drops pairs makes the student differ from the teacher
+    tr = Trainer(beam_jax.load_pretrained(tiny_model_dir), "mask", c.train,
+                 LossConfig(hook=BeamHook(0.5, train=True), impl="dense", distill=1.0))
+    tr.params = jax.tree.map(lambda x: jnp.asarray(np.random.RandomState(3).normal(0, 1.0, x.shape), x.dtype),
+                             tr.params)
+    loss, m = tr.loss(tr.params, tr.frozen, batch, 0.0)
+    assert float(m["distill_loss"]) > 1e-7 and float(loss) == float(m["distill_loss"])
+
+
+@pytest.mark.parametrize("steps,warmup", [(1, 0), (1, 1), (2, 5), (10, 0)])
+def test_optimizer_schedule_for_short_runs(steps, warmup):
+    """train.steps may be 1 and warm-up 0 (the config allows both): the schedule is built and its step is finite."""
+    import jax
+    from ml_collections import ConfigDict
+
+    from beam_jax.trainer import make_optimizer
+
+    tc = ConfigDict(dict(lr=1e-2, warmup_steps=warmup, steps=steps, final_lr_fraction=0.1, grad_clip=1.0,
+                         weight_decay=0.0, grad_accum=1))
+    tx = make_optimizer(tc)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    for _ in range(steps + 1):
+        updates, state = tx.update({"w": jnp.full(3, 0.5)}, state, params)
+        assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))

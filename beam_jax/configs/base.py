@@ -47,6 +47,9 @@ def get_config() -> ConfigDict:
     c.beam.renormalize = False  # renormalise kept weights (off: the paper's g * m)
     c.beam.target_ratio = 0.0  # > 0: a controller adapts beta so the kept fraction of Top-K tends to this
     c.beam.controller_rate = 0.05
+    c.beam.controller = "global"  # "global": one beta for the model; "per_layer": one beta per MoE layer, each
+    # steering its layer's kept fraction to target_ratio (a uniform budget across layers, as the baselines spend)
+    c.beam.distill = 0.0  # > 0: task loss (1 - distill) * L_lm + distill * KL(Top-K teacher || BEAM), not in the paper
 
     c.mesh = ConfigDict()  # device mesh (beam_jax/sharding.py): all 1 = one device (the default); else the
     # sizes must multiply to the device count of all processes
@@ -116,6 +119,8 @@ CHECKS = {
     "beam.beta": (_num(0), "a number >= 0"),
     "beam.target_ratio": (_num(0, 1, hi_open=True), "a number in [0, 1) (0 = no controller)"),
     "beam.controller_rate": (_num(0, lo_open=True), "a number > 0"),
+    "beam.controller": (_one_of("global", "per_layer"), "global or per_layer"),
+    "beam.distill": (_num(0, 1), "a number in [0, 1]"),
     "mesh.data": (_mesh_size, "-1 or an integer >= 1"),
     "mesh.fsdp": (_mesh_size, "-1 or an integer >= 1"),
     "mesh.expert": (_mesh_size, "-1 or an integer >= 1"),
