@@ -24,13 +24,32 @@ from .flops import experts_per_token_per_layer
 from .metrics import MetricsLog, NoLog, Throughput, peak_memory_bytes, to_host
 from .trainable import trainable_filter
 
+def _is_mask_router(path) -> str:
+    return "mask" if "mask_router" in jax.tree_util.keystr(path) else "base"
+
+
 def make_optimizer(tc) -> optax.GradientTransformation:
-    """AdamW with linear warm-up and cosine decay, global-norm clipping and gradient accumulation."""
+    """AdamW with linear warm-up and cosine decay, global-norm clipping and gradient accumulation.
+
+    `tc.base_lr` > 0 (train.trainable mask+router or all): the trained parameters other than the mask routers
+    follow the same schedule at that peak rate instead of `tc.lr` (a fresh mask router learns fast, a pretrained
+    model must move little)."""
     warmup = max(tc.warmup_steps, 1)  # optax needs >= 1 warm-up step and >= 1 decay step (train.steps may be 1)
-    sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, warmup, max(tc.steps, warmup + 1),
-                                               end_value=tc.lr * tc.final_lr_fraction)
-    tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
-                     optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=tc.weight_decay))
+
+    def adamw(lr):
+        sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(tc.steps, warmup + 1),
+                                                   end_value=lr * tc.final_lr_fraction)
+        return optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=tc.weight_decay)
+
+    base_lr = float(tc.get("base_lr", 0.0) or 0.0)
+    if base_lr > 0:
+        update = optax.multi_transform({"mask": adamw(tc.lr), "base": adamw(base_lr)},
+                                       lambda params: jax.tree_util.tree_map_with_path(
+                                           lambda p, _: _is_mask_router(p), params))
+    else:
+        update = adamw(tc.lr)
+    # grad_clip 0 = no clipping (optax's clip_by_global_norm(0) would zero every update)
+    tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip), update) if tc.grad_clip > 0 else update
     if tc.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=tc.grad_accum)
     return tx

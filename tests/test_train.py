@@ -244,3 +244,32 @@ def test_optimizer_schedule_for_short_runs(steps, warmup):
     for _ in range(steps + 1):
         updates, state = tx.update({"w": jnp.full(3, 0.5)}, state, params)
         assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+def test_base_lr_sets_the_rate_of_everything_but_the_mask_routers():
+    """train.base_lr: the mask routers step at train.lr, every other trained parameter at base_lr (Adam's step on a
+    constant gradient is the learning rate itself, so the sizes are exact)."""
+    from ml_collections import ConfigDict
+
+    from beam_jax.trainer import make_optimizer
+
+    params = {"layers": {"0": {"mlp": {"mask_router": {"kernel": jnp.ones((4, 3))}, "gate": {"kernel": jnp.ones(5)}}}},
+              "embed": jnp.ones(2)}
+    grads = jax_tree_map(lambda x: jnp.full_like(x, 0.25), params)
+    for base_lr, want_base in ((0.0, 1e-2), (1e-4, 1e-4)):
+        tc = ConfigDict(dict(lr=1e-2, base_lr=base_lr, warmup_steps=1, steps=100, final_lr_fraction=1.0,
+                             grad_clip=0.0, weight_decay=0.0, grad_accum=1))
+        tx = make_optimizer(tc)
+        state = tx.init(params)
+        _, state = tx.update(grads, state, params)  # warm-up step: rate 0
+        updates, _ = tx.update(grads, state, params)
+        mlp = updates["layers"]["0"]["mlp"]
+        np.testing.assert_allclose(mlp["mask_router"]["kernel"], -1e-2, rtol=1e-4)
+        np.testing.assert_allclose(mlp["gate"]["kernel"], -want_base, rtol=1e-4)
+        np.testing.assert_allclose(updates["embed"], -want_base, rtol=1e-4)
+
+
+def jax_tree_map(f, tree):
+    import jax
+
+    return jax.tree.map(f, tree)

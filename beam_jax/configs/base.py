@@ -28,6 +28,7 @@ def get_config() -> ConfigDict:
     c.train.trainable = "mask"  # mask (only the BEAM mask routers) | mask+router | all
     c.train.steps = 1000
     c.train.lr = 1e-3
+    c.train.base_lr = 0.0  # > 0: peak rate of what trains besides the mask routers (mask+router, all); 0 = lr
     c.train.warmup_steps = 50
     c.train.final_lr_fraction = 0.1  # cosine decays to lr * this
     c.train.weight_decay = 0.0
@@ -104,6 +105,7 @@ CHECKS = {
     "train.trainable": (_one_of("mask", "mask+router", "all"), "mask, mask+router or all"),
     "train.steps": (_num(1, integer=True), "an integer >= 1"),
     "train.lr": (_num(0, lo_open=True), "a finite number > 0"),
+    "train.base_lr": (_num(0), "a finite number >= 0 (0 = train.lr)"),
     "train.warmup_steps": (_num(0, integer=True), "an integer >= 0"),
     "train.final_lr_fraction": (_num(0, 1), "a number in [0, 1]"),
     "train.weight_decay": (_num(0), "a number >= 0"),
