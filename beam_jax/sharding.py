@@ -168,13 +168,26 @@ def check_batch(global_batch: int, mesh: Mesh, field: str = "data.batch_size") -
 
 
 def opt_state_shardings(tx, params, param_shardings, mesh: Mesh):
-    """Shardings of `tx.init(params)`: moments like their parameters, counters and scalars replicated."""
-    abstract = jax.eval_shape(tx.init, params)
-    import optax
+    """Shardings of `tx.init(params)`: moments like their parameters, counters and scalars replicated.
 
+    A moment is recognised by its key path ending in a parameter's path with that parameter's shape, so states
+    that hold only some parameters (optax.multi_transform: `train.base_lr`) are laid out too."""
+    abstract = jax.eval_shape(tx.init, params)
     rep = replicated(mesh)
-    return optax.tree_map_params(tx, lambda _, s: s, abstract, param_shardings,
-                                 transform_non_params=lambda _: rep)
+    key = lambda path: tuple(str(k) for k in path)  # noqa: E731
+    by_path = {key(p): (v.shape, sh) for (p, v), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                                           jax.tree.leaves(param_shardings))}
+    depth = max((len(k) for k in by_path), default=0)
+
+    def one(path, leaf):
+        k = key(path)
+        for n in range(min(depth, len(k)), 0, -1):
+            hit = by_path.get(k[-n:])
+            if hit is not None and hit[0] == leaf.shape:
+                return hit[1]
+        return rep
+
+    return jax.tree_util.tree_map_with_path(one, abstract)
 
 
 def put_batch(x, sharding: NamedSharding) -> jax.Array:

@@ -137,3 +137,37 @@ def test_sharding_errors_name_the_field(eight_devices):
     e = eight_devices["errors"]
     assert "needs 3 devices, but there are 8" in e["mesh"]
     assert e["seven"] is not None and "(expert, size 7) is not divisible by mesh.expert=2" in e["seven"]
+
+
+@pytest.mark.parametrize("base_lr", [0.0, 1e-3])
+def test_opt_state_shardings_follow_parameters(base_lr):
+    """Adam's moments are laid out like their parameters, counters replicated, also when train.base_lr splits
+    the optimizer in two (optax.multi_transform: each half holds only some parameters)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+    from ml_collections import ConfigDict
+
+    from beam_jax.trainer import make_optimizer
+
+    mesh = sharding.make_mesh({}, jax.devices()[:1])
+    params = {"layers": {"0": {"mlp": {"mask_router": {"kernel": jnp.zeros((4, 3))},
+                                       "experts": {"w_gate": jnp.zeros((2, 4, 6)), "w_up": jnp.zeros((2, 4, 6))}}}}}
+    specs = {"kernel": P(), "w_gate": P("expert", "fsdp", None), "w_up": P("expert", None, "tensor")}
+    p_sh = jax.tree_util.tree_map_with_path(lambda path, _: NamedSharding(mesh, specs[path[-1].key]), params)
+    tc = ConfigDict(dict(lr=0.1, base_lr=base_lr, warmup_steps=1, steps=10, final_lr_fraction=0.1, grad_clip=1.0,
+                         weight_decay=0.0, grad_accum=1))
+    tx = make_optimizer(tc)
+    o_sh = sharding.opt_state_shardings(tx, params, p_sh, mesh)
+    state = jax.eval_shape(tx.init, params)
+    got = {}
+    for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(o_sh)):
+        name = str(path[-1])
+        if leaf.shape in ((2, 4, 6), (4, 3)):
+            got.setdefault(name, []).append(sh.spec)
+        else:
+            assert sh.spec == P(), (path, sh)  # counts and scalars
+    assert got["['w_gate']"] == [P("expert", "fsdp", None)] * 2  # mu and nu
+    assert got["['w_up']"] == [P("expert", None, "tensor")] * 2
+    assert got["['kernel']"] == [P()] * 2
