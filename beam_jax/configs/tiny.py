@@ -1,6 +1,7 @@
 """The embedded default: BEAM on the project's own small MoE (beam_jax/assets/tiny-moe, a Qwen3-MoE layout
 with 32 fine-grained experts, K=6, pretrained by `python -m beam_jax.pretrain --config tiny_pretrain.py`) and
-the Python standard library corpus. Runs offline on a 2-core CPU in under six minutes (README has the results)."""
+the Python standard library corpus; the whole model is fine-tuned with its mask routers (train.trainable="all").
+Runs offline on a 2-core CPU in under six minutes (README has the results)."""
 
 from pathlib import Path
 
