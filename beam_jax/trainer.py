@@ -24,7 +24,9 @@ from .flops import experts_per_token_per_layer
 from .metrics import MetricsLog, NoLog, Throughput, peak_memory_bytes, to_host
 from .trainable import trainable_filter
 
-def _is_mask_router(path) -> str:
+
+def _optimizer_group(path) -> str:
+    """A parameter's group under `train.base_lr`: "mask" for BEAM's mask routers, "base" for the rest."""
     return "mask" if "mask_router" in jax.tree_util.keystr(path) else "base"
 
 
@@ -45,7 +47,7 @@ def make_optimizer(tc) -> optax.GradientTransformation:
     if base_lr > 0:
         update = optax.multi_transform({"mask": adamw(tc.lr), "base": adamw(base_lr)},
                                        lambda params: jax.tree_util.tree_map_with_path(
-                                           lambda p, _: _is_mask_router(p), params))
+                                           lambda p, _: _optimizer_group(p), params))
     else:
         update = adamw(tc.lr)
     # grad_clip 0 = no clipping (optax's clip_by_global_norm(0) would zero every update)

@@ -20,7 +20,7 @@ def get_config():
     c.train.steps = 120
     # the whole model adapts to its sparser routing (the paper's SFT, as far as we know it): the fresh mask routers
     # at 0.1, the pretrained weights at 1e-3. Chosen on the validation split against mask-only training at 1e-2,
-    # 3e-2, 0.1, 600 steps, a distillation loss, per-layer betas, mask+router (README: "what each did").
+    # 3e-2, 0.1, 600 steps, a distillation loss, per-layer betas, mask+router (bench/results/recipes_cpu.md).
     c.train.trainable = "all"
     c.train.lr = 0.1
     c.train.base_lr = 1e-3
