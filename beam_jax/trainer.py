@@ -43,7 +43,7 @@ def make_optimizer(tc) -> optax.GradientTransformation:
                                                    end_value=lr * tc.final_lr_fraction)
         return optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=tc.weight_decay)
 
-    base_lr = float(tc.get("base_lr", 0.0) or 0.0)
+    base_lr = float(getattr(tc, "base_lr", 0.0) or 0.0)  # a ConfigDict or any namespace (bench/gpu_train.py)
     if base_lr > 0:
         update = optax.multi_transform({"mask": adamw(tc.lr), "base": adamw(base_lr)},
                                        lambda params: jax.tree_util.tree_map_with_path(
