@@ -37,6 +37,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -638,7 +639,8 @@ def main(argv=None):
     p.add_argument("--fold-min", type=float, default=1.5)
     p.add_argument("--assume-flops-per-s", type=float, default=None,
                    help="rate for the step-time estimate (default 4e14 on GPU, 2e10 on CPU)")
-    p.add_argument("--out", default=None, help="output folder (default bench/results/gpu_train_<date>)")
+    p.add_argument("--out", default=None, help="output folder (default bench/results/gpu_train_<date>; "
+                                                 "with --dry-run a temporary folder)")
     p.add_argument("--with-selftest", action="store_true", help="also record the HLO self-test in the JSON")
     p.add_argument("--selftest", action="store_true", help="only the HLO check on single expert calls")
     p.add_argument("--dry-run", action="store_true", help="--shape tiny --steps 2, with the self-test")
@@ -661,8 +663,9 @@ def main(argv=None):
     if args.child:
         run_path(args)
         return 0
-    if args.out is None:
-        args.out = str(ROOT / "bench" / "results" / f"gpu_train_{time.strftime('%Y%m%d')}")
+    if args.out is None:  # a dry run's numbers are not results: they go to a temporary folder
+        args.out = (tempfile.mkdtemp(prefix="gpu_train_dry_") if args.dry_run
+                    else str(ROOT / "bench" / "results" / f"gpu_train_{time.strftime('%Y%m%d')}"))
     if args.jobs > 1:  # this process and its children share the device: none may take most of it up front
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     res = run_all(args)
