@@ -69,7 +69,10 @@ def train_and_evaluate(config, workdir: Path, resume: bool = False) -> dict:
                     distill=config.beam.distill, hook=hook, impl=impl)
     trainer = Trainer(model, tc.trainable, tc, lc, mesh=mesh)
     # what training changes beyond the mask routers (mask+router, all) is kept as loaded for the baselines
-    initial = jax.tree.map(jnp.copy, trainer.params) if tc.trainable != "mask" else None
+    # (the distillation teacher, when there is one, is that copy already)
+    initial = None
+    if tc.trainable != "mask":
+        initial = trainer.teacher if trainer.teacher is not None else jax.tree.map(jnp.copy, trainer.params)
     print(f"{cfg.architecture} from {config.model.path}: training {trainer.num_trainable:,} parameters "
           f"({tc.trainable}); {len(splits['train'])} training sequences of {config.data.seq_len} tokens")
 

@@ -134,10 +134,13 @@ def _abstract_split(cfg, config):
 
 
 def _state_bytes(cfg, config, mesh) -> tuple[int, int, int]:
-    """(parameters, optimizer state, parameter count) per device for the full model."""
+    """(parameters, optimizer state, parameter count) per device for the full model. The parameters' bytes
+    include the frozen teacher copy of the trainable ones that distillation beyond the mask routers keeps
+    (`trainer.keeps_teacher_copy`); the count is the model's."""
     import jax
 
     from . import sharding
+    from . import trainer as trainer_lib
     from .trainer import make_optimizer
 
     _, params, frozen = _abstract_split(cfg, config)
@@ -147,6 +150,8 @@ def _state_bytes(cfg, config, mesh) -> tuple[int, int, int]:
             spec = sharding.partition_spec(sharding.dotted(p), x.shape, mesh)
             total += sharding.per_device_bytes(x.shape, x.dtype, spec, mesh)
             count += math.prod(x.shape)
+            if tree is params and trainer_lib.keeps_teacher_copy(config.beam.distill, config.train.trainable):
+                total += sharding.per_device_bytes(x.shape, x.dtype, spec, mesh)
     tx = make_optimizer(config.train)
     opt = jax.eval_shape(tx.init, params)
     o_sh = sharding.opt_state_shardings(tx, params, sharding.tree_shardings(params, mesh), mesh)
@@ -244,7 +249,11 @@ def step_memory(cfg, config, mesh, global_batch: int, impl: str) -> int:
     batch = {"input_ids": jax.ShapeDtypeStruct((rows, S), jnp.int32),
              "targets": jax.ShapeDtypeStruct((rows, S), jnp.int32),
              "loss_mask": jax.ShapeDtypeStruct((rows, S), jnp.float32)}
-    closed = jax.make_jaxpr(step)(params, opt, frozen, batch, jax.ShapeDtypeStruct((), jnp.float32))
+    # distillation beyond the mask routers keeps a frozen teacher copy of the trainable weights (Trainer.teacher)
+    from . import trainer as trainer_lib
+
+    teacher = params if trainer_lib.keeps_teacher_copy(config.beam.distill, config.train.trainable) else None
+    closed = jax.make_jaxpr(step)(params, opt, frozen, batch, jax.ShapeDtypeStruct((), jnp.float32), teacher)
     donated = closed.jaxpr.invars[: len(jax.tree.leaves(params)) + len(jax.tree.leaves(opt))]
     return liveness_peak(closed.jaxpr, size, frozenset(donated)) + 2 * int(gathered)
 

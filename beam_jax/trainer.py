@@ -66,8 +66,16 @@ class LossConfig:
     distill: float = 0.0  # weight of KL(Top-K teacher || student) in the task loss: (1 - d) * L_lm + d * L_kl
 
 
-def compute_loss(model, batch, beta, lc: LossConfig):
-    """-> (total, metrics). batch: input_ids, targets, loss_mask [B, S]."""
+def keeps_teacher_copy(distill: float, trainable: str) -> bool:
+    """Whether distillation needs a frozen copy of the trainable weights as its teacher: when more than the mask
+    routers train (mask-only training leaves the model as loaded, so the student under Top-K is the teacher)."""
+    return distill > 0 and trainable != "mask"
+
+
+def compute_loss(model, batch, beta, lc: LossConfig, teacher=None):
+    """-> (total, metrics). batch: input_ids, targets, loss_mask [B, S].
+    teacher: the model whose Top-K logits `lc.distill` matches (the weights as loaded, when training changes
+    more than the mask routers); None = `model` itself under Top-K (what mask-only training leaves unchanged)."""
     cfg = model.cfg
     out = model(batch["input_ids"], mask_hook=lc.hook, impl=lc.impl)
     lm, ntok = beam.lm_loss(out.logits, batch["targets"], batch["loss_mask"])
@@ -75,9 +83,9 @@ def compute_loss(model, batch, beta, lc: LossConfig):
     valid = (batch["loss_mask"] > 0).reshape(-1)
     metrics = {"lm_loss": lm, "accuracy": acc, "tokens": ntok}
     total = lm
-    if lc.distill > 0:  # the teacher: the same weights under plain Top-K, no gradient
-        teacher = model(batch["input_ids"], impl=lc.impl).logits
-        kl, _ = beam.distill_loss(out.logits, teacher, batch["loss_mask"])
+    if lc.distill > 0:  # the teacher under plain Top-K, no gradient
+        t_logits = (model if teacher is None else teacher)(batch["input_ids"], impl=lc.impl).logits
+        kl, _ = beam.distill_loss(out.logits, t_logits, batch["loss_mask"])
         metrics["distill_loss"] = kl
         total = (1 - lc.distill) * lm + lc.distill * kl
     if out.moe:
@@ -102,16 +110,18 @@ def compute_loss(model, batch, beta, lc: LossConfig):
     return total, metrics
 
 
-def _split_loss(graphdef, lc: LossConfig, params, frozen, batch, beta):
-    return compute_loss(nnx.merge(graphdef, params, frozen), batch, beta, lc)
+def _split_loss(graphdef, lc: LossConfig, params, frozen, batch, beta, teacher=None):
+    t_model = None if teacher is None else nnx.merge(graphdef, jax.lax.stop_gradient(teacher), frozen)
+    return compute_loss(nnx.merge(graphdef, params, frozen), batch, beta, lc, teacher=t_model)
 
 
-def train_step(graphdef, tx, lc: LossConfig, params, opt_state, frozen, batch, beta):
+def train_step(graphdef, tx, lc: LossConfig, params, opt_state, frozen, batch, beta, teacher=None):
     """One optimizer step as a pure function of the split model (`nnx.split`: graphdef, trainable `params`,
     `frozen` rest) -> (params, opt_state, metrics). A step whose loss or gradients are not finite is refused:
-    parameters and optimizer state come back as they were, metrics["finite"] False."""
+    parameters and optimizer state come back as they were, metrics["finite"] False. `teacher`: the trainable
+    parameters of the distillation teacher (`Trainer.teacher`), None = the model itself (see compute_loss)."""
     (loss, metrics), grads = jax.value_and_grad(_split_loss, argnums=2, has_aux=True)(graphdef, lc, params, frozen,
-                                                                                     batch, beta)
+                                                                                     batch, beta, teacher)
     metrics["grad_norm"] = optax.tree.norm(grads)
     leaf_ok = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
     ok = jnp.isfinite(loss) & jnp.all(leaf_ok)
@@ -139,6 +149,11 @@ class Trainer:
         self.tx = make_optimizer(tc)
         self.lc = lc
         self.mesh = mesh
+        # distillation when more than the mask routers train: the teacher is the model as loaded (a frozen copy
+        # of the trainable weights, made here, before any step or restore), not the drifting student
+        self.teacher = None
+        if keeps_teacher_copy(lc.distill, trainable):
+            self.teacher = jax.tree.map(jnp.copy, self.params)
         if mesh is None:
             self.opt_state = self.tx.init(self.params)
             self._step = jax.jit(self._train_step, donate_argnums=(0, 1))
@@ -148,6 +163,8 @@ class Trainer:
 
         p_sh, f_sh = sharding.tree_shardings(self.params, mesh), sharding.tree_shardings(self.frozen, mesh)
         self.params, self.frozen = jax.device_put(self.params, p_sh), jax.device_put(self.frozen, f_sh)
+        if self.teacher is not None:
+            self.teacher = jax.device_put(self.teacher, p_sh)
         o_sh = sharding.opt_state_shardings(self.tx, self.params, p_sh, mesh)
         self.opt_state = jax.jit(self.tx.init, out_shardings=o_sh)(self.params)
         rep = sharding.replicated(mesh)
@@ -168,21 +185,22 @@ class Trainer:
     def model(self, params=None):
         return nnx.merge(self.graphdef, self.params if params is None else params, self.frozen)
 
-    def loss(self, params, frozen, batch, beta):
-        """-> (total loss, metrics) of the split model on a device batch (`_put`), differentiable in params."""
-        return _split_loss(self.graphdef, self.lc, params, frozen, batch, beta)
+    def loss(self, params, frozen, batch, beta, teacher=None):
+        """-> (total loss, metrics) of the split model on a device batch (`_put`), differentiable in params.
+        teacher: the distillation teacher's trainable parameters (`self.teacher`); None = the model itself."""
+        return _split_loss(self.graphdef, self.lc, params, frozen, batch, beta, teacher)
 
-    def _train_step(self, params, opt_state, frozen, batch, beta):
-        return train_step(self.graphdef, self.tx, self.lc, params, opt_state, frozen, batch, beta)
+    def _train_step(self, params, opt_state, frozen, batch, beta, teacher):
+        return train_step(self.graphdef, self.tx, self.lc, params, opt_state, frozen, batch, beta, teacher)
 
-    def _eval_step(self, params, frozen, batch, beta):
-        return self.loss(params, frozen, batch, beta)[1]
+    def _eval_step(self, params, frozen, batch, beta, teacher):
+        return self.loss(params, frozen, batch, beta, teacher)[1]
 
     def step(self, batch, beta) -> dict:
         """beta: the sparsity coefficient, a float or one per MoE layer."""
         batch = self._put(batch)
         self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, self.frozen, batch,
-                                                          jnp.asarray(beta, jnp.float32))
+                                                          jnp.asarray(beta, jnp.float32), self.teacher)
         return metrics
 
     def nonfinite_params(self, leaf_ok) -> list[str]:
@@ -193,7 +211,7 @@ class Trainer:
 
     def evaluate(self, batch, beta=0.0) -> dict:
         batch = self._put(batch)
-        return self._eval(self.params, self.frozen, batch, jnp.asarray(beta, jnp.float32))
+        return self._eval(self.params, self.frozen, batch, jnp.asarray(beta, jnp.float32), self.teacher)
 
     # ---- checkpoint state: only the trainable parameters and the optimizer state
     def state_tree(self) -> dict:

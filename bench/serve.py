@@ -30,8 +30,9 @@ Models (`--models`):
 - ``mixtral``: a random bfloat16 Mixtral with Mixtral-8x7B layer shapes (d 4096, expert width 14336, 8 experts,
   K 2, GQA 32/8 heads of 128), `--mixtral-layers` layers (default 2: 2 x 2.8 GB of experts, 5.9 GB in all; each
   engine holds one copy, and the JAX model is freed before the others start).
-- ``tiny``: the shipped ``beam_jax/assets/tiny-moe`` with the mask routers of a trained ``tiny.py`` run (``--run``,
-  exported with `convert.to_vllm` for vLLM and transformers), float32; skipped with a note when the run is absent.
+- ``tiny``: the shipped ``beam_jax/assets/tiny-moe`` with what a trained ``tiny.py`` run trained (``--run``: the
+  mask routers, and every weight when it fine-tuned the whole model; exported again by `convert.to_vllm` on every
+  call for vLLM and transformers), float32; skipped with a note when the run is absent.
 
 The vocabulary of the two shaped models is 8192, not the real 151936 / 32000: with only 2 layers, a full-size LM
 head (151936 x 2048 x 2 bytes = 0.62 GB for Qwen3) would be read every step and outweigh the experts a step reads
@@ -167,10 +168,11 @@ def prepare_model(name: str, args) -> dict | None:
         if not (run / "ckpt").is_dir():
             return None
         path = work / "tiny-beam"
-        if not (path / "config.json").is_file():
-            from convert.to_vllm import export
+        from convert.to_vllm import export
 
-            export(run / "ckpt", path)
+        # exported on every call (seconds): a reused export of an earlier run at the same path would serve other
+        # weights in vLLM and transformers than beam_jax.generate loads from the run
+        export(run / "ckpt", path)
         dtype = json.loads((path / "config.json").read_text()).get("dtype", "float32")
         out = {"dir": path, "dtype": dtype, "load_jax": lambda: serve_jax.load_tiny_with_run(run)}
     else:

@@ -155,7 +155,8 @@ def _write_beam_config(path: Path, tau: float, layers: list[int], E: int, K: int
 
 
 def load_tiny_with_run(run) -> object | None:
-    """The shipped tiny model with a trained tiny.py run's mask routers, or None when `run`/ckpt is missing."""
+    """The shipped tiny model with what a trained tiny.py run trained (its mask routers; every weight for
+    train.trainable=all), or None when `run`/ckpt is missing."""
     import beam_jax
     from beam_jax.checkpoint import restore_trainable
 

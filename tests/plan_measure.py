@@ -43,15 +43,15 @@ def main(config_name: str = "tiny.py"):
     param_dtype = None if c.train.trainable == "mask" else "float32"
     model = beam_jax.load_pretrained(c.model.path, dtype=c.model.dtype, param_dtype=param_dtype)
     hook = BeamHook(c.beam.tau, train=True, renormalize=c.beam.renormalize)
-    tr = Trainer(model, c.train.trainable, c.train, LossConfig(alpha=c.beam.alpha, hook=hook,
+    tr = Trainer(model, c.train.trainable, c.train, LossConfig(alpha=c.beam.alpha, hook=hook, distill=c.beam.distill,
                                                                impl=expert_impl(c.model.impl)))
     B, S = c.data.batch_size, c.data.seq_len
     ids = np.random.RandomState(0).randint(3, model.cfg.vocab_size, size=(B, S)).astype(np.int32)
     batch = tr._put({"input_ids": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones((B, S), np.float32)})
     beta = jnp.float32(c.beam.beta)
-    compiled = tr._step.lower(tr.params, tr.opt_state, tr.frozen, batch, beta).compile()
+    compiled = tr._step.lower(tr.params, tr.opt_state, tr.frozen, batch, beta, tr.teacher).compile()
     xla = compiled.memory_analysis()
-    jax.block_until_ready((tr.params, tr.opt_state, tr.frozen, batch))
+    jax.block_until_ready((tr.params, tr.opt_state, tr.frozen, batch, tr.teacher))
     live = sum(x.nbytes for x in jax.live_arrays())
     before = rss()
     peak, running = [before], [True]
@@ -63,7 +63,7 @@ def main(config_name: str = "tiny.py"):
 
     t = threading.Thread(target=sample)
     t.start()
-    jax.block_until_ready(compiled(tr.params, tr.opt_state, tr.frozen, batch, beta))
+    jax.block_until_ready(compiled(tr.params, tr.opt_state, tr.frozen, batch, beta, tr.teacher))
     running[0] = False
     t.join()
     measured = live + peak[0] - before

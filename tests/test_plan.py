@@ -91,3 +91,22 @@ def test_training_refuses_a_run_that_does_not_fit(tiny_model_dir, text_data_dir,
     with pytest.raises(plan.MemoryPlanError, match=r"(?s)does not fit.*parameters.*activations\+temp.*DOES NOT FIT"):
         train_and_evaluate(c, tmp_path)
     assert not (tmp_path / "ckpt").exists()  # refused before training
+
+
+def test_distillation_beyond_the_mask_counts_the_teacher_copy(monkeypatch):
+    """beam.distill with trainable=all keeps a frozen teacher copy of the trainable weights (Trainer.teacher): the
+    plan's parameter bytes count it (exactly the trainable weights' bytes more than the same config planned as if
+    no copy were kept), and the planner asks the trainer's own rule."""
+    from beam_jax import trainer
+
+    c = tiny.get_config()
+    mesh = sharding.make_mesh({}, jax.devices()[:1])
+    cfg, _ = plan.model_config(c)
+    trainable_bytes = sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(plan._abstract_split(cfg, c)[1]))
+    assert c.train.trainable == "all" and c.beam.distill > 0 and trainable_bytes > 32e6
+    assert trainer.keeps_teacher_copy(c.beam.distill, "all") and not trainer.keeps_teacher_copy(c.beam.distill, "mask")
+    assert not trainer.keeps_teacher_copy(0.0, "all")
+    with_copy = plan.estimate(c, mesh)
+    monkeypatch.setattr(trainer, "keeps_teacher_copy", lambda distill, trainable: False)
+    without = plan.estimate(c, mesh)
+    assert with_copy.params - without.params == trainable_bytes

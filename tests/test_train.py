@@ -228,6 +228,43 @@ def test_distill_loss_term(tiny_model_dir):
     assert float(m["distill_loss"]) > 1e-7 and float(loss) == float(m["distill_loss"])
 
 
+
+def test_distill_teacher_is_the_loaded_model_when_everything_trains(tiny_model_dir):
+    """trainable=all with beam.distill: the teacher is a frozen copy of the weights as loaded, not the student.
+    After steps that move every weight, the teacher's parameters are still the loaded ones bit for bit, the step's
+    KL is the KL to the loaded model's Top-K logits (checked against a separately loaded model) and differs from
+    the KL to the student's own Top-K logits; without distillation no copy is kept."""
+    import jax
+
+    from beam_jax import beam as beam_lib
+    from beam_jax.trainer import LossConfig, Trainer
+
+    c = small_config(tiny_model_dir, "unused", train__trainable="all", train__lr=1e-2, train__warmup_steps=0)
+    ids = np.random.RandomState(4).randint(3, 320, size=(2, 17))
+    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((2, 16), np.float32)}
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    lc = LossConfig(hook=BeamHook(0.5, train=True), impl="dense", distill=1.0)
+    tr = Trainer(beam_jax.load_pretrained(tiny_model_dir, param_dtype="float32"), "all", c.train, lc)
+    loaded = [np.asarray(x) for x in jax.tree.leaves(tr.params)]
+    assert float(tr.evaluate(batch)["distill_loss"]) == 0.0  # zero-initialised mask: BEAM = Top-K = teacher
+    for _ in range(3):
+        tr.step(batch, 1.0)
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(loaded, jax.tree.leaves(tr.teacher)))
+    moved = [not np.array_equal(a, np.asarray(b)) for a, b in zip(loaded, jax.tree.leaves(tr.params))]
+    assert sum(moved) > len(moved) // 2
+
+    student = tr.model()
+    reference = beam_jax.load_pretrained(tiny_model_dir, param_dtype="float32")
+    s_logits = student(jb["input_ids"], mask_hook=lc.hook, impl="dense").logits
+    to_loaded, _ = beam_lib.distill_loss(s_logits, reference(jb["input_ids"], impl="dense").logits, jb["loss_mask"])
+    to_self, _ = beam_lib.distill_loss(s_logits, student(jb["input_ids"], impl="dense").logits, jb["loss_mask"])
+    got = float(tr.evaluate(batch)["distill_loss"])
+    np.testing.assert_allclose(got, float(to_loaded), rtol=1e-4)
+    assert abs(float(to_loaded) - float(to_self)) > 1e-3 * float(to_loaded) > 0
+
+    assert Trainer(beam_jax.load_pretrained(tiny_model_dir, param_dtype="float32"), "all", c.train,
+                   LossConfig(hook=BeamHook(0.5, train=True), impl="dense")).teacher is None
+
 @pytest.mark.parametrize("steps,warmup", [(1, 0), (1, 1), (2, 5), (10, 0)])
 def test_optimizer_schedule_for_short_runs(steps, warmup):
     """train.steps may be 1 and warm-up 0 (the config allows both): the schedule is built and its step is finite."""

@@ -50,7 +50,9 @@ def get_config() -> ConfigDict:
     c.beam.controller_rate = 0.05
     c.beam.controller = "global"  # "global": one beta for the model; "per_layer": one beta per MoE layer, each
     # steering its layer's kept fraction to target_ratio (a uniform budget across layers, as the baselines spend)
-    c.beam.distill = 0.0  # > 0: task loss (1 - distill) * L_lm + distill * KL(Top-K teacher || BEAM), not in the paper
+    # > 0: task loss (1 - distill) * L_lm + distill * KL(Top-K teacher || BEAM), not in the paper; the teacher is
+    # the model as loaded (a frozen copy of what trains, when more than the mask routers do)
+    c.beam.distill = 0.0
 
     c.mesh = ConfigDict()  # device mesh (beam_jax/sharding.py): all 1 = one device (the default); else the
     # sizes must multiply to the device count of all processes
