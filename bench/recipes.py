@@ -1,6 +1,6 @@
 """Training recipes for BEAM on the shipped tiny model, compared on the validation split (issue 12).
 
-    python bench/recipes.py NAME [section.key=value ...] [distill=D] [mask_bias=1] [router_init=S]
+    python bench/recipes.py NAME [section.key=value ...] [mask_bias=1] [router_init=S]
     python bench/recipes.py --baselines
     python bench/recipes.py --summary          # bench/results/recipes_cpu.md from the .jsonl
 
@@ -77,9 +77,10 @@ def baselines():
 
 def run(name, overrides):
     c = tiny.get_config()
-    extra = {"distill": 0.0, "mask_bias": 0, "router_init": 0.0}
+    extra = {"mask_bias": 0, "router_init": 0.0}
     for kv in overrides:
         key, _, text = kv.partition("=")
+        key = "beam.distill" if key == "distill" else key  # the records' older spelling
         if key in extra:
             extra[key] = _value(text)
             continue
@@ -102,7 +103,7 @@ def run(name, overrides):
     impl = eval_impl(c.model.impl)
     top = evaluate.evaluate(loaded, vb, TOPK, impl)["accuracy"]
     lc = LossConfig(alpha=c.beam.alpha, balance=c.beam.balance, hook=beam_hook(c.beam, train=True),
-                    impl=expert_impl(c.model.impl), distill=float(extra["distill"]))
+                    impl=expert_impl(c.model.impl), distill=float(c.beam.distill))
     tr = Trainer(model, c.train.trainable, c.train, lc)
     controller = beam_lib.BetaController() if c.beam.target_ratio > 0 else None
     t0 = time.time()
