@@ -276,3 +276,25 @@ def test_experts_cuda_passes_the_map_and_counts(monkeypatch):
     with pytest.raises(RuntimeError, match="needs vLLM's Triton fused-MoE experts .* chose object; serve with "
                                            "--moe-backend triton"):
         runner._apply_quant_method(x, logits, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("E_,K_,scale", [(6, 3, 1.0), (128, 8, 1.0), (64, 6, 2.5)])
+def test_topk_short_way_equals_the_reference(dtype, E_, K_, scale):
+    """Renormalised softmax routing's short way (Top-K of the logits, softmax over K) against topk_reference
+    (softmax over E, gather, renormalise) on random logits: the same experts in the same order, weights equal to
+    float32 rounding; a scheme the short way does not cover (no renormalisation) goes to the reference itself."""
+    g = torch.Generator().manual_seed(E_ + K_)
+    logits = (torch.randn(37, E_, generator=g) * 2).to(dtype)
+    r = beam_moe.BeamRouting(num_experts=E_, top_k=K_, renormalize=True, routed_scaling_factor=scale)
+    w, ids = r.topk(logits)
+    w_ref, ids_ref = r.topk_reference(logits)
+    assert ids.dtype == ids_ref.dtype == torch.int64 and w.dtype == w_ref.dtype == torch.float32
+    assert torch.equal(ids, ids_ref)
+    torch.testing.assert_close(w, w_ref, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(w.sum(-1), torch.full((37,), scale), rtol=1e-5, atol=0)
+    raw = beam_moe.BeamRouting(num_experts=E_, top_k=K_, renormalize=False)
+    w_raw, ids_raw = raw.topk(logits)
+    w_raw_ref, ids_raw_ref = raw.topk_reference(logits)
+    assert torch.equal(ids_raw, ids_raw_ref) and torch.equal(w_raw, w_raw_ref)
+    assert float(w_raw.sum(-1).max()) < 1.0

@@ -71,6 +71,20 @@ class BeamRouting:
     def topk(self, gating_output: torch.Tensor):
         """The family's Top-K exactly as it does it: -> (weights [T, K] f32, ids [T, K] int64).
 
+        Plain renormalised softmax routing (Mixtral, Qwen2/3-MoE, OLMoE) takes the short way vLLM's own CPU router
+        takes: Top-K of the logits, softmax over those K (the same weights as softmax over E restricted to the K
+        and renormalised, without the [T, E] float copy, softmax and gather per layer call); every other scheme,
+        and the reference the short way is tested against, is `topk_reference`."""
+        if (self.scoring_func == "softmax" and self.renormalize and self.e_score_correction_bias is None
+                and not (self.use_grouped_topk and (self.num_expert_group or 1) > 1)):
+            vals, ids = torch.topk(gating_output, k=self.top_k, dim=-1)  # exact in bf16: f32 keeps the order
+            weights = torch.softmax(vals.float(), dim=-1)
+            return (weights if self.routed_scaling_factor == 1.0 else weights * self.routed_scaling_factor), ids
+        return self.topk_reference(gating_output)
+
+    def topk_reference(self, gating_output: torch.Tensor):
+        """`topk` by the definitions, for every scheme: -> (weights [T, K] f32, ids [T, K] int64).
+
         softmax scores (group-limited: groups ranked by their max score), or sigmoid scores whose choice adds
         `e_score_correction_bias` (DeepSeek-V3's noaux_tc: groups ranked by the sum of their two best biased
         scores), the weights being the unbiased scores of the chosen experts."""
