@@ -1,0 +1,72 @@
+"""Where a vLLM-CPU decode step's MoE time goes: the BEAM plugin at tau 0 against vLLM's own model (issue 16).
+
+    python bench/serve.py --models qwen3 --engines jax --batches 1     # makes the two model directories once
+    flock /tmp/beam-bench.lock python bench/profile_vllm_moe.py {native,plugin} BATCH {torch,cprofile}
+
+One engine per process (as bench/serve.py runs them), on the Qwen3-30B-A3B-shaped 2-layer model of
+bench/serve.py (`/tmp/beam_bench/qwen3-30b-a3b-shaped-2l`, `-base` for native vLLM), enforce_eager, torch threads =
+the cores. Prints the steady decode step (best of 3, (t(33 new) - t(1 new)) / 32), then a profile of one more
+generation: `torch` = torch.profiler's table by self CPU time over 33 new tokens (the expert kernel is
+`_C::cpu_fused_moe`), `cprofile` = Python's cumulative times over 65 new tokens (the plugin's own functions are in
+convert/vllm_plugin/moe.py). Compare per-call times, not totals: the kernel's own time varies 10-20% from process
+to process on this machine.
+"""
+
+import os
+import sys
+import time
+
+CORES = str(os.cpu_count() or 1)
+os.environ.update({"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
+                   "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": CORES})
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT]
+MODEL = "/tmp/beam_bench/qwen3-30b-a3b-shaped-2l"
+
+
+def main(engine: str, batch: int, tool: str):
+    import numpy as np
+    import torch
+    from vllm import LLM, SamplingParams
+
+    if engine not in ("native", "plugin") or tool not in ("torch", "cprofile"):
+        raise SystemExit(__doc__)
+    path = MODEL + ("-base" if engine == "native" else "")
+    if not os.path.isdir(path):
+        raise SystemExit(f"{path}: not there; make it with bench/serve.py (see {__file__}'s docstring)")
+    llm = LLM(model=path, dtype="bfloat16", max_model_len=256, seed=0, enforce_eager=True, skip_tokenizer_init=True,
+              enable_prefix_caching=False, max_num_seqs=32, max_num_batched_tokens=1024,
+              hf_overrides=None if engine == "native" else {"beam_tau": 0.0})
+    prompts = np.random.RandomState(0).randint(3, 8192, (batch, 16)).tolist()
+
+    def gen(n):
+        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
+        t = time.perf_counter()
+        llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return time.perf_counter() - t
+
+    gen(33), gen(1)
+    best = {n: min(gen(n) for _ in range(3)) for n in (1, 33)}
+    print(f"{engine} batch {batch}: decode step {(best[33] - best[1]) / 32 * 1e3:.2f} ms, torch threads "
+          f"{torch.get_num_threads()}", flush=True)
+    if tool == "torch":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            gen(33)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+    else:
+        import cProfile
+        import pstats
+
+        pr = cProfile.Profile()
+        pr.enable()
+        gen(65)
+        pr.disable()
+        pstats.Stats(pr).sort_stats("cumulative").print_stats(60)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4:
+        raise SystemExit(__doc__)
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
