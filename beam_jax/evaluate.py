@@ -227,6 +227,11 @@ def _ci_text(r):
     return f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci and ci[0] == ci[0] else ""
 
 
+def _retention_cell(x) -> str:
+    """A retention as a percentage; 'undefined' where a Top-K task score of 0 leaves nothing to retain."""
+    return f"{100 * x:.1f}%" if x == x and abs(x) != float("inf") else "undefined"
+
+
 def markdown_table(rows: list[dict]) -> str:
     """One line per row; with task scores (rows of `task_sweep`) also each task's score and retention's 95% CI."""
     names = list(rows[0].get("task_scores", {})) if rows else []
@@ -239,7 +244,7 @@ def markdown_table(rows: list[dict]) -> str:
         tasks = "".join(f"{r['task_scores'][t]:.4f} | " for t in names)
         lines.append(f"| {r['policy']} | {r['knob'] or ''} | {v} | {r['experts_per_token']:.2f} | "
                      f"{100 * r['moe_flops_reduction']:.1f}% | {r['loss']:.4f} | {r['accuracy']:.4f} | {tasks}"
-                     f"{100 * r['retention']:.1f}%{_ci_text(r)} |")
+                     f"{_retention_cell(r['retention'])}{_ci_text(r)} |")
     return head + "\n".join(lines) + "\n"
 
 

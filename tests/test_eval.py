@@ -52,6 +52,10 @@ def test_sweep_rows_and_pareto(tiny_model_dir):
     assert front and all(any(r is f for r in rows) for f in front)
     table = ev.markdown_table(rows)
     assert table.count("\n") == len(rows) + 2
+    # a retention with no Top-K score to divide by (a random model's) reads 'undefined', not 'nan%'
+    blank = ev.markdown_table([{**rows[1], "retention": float("nan"), "retention_ci95": [float("nan")] * 2}])
+    assert "undefined |" in blank and "nan" not in blank
+    assert "| 86.6% |" in ev.markdown_table([{**rows[1], "retention": 0.866}])
 
 
 def test_multiple_choice(tiny_model_dir, tmp_path):

@@ -310,3 +310,17 @@ def jax_tree_map(f, tree):
     import jax
 
     return jax.tree.map(f, tree)
+
+
+def test_retention_text_says_why_it_is_undefined():
+    """The main job's last line: the retention with its CI, or, where a task's Top-K score is 0 (a random model),
+    'undefined' naming that task instead of printing nan%."""
+    from beam_jax.train import retention_text
+
+    ok = {"quality_retention": 0.866, "quality_retention_ci95": [0.852, 0.878],
+          "tasks": {"next_token": 0.57, "line_completion": 0.11, "multiple_choice": 0.82}}
+    assert retention_text(ok) == "quality retained 86.6% [95% CI 85.2, 87.8] over 3 tasks"
+    bad = {"quality_retention": float("nan"), "quality_retention_ci95": [float("nan")] * 2,
+           "tasks": {"next_token": 0.001, "line_completion": 0.0, "multiple_choice": 0.25}}
+    text = retention_text(bad)
+    assert "undefined" in text and "line_completion" in text and "next_token" not in text and "nan" not in text
