@@ -190,10 +190,10 @@ class Trainer:
         teacher: the distillation teacher's trainable parameters (`self.teacher`); None = the model itself."""
         return _split_loss(self.graphdef, self.lc, params, frozen, batch, beta, teacher)
 
-    def _train_step(self, params, opt_state, frozen, batch, beta, teacher):
+    def _train_step(self, params, opt_state, frozen, batch, beta, teacher=None):
         return train_step(self.graphdef, self.tx, self.lc, params, opt_state, frozen, batch, beta, teacher)
 
-    def _eval_step(self, params, frozen, batch, beta, teacher):
+    def _eval_step(self, params, frozen, batch, beta, teacher=None):
         return self.loss(params, frozen, batch, beta, teacher)[1]
 
     def step(self, batch, beta) -> dict:
