@@ -229,7 +229,7 @@ def _ci_text(r):
 
 def _retention_cell(x) -> str:
     """A retention as a percentage; 'undefined' where a Top-K task score of 0 leaves nothing to retain."""
-    return f"{100 * x:.1f}%" if x == x and abs(x) != float("inf") else "undefined"
+    return f"{100 * x:.1f}%" if math.isfinite(x) else "undefined"
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -144,14 +144,14 @@ def _state_bytes(cfg, config, mesh) -> tuple[int, int, int]:
     from .trainer import make_optimizer
 
     _, params, frozen = _abstract_split(cfg, config)
+    teacher = trainer_lib.keeps_teacher_copy(config.beam.distill, config.train.trainable)
     total = count = 0
     for tree in (params, frozen):
+        copies = 2 if teacher and tree is params else 1
         for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
             spec = sharding.partition_spec(sharding.dotted(p), x.shape, mesh)
-            total += sharding.per_device_bytes(x.shape, x.dtype, spec, mesh)
+            total += copies * sharding.per_device_bytes(x.shape, x.dtype, spec, mesh)
             count += math.prod(x.shape)
-            if tree is params and trainer_lib.keeps_teacher_copy(config.beam.distill, config.train.trainable):
-                total += sharding.per_device_bytes(x.shape, x.dtype, spec, mesh)
     tx = make_optimizer(config.train)
     opt = jax.eval_shape(tx.init, params)
     o_sh = sharding.opt_state_shardings(tx, params, sharding.tree_shardings(params, mesh), mesh)

@@ -111,7 +111,7 @@ def compute_loss(model, batch, beta, lc: LossConfig, teacher=None):
 
 
 def _split_loss(graphdef, lc: LossConfig, params, frozen, batch, beta, teacher=None):
-    t_model = None if teacher is None else nnx.merge(graphdef, jax.lax.stop_gradient(teacher), frozen)
+    t_model = None if teacher is None else nnx.merge(graphdef, teacher, frozen)  # not differentiated (argnums)
     return compute_loss(nnx.merge(graphdef, params, frozen), batch, beta, lc, teacher=t_model)
 
 

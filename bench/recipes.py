@@ -166,7 +166,7 @@ def main(argv):
     for r in rec["rows"]:
         print(f"{r['name']:22s} saved {r['saved'] * 100:5.1f}%  accuracy {r['accuracy']:.4f}  "
               f"retention {r['retention'] * 100:5.1f}%")
-    at = {s: retention_at(rec["rows"], s) for s in (0.5, 0.6, 0.8, 0.85)}
+    at = {s: retention_at(rec["rows"], s) for s in SAVINGS}
     print(f"{rec['name']}: " + ", ".join(f"{s:.0%} saved: {'-' if v is None else f'{v:.1%}'}" for s, v in at.items()))
 
 
