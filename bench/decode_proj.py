@@ -7,7 +7,9 @@ number of rows M (the decode batch), the time of ``x [M, K] @ w [K, N]`` through
 
 - ``xla``: what `beam_jax.attention.matmul` runs without the FFI target (``dot_general`` with float32
   accumulation, one row padded to two: XLA:CPU's fastest path for bfloat16);
-- ``rows``: `beam_jax.rows_matmul.rows_matmul` (the FFI target streaming w once);
+- ``rows``: `beam_jax.rows_matmul.rows_matmul` (the FFI target streaming w once) under the best CPU kernel
+  build this processor has, and ``rows_<isa>`` under each lower build but the generic one (``rows_avx2`` on an
+  AVX512-BF16 processor), switched in the same process through ``_ffi.set_cpu_isa``;
 
 with the floor: w's bytes over the copy bandwidth measured in the same run. Six distinct weight matrices
 are cycled so no product finds its matrix in cache. Picks `rows_matmul.ROWS_MAX`: the largest M where
@@ -61,7 +63,19 @@ def main():
         y = jax.lax.dot_general(x2, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         return y[:rows].astype(x.dtype)
 
-    paths = {"xla": jax.jit(xla), "rows": jax.jit(rows_matmul)}
+    from beam_jax import _ffi
+
+    best = _ffi.best_cpu_isa()
+    isas = {"rows": best, **({"rows_avx2": "avx2"} if best == "avx512bf16" else {})}
+
+    def on(isa, fn):
+        def run(x, w):
+            _ffi.set_cpu_isa(isa)
+            return fn(x, w)
+        return run
+
+    rows_fn = jax.jit(rows_matmul)
+    paths = {"xla": jax.jit(xla), **{name: on(isa, rows_fn) for name, isa in isas.items()}}
     dt = jnp.dtype(args.dtype)
     bw = memory_bandwidth()
     rng = np.random.default_rng(0)
@@ -76,15 +90,19 @@ def main():
             row = {"shape": name, "K": K, "N": N, "rows": M, "floor_ms": 1e3 * nbytes / bw,
                    **{f"{p}_ms": 1e3 * s for p, s in t.items()},
                    **{f"{p}_GBps": nbytes / s / 1e9 for p, s in t.items()},
-                   "rows_over_xla": t["xla"] / t["rows"]}
+                   "rows_over_xla": t["xla"] / t["rows"],
+                   **({"rows_over_rows_avx2": t["rows_avx2"] / t["rows"]} if "rows_avx2" in t else {})}
             results.append(row)
+            others = "".join(f"  {p} {row[p + '_ms']:.3f} ms ({row[p + '_GBps']:.1f} GB/s)" for p in t
+                             if p not in ("xla", "rows"))
             print(f"{name:8s} M={M:3d}  xla {row['xla_ms']:.3f} ms ({row['xla_GBps']:.1f} GB/s)  rows "
-                  f"{row['rows_ms']:.3f} ms ({row['rows_GBps']:.1f} GB/s)  x{row['rows_over_xla']:.2f}  floor "
-                  f"{row['floor_ms']:.3f} ms", flush=True)
+                  f"{row['rows_ms']:.3f} ms ({row['rows_GBps']:.1f} GB/s)  x{row['rows_over_xla']:.2f}{others}  "
+                  f"floor {row['floor_ms']:.3f} ms", flush=True)
     wins = [M for M in rows_list if all(r["rows_over_xla"] > 1 for r in results if r["rows"] == M)]
     best_max = max((M for M in rows_list if all(m in wins for m in rows_list if m <= M)), default=0)
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s; rows_matmul wins on every shape up to M = {best_max}")
-    write_result("decode_proj", {"dtype": args.dtype, "copy_bandwidth_GBps": bw / 1e9,
+    _ffi.set_cpu_isa(best)
+    write_result("decode_proj", {"dtype": args.dtype, "copy_bandwidth_GBps": bw / 1e9, "cpu_isa": best,
                                      "command": "python bench/decode_proj.py " + " ".join(sys.argv[1:]),
                                      "rows_max_winning": best_max, "results": results})
 

@@ -83,7 +83,24 @@ void MaskedMoe(const Problem& p, const Runner& runner);
 void MaskedMoeBwd(const BwdProblem& p, const Runner& runner);
 void RowsMatmul(const RowsProblem& p, const Runner& runner);
 }
-bool CpuHasAvx2();
+namespace cpu_avx512bf16 {
+void MaskedMoe(const Problem& p, const Runner& runner);
+void MaskedMoeBwd(const BwdProblem& p, const Runner& runner);
+void RowsMatmul(const RowsProblem& p, const Runner& runner);
+}
+
+// The instruction set the CPU kernels run: the best build this processor supports, capped by
+// BEAM_JAX_CPU_ISA (generic | avx2 | avx512bf16, read at first use; the tests use it to run each
+// build) or later by SetCpuIsa (the benchmarks compare builds side by side in one process).
+enum class CpuIsa { kGeneric, kAvx2, kAvx512Bf16 };
+CpuIsa BestCpuIsa();
+CpuIsa SelectedCpuIsa();
+CpuIsa SetCpuIsa(const std::string& name);  // returns the build now selected (capped by BestCpuIsa)
+const char* CpuIsaName(CpuIsa isa);
+// The kernels of the selected build.
+void CpuMaskedMoe(const Problem& p, const Runner& runner);
+void CpuMaskedMoeBwd(const BwdProblem& p, const Runner& runner);
+void CpuRowsMatmul(const RowsProblem& p, const Runner& runner);
 
 // The intra-op runner of a CPU FFI call (XLA's thread pool; the caller's thread alone without one).
 Runner MakeRunner(xla::ffi::ThreadPool& pool);

@@ -1,10 +1,13 @@
 // CPU FFI handler of the masked-expert MoE.
 //
 // Layers, as in jax's examples/ffi: the compute lives in masked_moe_cpu_kernel.h (a plain templated
-// function, built here portably and in masked_moe_cpu_avx2.cc for AVX2); MaskedMoeCpu checks the
+// function, built here portably, in masked_moe_cpu_avx2.cc for AVX2 and in
+// masked_moe_cpu_avx512bf16.cc for AVX512-BF16); MaskedMoeCpu checks the
 // buffers, picks the element type and instruction set in one place; the XLA_FFI_DEFINE_HANDLER_SYMBOL
 // bindings at the bottom declare the signature.
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <initializer_list>
@@ -21,23 +24,60 @@ namespace ffi = xla::ffi;
 
 namespace beam {
 
-// Whether to run the AVX2 build: the processor has AVX2, FMA and F16C, and the environment does not
-// ask for the portable kernel (BEAM_JAX_CPU_ISA=generic, read once; the tests use it).
-bool CpuHasAvx2() {
+// The best build compiled in and supported by the processor (AVX2 needs FMA and F16C too;
+// AVX512-BF16 needs AVX512F and BW).
+CpuIsa BestCpuIsa() {
+  static const CpuIsa best = [] {
+    CpuIsa b = CpuIsa::kGeneric;
 #if defined(BEAM_JAX_HAVE_AVX2_TU) && (defined(__x86_64__) || defined(__i386__)) && \
     (defined(__GNUC__) || defined(__clang__))
-  static const bool has = [] {
-    const char* isa = std::getenv("BEAM_JAX_CPU_ISA");
-    if (isa != nullptr && std::string(isa) == "generic") return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-  }();
-  return has;
-#else
-  return false;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c")) {
+      b = CpuIsa::kAvx2;
+#if defined(BEAM_JAX_HAVE_AVX512BF16_TU)
+      if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+          __builtin_cpu_supports("avx512bf16"))
+        b = CpuIsa::kAvx512Bf16;
 #endif
+    }
+#endif
+    return b;
+  }();
+  return best;
 }
 
+namespace {
+CpuIsa ParseCpuIsa(const std::string& name) {
+  return name == "generic" ? CpuIsa::kGeneric : name == "avx2" ? CpuIsa::kAvx2 : CpuIsa::kAvx512Bf16;
+}
+// The selected build: BEAM_JAX_CPU_ISA at first use, SetCpuIsa afterwards.
+std::atomic<int>& Selected() {
+  static std::atomic<int> isa{[] {
+    const char* want = std::getenv("BEAM_JAX_CPU_ISA");
+    const CpuIsa cap = want == nullptr ? CpuIsa::kAvx512Bf16 : ParseCpuIsa(want);
+    return int(std::min(BestCpuIsa(), cap));
+  }()};
+  return isa;
+}
+}  // namespace
+
+CpuIsa SelectedCpuIsa() { return CpuIsa(Selected().load(std::memory_order_relaxed)); }
+
+CpuIsa SetCpuIsa(const std::string& name) {
+  const CpuIsa isa = std::min(BestCpuIsa(), ParseCpuIsa(name));
+  Selected().store(int(isa), std::memory_order_relaxed);
+  return isa;
+}
+
+const char* CpuIsaName(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kAvx512Bf16: return "avx512bf16";
+    case CpuIsa::kAvx2: return "avx2";
+    default: return "generic";
+  }
+}
+
+// Builds CMake left out run the next one down.
 #ifndef BEAM_JAX_HAVE_AVX2_TU
 namespace cpu_avx2 {
 void MaskedMoe(const Problem& p, const Runner& runner) { cpu_generic::MaskedMoe(p, runner); }
@@ -45,6 +85,26 @@ void MaskedMoeBwd(const BwdProblem& p, const Runner& runner) { cpu_generic::Mask
 void RowsMatmul(const RowsProblem& p, const Runner& runner) { cpu_generic::RowsMatmul(p, runner); }
 }  // namespace cpu_avx2
 #endif
+#ifndef BEAM_JAX_HAVE_AVX512BF16_TU
+namespace cpu_avx512bf16 {
+void MaskedMoe(const Problem& p, const Runner& runner) { cpu_avx2::MaskedMoe(p, runner); }
+void MaskedMoeBwd(const BwdProblem& p, const Runner& runner) { cpu_avx2::MaskedMoeBwd(p, runner); }
+void RowsMatmul(const RowsProblem& p, const Runner& runner) { cpu_avx2::RowsMatmul(p, runner); }
+}  // namespace cpu_avx512bf16
+#endif
+
+#define BEAM_CPU_DISPATCH(fn, problem)                                     \
+  switch (SelectedCpuIsa()) {                                               \
+    case CpuIsa::kAvx512Bf16: cpu_avx512bf16::fn(problem, runner); break;   \
+    case CpuIsa::kAvx2: cpu_avx2::fn(problem, runner); break;               \
+    default: cpu_generic::fn(problem, runner);                              \
+  }
+void CpuMaskedMoe(const Problem& p, const Runner& runner) { BEAM_CPU_DISPATCH(MaskedMoe, p) }
+void CpuMaskedMoeBwd(const BwdProblem& p, const Runner& runner) {
+  BEAM_CPU_DISPATCH(MaskedMoeBwd, p)
+}
+void CpuRowsMatmul(const RowsProblem& p, const Runner& runner) { BEAM_CPU_DISPATCH(RowsMatmul, p) }
+#undef BEAM_CPU_DISPATCH
 
 std::string DimsString(ffi::AnyBuffer::Dimensions dims) {
   std::string s = "[";
@@ -129,11 +189,7 @@ ffi::Error MaskedMoeCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
     return err;
   if (p.T == 0 || p.d == 0) return ffi::Error::Success();
   Runner runner = MakeRunner(pool);
-  if (CpuHasAvx2()) {
-    cpu_avx2::MaskedMoe(p, runner);
-  } else {
-    cpu_generic::MaskedMoe(p, runner);
-  }
+  CpuMaskedMoe(p, runner);
   return ffi::Error::Success();
 }
 
@@ -183,11 +239,7 @@ ffi::Error MaskedMoeBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuff
   bp.dx = dx->untyped_data();
   bp.dweights = dweights->typed_data();
   Runner runner = MakeRunner(pool);
-  if (CpuHasAvx2()) {
-    cpu_avx2::MaskedMoeBwd(bp, runner);
-  } else {
-    cpu_generic::MaskedMoeBwd(bp, runner);
-  }
+  CpuMaskedMoeBwd(bp, runner);
   return ffi::Error::Success();
 }
 

@@ -42,6 +42,11 @@
 #else
 #define BEAM_CPU_USE_AVX2 0
 #endif
+#if BEAM_CPU_USE_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define BEAM_CPU_USE_AVX512BF16 1
+#else
+#define BEAM_CPU_USE_AVX512BF16 0
+#endif
 
 #include "masked_moe.h"
 
@@ -231,6 +236,123 @@ inline float Silu(float g) { return g / (1.0f + std::exp(-g)); }
 
 inline int64_t RoundUp(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+float* ThreadBuffer(int which, size_t count);
+
+#if BEAM_CPU_USE_AVX512BF16
+constexpr int64_t kDpCols = 32;  // columns of one block: a 64-byte run of each bf16 weight row
+constexpr int64_t kDpPairs = 4;  // pairs of weight rows per pass over the columns
+constexpr int64_t kDpPrefetchCols = 1024;  // rows up to this long are prefetched a pass ahead
+
+// One pass of StreamRowsColsDp over every column block, for R rows: per block, the R x 32
+// accumulators stay in registers while kDpPairs pairs of W rows are loaded, interleaved and
+// multiplied into them (consecutive vdpbf16ps go to different rows, so they do not wait on each
+// other). acc holds block b of row r at acc[(b * R + r) * kDpCols], in the interleaved column
+// order: one block's accumulators are contiguous (rows of acc a power of two apart would all fall
+// in the same sets of the L1 cache, as the rows of W do).
+// With `prefetch`, each block also prefetches its columns of the next pass's rows (short rows, as
+// an expert's f columns, are runs too short for the hardware prefetcher to ramp up).
+template <int R>
+void DpPass(const uint32_t (*ap)[kDpPairs], int64_t kn, const bf16_t* src, int64_t ldw,
+            int64_t n_all, float* acc, bool prefetch) {
+  const int64_t blocks = (n_all + kDpCols - 1) / kDpCols;
+  for (int64_t b = 0; b < blocks; ++b, src += kDpCols) {
+    const int64_t n = std::min(kDpCols, n_all - b * kDpCols);
+    const bool full = n == kDpCols && kn == 2 * kDpPairs;
+    if (prefetch)
+      for (int64_t i = 0; i < 2 * kDpPairs; ++i)
+        _mm_prefetch(reinterpret_cast<const char*>(src + (2 * kDpPairs + i) * ldw), _MM_HINT_T0);
+    const __mmask32 m = n == kDpCols ? ~__mmask32(0) : __mmask32((1u << n) - 1);
+    __m512 lo[R], hi[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      lo[r] = _mm512_loadu_ps(acc + (b * R + r) * kDpCols);
+      hi[r] = _mm512_loadu_ps(acc + (b * R + r) * kDpCols + 16);
+    }
+#pragma GCC unroll 8
+    for (int64_t i = 0; i < kDpPairs; ++i) {
+      __m512i r0, r1;
+      if (full) {  // the steady state: straight from W into registers
+        r0 = _mm512_loadu_si512(src + 2 * i * ldw);
+        r1 = _mm512_loadu_si512(src + (2 * i + 1) * ldw);
+      } else {  // a partial block or the last rows: masked loads, zeros beyond
+        r0 = 2 * i < kn ? _mm512_maskz_loadu_epi16(m, src + 2 * i * ldw) : _mm512_setzero_si512();
+        r1 = 2 * i + 1 < kn ? _mm512_maskz_loadu_epi16(m, src + (2 * i + 1) * ldw)
+                            : _mm512_setzero_si512();
+      }
+      const __m512bh wl = (__m512bh)_mm512_unpacklo_epi16(r0, r1);
+      const __m512bh wh = (__m512bh)_mm512_unpackhi_epi16(r0, r1);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m512bh av = (__m512bh)_mm512_set1_epi32(int(ap[r][i]));
+        lo[r] = _mm512_dpbf16_ps(lo[r], av, wl);
+        hi[r] = _mm512_dpbf16_ps(hi[r], av, wh);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      _mm512_storeu_ps(acc + (b * R + r) * kDpCols, lo[r]);
+      _mm512_storeu_ps(acc + (b * R + r) * kDpCols + 16, hi[r]);
+    }
+  }
+}
+
+// StreamRowsCols for bfloat16 weights on processors with AVX512-BF16 (Zen 4, Sapphire Rapids).
+// vdpbf16ps multiplies 32 bf16 pairs and adds them into 16 f32 lanes: about twice the multiply-adds
+// per cycle of AVX2 FMAs (measured on Zen 4: 3.3 G zmm vdpbf16ps/s against 7.1 G ymm FMAs/s per core)
+// and no conversion of W, which is what bounds the AVX2 loop at a few rows. It takes the two factors
+// of a pair side by side, so rows k and k + 1 of W are interleaved in registers (vpunpck{l,h}wd,
+// within each 128-bit lane): the low product holds columns {0-3, 8-11, 16-19, 24-27} of a 32-column
+// block, the high one {4-7, 12-15, 20-23, 28-31}. The accumulators keep that order in a per-thread
+// buffer and are put back in column order once, at the end. A is rounded to bf16 (exact for x given
+// in bf16; the down projection's hidden activations are rounded as bf16 inference engines round
+// them); products accumulate in f32.
+void StreamRowsColsDp(const float* const* arow, int64_t lda, int64_t rows, int64_t k0, int64_t k1,
+                      const bf16_t* W, int64_t ldw, int64_t j0, int64_t j1, float* C,
+                      int64_t ldc) {
+  const int64_t n_all = j1 - j0;
+  const int64_t blocks = (n_all + kDpCols - 1) / kDpCols;
+  float* acc = ThreadBuffer(7, size_t(blocks * rows * kDpCols));
+  std::fill(acc, acc + blocks * rows * kDpCols, 0.0f);
+  const int64_t step = 2 * kDpPairs;
+  for (int64_t k = k0; k < k1; k += step) {
+    const int64_t kn = std::min<int64_t>(step, k1 - k);
+    uint32_t ap[kSkinnyRows][kDpPairs];  // (A(r, k + 2i), A(r, k + 2i + 1)) as a bf16 pair
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < kDpPairs; ++i) {
+        const uint32_t lo = 2 * i < kn ? FromFloat<bf16_t>(arow[r][(k + 2 * i) * lda]).bits : 0;
+        const uint32_t hi =
+            2 * i + 1 < kn ? FromFloat<bf16_t>(arow[r][(k + 2 * i + 1) * lda]).bits : 0;
+        ap[r][i] = lo | (hi << 16);
+      }
+    const bf16_t* src = W + k * ldw + j0;
+    const bool prefetch = n_all <= kDpPrefetchCols && k + 2 * step <= k1;
+    switch (rows) {
+      case 1: DpPass<1>(ap, kn, src, ldw, n_all, acc, prefetch); break;
+      case 2: DpPass<2>(ap, kn, src, ldw, n_all, acc, prefetch); break;
+      case 3: DpPass<3>(ap, kn, src, ldw, n_all, acc, prefetch); break;
+      case 4: DpPass<4>(ap, kn, src, ldw, n_all, acc, prefetch); break;
+      case 5: DpPass<5>(ap, kn, src, ldw, n_all, acc, prefetch); break;
+      case 6: DpPass<6>(ap, kn, src, ldw, n_all, acc, prefetch); break;
+      case 7: DpPass<7>(ap, kn, src, ldw, n_all, acc, prefetch); break;
+      default: DpPass<8>(ap, kn, src, ldw, n_all, acc, prefetch); break;
+    }
+  }
+  // Back to column order: C's rows hold RoundUp(n_all, NR) columns (the padding ones are zero).
+  const __m512i idx0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i idx1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  const int64_t width = RoundUp(n_all, NR);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* a = acc + (b * rows + r) * kDpCols;
+      float* c = C + r * ldc + b * kDpCols;
+      const __m512 lo = _mm512_loadu_ps(a), hi = _mm512_loadu_ps(a + 16);
+      _mm512_storeu_ps(c, _mm512_permutex2var_ps(lo, idx0, hi));
+      if (b * kDpCols + NR < width) _mm512_storeu_ps(c + NR, _mm512_permutex2var_ps(lo, idx1, hi));
+    }
+}
+static_assert(kSkinnyRows == 8, "StreamRowsColsDp instantiates DpPass for 1..8 rows");
+#endif
+
 // Skinny rows (decode): C[r][j - j0] = sum over k in [k0, k1) of A(r, k) * W[k][j] for r < rows
 // (<= kSkinnyRows) and j in [j0, j1), with A(r, k) = arow[r][k * lda] (lda = MR for the packed
 // panels, 1 for plain rows) and C's rows ldc apart (room for RoundUp(j1 - j0, NR) columns; C points
@@ -240,6 +362,12 @@ inline int64_t RoundUp(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 template <typename T>
 void StreamRowsCols(const float* const* arow, int64_t lda, int64_t rows, int64_t k0, int64_t k1,
                     const T* W, int64_t ldw, int64_t j0, int64_t j1, float* C, int64_t ldc) {
+#if BEAM_CPU_USE_AVX512BF16
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    StreamRowsColsDp(arow, lda, rows, k0, k1, W, ldw, j0, j1, C, ldc);
+    return;
+  }
+#endif
   const int64_t width = RoundUp(j1 - j0, NR);
   for (int64_t r = 0; r < rows; ++r) std::fill(C + r * ldc, C + r * ldc + width, 0.0f);
   alignas(32) float wb[4][NR];

@@ -4,7 +4,9 @@
 //                            beam_rows_matmul: the decode-time projections, CPU only)
 //   cuda_registrations()  -> {target name: capsule} for platform "CUDA" (empty without CUDA)
 //   cuda_compiled()       -> whether the CUDA kernels were built into this module
-//   cpu_isa()             -> "avx2" or "generic": which CPU kernel this processor runs
+//   cpu_isa()             -> "avx512bf16", "avx2" or "generic": which CPU kernel build runs here
+//   best_cpu_isa()        -> the best build this processor supports
+//   set_cpu_isa(name)     -> select a build (capped at the best); returns the one now selected
 // A target has the same name on both platforms, so one ffi_call lowers on either. The backward
 // targets (beam_masked_moe_bwd, beam_masked_moe_bwd_full) exist on CPU only for now: a CUDA build
 // leaves them out of cuda_registrations(), and beam_jax.kernel reads which are there.
@@ -52,5 +54,15 @@ PYBIND11_MODULE(_ffi, m) {
     return false;
 #endif
   });
-  m.def("cpu_isa", []() { return beam::CpuHasAvx2() ? "avx2" : "generic"; });
+  m.def("cpu_isa", []() { return beam::CpuIsaName(beam::SelectedCpuIsa()); });
+  m.def("best_cpu_isa", []() { return beam::CpuIsaName(beam::BestCpuIsa()); });
+  m.def(
+      "set_cpu_isa",
+      [](const std::string& name) {
+        if (name != "generic" && name != "avx2" && name != "avx512bf16")
+          throw py::value_error("cpu isa must be 'generic', 'avx2' or 'avx512bf16', got '" + name +
+                                "'");
+        return beam::CpuIsaName(beam::SetCpuIsa(name));
+      },
+      py::arg("name"));
 }

@@ -42,11 +42,7 @@ ffi::Error RowsMatmulCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   p.y = y->untyped_data();
   if (p.M == 0 || p.N == 0) return ffi::Error::Success();
   Runner runner = MakeRunner(pool);
-  if (CpuHasAvx2()) {
-    cpu_avx2::RowsMatmul(p, runner);
-  } else {
-    cpu_generic::RowsMatmul(p, runner);
-  }
+  CpuRowsMatmul(p, runner);
   return ffi::Error::Success();
 }
 

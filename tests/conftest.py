@@ -32,6 +32,27 @@ def text_data_dir(tmp_path_factory):
     return d
 
 
+# ---- CPU kernel builds: run a test under each SIMD build this processor has (skipped, with the reason, where it lacks one)
+
+CPU_ISAS = ("generic", "avx2", "avx512bf16")  # the builds of ffi/masked_moe_cpu_kernel.h, lowest first
+
+
+@pytest.fixture(params=CPU_ISAS[1:])
+def cpu_isa(request):
+    """Select a SIMD build of the CPU kernels for the test (beam_jax._ffi.set_cpu_isa), restoring the default after."""
+    try:
+        from beam_jax import _ffi
+    except ImportError as e:
+        pytest.skip(f"beam_jax._ffi not built ({e})")
+    best = _ffi.best_cpu_isa()
+    if CPU_ISAS.index(best) < CPU_ISAS.index(request.param):
+        pytest.skip(f"this processor has no {request.param} build to run (best: {best})")
+    before = _ffi.cpu_isa()
+    assert _ffi.set_cpu_isa(request.param) == request.param
+    yield request.param
+    _ffi.set_cpu_isa(before)
+
+
 # ---- reliability summary: tests/test_faults.py and tests/test_kernel_properties.py add their counts here
 
 RELIABILITY = {}  # name -> count, e.g. "kill -9 trials", "faults survived", "bad inputs refused"

@@ -131,6 +131,57 @@ def test_generic_isa():
     run_generic_isa(code)
 
 
+# Every row count of a group (1..8: the AVX512-BF16 loop is unrolled per count), columns with tails of the 32-column
+# blocks (none, under 16, over 16), reductions with tails of the 8-row passes, several row groups.
+ISA_SHAPES = [(1, 2048, 512), (2, 24, 40), (3, 37, 70), (4, 130, 33), (5, 9, 64), (6, 64, 17), (7, 300, 129),
+              (8, 257, 96), (8, 1, 48), (11, 40, 50), (24, 16, 32)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_each_simd_build_equals_the_float64_product(cpu_isa, dtype):
+    rng = np.random.default_rng(7)
+    f = jax.jit(rm.rows_matmul)
+    for M, K, N in ISA_SHAPES:
+        x, w = _inputs(rng, M, K, N, dtype)
+        want = _ref(x, w)
+        err = np.max(np.abs(np.asarray(f(x, w), np.float64) - want)) / np.max(np.abs(want))
+        assert err < TOL[dtype], (cpu_isa, M, K, N, err)
+
+
+def test_simd_builds_agree_in_bfloat16():
+    # The AVX512-BF16 loop (vdpbf16ps) against the AVX2 one (f32 FMAs) on the same bf16 operands: both accumulate
+    # exact products in f32, so they differ by summation order and the output's rounding only.
+    from beam_jax import _ffi
+
+    if _ffi.best_cpu_isa() != "avx512bf16":
+        pytest.skip(f"this processor has no avx512bf16 build to compare (best: {_ffi.best_cpu_isa()})")
+    rng = np.random.default_rng(8)
+    x, w = _inputs(rng, 8, 1000, 300, jnp.bfloat16)
+    f = jax.jit(rm.rows_matmul)
+    try:
+        _ffi.set_cpu_isa("avx2")
+        a = np.asarray(f(x, w), np.float32)
+        _ffi.set_cpu_isa("avx512bf16")
+        b = np.asarray(f(x, w), np.float32)
+    finally:
+        _ffi.set_cpu_isa(_ffi.best_cpu_isa())
+    np.testing.assert_allclose(b, a, rtol=0, atol=8e-3 * np.max(np.abs(a)))
+
+
+def test_set_cpu_isa_names_the_builds():
+    from beam_jax import _ffi
+
+    best = _ffi.best_cpu_isa()
+    assert best in ("generic", "avx2", "avx512bf16")
+    try:
+        assert _ffi.set_cpu_isa("generic") == "generic" and _ffi.cpu_isa() == "generic"
+        assert _ffi.set_cpu_isa("avx512bf16") == best  # capped at what the processor has
+        with pytest.raises(ValueError, match="cpu isa must be 'generic', 'avx2' or 'avx512bf16', got 'sse4'"):
+            _ffi.set_cpu_isa("sse4")
+    finally:
+        _ffi.set_cpu_isa(best)
+
+
 def test_env_switch_is_read_at_trace_time(monkeypatch):
     monkeypatch.setenv("BEAM_JAX_ROWS_MATMUL", "0")
     assert not rm.use_rows_matmul(1, jnp.bfloat16)
