@@ -242,6 +242,7 @@ float* ThreadBuffer(int which, size_t count);
 constexpr int64_t kDpCols = 32;  // columns of one block: a 64-byte run of each bf16 weight row
 constexpr int64_t kDpPairs = 4;  // pairs of weight rows per pass over the columns
 constexpr int64_t kDpPrefetchCols = 1024;  // rows up to this long are prefetched a pass ahead
+constexpr int64_t kDpPrefetchPasses = 1;
 
 // One pass of StreamRowsColsDp over every column block, for R rows: per block, the R x 32
 // accumulators stay in registers while kDpPairs pairs of W rows are loaded, interleaved and
@@ -258,9 +259,16 @@ void DpPass(const uint32_t (*ap)[kDpPairs], int64_t kn, const bf16_t* src, int64
   for (int64_t b = 0; b < blocks; ++b, src += kDpCols) {
     const int64_t n = std::min(kDpCols, n_all - b * kDpCols);
     const bool full = n == kDpCols && kn == 2 * kDpPairs;
-    if (prefetch)
-      for (int64_t i = 0; i < 2 * kDpPairs; ++i)
-        _mm_prefetch(reinterpret_cast<const char*>(src + (2 * kDpPairs + i) * ldw), _MM_HINT_T0);
+    if (prefetch) {
+      if (ldw == n_all) {  // the next pass is one contiguous run: prefetch it in memory order
+        const char* next = reinterpret_cast<const char*>(src - b * kDpCols + kDpPrefetchPasses * 2 * kDpPairs * ldw);
+        for (int64_t i = 0; i < 2 * kDpPairs; ++i)
+          _mm_prefetch(next + (b * 2 * kDpPairs + i) * 64, _MM_HINT_T0);
+      } else {
+        for (int64_t i = 0; i < 2 * kDpPairs; ++i)
+          _mm_prefetch(reinterpret_cast<const char*>(src + (2 * kDpPairs + i) * ldw), _MM_HINT_T0);
+      }
+    }
     const __mmask32 m = n == kDpCols ? ~__mmask32(0) : __mmask32((1u << n) - 1);
     __m512 lo[R], hi[R];
 #pragma GCC unroll 8
@@ -325,7 +333,7 @@ void StreamRowsColsDp(const float* const* arow, int64_t lda, int64_t rows, int64
         ap[r][i] = lo | (hi << 16);
       }
     const bf16_t* src = W + k * ldw + j0;
-    const bool prefetch = n_all <= kDpPrefetchCols && k + 2 * step <= k1;
+    const bool prefetch = n_all <= kDpPrefetchCols && k + (1 + kDpPrefetchPasses) * step <= k1;
     switch (rows) {
       case 1: DpPass<1>(ap, kn, src, ldw, n_all, acc, prefetch); break;
       case 2: DpPass<2>(ap, kn, src, ldw, n_all, acc, prefetch); break;
@@ -383,15 +391,24 @@ void StreamRowsCols(const float* const* arow, int64_t lda, int64_t rows, int64_t
       __m256 w0l, w0h, w1l, w1h, w2l, w2h, w3l, w3h;
       if (n == NR && kn == 4) {  // the steady state: straight from W into registers
         const T* src = W + k * ldw + j;
-        // Prefetch the same columns kPrefetchRows rows ahead (each cache line once): the four rows
-        // in flight are short runs when N is small (an expert's f), too short for the hardware
-        // prefetcher to ramp up (measured: 16.5 -> 22.7 GB/s for Qwen3-shaped bf16 experts).
-        if (k + kPrefetchRows + 4 <= k1 && (sizeof(T) == 4 || ((j - j0) & NR) == 0)) {
-          const char* next = reinterpret_cast<const char*>(src + kPrefetchRows * ldw);
-          _mm_prefetch(next, _MM_HINT_T0);
-          _mm_prefetch(next + ldw * sizeof(T), _MM_HINT_T0);
-          _mm_prefetch(next + 2 * ldw * sizeof(T), _MM_HINT_T0);
-          _mm_prefetch(next + 3 * ldw * sizeof(T), _MM_HINT_T0);
+        // Prefetch kPrefetchRows rows ahead: the four rows in flight are short runs when N is small
+        // (an expert's f), too short for the hardware prefetcher to ramp up (measured: 16.5 -> 22.7
+        // GB/s for Qwen3-shaped bf16 experts). Whole rows make those four rows one contiguous run,
+        // prefetched in memory order (each column step its share of the run's lines); otherwise the
+        // same columns of each row, each cache line once.
+        if (k + kPrefetchRows + 4 <= k1) {
+          if (j1 - j0 == ldw) {
+            constexpr int64_t per = 4 * NR * int64_t(sizeof(T)) / 64;  // lines per column step
+            const char* run = reinterpret_cast<const char*>(W + (k + kPrefetchRows) * ldw);
+            for (int64_t i = 0; i < per; ++i)
+              _mm_prefetch(run + ((j - j0) / NR * per + i) * 64, _MM_HINT_T0);
+          } else if (sizeof(T) == 4 || ((j - j0) & NR) == 0) {
+            const char* next = reinterpret_cast<const char*>(src + kPrefetchRows * ldw);
+            _mm_prefetch(next, _MM_HINT_T0);
+            _mm_prefetch(next + ldw * sizeof(T), _MM_HINT_T0);
+            _mm_prefetch(next + 2 * ldw * sizeof(T), _MM_HINT_T0);
+            _mm_prefetch(next + 3 * ldw * sizeof(T), _MM_HINT_T0);
+          }
         }
         Load16(src, w0l, w0h);
         Load16(src + ldw, w1l, w1h);
