@@ -64,6 +64,7 @@ constexpr int64_t kSkinnyRows = 8;    // segments with at most this many rows st
 constexpr int64_t kSlabMin = 128;     // fewest weight rows in one streaming (split-K) unit
 constexpr int64_t NBR = 256;          // columns per unit of the split-K reductions
 constexpr int64_t kPrefetchRows = 8;  // the weight-streaming loop prefetches this many rows ahead
+constexpr int64_t kDpPrefetchCols = 1024;  // rows up to this long are prefetched as contiguous runs
 
 // ---------------------------------------------------------------------------------------------
 // Element types and conversions (round to nearest even on the way back).
@@ -241,7 +242,6 @@ float* ThreadBuffer(int which, size_t count);
 #if BEAM_CPU_USE_AVX512BF16
 constexpr int64_t kDpCols = 32;  // columns of one block: a 64-byte run of each bf16 weight row
 constexpr int64_t kDpPairs = 4;  // pairs of weight rows per pass over the columns
-constexpr int64_t kDpPrefetchCols = 1024;  // rows up to this long are prefetched a pass ahead
 constexpr int64_t kDpPrefetchPasses = 1;
 
 // One pass of StreamRowsColsDp over every column block, for R rows: per block, the R x 32
@@ -393,11 +393,11 @@ void StreamRowsCols(const float* const* arow, int64_t lda, int64_t rows, int64_t
         const T* src = W + k * ldw + j;
         // Prefetch kPrefetchRows rows ahead: the four rows in flight are short runs when N is small
         // (an expert's f), too short for the hardware prefetcher to ramp up (measured: 16.5 -> 22.7
-        // GB/s for Qwen3-shaped bf16 experts). Whole rows make those four rows one contiguous run,
-        // prefetched in memory order (each column step its share of the run's lines); otherwise the
-        // same columns of each row, each cache line once.
+        // GB/s for Qwen3-shaped bf16 experts). Short whole rows make those four rows one contiguous
+        // run, prefetched in memory order (each column step its share of the run's lines); otherwise
+        // the same columns of each row, each cache line once.
         if (k + kPrefetchRows + 4 <= k1) {
-          if (j1 - j0 == ldw) {
+          if (j1 - j0 == ldw && ldw <= kDpPrefetchCols) {
             constexpr int64_t per = 4 * NR * int64_t(sizeof(T)) / 64;  // lines per column step
             const char* run = reinterpret_cast<const char*>(W + (k + kPrefetchRows) * ldw);
             for (int64_t i = 0; i < per; ++i)
