@@ -1,11 +1,12 @@
 """Where a vLLM-CPU decode step's MoE time goes: the BEAM plugin at tau 0 against vLLM's own model (issue 16).
 
     python bench/serve.py --models qwen3 --engines jax --batches 1     # makes the two model directories once
-    flock /tmp/beam-bench.lock python bench/profile_vllm_moe.py {native,plugin} BATCH {torch,cprofile}
+    flock /tmp/beam-bench.lock python bench/profile_vllm_moe.py {native,plugin} BATCH {torch,cprofile} [TAU]
 
 One engine per process (as bench/serve.py runs them), on the Qwen3-30B-A3B-shaped 2-layer model of
 bench/serve.py (`/tmp/beam_bench/qwen3-30b-a3b-shaped-2l`, `-base` for native vLLM), enforce_eager, torch threads =
-the cores. Prints the steady decode step (best of 3, (t(33 new) - t(1 new)) / 32), then a profile of one more
+the cores; the plugin serves at TAU (default 0: Top-K; 0.74 keeps about 0.15 of the pairs with bench/serve.py's
+random mask routers). Prints the steady decode step (best of 3, (t(33 new) - t(1 new)) / 32), then a profile of one more
 generation: `torch` = torch.profiler's table by self CPU time over 33 new tokens (the expert kernel is
 `_C::cpu_fused_moe`), `cprofile` = Python's cumulative times over 65 new tokens (the plugin's own functions are in
 convert/vllm_plugin/moe.py). Compare per-call times, not totals: the kernel's own time varies 10-20% from process
@@ -24,7 +25,7 @@ sys.path[:0] = [ROOT]
 MODEL = "/tmp/beam_bench/qwen3-30b-a3b-shaped-2l"
 
 
-def main(engine: str, batch: int, tool: str):
+def main(engine: str, batch: int, tool: str, tau: float = 0.0):
     import numpy as np
     import torch
     from vllm import LLM, SamplingParams
@@ -36,7 +37,7 @@ def main(engine: str, batch: int, tool: str):
         raise SystemExit(f"{path}: not there; make it with bench/serve.py (see {__file__}'s docstring)")
     llm = LLM(model=path, dtype="bfloat16", max_model_len=256, seed=0, enforce_eager=True, skip_tokenizer_init=True,
               enable_prefix_caching=False, max_num_seqs=32, max_num_batched_tokens=1024,
-              hf_overrides=None if engine == "native" else {"beam_tau": 0.0})
+              hf_overrides=None if engine == "native" else {"beam_tau": tau})
     prompts = np.random.RandomState(0).randint(3, 8192, (batch, 16)).tolist()
 
     def gen(n):
@@ -47,7 +48,7 @@ def main(engine: str, batch: int, tool: str):
 
     gen(33), gen(1)
     best = {n: min(gen(n) for _ in range(3)) for n in (1, 33)}
-    print(f"{engine} batch {batch}: decode step {(best[33] - best[1]) / 32 * 1e3:.2f} ms, torch threads "
+    print(f"{engine}{f' tau {tau}' if engine == 'plugin' else ''} batch {batch}: decode step {(best[33] - best[1]) / 32 * 1e3:.2f} ms, torch threads "
           f"{torch.get_num_threads()}", flush=True)
     if tool == "torch":
         from torch.profiler import ProfilerActivity, profile
@@ -67,6 +68,6 @@ def main(engine: str, batch: int, tool: str):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
+    if len(sys.argv) not in (4, 5):
         raise SystemExit(__doc__)
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], *(float(a) for a in sys.argv[4:]))
