@@ -64,7 +64,7 @@ constexpr int64_t kSkinnyRows = 8;    // segments with at most this many rows st
 constexpr int64_t kSlabMin = 128;     // fewest weight rows in one streaming (split-K) unit
 constexpr int64_t NBR = 256;          // columns per unit of the split-K reductions
 constexpr int64_t kPrefetchRows = 8;  // the weight-streaming loop prefetches this many rows ahead
-constexpr int64_t kDpPrefetchCols = 1024;  // rows up to this long are prefetched as contiguous runs
+constexpr int64_t kRunPrefetchCols = 1024;  // whole rows up to this long: prefetched as one run
 
 // ---------------------------------------------------------------------------------------------
 // Element types and conversions (round to nearest even on the way back).
@@ -242,7 +242,6 @@ float* ThreadBuffer(int which, size_t count);
 #if BEAM_CPU_USE_AVX512BF16
 constexpr int64_t kDpCols = 32;  // columns of one block: a 64-byte run of each bf16 weight row
 constexpr int64_t kDpPairs = 4;  // pairs of weight rows per pass over the columns
-constexpr int64_t kDpPrefetchPasses = 1;
 
 // One pass of StreamRowsColsDp over every column block, for R rows: per block, the R x 32
 // accumulators stay in registers while kDpPairs pairs of W rows are loaded, interleaved and
@@ -250,8 +249,10 @@ constexpr int64_t kDpPrefetchPasses = 1;
 // other). acc holds block b of row r at acc[(b * R + r) * kDpCols], in the interleaved column
 // order: one block's accumulators are contiguous (rows of acc a power of two apart would all fall
 // in the same sets of the L1 cache, as the rows of W do).
-// With `prefetch`, each block also prefetches its columns of the next pass's rows (short rows, as
-// an expert's f columns, are runs too short for the hardware prefetcher to ramp up).
+// With `prefetch`, each block also prefetches its share of the next pass's rows (short rows, as an
+// expert's f columns, are runs too short for the hardware prefetcher to ramp up): when the pass
+// covers whole rows, they are one contiguous run, prefetched in memory order; otherwise the block's
+// columns of each row.
 template <int R>
 void DpPass(const uint32_t (*ap)[kDpPairs], int64_t kn, const bf16_t* src, int64_t ldw,
             int64_t n_all, float* acc, bool prefetch) {
@@ -260,10 +261,10 @@ void DpPass(const uint32_t (*ap)[kDpPairs], int64_t kn, const bf16_t* src, int64
     const int64_t n = std::min(kDpCols, n_all - b * kDpCols);
     const bool full = n == kDpCols && kn == 2 * kDpPairs;
     if (prefetch) {
-      if (ldw == n_all) {  // the next pass is one contiguous run: prefetch it in memory order
-        const char* next = reinterpret_cast<const char*>(src - b * kDpCols + kDpPrefetchPasses * 2 * kDpPairs * ldw);
-        for (int64_t i = 0; i < 2 * kDpPairs; ++i)
-          _mm_prefetch(next + (b * 2 * kDpPairs + i) * 64, _MM_HINT_T0);
+      if (ldw == n_all) {  // 2 * kDpPairs lines per block cover the next pass's run
+        const char* run = reinterpret_cast<const char*>(src - b * kDpCols + 2 * kDpPairs * ldw);
+        const char* next = run + b * 2 * kDpPairs * 64;
+        for (int64_t i = 0; i < 2 * kDpPairs; ++i) _mm_prefetch(next + i * 64, _MM_HINT_T0);
       } else {
         for (int64_t i = 0; i < 2 * kDpPairs; ++i)
           _mm_prefetch(reinterpret_cast<const char*>(src + (2 * kDpPairs + i) * ldw), _MM_HINT_T0);
@@ -305,15 +306,15 @@ void DpPass(const uint32_t (*ap)[kDpPairs], int64_t kn, const bf16_t* src, int64
 }
 
 // StreamRowsCols for bfloat16 weights on processors with AVX512-BF16 (Zen 4, Sapphire Rapids).
-// vdpbf16ps multiplies 32 bf16 pairs and adds them into 16 f32 lanes: about twice the multiply-adds
-// per cycle of AVX2 FMAs (measured on Zen 4: 3.3 G zmm vdpbf16ps/s against 7.1 G ymm FMAs/s per core)
-// and no conversion of W, which is what bounds the AVX2 loop at a few rows. It takes the two factors
-// of a pair side by side, so rows k and k + 1 of W are interleaved in registers (vpunpck{l,h}wd,
-// within each 128-bit lane): the low product holds columns {0-3, 8-11, 16-19, 24-27} of a 32-column
-// block, the high one {4-7, 12-15, 20-23, 28-31}. The accumulators keep that order in a per-thread
-// buffer and are put back in column order once, at the end. A is rounded to bf16 (exact for x given
-// in bf16; the down projection's hidden activations are rounded as bf16 inference engines round
-// them); products accumulate in f32.
+// vdpbf16ps multiplies 32 bf16 pairs and adds them into 16 f32 lanes: about twice the
+// multiply-adds per cycle of AVX2 FMAs (measured on Zen 4: 3.3 G zmm vdpbf16ps/s against 7.1 G ymm
+// FMAs/s per core) and no conversion of W, which is what bounds the AVX2 loop at a few rows. It
+// takes the two factors of a pair side by side, so rows k and k + 1 of W are interleaved in
+// registers (vpunpck{l,h}wd, within each 128-bit lane): the low product holds columns {0-3, 8-11,
+// 16-19, 24-27} of a 32-column block, the high one {4-7, 12-15, 20-23, 28-31}. The accumulators
+// keep that order in a per-thread buffer and are put back in column order once, at the end. A is
+// rounded to bf16 (exact for x given in bf16; the down projection's hidden activations are rounded
+// as bf16 inference engines round them); products accumulate in f32.
 void StreamRowsColsDp(const float* const* arow, int64_t lda, int64_t rows, int64_t k0, int64_t k1,
                       const bf16_t* W, int64_t ldw, int64_t j0, int64_t j1, float* C,
                       int64_t ldc) {
@@ -333,7 +334,7 @@ void StreamRowsColsDp(const float* const* arow, int64_t lda, int64_t rows, int64
         ap[r][i] = lo | (hi << 16);
       }
     const bf16_t* src = W + k * ldw + j0;
-    const bool prefetch = n_all <= kDpPrefetchCols && k + (1 + kDpPrefetchPasses) * step <= k1;
+    const bool prefetch = n_all <= kRunPrefetchCols && k + 2 * step <= k1;
     switch (rows) {
       case 1: DpPass<1>(ap, kn, src, ldw, n_all, acc, prefetch); break;
       case 2: DpPass<2>(ap, kn, src, ldw, n_all, acc, prefetch); break;
@@ -347,7 +348,8 @@ void StreamRowsColsDp(const float* const* arow, int64_t lda, int64_t rows, int64
   }
   // Back to column order: C's rows hold RoundUp(n_all, NR) columns (the padding ones are zero).
   const __m512i idx0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i idx1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  const __m512i idx1 =
+      _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
   const int64_t width = RoundUp(n_all, NR);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t b = 0; b < blocks; ++b) {
@@ -393,11 +395,11 @@ void StreamRowsCols(const float* const* arow, int64_t lda, int64_t rows, int64_t
         const T* src = W + k * ldw + j;
         // Prefetch kPrefetchRows rows ahead: the four rows in flight are short runs when N is small
         // (an expert's f), too short for the hardware prefetcher to ramp up (measured: 16.5 -> 22.7
-        // GB/s for Qwen3-shaped bf16 experts). Short whole rows make those four rows one contiguous
-        // run, prefetched in memory order (each column step its share of the run's lines); otherwise
-        // the same columns of each row, each cache line once.
+        // GB/s for Qwen3-shaped bf16 experts). Short whole rows make those four rows one
+        // contiguous run, prefetched in memory order (each column step its share of the run's
+        // lines); otherwise the same columns of each row, each cache line once.
         if (k + kPrefetchRows + 4 <= k1) {
-          if (j1 - j0 == ldw && ldw <= kDpPrefetchCols) {
+          if (j1 - j0 == ldw && ldw <= kRunPrefetchCols) {
             constexpr int64_t per = 4 * NR * int64_t(sizeof(T)) / 64;  // lines per column step
             const char* run = reinterpret_cast<const char*>(W + (k + kPrefetchRows) * ldw);
             for (int64_t i = 0; i < per; ++i)
