@@ -6,17 +6,18 @@ XLA:CPU (jaxlib 0.10) reads a bfloat16 matrix at about a third of the memory ban
 product (even through `attention.matmul`'s float32-accumulation path, its best). The FFI target
 ``beam_rows_matmul`` (``ffi/rows_matmul_cpu.cc``; the loop is the experts' weight-streaming loop of
 ``ffi/masked_moe_cpu_kernel.h``) streams the matrix once, row by row, split over XLA's intra-op
-threads, for any number of rows (in groups of 8 that reuse each block of the matrix from cache).
+threads, for any number of rows (in groups that reuse each block of the matrix from cache: 8 rows in the AVX2
+loop, up to 32 in the AVX512-BF16 one, which reads the matrix once for all of them).
 
     rows_matmul(x [M, K], w [K, N]) -> [M, N] in x.dtype
 
 x and w share one dtype (float32, bfloat16 or float16); the product is accumulated in float32 and
 rounded once, as `attention.matmul` does. Differentiable (a ``custom_vjp`` whose backward is XLA's
 own products). `use_rows_matmul(rows, dtype)` says where `attention.matmul` sends a product here:
-on the CPU backend, where the extension is built, for at most `ROWS_MAX` rows (the loop spends
-loads and stores of its accumulators on every row, so its lead shrinks with the rows: 2.5-3.7x XLA at
-one row, 1.06-1.37x at eight on the 2-core EPYC; `python bench/decode_proj.py` measures it), in
-bfloat16 and float16 only (float32 keeps XLA's products, so float32 parity with transformers stays
+on the CPU backend, where the extension is built, for at most `rows_max(dtype)` rows (its lead shrinks with the
+rows: the multiply-adds grow with them while the bytes read do not; on the 2-core Zen 4 EPYC the AVX512-BF16 build
+measured 2.3-6.2x XLA at one row, 1.5-2.3x at eight and 1.15-1.5x at 32, the AVX2 loop losing to XLA past
+eight; `python bench/decode_proj.py` measures both), in bfloat16 and float16 only (float32 keeps XLA's products, so float32 parity with transformers stays
 exact to rounding). ``BEAM_JAX_ROWS_MATMUL=0`` in the environment turns it off (read at trace time).
 """
 
@@ -29,10 +30,12 @@ import jax.numpy as jnp
 
 from beam_jax import kernel
 
-__all__ = ["rows_matmul", "rows_matmul_available", "use_rows_matmul", "ROWS_MAX", "DTYPES"]
+__all__ = ["rows_matmul", "rows_matmul_available", "use_rows_matmul", "rows_max", "ROWS_MAX", "ROWS_MAX_BF16_DP",
+           "DTYPES"]
 
 _TARGET = "beam_rows_matmul"
-ROWS_MAX = 8
+ROWS_MAX = 8  # the AVX2 loop (and float16 everywhere)
+ROWS_MAX_BF16_DP = 32  # bfloat16 under the AVX512-BF16 build (vdpbf16ps)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # where attention.matmul uses it
 _FFI_DTYPES = kernel.FFI_DTYPES  # what the target accepts
 
@@ -42,9 +45,16 @@ def rows_matmul_available() -> bool:
     return kernel._ffi is not None and _TARGET in kernel._ffi.registrations()
 
 
+def rows_max(dtype) -> int:
+    """The most rows `attention.matmul` sends to `rows_matmul` in `dtype`, for the CPU kernel build selected now
+    (`beam_jax._ffi.cpu_isa()`, read at trace time)."""
+    dp = kernel._ffi is not None and kernel._ffi.cpu_isa() == "avx512bf16"
+    return ROWS_MAX_BF16_DP if dp and jnp.dtype(dtype) == jnp.bfloat16 else ROWS_MAX
+
+
 def use_rows_matmul(rows: int, dtype) -> bool:
     """Whether `attention.matmul` sends a product of `rows` rows in `dtype` to `rows_matmul`."""
-    return (0 < rows <= ROWS_MAX and jnp.dtype(dtype) in DTYPES and os.environ.get("BEAM_JAX_ROWS_MATMUL") != "0"
+    return (0 < rows <= rows_max(dtype) and jnp.dtype(dtype) in DTYPES and os.environ.get("BEAM_JAX_ROWS_MATMUL") != "0"
             and jax.default_backend() == "cpu" and rows_matmul_available())
 
 

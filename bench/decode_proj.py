@@ -12,7 +12,7 @@ number of rows M (the decode batch), the time of ``x [M, K] @ w [K, N]`` through
   AVX512-BF16 processor), switched in the same process through ``_ffi.set_cpu_isa``;
 
 with the floor: w's bytes over the copy bandwidth measured in the same run. Six distinct weight matrices
-are cycled so no product finds its matrix in cache. Picks `rows_matmul.ROWS_MAX`: the largest M where
+are cycled so no product finds its matrix in cache. Checks `rows_matmul.rows_max`: the largest M where
 ``rows`` wins on every shape. Writes bench/results/decode_proj_cpu.json.
 """
 

@@ -243,19 +243,49 @@ float* ThreadBuffer(int which, size_t count);
 constexpr int64_t kDpCols = 32;  // columns of one block: a 64-byte run of each bf16 weight row
 constexpr int64_t kDpPairs = 4;  // pairs of weight rows per pass over the columns
 
-// One pass of StreamRowsColsDp over every column block, for R rows: per block, the R x 32
-// accumulators stay in registers while kDpPairs pairs of W rows are loaded, interleaved and
-// multiplied into them (consecutive vdpbf16ps go to different rows, so they do not wait on each
-// other). acc holds block b of row r at acc[(b * R + r) * kDpCols], in the interleaved column
-// order: one block's accumulators are contiguous (rows of acc a power of two apart would all fall
-// in the same sets of the L1 cache, as the rows of W do).
+constexpr int64_t kDpRowsMax = 32;  // most rows of one StreamRowsColsDp call (groups of 8)
+
+// One group of R rows against one column block: the R x 32 accumulators stay in registers while
+// the block's kDpPairs interleaved pairs of W rows (wl, wh) are multiplied into them (consecutive
+// vdpbf16ps go to different rows, so they do not wait on each other).
+template <int R>
+inline __attribute__((always_inline)) void DpGroupBlock(const uint32_t (*ap)[kDpPairs],
+                                                        const __m512bh* wl, const __m512bh* wh,
+                                                        float* acc) {
+  __m512 lo[R], hi[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    lo[r] = _mm512_loadu_ps(acc + r * kDpCols);
+    hi[r] = _mm512_loadu_ps(acc + r * kDpCols + 16);
+  }
+#pragma GCC unroll 8
+  for (int64_t i = 0; i < kDpPairs; ++i) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(int(ap[r][i]));
+      lo[r] = _mm512_dpbf16_ps(lo[r], av, wl[i]);
+      hi[r] = _mm512_dpbf16_ps(hi[r], av, wh[i]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(acc + r * kDpCols, lo[r]);
+    _mm512_storeu_ps(acc + r * kDpCols + 16, hi[r]);
+  }
+}
+
+// One pass of StreamRowsColsDp over every column block: per block, kDpPairs pairs of W rows are
+// loaded and interleaved once, then every group of up to 8 of the `rows` rows takes them from
+// registers (so 32 rows cost no more weight traffic than 1). acc holds block b of row r at
+// acc[(b * rows + r) * kDpCols], in the interleaved column order: one block's accumulators are
+// contiguous (rows of acc a power of two apart would all fall in the same sets of the L1 cache, as
+// the rows of W do).
 // With `prefetch`, each block also prefetches its share of the next pass's rows (short rows, as an
 // expert's f columns, are runs too short for the hardware prefetcher to ramp up): when the pass
 // covers whole rows, they are one contiguous run, prefetched in memory order; otherwise the block's
 // columns of each row.
-template <int R>
-void DpPass(const uint32_t (*ap)[kDpPairs], int64_t kn, const bf16_t* src, int64_t ldw,
-            int64_t n_all, float* acc, bool prefetch) {
+void DpPass(const uint32_t (*ap)[kDpPairs], int64_t rows, int64_t kn, const bf16_t* src,
+            int64_t ldw, int64_t n_all, float* acc, bool prefetch) {
   const int64_t blocks = (n_all + kDpCols - 1) / kDpCols;
   for (int64_t b = 0; b < blocks; ++b, src += kDpCols) {
     const int64_t n = std::min(kDpCols, n_all - b * kDpCols);
@@ -271,12 +301,7 @@ void DpPass(const uint32_t (*ap)[kDpPairs], int64_t kn, const bf16_t* src, int64
       }
     }
     const __mmask32 m = n == kDpCols ? ~__mmask32(0) : __mmask32((1u << n) - 1);
-    __m512 lo[R], hi[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      lo[r] = _mm512_loadu_ps(acc + (b * R + r) * kDpCols);
-      hi[r] = _mm512_loadu_ps(acc + (b * R + r) * kDpCols + 16);
-    }
+    __m512bh wl[kDpPairs], wh[kDpPairs];
 #pragma GCC unroll 8
     for (int64_t i = 0; i < kDpPairs; ++i) {
       __m512i r0, r1;
@@ -288,24 +313,29 @@ void DpPass(const uint32_t (*ap)[kDpPairs], int64_t kn, const bf16_t* src, int64
         r1 = 2 * i + 1 < kn ? _mm512_maskz_loadu_epi16(m, src + (2 * i + 1) * ldw)
                             : _mm512_setzero_si512();
       }
-      const __m512bh wl = (__m512bh)_mm512_unpacklo_epi16(r0, r1);
-      const __m512bh wh = (__m512bh)_mm512_unpackhi_epi16(r0, r1);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const __m512bh av = (__m512bh)_mm512_set1_epi32(int(ap[r][i]));
-        lo[r] = _mm512_dpbf16_ps(lo[r], av, wl);
-        hi[r] = _mm512_dpbf16_ps(hi[r], av, wh);
-      }
+      wl[i] = (__m512bh)_mm512_unpacklo_epi16(r0, r1);
+      wh[i] = (__m512bh)_mm512_unpackhi_epi16(r0, r1);
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      _mm512_storeu_ps(acc + (b * R + r) * kDpCols, lo[r]);
-      _mm512_storeu_ps(acc + (b * R + r) * kDpCols + 16, hi[r]);
+    float* acc_b = acc + b * rows * kDpCols;
+    for (int64_t g = 0; g < rows; g += 8) {
+      const uint32_t(*ap_g)[kDpPairs] = ap + g;
+      float* acc_g = acc_b + g * kDpCols;
+      switch (std::min<int64_t>(8, rows - g)) {
+        case 1: DpGroupBlock<1>(ap_g, wl, wh, acc_g); break;
+        case 2: DpGroupBlock<2>(ap_g, wl, wh, acc_g); break;
+        case 3: DpGroupBlock<3>(ap_g, wl, wh, acc_g); break;
+        case 4: DpGroupBlock<4>(ap_g, wl, wh, acc_g); break;
+        case 5: DpGroupBlock<5>(ap_g, wl, wh, acc_g); break;
+        case 6: DpGroupBlock<6>(ap_g, wl, wh, acc_g); break;
+        case 7: DpGroupBlock<7>(ap_g, wl, wh, acc_g); break;
+        default: DpGroupBlock<8>(ap_g, wl, wh, acc_g); break;
+      }
     }
   }
 }
 
-// StreamRowsCols for bfloat16 weights on processors with AVX512-BF16 (Zen 4, Sapphire Rapids).
+// StreamRowsCols for bfloat16 weights on processors with AVX512-BF16 (Zen 4, Sapphire Rapids), for
+// up to kDpRowsMax rows.
 // vdpbf16ps multiplies 32 bf16 pairs and adds them into 16 f32 lanes: about twice the
 // multiply-adds per cycle of AVX2 FMAs (measured on Zen 4: 3.3 G zmm vdpbf16ps/s against 7.1 G ymm
 // FMAs/s per core) and no conversion of W, which is what bounds the AVX2 loop at a few rows. It
@@ -325,7 +355,7 @@ void StreamRowsColsDp(const float* const* arow, int64_t lda, int64_t rows, int64
   const int64_t step = 2 * kDpPairs;
   for (int64_t k = k0; k < k1; k += step) {
     const int64_t kn = std::min<int64_t>(step, k1 - k);
-    uint32_t ap[kSkinnyRows][kDpPairs];  // (A(r, k + 2i), A(r, k + 2i + 1)) as a bf16 pair
+    uint32_t ap[kDpRowsMax][kDpPairs];  // (A(r, k + 2i), A(r, k + 2i + 1)) as a bf16 pair
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t i = 0; i < kDpPairs; ++i) {
         const uint32_t lo = 2 * i < kn ? FromFloat<bf16_t>(arow[r][(k + 2 * i) * lda]).bits : 0;
@@ -335,16 +365,7 @@ void StreamRowsColsDp(const float* const* arow, int64_t lda, int64_t rows, int64
       }
     const bf16_t* src = W + k * ldw + j0;
     const bool prefetch = n_all <= kRunPrefetchCols && k + 2 * step <= k1;
-    switch (rows) {
-      case 1: DpPass<1>(ap, kn, src, ldw, n_all, acc, prefetch); break;
-      case 2: DpPass<2>(ap, kn, src, ldw, n_all, acc, prefetch); break;
-      case 3: DpPass<3>(ap, kn, src, ldw, n_all, acc, prefetch); break;
-      case 4: DpPass<4>(ap, kn, src, ldw, n_all, acc, prefetch); break;
-      case 5: DpPass<5>(ap, kn, src, ldw, n_all, acc, prefetch); break;
-      case 6: DpPass<6>(ap, kn, src, ldw, n_all, acc, prefetch); break;
-      case 7: DpPass<7>(ap, kn, src, ldw, n_all, acc, prefetch); break;
-      default: DpPass<8>(ap, kn, src, ldw, n_all, acc, prefetch); break;
-    }
+    DpPass(ap, rows, kn, src, ldw, n_all, acc, prefetch);
   }
   // Back to column order: C's rows hold RoundUp(n_all, NR) columns (the padding ones are zero).
   const __m512i idx0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
@@ -360,7 +381,7 @@ void StreamRowsColsDp(const float* const* arow, int64_t lda, int64_t rows, int64
       if (b * kDpCols + NR < width) _mm512_storeu_ps(c + NR, _mm512_permutex2var_ps(lo, idx1, hi));
     }
 }
-static_assert(kSkinnyRows == 8, "StreamRowsColsDp instantiates DpPass for 1..8 rows");
+static_assert(kSkinnyRows <= kDpRowsMax, "the experts' skinny segments go through StreamRowsColsDp");
 #endif
 
 // Skinny rows (decode): C[r][j - j0] = sum over k in [k0, k1) of A(r, k) * W[k][j] for r < rows
@@ -1121,8 +1142,8 @@ void RunBwd(const BwdProblem& bp, const Runner& runner) {
 // rounded once to the element type.
 //
 // Work units = (slab of Kd) x (block of N columns); a unit streams its slab of w over its columns
-// once, for every group of kSkinnyRows rows of x in turn (the slab's block of w stays in cache
-// between groups). Blocks are whole rows of w unless one group's accumulators would outgrow L2:
+// once, for every group of rows of x in turn (8, or up to 32 for bf16 under AVX512-BF16, whose
+// pass reads w once for all of them; the slab's block of w stays in cache between groups). Blocks are whole rows of w unless one group's accumulators would outgrow L2:
 // reading w in column blocks (shorter contiguous runs) was measured slower than accumulating in L2
 // (2-core EPYC, [4, 2048] x [2048, 4096] bf16: 12.5 GB/s whole rows, 7.5 GB/s blocks of 1024).
 // The slabs' partial sums are added in slab order afterwards, so results do not depend on the
@@ -1145,8 +1166,15 @@ void RunRows(const RowsProblem& p, const Runner& runner) {
     for (int64_t i = 0; i < M * Kd; ++i) x_f32[i] = ToFloat(x[i]);
     X = x_f32.data();
   }
-  const int64_t group = std::min<int64_t>(M, kSkinnyRows);
-  const int64_t groups = (M + kSkinnyRows - 1) / kSkinnyRows;
+  // Rows per streaming of w: 8 for the AVX2 loop (its accumulators live in memory), up to 32 where
+  // the bf16 pass takes every row from one load of w.
+#if BEAM_CPU_USE_AVX512BF16
+  constexpr int64_t kGroup = std::is_same_v<T, bf16_t> ? kDpRowsMax : kSkinnyRows;
+#else
+  constexpr int64_t kGroup = kSkinnyRows;
+#endif
+  const int64_t group = std::min<int64_t>(M, kGroup);
+  const int64_t groups = (M + kGroup - 1) / kGroup;
   const int64_t ldc = RoundUp(N, NR);
   const int64_t nb = std::min(ldc, std::max<int64_t>(NR, kRowsAccFloats / group / NR * NR));
   const int64_t cblocks = (N + nb - 1) / nb;
@@ -1160,8 +1188,8 @@ void RunRows(const RowsProblem& p, const Runner& runner) {
     const int64_t s = u / cblocks, j0 = (u % cblocks) * nb, j1 = std::min(N, j0 + nb);
     const int64_t k0 = std::min(Kd, s * slab), k1 = std::min(Kd, k0 + slab);
     for (int64_t g = 0; g < groups; ++g) {
-      const int64_t r0 = g * kSkinnyRows, rows = std::min<int64_t>(kSkinnyRows, M - r0);
-      const float* arow[kSkinnyRows];
+      const int64_t r0 = g * kGroup, rows = std::min<int64_t>(kGroup, M - r0);
+      const float* arow[kGroup];
       for (int64_t r = 0; r < rows; ++r) arow[r] = X + (r0 + r) * Kd;
       StreamRowsCols(arow, 1, rows, k0, k1, w, N, j0, j1, part.data() + (s * M + r0) * ldc + j0, ldc);
     }

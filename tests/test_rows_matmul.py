@@ -98,8 +98,8 @@ def _targets(fn, *args):
 def test_attention_matmul_uses_it_for_a_few_bf16_rows_only(monkeypatch):
     rng = np.random.default_rng(4)
     w = jnp.asarray(rng.standard_normal((64, 32), np.float32), jnp.bfloat16)
-    few = jnp.asarray(rng.standard_normal((1, rm.ROWS_MAX, 64), np.float32), jnp.bfloat16)
-    many = jnp.asarray(rng.standard_normal((1, rm.ROWS_MAX + 1, 64), np.float32), jnp.bfloat16)
+    few = jnp.asarray(rng.standard_normal((1, rm.rows_max(jnp.bfloat16), 64), np.float32), jnp.bfloat16)
+    many = jnp.asarray(rng.standard_normal((1, rm.rows_max(jnp.bfloat16) + 1, 64), np.float32), jnp.bfloat16)
     assert "beam_rows_matmul" in _targets(attention.matmul, few, w)
     assert "beam_rows_matmul" not in _targets(attention.matmul, many, w)
     assert "beam_rows_matmul" not in _targets(attention.matmul, few.astype(jnp.float32), w.astype(jnp.float32))
@@ -132,9 +132,10 @@ def test_generic_isa():
 
 
 # Every row count of a group (1..8: the AVX512-BF16 loop is unrolled per count), columns with tails of the 32-column
-# blocks (none, under 16, over 16), reductions with tails of the 8-row passes, several row groups.
+# blocks (none, under 16, over 16), reductions with tails of the 8-row passes, several row groups (of 8 rows in the
+# AVX2 loop, of up to 32 in the AVX512-BF16 one).
 ISA_SHAPES = [(1, 2048, 512), (2, 24, 40), (3, 37, 70), (4, 130, 33), (5, 9, 64), (6, 64, 17), (7, 300, 129),
-              (8, 257, 96), (8, 1, 48), (11, 40, 50), (24, 16, 32)]
+              (8, 257, 96), (8, 1, 48), (11, 40, 50), (24, 16, 32), (32, 70, 45), (33, 19, 64), (70, 24, 33)]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
@@ -168,6 +169,15 @@ def test_simd_builds_agree_in_bfloat16():
     np.testing.assert_allclose(b, a, rtol=0, atol=8e-3 * np.max(np.abs(a)))
 
 
+def test_rows_max_follows_the_selected_build(cpu_isa):
+    # The AVX512-BF16 pass reads w once for up to 32 bf16 rows; the AVX2 loop (and float16) stops at 8.
+    want = rm.ROWS_MAX_BF16_DP if cpu_isa == "avx512bf16" else rm.ROWS_MAX
+    assert rm.rows_max(jnp.bfloat16) == want
+    assert rm.rows_max(jnp.float16) == rm.ROWS_MAX
+    if jax.default_backend() == "cpu":
+        assert rm.use_rows_matmul(want, jnp.bfloat16) and not rm.use_rows_matmul(want + 1, jnp.bfloat16)
+
+
 def test_set_cpu_isa_names_the_builds():
     from beam_jax import _ffi
 
@@ -187,6 +197,6 @@ def test_env_switch_is_read_at_trace_time(monkeypatch):
     assert not rm.use_rows_matmul(1, jnp.bfloat16)
     monkeypatch.delenv("BEAM_JAX_ROWS_MATMUL")
     assert rm.use_rows_matmul(1, jnp.bfloat16) == (jax.default_backend() == "cpu")
-    assert not rm.use_rows_matmul(rm.ROWS_MAX + 1, jnp.bfloat16)
+    assert not rm.use_rows_matmul(rm.rows_max(jnp.bfloat16) + 1, jnp.bfloat16)
     assert not rm.use_rows_matmul(1, jnp.float32)
     assert "BEAM_JAX_ROWS_MATMUL" not in os.environ
