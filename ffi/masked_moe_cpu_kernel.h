@@ -384,8 +384,18 @@ void StreamRowsColsDp(const float* const* arow, int64_t lda, int64_t rows, int64
 static_assert(kSkinnyRows <= kDpRowsMax, "the experts' skinny segments go through StreamRowsColsDp");
 #endif
 
+// The most rows that stream through StreamRowsCols at once: 8 for the AVX2 loop (its accumulators
+// live in memory), 32 for bf16 under AVX512-BF16 (one load of W serves every row).
+template <typename T>
+constexpr int64_t StreamRowsMax() {
+#if BEAM_CPU_USE_AVX512BF16
+  if constexpr (std::is_same_v<T, bf16_t>) return kDpRowsMax;
+#endif
+  return kSkinnyRows;
+}
+
 // Skinny rows (decode): C[r][j - j0] = sum over k in [k0, k1) of A(r, k) * W[k][j] for r < rows
-// (<= kSkinnyRows) and j in [j0, j1), with A(r, k) = arow[r][k * lda] (lda = MR for the packed
+// (<= StreamRowsMax<T>()) and j in [j0, j1), with A(r, k) = arow[r][k * lda] (lda = MR for the packed
 // panels, 1 for plain rows) and C's rows ldc apart (room for RoundUp(j1 - j0, NR) columns; C points
 // at column j0). W's rows (ldw apart) are read in order, four at a time, each over [j0, j1): whole
 // rows when [j0, j1) is all of them, so the weights stream at full memory bandwidth (column blocks
@@ -612,11 +622,12 @@ void Run(const Problem& p, const Runner& runner) {
     });
 
     // Segments with many rows run the packed, register-blocked GEMM over column blocks ("fat");
-    // segments with few rows are memory bound and stream their weights by whole rows, split
-    // over slabs of the reduction dimension ("skinny"), then reduce the slabs in a fixed order.
+    // segments with few rows (StreamRowsMax<T>(): 8, or 32 for bf16 under AVX512-BF16) are memory
+    // bound and stream their weights by whole rows, split over slabs of the reduction dimension
+    // ("skinny"), then reduce the slabs in a fixed order.
     std::vector<int64_t> fat, skinny;
     for (int64_t s = 0; s < int64_t(segs.size()); ++s)
-      (segs[s].rows <= kSkinnyRows ? skinny : fat).push_back(s);
+      (segs[s].rows <= StreamRowsMax<T>() ? skinny : fat).push_back(s);
     const int64_t nfat = int64_t(fat.size()), nsk = int64_t(skinny.size());
     auto slabs_for = [&](int64_t kdim) {  // enough units to keep every thread busy
       if (nsk == 0) return int64_t(0);
@@ -643,7 +654,7 @@ void Run(const Problem& p, const Runner& runner) {
         const int64_t u = unit - nfat * fblocks, i = u / slabs1, slab = u % slabs1;
         const Segment& sg = segs[skinny[i]];
         const int64_t k0 = slab * slab1, k1 = std::min(d, k0 + slab1);
-        const float* rows[kSkinnyRows];
+        const float* rows[StreamRowsMax<T>()];
         panel_rows(A, d, sg, rows);
         float* Cg = part.data() + (slab * sk_off[nsk] + sk_off[i]) * 2 * ldf;
         if (k1 > k0) {
@@ -747,7 +758,7 @@ void Run(const Problem& p, const Runner& runner) {
         const int64_t i = u / slabs2, slab = u % slabs2;
         const Segment& sg = segs[skinny[i]];
         const int64_t k0 = slab * slab2, k1 = std::min(f, k0 + slab2);
-        const float* rows[kSkinnyRows];
+        const float* rows[StreamRowsMax<T>()];
         panel_rows(H, f, sg, rows);
         float* C = part.data() + (slab * sk_off[nsk] + sk_off[i]) * ldd;
         if (k1 > k0) {
@@ -1168,11 +1179,7 @@ void RunRows(const RowsProblem& p, const Runner& runner) {
   }
   // Rows per streaming of w: 8 for the AVX2 loop (its accumulators live in memory), up to 32 where
   // the bf16 pass takes every row from one load of w.
-#if BEAM_CPU_USE_AVX512BF16
-  constexpr int64_t kGroup = std::is_same_v<T, bf16_t> ? kDpRowsMax : kSkinnyRows;
-#else
-  constexpr int64_t kGroup = kSkinnyRows;
-#endif
+  constexpr int64_t kGroup = StreamRowsMax<T>();
   const int64_t group = std::min<int64_t>(M, kGroup);
   const int64_t groups = (M + kGroup - 1) / kGroup;
   const int64_t ldc = RoundUp(N, NR);
