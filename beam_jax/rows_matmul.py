@@ -7,7 +7,7 @@ product (even through `attention.matmul`'s float32-accumulation path, its best).
 ``beam_rows_matmul`` (``ffi/rows_matmul_cpu.cc``; the loop is the experts' weight-streaming loop of
 ``ffi/masked_moe_cpu_kernel.h``) streams the matrix once, row by row, split over XLA's intra-op
 threads, for any number of rows (in groups that reuse each block of the matrix from cache: 8 rows in the AVX2
-loop, up to 32 in the AVX512-BF16 one, which reads the matrix once for all of them).
+loop, up to 64 in the AVX512-BF16 one, which reads the matrix once for all of them).
 
     rows_matmul(x [M, K], w [K, N]) -> [M, N] in x.dtype
 

@@ -291,9 +291,10 @@ def test_cuda_sources_compiled_when_nvcc_present():
 # Decode-like shapes: every expert's segment has at most 8 rows, so the weights stream through the skinny loop
 # (StreamRowsCols, vdpbf16ps under avx512bf16) for the gate/up and the down projections, with column tails of its
 # 32-column blocks (f 70, d 300), reductions split into slabs and tails of its 8-row passes (d 300, f 260).
-# Segments of 9-32 rows stream too in bfloat16 under avx512bf16 (and take the packed GEMM otherwise): the last two.
+# Segments of 9-64 rows stream too in bfloat16 under avx512bf16 (and take the packed GEMM otherwise); the last one
+# has segments past 64 rows.
 ISA_SHAPES = [(1, 300, 260, 6, 4), (8, 130, 70, 16, 8), (5, 64, 96, 3, 2), (40, 48, 40, 8, 2), (100, 72, 40, 4, 1),
-              (70, 40, 56, 3, 2)]
+              (70, 40, 56, 3, 2), (150, 24, 40, 2, 2)]
 
 
 @needs_ffi
