@@ -33,6 +33,8 @@ expert id in a kept pair contributes nothing on the ``"ffi"`` backend, and gets 
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,6 +59,11 @@ except ImportError as _err:  # pragma: no cover - depends on the build
     _FFI_IMPORT_ERROR: Exception | None = _err
 else:
     _FFI_IMPORT_ERROR = None
+
+CPU_ISAS = ("generic", "avx2", "avx512bf16")  # the CPU kernel's builds, lowest first (beam_jax._ffi.cpu_isa())
+if os.environ.get("BEAM_JAX_CPU_ISA", CPU_ISAS[-1]) not in CPU_ISAS:  # the C++ side would ignore a typo
+    raise ValueError(f"BEAM_JAX_CPU_ISA={os.environ['BEAM_JAX_CPU_ISA']!r}: must be one of {', '.join(CPU_ISAS)} "
+                     "(the most capable CPU kernel build to run; unset: the best this processor has)")
 
 _FFI_PLATFORMS: set[str] = set()  # jax.default_backend() names with a registered kernel
 _GRAD_PLATFORMS: set[str] = set()  # ... and with the backward targets too

@@ -34,7 +34,7 @@ def text_data_dir(tmp_path_factory):
 
 # ---- CPU kernel builds: run a test under each SIMD build this processor has (skipped, with the reason, where it lacks one)
 
-CPU_ISAS = ("generic", "avx2", "avx512bf16")  # the builds of ffi/masked_moe_cpu_kernel.h, lowest first
+from beam_jax.kernel import CPU_ISAS  # noqa: E402  (the builds of ffi/masked_moe_cpu_kernel.h, lowest first)
 
 
 @pytest.fixture(params=CPU_ISAS[1:])

@@ -307,6 +307,25 @@ def test_each_simd_build_matches_reference(cpu_isa, dtype):
 
 
 @needs_ffi
+def test_cpu_isa_environment_caps_the_build_and_refuses_typos():
+    import subprocess
+    import sys
+
+    best = mm._ffi.best_cpu_isa()
+    for want in mm.CPU_ISAS:
+        env = dict(os.environ, BEAM_JAX_CPU_ISA=want)
+        out = subprocess.run([sys.executable, "-c", "from beam_jax import kernel; print(kernel._ffi.cpu_isa())"],
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split()[-1] == min(want, best, key=mm.CPU_ISAS.index)
+    env = dict(os.environ, BEAM_JAX_CPU_ISA="sse4")
+    out = subprocess.run([sys.executable, "-c", "import beam_jax.kernel"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0
+    assert "BEAM_JAX_CPU_ISA='sse4': must be one of generic, avx2, avx512bf16" in out.stderr
+
+
+@needs_ffi
 def test_portable_cpu_kernel_matches_reference():
     # The non-AVX2 build of the CPU kernel, forced through BEAM_JAX_CPU_ISA=generic.
     code = (
