@@ -6,8 +6,8 @@
 One engine per process (as bench/serve.py runs them), on the Qwen3-30B-A3B-shaped 2-layer model of
 bench/serve.py (`/tmp/beam_bench/qwen3-30b-a3b-shaped-2l`, `-base` for native vLLM), enforce_eager, torch threads =
 the cores; the plugin serves at TAU (default 0: Top-K; 0.74 keeps about 0.15 of the pairs with bench/serve.py's
-random mask routers). Prints the steady decode step (best of 3, (t(33 new) - t(1 new)) / 32), then a profile of one more
-generation: `torch` = torch.profiler's table by self CPU time over 33 new tokens (the expert kernel is
+random mask routers). Prints the steady decode step (best of 3, (t(33 new) - t(1 new)) / 32), then a profile of one
+more generation: `torch` = torch.profiler's table by self CPU time over 33 new tokens (the expert kernel is
 `_C::cpu_fused_moe`), `cprofile` = Python's cumulative times over 65 new tokens (the plugin's own functions are in
 convert/vllm_plugin/moe.py). Compare per-call times, not totals: the kernel's own time varies 10-20% from process
 to process on this machine.
@@ -48,7 +48,8 @@ def main(engine: str, batch: int, tool: str, tau: float = 0.0):
 
     gen(33), gen(1)
     best = {n: min(gen(n) for _ in range(3)) for n in (1, 33)}
-    print(f"{engine}{f' tau {tau}' if engine == 'plugin' else ''} batch {batch}: decode step {(best[33] - best[1]) / 32 * 1e3:.2f} ms, torch threads "
+    label = f"{engine} tau {tau}" if engine == "plugin" else engine
+    print(f"{label} batch {batch}: decode step {(best[33] - best[1]) / 32 * 1e3:.2f} ms, torch threads "
           f"{torch.get_num_threads()}", flush=True)
     if tool == "torch":
         from torch.profiler import ProfilerActivity, profile

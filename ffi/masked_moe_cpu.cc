@@ -78,20 +78,19 @@ const char* CpuIsaName(CpuIsa isa) {
 }
 
 // Builds CMake left out run the next one down.
+#define BEAM_CPU_FORWARD(ns, to)                                                                     \
+  namespace ns {                                                                                     \
+  void MaskedMoe(const Problem& p, const Runner& runner) { to::MaskedMoe(p, runner); }             \
+  void MaskedMoeBwd(const BwdProblem& p, const Runner& runner) { to::MaskedMoeBwd(p, runner); }    \
+  void RowsMatmul(const RowsProblem& p, const Runner& runner) { to::RowsMatmul(p, runner); }       \
+  }
 #ifndef BEAM_JAX_HAVE_AVX2_TU
-namespace cpu_avx2 {
-void MaskedMoe(const Problem& p, const Runner& runner) { cpu_generic::MaskedMoe(p, runner); }
-void MaskedMoeBwd(const BwdProblem& p, const Runner& runner) { cpu_generic::MaskedMoeBwd(p, runner); }
-void RowsMatmul(const RowsProblem& p, const Runner& runner) { cpu_generic::RowsMatmul(p, runner); }
-}  // namespace cpu_avx2
+BEAM_CPU_FORWARD(cpu_avx2, cpu_generic)
 #endif
 #ifndef BEAM_JAX_HAVE_AVX512BF16_TU
-namespace cpu_avx512bf16 {
-void MaskedMoe(const Problem& p, const Runner& runner) { cpu_avx2::MaskedMoe(p, runner); }
-void MaskedMoeBwd(const BwdProblem& p, const Runner& runner) { cpu_avx2::MaskedMoeBwd(p, runner); }
-void RowsMatmul(const RowsProblem& p, const Runner& runner) { cpu_avx2::RowsMatmul(p, runner); }
-}  // namespace cpu_avx512bf16
+BEAM_CPU_FORWARD(cpu_avx512bf16, cpu_avx2)
 #endif
+#undef BEAM_CPU_FORWARD
 
 #define BEAM_CPU_DISPATCH(fn, problem)                                     \
   switch (SelectedCpuIsa()) {                                               \

@@ -32,7 +32,8 @@ def text_data_dir(tmp_path_factory):
     return d
 
 
-# ---- CPU kernel builds: run a test under each SIMD build this processor has (skipped, with the reason, where it lacks one)
+# ---- CPU kernel builds: run a test under each SIMD build this processor has (skipped, with the reason, where it
+# lacks one)
 
 from beam_jax.kernel import CPU_ISAS  # noqa: E402  (the builds of ffi/masked_moe_cpu_kernel.h, lowest first)
 
