@@ -138,6 +138,31 @@ def test_cpu_runner_hands_only_kept_rows_and_counts_them(monkeypatch):
                                rtol=0)
 
 
+def test_cpu_runner_single_token_is_one_call_of_its_kept_pairs(monkeypatch):
+    """Decode at batch 1: a token's n kept pairs go as one [1, n] call (no compaction, no sum back); every token
+    of a random batch alone gives the dense masked sum, and the counters add K offered and n computed."""
+    monkeypatch.setattr(beam_moe.current_platform, "is_cuda_alike", lambda: False)
+    w13, w2 = _experts()
+    x, _, _, routing = _routing(seed=3)
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(3)) * 3
+    weights, ids = routing(x, logits, K, True)
+    kept = (ids < E).sum(1)
+    assert 0 < int((kept > 0).sum()) and int(((kept > 0) & (kept < K)).sum()) >= 3  # the case this path takes
+    experts = _RecordingExperts(w13, w2)
+    runner = _runner(routing, experts)
+    offered = computed = 0
+    for t in range(T):
+        _, out = runner._apply_quant_method(x[t:t + 1], logits[t:t + 1], None)
+        n = int(kept[t])
+        offered, computed = offered + K, computed + n
+        assert (int(runner.offered), int(runner.computed)) == (offered, computed)
+        if n:
+            assert experts.rows[-1] == ((1, n) if n < K else (1, K))
+        np.testing.assert_allclose(out.double().numpy(), _dense(x[t:t + 1], weights[t:t + 1], ids[t:t + 1], w13,
+                                                               w2).numpy(), atol=1e-5, rtol=0)
+    assert len(experts.rows) == int((kept > 0).sum())  # a token that keeps nothing calls no expert
+
+
 def test_compact_pairs_rows():
     x, weights, ids, _ = _routing(seed=3)
     token, rows_x, rows_w, rows_id = beam_moe.compact_pairs(x, weights, ids, E)

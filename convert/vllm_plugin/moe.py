@@ -10,9 +10,10 @@ Three pieces, all installed while a BEAM model is being built (`beam_moe_factory
 - `BeamMoERunner`, the layer's runner: removes dropped pairs before any GEMM.
   CPU (and any non-CUDA platform): `compact_pairs` makes the kept pairs the rows of a top_k=1 call (`x[token]`,
   id, weight) and the result is `index_add_`-ed back per token; the CPU kernel computes every row it is given,
-  so this is what makes MoE time follow the kept fraction. When every pair is kept (tau 0, or a batch whose
-  mask drops nothing) the [T, K] routing goes to vLLM's call unchanged, as vLLM's own model does it, and at
-  tau <= 0 the mask router is not even run (sigmoid >= 0 keeps everything).
+  so this is what makes MoE time follow the kept fraction. A single token (decode at batch 1) needs no
+  compaction: its n kept pairs are one [1, n] call, whose output is the token's MoE sum. When every pair is
+  kept (tau 0, or a batch whose mask drops nothing) the [T, K] routing goes to vLLM's call unchanged, as vLLM's
+  own model does it, and at tau <= 0 the mask router is not even run (sigmoid >= 0 keeps everything).
   CUDA: vLLM's expert-parallel mechanism, which its Triton experts document and test. `beam_kernel_args` keeps
   the ids [T, K] (static shapes: CUDA-graph safe) and passes `expert_map` = [0 .. E-1 (or the EP map), -1] with
   `global_num_experts = E + 1`, so the BEAM id E maps to -1. vLLM 0.32's `TritonExperts.apply` then aligns
@@ -214,6 +215,12 @@ class BeamMoERunner(MoERunner):
         if self.beam.tau <= 0:  # every pair kept, known without looking: vLLM's own [T, K] call
             self._count(ids.numel(), ids.numel(), ids.device)
             return self._forward_modular(x, weights, ids, shared_experts_input)
+        if ids.shape[0] == 1:  # one token (decode at batch 1): its kept pairs are one [1, n] call, no sum back
+            slot = (ids[0] < self.beam.num_experts).nonzero().squeeze(1)
+            if 0 < slot.numel() < ids.shape[1]:
+                self._count(ids.numel(), slot.numel(), ids.device)
+                return self._forward_modular(x, weights[:, slot].contiguous(), ids[:, slot].contiguous(),
+                                             shared_experts_input)
         token, rows_x, rows_w, rows_id = compact_pairs(x, weights, ids, self.beam.num_experts)
         if token.numel() == ids.numel():  # the mask dropped nothing: the same call (compact_pairs' one host sync)
             self._count(ids.numel(), ids.numel(), ids.device)
