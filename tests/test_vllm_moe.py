@@ -163,6 +163,27 @@ def test_cpu_runner_single_token_is_one_call_of_its_kept_pairs(monkeypatch):
     assert len(experts.rows) == int((kept > 0).sum())  # a token that keeps nothing calls no expert
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_cpu_forward_entry_is_direct_in_eager_and_the_opaque_op_under_compile(monkeypatch, shared):
+    """Off CUDA the layer calls vLLM's Python forward itself in eager execution (no custom-op dispatch per call)
+    and the opaque custom op while torch.compile traces (so Dynamo never sees the data-dependent compaction);
+    on CUDA always the op."""
+    from vllm.model_executor.layers.fused_moe.runner import moe_runner
+
+    name = "moe_forward_shared" if shared else "moe_forward"
+    monkeypatch.setattr(moe_runner, f"_{name}", lambda *a: ("direct", a))
+    monkeypatch.setattr(torch.ops.vllm, name, lambda *a: ("op", a))
+    runner = _runner(*_routing()[3:], _RecordingExperts(*_experts()))
+    runner._shared_experts = object() if shared else None
+    monkeypatch.setattr(beam_moe.current_platform, "is_cuda_alike", lambda: False)
+    entry = runner._select_forward()
+    assert entry(1, 2) == ("direct", (1, 2))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert entry(1, 2) == ("op", (1, 2))
+    monkeypatch.setattr(beam_moe.current_platform, "is_cuda_alike", lambda: True)
+    assert runner._select_forward()(3) == ("op", (3,))
+
+
 def test_compact_pairs_rows():
     x, weights, ids, _ = _routing(seed=3)
     token, rows_x, rows_w, rows_id = beam_moe.compact_pairs(x, weights, ids, E)

@@ -172,9 +172,22 @@ class BeamMoERunner(MoERunner):
         _RUNNERS.add(self)
 
     def _select_forward(self):
-        # always the opaque custom op (vLLM calls the Python function directly on CPU, which lets Dynamo
-        # trace into the forward; the compaction below is data-dependent)
-        return torch.ops.vllm.moe_forward if self._shared_experts is None else torch.ops.vllm.moe_forward_shared
+        """What the forward runs: under torch.compile always the opaque custom op (vLLM calls the Python function
+        directly on CPU, which would let Dynamo trace into the data-dependent compaction below); in eager
+        execution (`enforce_eager`, and every step vLLM runs uncompiled) the Python function itself, as vLLM's own
+        CPU layers call it, without the custom-op dispatch per layer call."""
+        from vllm.model_executor.layers.fused_moe.runner import moe_runner
+
+        shared = self._shared_experts is not None
+        op = torch.ops.vllm.moe_forward_shared if shared else torch.ops.vllm.moe_forward
+        if current_platform.is_cuda_alike():
+            return op
+        direct = moe_runner._moe_forward_shared if shared else moe_runner._moe_forward
+
+        def forward(*args):
+            return op(*args) if torch.compiler.is_compiling() else direct(*args)
+
+        return forward
 
     def _count(self, offered: int, computed, device):
         """Add to the counters: offered (T * K) and computed (rows handed to the expert GEMMs, int or int64 scalar
