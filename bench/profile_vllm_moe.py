@@ -4,7 +4,8 @@
     flock /tmp/beam-bench.lock python bench/profile_vllm_moe.py {native,plugin} BATCH {torch,cprofile} [TAU]
 
 One engine per process (as bench/serve.py runs them), on the Qwen3-30B-A3B-shaped 2-layer model of
-bench/serve.py (`/tmp/beam_bench/qwen3-30b-a3b-shaped-2l`, `-base` for native vLLM), enforce_eager, torch threads =
+bench/serve.py (`/tmp/beam_bench/qwen3-30b-a3b-shaped-2l`, `-base` for native vLLM; with
+`PROFILE_MODEL=/tmp/beam_bench/tiny-beam` the tiny model, in its own dtype), enforce_eager, torch threads =
 the cores; the plugin serves at TAU (default 0: Top-K; 0.74 keeps about 0.15 of the pairs with bench/serve.py's
 random mask routers). Prints the steady decode step (best of 3, (t(33 new) - t(1 new)) / 32), then a profile of one
 more generation: `torch` = torch.profiler's table by self CPU time over 33 new tokens (the expert kernel is
@@ -13,6 +14,7 @@ convert/vllm_plugin/moe.py). Compare per-call times, not totals: the kernel's ow
 to process on this machine.
 """
 
+import json
 import os
 import sys
 import time
@@ -22,7 +24,7 @@ os.environ.update({"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENI
                    "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": CORES})
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT]
-MODEL = "/tmp/beam_bench/qwen3-30b-a3b-shaped-2l"
+MODEL = os.environ.get("PROFILE_MODEL", "/tmp/beam_bench/qwen3-30b-a3b-shaped-2l")  # or /tmp/beam_bench/tiny-beam
 
 
 def main(engine: str, batch: int, tool: str, tau: float = 0.0):
@@ -35,10 +37,13 @@ def main(engine: str, batch: int, tool: str, tau: float = 0.0):
     path = MODEL + ("-base" if engine == "native" else "")
     if not os.path.isdir(path):
         raise SystemExit(f"{path}: not there; make it with bench/serve.py (see {__file__}'s docstring)")
-    llm = LLM(model=path, dtype="bfloat16", max_model_len=256, seed=0, enforce_eager=True, skip_tokenizer_init=True,
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    dtype = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    llm = LLM(model=path, dtype=dtype, max_model_len=256, seed=0, enforce_eager=True, skip_tokenizer_init=True,
               enable_prefix_caching=False, max_num_seqs=32, max_num_batched_tokens=1024,
               hf_overrides=None if engine == "native" else {"beam_tau": tau})
-    prompts = np.random.RandomState(0).randint(3, 8192, (batch, 16)).tolist()
+    prompts = np.random.RandomState(0).randint(3, config["vocab_size"], (batch, 16)).tolist()
 
     def gen(n):
         params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
