@@ -43,10 +43,11 @@ import weakref
 import torch
 from torch import nn
 
+from vllm.model_executor.layers.fused_moe.runner import moe_runner
 from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 from vllm.platforms import current_platform
 
-from convert.modeling_beam import BEAM_DEFAULTS, beam_mask
+from convert.modeling_beam import BEAM_DEFAULTS, beam_mask, kept_pairs
 
 _RUNNERS: "weakref.WeakSet[BeamMoERunner]" = weakref.WeakSet()
 
@@ -128,8 +129,13 @@ def compact_pairs(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num
     (token [N] int64, rows_x [N, d] contiguous, rows_w [N, 1] in weights' dtype, rows_id [N, 1] in ids' dtype),
     N = the number of kept pairs; `out.index_add_(0, token, experts(rows_x, rows_w, rows_id))` is the MoE sum.
     """
-    token, slot = (ids < num_experts).nonzero(as_tuple=True)
-    return (token, x[token].contiguous(), weights[token, slot].unsqueeze(1).contiguous(),
+    token, slot = kept_pairs(ids, num_experts)
+    return (token, *_pair_rows(x, weights, ids, token, slot))
+
+
+def _pair_rows(x, weights, ids, token, slot):
+    """The (token, slot) pairs as rows of a top_k=1 call: -> (rows_x [N, d], rows_w [N, 1], rows_id [N, 1])."""
+    return (x[token].contiguous(), weights[token, slot].unsqueeze(1).contiguous(),
             ids[token, slot].unsqueeze(1).contiguous())
 
 
@@ -176,8 +182,6 @@ class BeamMoERunner(MoERunner):
         directly on CPU, which would let Dynamo trace into the data-dependent compaction below); in eager
         execution (`enforce_eager`, and every step vLLM runs uncompiled) the Python function itself, as vLLM's own
         CPU layers call it, without the custom-op dispatch per layer call."""
-        from vllm.model_executor.layers.fused_moe.runner import moe_runner
-
         shared = self._shared_experts is not None
         op = torch.ops.vllm.moe_forward_shared if shared else torch.ops.vllm.moe_forward
         if current_platform.is_cuda_alike():
@@ -228,16 +232,15 @@ class BeamMoERunner(MoERunner):
         if self.beam.tau <= 0:  # every pair kept, known without looking: vLLM's own [T, K] call
             self._count(ids.numel(), ids.numel(), ids.device)
             return self._forward_modular(x, weights, ids, shared_experts_input)
-        if ids.shape[0] == 1:  # one token (decode at batch 1): its kept pairs are one [1, n] call, no sum back
-            slot = (ids[0] < self.beam.num_experts).nonzero().squeeze(1)
-            if 0 < slot.numel() < ids.shape[1]:
-                self._count(ids.numel(), slot.numel(), ids.device)
-                return self._forward_modular(x, weights[:, slot].contiguous(), ids[:, slot].contiguous(),
-                                             shared_experts_input)
-        token, rows_x, rows_w, rows_id = compact_pairs(x, weights, ids, self.beam.num_experts)
-        if token.numel() == ids.numel():  # the mask dropped nothing: the same call (compact_pairs' one host sync)
+        token, slot = kept_pairs(ids, self.beam.num_experts)  # the one host sync
+        if token.numel() == ids.numel():  # the mask dropped nothing: the same call
             self._count(ids.numel(), ids.numel(), ids.device)
             return self._forward_modular(x, weights, ids, shared_experts_input)
+        if ids.shape[0] == 1 and token.numel():  # one token (decode at batch 1): one [1, n] call, no sum back
+            self._count(ids.numel(), token.numel(), ids.device)
+            return self._forward_modular(x, weights[:, slot].contiguous(), ids[:, slot].contiguous(),
+                                         shared_experts_input)
+        rows_x, rows_w, rows_id = _pair_rows(x, weights, ids, token, slot)
         out = torch.zeros_like(x)
         mk_shared = (self._shared_experts is not None
                      and self._shared_experts._determine_shared_experts_order(shared_experts_input)
@@ -272,9 +275,10 @@ class BeamMoERunner(MoERunner):
         kernel = getattr(re.quant_method, "moe_kernel", None)
         experts = getattr(kernel, "fused_experts", None)
         if not isinstance(experts, TritonExperts):
+            chosen = type(experts).__name__ if experts is not None else "no modular kernel"
             raise RuntimeError(
                 f"{self.layer_name}: BEAM on CUDA needs vLLM's Triton fused-MoE experts (they skip the pairs an "
-                f"expert_map sends to -1), but vLLM chose {type(experts).__name__ if experts is not None else 'no modular kernel'}; serve with --moe-backend triton "
+                f"expert_map sends to -1), but vLLM chose {chosen}; serve with --moe-backend triton "
                 f"(vllm.LLM(moe_backend=\"triton\"))")
         if self._beam_expert_map is None:
             self._beam_expert_map = beam_expert_map(re.global_num_experts, re.expert_map, device=x.device)
