@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # beam-jax on one GPU, in one command of at most 8 minutes on an H200 (README, "GPU"):
 #
-#   bash bench/gpu_check.sh [--dry-run] [--out DIR] [--budget-s S]
+#   bash bench/gpu_check.sh [--dry-run] [--out DIR] [--budget-s S] [--steps a,b,...]
+#
+# --steps runs only the named steps after env and build (which always run: a device machine starts bare), for a
+# second call that reruns what failed, e.g. --steps cuda_tests,moe_layer.
 #
 # Output folder: --out, else $OUT (the device tool's folder), else bench/results/gpu_check_<date>. Every step
 # logs to logs/<step>.log there, runs under `timeout`, and records its status and time; a failing step never
@@ -384,6 +387,7 @@ fi
 DRY=0
 OUT_DIR=""
 BUDGET_S=470
+ONLY=""
 DRY_LIMIT_S=${GC_DRY_LIMIT_S:-300}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -391,12 +395,19 @@ while [ $# -gt 0 ]; do
     --out) OUT_DIR=$2; shift ;;
     --out=*) OUT_DIR=${1#--out=} ;;
     --budget-s) BUDGET_S=$2; shift ;;
+    --steps) ONLY=$2; shift ;;
+    --steps=*) ONLY=${1#--steps=} ;;
     -h|--help) sed -n '2,/^set -u/p' "$SELF" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 
+for s in ${ONLY//,/ }; do
+  case "$s" in env|build|cuda_tests|memcheck|racecheck|moe_layer|train) ;;
+    *) echo "unknown step in --steps: $s (env build cuda_tests memcheck racecheck moe_layer train)" >&2; exit 2 ;;
+  esac
+done
 PY=${PYTHON:-python3}
 STAMP=$(date +%Y%m%d-%H%M%S)
 OUT_DIR=${OUT_DIR:-${OUT:-$ROOT/bench/results/gpu_check_$STAMP}}
@@ -415,6 +426,9 @@ echo "gpu_check: $([ $DRY = 1 ] && echo DRY RUN || echo GPU run), out $OUT_DIR, 
 
 run_step() {  # name limit_s: bash gpu_check.sh --step name, under timeout; one line in steps.tsv
   local name=$1 limit=$2 left t0 rc status dt
+  case "$name" in env|build) ;; *)
+    if [ -n "$ONLY" ] && ! echo ",$ONLY," | grep -q ",$name,"; then echo "-- $name: not asked for (--steps)"; return; fi ;;
+  esac
   # a dry run shares a CPU among all its steps at once: the GPU limits mean nothing there
   [ "$DRY" = 1 ] && limit=$DRY_LIMIT_S
   left=$(( BUDGET_S - ($(date +%s) - T0) - 20 ))  # 20 s kept for the summary
