@@ -112,9 +112,9 @@ def training_impl(platform: str | None = None) -> str:
     - CPU with the FFI kernel's backward built: ``"kernel"`` (only the Top-K pairs, forward and backward;
       bench/train_step.py measures it against ``dense``: bench/results/train_step_cpu.json).
     - CPU without it: ``"dense"`` (XLA:CPU's ragged_dot is a dense per-group product, slower than dense).
-    - GPU: ``"kernel"`` once the CUDA backward exists (``kernel.ffi_grad_available("gpu")``); until then
-      ``"grouped"`` (``jax.lax.ragged_dot``; check its compiled HLO on the device: XLA:GPU in jaxlib 0.10.x
-      was reported to lower it to a zero-padded dense dot).
+    - GPU with the CUDA build: ``"kernel"`` (the CUDA forward and backward targets,
+      ``kernel.ffi_grad_available("gpu")``); without it ``"grouped"`` (``jax.lax.ragged_dot``, which XLA:GPU in
+      jax 0.11.2 lowers to dense products over every expert: bench/gpu_train.py's HLO check).
     """
     import jax
 

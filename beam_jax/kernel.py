@@ -16,13 +16,14 @@ else ``"grouped"`` (``jax.lax.ragged_dot``), else ``"reference"``.
 
 The op is differentiable on every backend (so whether ``jax.grad`` works does not depend on the
 machine): the pure-JAX backends through JAX's own autodiff, ``"ffi"`` through a ``jax.custom_vjp``
-whose backward is the kernel's backward target (``beam_masked_moe_bwd``, ``ffi/masked_moe_cpu_kernel.h``):
+whose backward is the kernel's backward target (``beam_masked_moe_bwd``, ``ffi/masked_moe_cpu_kernel.h`` and
+``ffi/masked_moe_cuda.cu``):
 grouped GEMMs over the same kept pairs, so the backward too computes K experts per token, not E.
 It returns d(x), d(weights) (``<dy[t], expert_out[t, k]>`` for kept pairs, 0 for dropped ones) and,
 only when one of the expert weights is being differentiated (``custom_vjp``'s ``symbolic_zeros``
 tells), d(w_gate), d(w_up), d(w_down) (``beam_masked_moe_bwd_full``); with frozen expert weights
 (BEAM's ``train.trainable=mask``) those GEMMs are skipped. Where the extension has no backward
-target for the platform (CUDA today), the ``"ffi"`` backward is the VJP of
+target for the platform (an older build), the ``"ffi"`` backward is the VJP of
 :func:`beam_jax.experts.experts_grouped` on the same inputs (see :func:`ffi_grad_available`).
 ``keep`` and ``expert_ids`` get no gradient.
 

@@ -18,15 +18,15 @@
 #   build        130s  the extension against this machine's jaxlib: pip install --no-deps --no-build-isolation
 #                      --no-index -e . (CUDA arch from nvidia-smi: 90a on Hopper), else CMake directly; then
 #                      checks that beam_jax._ffi has CUDA kernels registered for the GPU
-#   cuda_tests   100s  pytest tests/test_kernel*.py -k cuda             } side by side: correctness only,
-#   memcheck     100s  compute-sanitizer memcheck on small kernel cases } small memory each
-#   racecheck    100s  compute-sanitizer racecheck on the same cases    }
+#   cuda_tests   150s  pytest tests/test_kernel*.py -k cuda (forward and backward) } side by side: correctness,
+#   memcheck     150s  compute-sanitizer memcheck on small forward and backward cases } small memory each
+#   racecheck    150s  compute-sanitizer racecheck on the same cases    }
 #   moe_layer     90s  bench/moe_layer.py, Mixtral-8x7B and Qwen3-30B-A3B layers, device copy bandwidth and
 #                      bf16 matmul rate measured in the same run
 #   train        110s  bench/gpu_train.py: 20 BEAM training steps of a Qwen3-shaped 2-layer model per expert
 #                      path: tokens/s, peak memory, E-fold dense dot in the compiled HLO
 #   (summary      20s)
-#   Limits sum to 460 s + summary; a step also never gets more than what is left of --budget-s (470 s).
+#   Limits sum to 510 s + summary; a step also never gets more than what is left of --budget-s (470 s).
 #
 # --dry-run (any machine, no GPU needed): everything up to the first GPU call. Reports the tools (nvcc present,
 # nvidia-smi absent on a CPU box is fine), checks the FFI headers of this jaxlib and configures CMake (no build),
@@ -269,6 +269,18 @@ for shape in shapes[:2] if quick else shapes:
         for f in (fn, poisoned):
             assert_matches(jax.device_put(f(*args), cpu), ref, dt)
             n += 1
+# the backward targets (full: the expert-weight gradients too), against the reference's VJP on the CPU
+from tests.test_kernel_vjp import assert_grads, make, up32, vjp_of  # noqa: E402
+
+for shape in shapes[:2] if quick else shapes:
+    for dt in (jnp.float32,) if quick else (jnp.float32, jnp.bfloat16):
+        a, g = make(*shape, dtype=dt, seed=sum(shape) + 1)
+        _, got = jax.jit(lambda a_, g_: vjp_of(lambda *z: mm.masked_moe(*z, backend="ffi"), a_, g_))(
+            jax.device_put(a, dev), jax.device_put(g, dev))
+        _, want = jax.jit(lambda a_, g_: vjp_of(experts_reference, a_, g_))(
+            jax.device_put(up32(a), cpu), jax.device_put(g.astype(jnp.float32), cpu))
+        assert_grads(jax.device_get(got), jax.device_get(want), dt, f"backward {shape}")
+        n += 1
 host = list(make_inputs(9, 16, 24, 4, 2))
 host[6] = jnp.zeros_like(host[6])  # every pair dropped: the rows must be written as zeros
 y = jax.device_put(poisoned(*jax.device_put(host, dev)), cpu)
@@ -300,7 +312,7 @@ step_sanitize() {  # memcheck | racecheck
     "$TOOL_compute_sanitizer" --tool "$tool" --error-exitcode 9 --print-limit 50 "$PY" "$cases" "$ROOT"
   local rc=$? log="$GC_LOGS/$GC_STEP.log" summary ours
   summary=$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)
-  ours=$(grep -E '^========= .*(beam::cuda|GroupedGemm|CountKernel|ScanKernel|ScatterKernel|CombineKernel)' "$log" | wc -l)
+  ours=$(grep -E '^========= .*(beam::cuda|GroupedGemm|BwdGemm|SwigluBwdKernel|CountKernel|ScanKernel|ScatterKernel|CombineKernel)' "$log" | wc -l)
   if [ $rc = 0 ] && grep -q 'sanitizer cases on gpu' "$log"; then
     note "${summary:-no summary}"
     return 0
@@ -464,9 +476,9 @@ if [ "$DRY" = 1 ]; then
   wait
 else
   run_step build 130
-  run_step cuda_tests 100 &
-  run_step memcheck 100 &
-  run_step racecheck 100 &
+  run_step cuda_tests 150 &
+  run_step memcheck 150 &
+  run_step racecheck 150 &
   wait
   run_step moe_layer 90
   run_step train 110

@@ -117,6 +117,17 @@ xla::ffi::Error CheckAndDescribe(xla::ffi::AnyBuffer x, xla::ffi::AnyBuffer w_ga
                                  xla::ffi::Buffer<xla::ffi::PRED> keep,
                                  const xla::ffi::AnyBuffer& y, Problem* p);
 
+// The backward's checks (dy [T, d] and dx in x's dtype, dweights [T, K] f32, and the expert-weight
+// gradients where given, else null) and its BwdProblem; shared by the CPU and CUDA handlers.
+xla::ffi::Error CheckAndDescribeBwd(xla::ffi::AnyBuffer x, xla::ffi::AnyBuffer w_gate,
+                                    xla::ffi::AnyBuffer w_up, xla::ffi::AnyBuffer w_down,
+                                    xla::ffi::Buffer<xla::ffi::S32> expert_ids,
+                                    xla::ffi::Buffer<xla::ffi::F32> weights,
+                                    xla::ffi::Buffer<xla::ffi::PRED> keep, xla::ffi::AnyBuffer dy,
+                                    xla::ffi::AnyBuffer* dx, xla::ffi::Buffer<xla::ffi::F32>* dweights,
+                                    xla::ffi::AnyBuffer* dw_gate, xla::ffi::AnyBuffer* dw_up,
+                                    xla::ffi::AnyBuffer* dw_down, BwdProblem* bp);
+
 }  // namespace beam
 
 // FFI handler symbols (bound in masked_moe_cpu.cc / masked_moe_cuda.cu).
@@ -126,7 +137,7 @@ xla::ffi::Error CheckAndDescribe(xla::ffi::AnyBuffer x, xla::ffi::AnyBuffer w_ga
 // (input_output_aliases): its contents are ignored, so a poisoned y_init shows unwritten rows.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCpuAliased);
-// Backward targets (CPU only):
+// Backward targets (CPU and CUDA):
 //   beam_masked_moe_bwd:      (x, w_gate, w_up, w_down, expert_ids, weights, keep, dy)
 //                             -> (dx [T,d] x's dtype, dweights [T,K] f32)
 //   beam_masked_moe_bwd_full: same operands -> (dx, dweights, dw_gate, dw_up, dw_down) (x's dtype)
@@ -137,6 +148,8 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamRowsMatmulCpu);
 #ifdef BEAM_JAX_WITH_CUDA
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCudaAliased);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeBwdCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeBwdFullCuda);
 #endif
 
 #endif  // BEAM_JAX_FFI_MASKED_MOE_H_

@@ -164,6 +164,56 @@ ffi::Error CheckAndDescribe(ffi::AnyBuffer x, ffi::AnyBuffer w_gate, ffi::AnyBuf
   return ffi::Error::Success();
 }
 
+namespace {
+
+ffi::Error CheckSame(const char* name, const ffi::AnyBuffer& b, ffi::DataType t,
+                     std::initializer_list<int64_t> dims) {
+  auto bd = b.dimensions();
+  bool ok = b.element_type() == t && bd.size() == dims.size();
+  size_t i = 0;
+  for (int64_t v : dims) ok = ok && bd[i++] == v;
+  if (!ok)
+    return ffi::Error::InvalidArgument(std::string(name) + " must have x's dtype and shape [" +
+                                       [&] {
+                                         std::string s;
+                                         for (int64_t v : dims) s += (s.empty() ? "" : ", ") + std::to_string(v);
+                                         return s;
+                                       }() + "], got " + DimsString(bd));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+ffi::Error CheckAndDescribeBwd(ffi::AnyBuffer x, ffi::AnyBuffer w_gate, ffi::AnyBuffer w_up,
+                               ffi::AnyBuffer w_down, ffi::Buffer<ffi::S32> expert_ids,
+                               ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::PRED> keep,
+                               ffi::AnyBuffer dy, ffi::AnyBuffer* dx, ffi::Buffer<ffi::F32>* dweights,
+                               ffi::AnyBuffer* dw_gate, ffi::AnyBuffer* dw_up, ffi::AnyBuffer* dw_down,
+                               BwdProblem* bp) {
+  Problem& p = bp->fwd;
+  // dy plays the forward's y in the checks: [T, d] in x's dtype.
+  if (ffi::Error err = CheckAndDescribe(x, w_gate, w_up, w_down, expert_ids, weights, keep, dy, &p);
+      err.failure())
+    return err;
+  const ffi::DataType t = x.element_type();
+  if (ffi::Error err = CheckSame("dx", *dx, t, {p.T, p.d}); err.failure()) return err;
+  auto wdims = dweights->dimensions();
+  if (wdims.size() != 2 || wdims[0] != p.T || wdims[1] != p.K)
+    return ffi::Error::InvalidArgument("dweights must be [T, K], got " + DimsString(wdims));
+  if (dw_gate != nullptr) {
+    if (ffi::Error err = CheckSame("dw_gate", *dw_gate, t, {p.E, p.d, p.f}); err.failure()) return err;
+    if (ffi::Error err = CheckSame("dw_up", *dw_up, t, {p.E, p.d, p.f}); err.failure()) return err;
+    if (ffi::Error err = CheckSame("dw_down", *dw_down, t, {p.E, p.f, p.d}); err.failure()) return err;
+    bp->dw_gate = dw_gate->untyped_data();
+    bp->dw_up = dw_up->untyped_data();
+    bp->dw_down = dw_down->untyped_data();
+  }
+  bp->dy = dy.untyped_data();
+  bp->dx = dx->untyped_data();
+  bp->dweights = dweights->typed_data();
+  return ffi::Error::Success();
+}
+
 Runner MakeRunner(ffi::ThreadPool& pool) {
   Runner runner;
   const int64_t pool_threads = pool.num_threads();
@@ -192,22 +242,6 @@ ffi::Error MaskedMoeCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
   return ffi::Error::Success();
 }
 
-ffi::Error CheckSame(const char* name, const ffi::AnyBuffer& b, ffi::DataType t,
-                     std::initializer_list<int64_t> dims) {
-  auto bd = b.dimensions();
-  bool ok = b.element_type() == t && bd.size() == dims.size();
-  size_t i = 0;
-  for (int64_t v : dims) ok = ok && bd[i++] == v;
-  if (!ok)
-    return ffi::Error::InvalidArgument(std::string(name) + " must have x's dtype and shape [" +
-                                       [&] {
-                                         std::string s;
-                                         for (int64_t v : dims) s += (s.empty() ? "" : ", ") + std::to_string(v);
-                                         return s;
-                                       }() + "], got " + DimsString(bd));
-  return ffi::Error::Success();
-}
-
 // The backward; dw_gate, dw_up and dw_down are null for the variant without expert-weight gradients.
 ffi::Error MaskedMoeBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w_gate,
                             ffi::AnyBuffer w_up, ffi::AnyBuffer w_down,
@@ -216,27 +250,10 @@ ffi::Error MaskedMoeBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuff
                             ffi::Buffer<ffi::F32>* dweights, ffi::AnyBuffer* dw_gate,
                             ffi::AnyBuffer* dw_up, ffi::AnyBuffer* dw_down) {
   BwdProblem bp;
-  Problem& p = bp.fwd;
-  // dy plays the forward's y in the checks: [T, d] in x's dtype.
-  if (ffi::Error err = CheckAndDescribe(x, w_gate, w_up, w_down, expert_ids, weights, keep, dy, &p);
+  if (ffi::Error err = CheckAndDescribeBwd(x, w_gate, w_up, w_down, expert_ids, weights, keep, dy, dx,
+                                           dweights, dw_gate, dw_up, dw_down, &bp);
       err.failure())
     return err;
-  const ffi::DataType t = x.element_type();
-  if (ffi::Error err = CheckSame("dx", *dx, t, {p.T, p.d}); err.failure()) return err;
-  auto wdims = dweights->dimensions();
-  if (wdims.size() != 2 || wdims[0] != p.T || wdims[1] != p.K)
-    return ffi::Error::InvalidArgument("dweights must be [T, K], got " + DimsString(wdims));
-  if (dw_gate != nullptr) {
-    if (ffi::Error err = CheckSame("dw_gate", *dw_gate, t, {p.E, p.d, p.f}); err.failure()) return err;
-    if (ffi::Error err = CheckSame("dw_up", *dw_up, t, {p.E, p.d, p.f}); err.failure()) return err;
-    if (ffi::Error err = CheckSame("dw_down", *dw_down, t, {p.E, p.f, p.d}); err.failure()) return err;
-    bp.dw_gate = dw_gate->untyped_data();
-    bp.dw_up = dw_up->untyped_data();
-    bp.dw_down = dw_down->untyped_data();
-  }
-  bp.dy = dy.untyped_data();
-  bp.dx = dx->untyped_data();
-  bp.dweights = dweights->typed_data();
   Runner runner = MakeRunner(pool);
   CpuMaskedMoeBwd(bp, runner);
   return ffi::Error::Success();

@@ -14,8 +14,9 @@
 //   6. CombineKernel: y[t] = sum_k O[t, k] over kept pairs, in k order: deterministic, and every row
 //                     of y is written.
 // Half types use tensor cores (WMMA 16x16x16, f32 accumulators); float32 uses a SIMT tile.
-// Temporary memory comes from the FFI scratch allocator. An expert without kept pairs gets no tile,
-// so its weights are never read.
+// Temporary memory comes from the FFI scratch allocator (one allocation per call). An expert
+// without kept pairs gets no tile, so its weights are never read. The backward targets (below,
+// "Backward") reuse the grouping and the tiles.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -111,6 +112,7 @@ struct GemmArgs {
   const int* sorted;        // [rows] pair index of each sorted row
   const float* weights;     // [T * topk]
   T* h_out;                 // gated: [rows, N]
+  float* ab_out;            // gated, backward: [rows, 2N] pre-activations (gate | up) instead of H
   float* o_out;             // down:  [T * topk, N], indexed by pair
 };
 
@@ -129,8 +131,9 @@ struct alignas(128) EpilogueSmem {
 constexpr int kStage = BM * BK / kThreads;
 static_assert(kStage == BK * BN / kThreads, "A and B tiles must stage the same count");
 
+// A tile [BM x BK] from row pointers (null: a row past the tile's rows), reduction length Kd.
 template <typename T, bool kVec>
-__device__ __forceinline__ void LoadA(const GemmArgs<T>& g, const T* const* arow, int64_t k0,
+__device__ __forceinline__ void LoadA(int64_t Kd, const T* const* arow, int64_t k0,
                                       T (&st)[kStage]) {
   constexpr int VW = 16 / sizeof(T);
   if constexpr (kVec) {
@@ -139,7 +142,7 @@ __device__ __forceinline__ void LoadA(const GemmArgs<T>& g, const T* const* arow
       const int v = threadIdx.x + i * kThreads;
       const int r = v / (BK / VW), c = (v % (BK / VW)) * VW;
       uint4 val = make_uint4(0, 0, 0, 0);
-      if (arow[r] != nullptr && k0 + c < g.Kd)
+      if (arow[r] != nullptr && k0 + c < Kd)
         val = *reinterpret_cast<const uint4*>(arow[r] + k0 + c);
       *reinterpret_cast<uint4*>(&st[i * VW]) = val;
     }
@@ -148,14 +151,13 @@ __device__ __forceinline__ void LoadA(const GemmArgs<T>& g, const T* const* arow
     for (int i = 0; i < kStage; ++i) {
       const int idx = threadIdx.x + i * kThreads;
       const int r = idx / BK, c = idx % BK;
-      st[i] = (arow[r] != nullptr && k0 + c < g.Kd) ? arow[r][k0 + c] : FromF<T>(0.0f);
+      st[i] = (arow[r] != nullptr && k0 + c < Kd) ? arow[r][k0 + c] : FromF<T>(0.0f);
     }
   }
 }
 
 template <typename T, bool kVec>
-__device__ __forceinline__ void StoreA(const GemmArgs<T>& g, T (*sa)[BK + APAD],
-                                       const T (&st)[kStage]) {
+__device__ __forceinline__ void StoreA(T (*sa)[BK + APAD], const T (&st)[kStage]) {
   constexpr int VW = 16 / sizeof(T);
   if constexpr (kVec) {
 #pragma unroll
@@ -173,8 +175,9 @@ __device__ __forceinline__ void StoreA(const GemmArgs<T>& g, T (*sa)[BK + APAD],
   }
 }
 
+// B tile [BK x BN] of a row-major [Kd x N] matrix b.
 template <typename T, bool kVec>
-__device__ __forceinline__ void LoadB(const GemmArgs<T>& g, const T* b, int64_t k0, int64_t n0,
+__device__ __forceinline__ void LoadB(int64_t Kd, int64_t N, const T* b, int64_t k0, int64_t n0,
                                       T (&st)[kStage]) {
   constexpr int VW = 16 / sizeof(T);
   if constexpr (kVec) {
@@ -183,8 +186,8 @@ __device__ __forceinline__ void LoadB(const GemmArgs<T>& g, const T* b, int64_t 
       const int v = threadIdx.x + i * kThreads;
       const int r = v / (BN / VW), c = (v % (BN / VW)) * VW;
       uint4 val = make_uint4(0, 0, 0, 0);
-      if (k0 + r < g.Kd && n0 + c < g.N)
-        val = *reinterpret_cast<const uint4*>(b + (k0 + r) * g.N + n0 + c);
+      if (k0 + r < Kd && n0 + c < N)
+        val = *reinterpret_cast<const uint4*>(b + (k0 + r) * N + n0 + c);
       *reinterpret_cast<uint4*>(&st[i * VW]) = val;
     }
   } else {
@@ -192,14 +195,13 @@ __device__ __forceinline__ void LoadB(const GemmArgs<T>& g, const T* b, int64_t 
     for (int i = 0; i < kStage; ++i) {
       const int idx = threadIdx.x + i * kThreads;
       const int r = idx / BN, c = idx % BN;
-      st[i] = (k0 + r < g.Kd && n0 + c < g.N) ? b[(k0 + r) * g.N + n0 + c] : FromF<T>(0.0f);
+      st[i] = (k0 + r < Kd && n0 + c < N) ? b[(k0 + r) * N + n0 + c] : FromF<T>(0.0f);
     }
   }
 }
 
 template <typename T, bool kVec>
-__device__ __forceinline__ void StoreB(const GemmArgs<T>& g, T (*sb)[BN + BPAD],
-                                       const T (&st)[kStage]) {
+__device__ __forceinline__ void StoreB(T (*sb)[BN + BPAD], const T (&st)[kStage]) {
   constexpr int VW = 16 / sizeof(T);
   if constexpr (kVec) {
 #pragma unroll
@@ -353,18 +355,18 @@ __global__ void __launch_bounds__(kThreads) GroupedGemm(GemmArgs<T> g) {
   math.Init();
   alignas(16) T sa[kStage];  // 16-byte aligned: read and written as uint4
   alignas(16) T sb[NMAT][kStage];
-  LoadA<T, kVec>(g, arow, 0, sa);
+  LoadA<T, kVec>(g.Kd, arow, 0, sa);
 #pragma unroll
-  for (int m = 0; m < NMAT; ++m) LoadB<T, kVec>(g, b[m], 0, n0, sb[m]);
+  for (int m = 0; m < NMAT; ++m) LoadB<T, kVec>(g.Kd, g.N, b[m], 0, n0, sb[m]);
   for (int64_t k0 = 0; k0 < g.Kd; k0 += BK) {
-    StoreA<T, kVec>(g, smem.op.a, sa);
+    StoreA<T, kVec>(smem.op.a, sa);
 #pragma unroll
-    for (int m = 0; m < NMAT; ++m) StoreB<T, kVec>(g, smem.op.b[m], sb[m]);
+    for (int m = 0; m < NMAT; ++m) StoreB<T, kVec>(smem.op.b[m], sb[m]);
     __syncthreads();
     if (k0 + BK < g.Kd) {  // next slice's loads in flight during this slice's math
-      LoadA<T, kVec>(g, arow, k0 + BK, sa);
+      LoadA<T, kVec>(g.Kd, arow, k0 + BK, sa);
 #pragma unroll
-      for (int m = 0; m < NMAT; ++m) LoadB<T, kVec>(g, b[m], k0 + BK, n0, sb[m]);
+      for (int m = 0; m < NMAT; ++m) LoadB<T, kVec>(g.Kd, g.N, b[m], k0 + BK, n0, sb[m]);
     }
     math.Step(smem.op);
     __syncthreads();
@@ -377,6 +379,11 @@ __global__ void __launch_bounds__(kThreads) GroupedGemm(GemmArgs<T> g) {
     if (r >= rows || n0 + c >= g.N) continue;
     if constexpr (kGated) {
       const float gate = smem.ep.c[0][r][c], up = smem.ep.c[1][r][c];
+      if (g.ab_out != nullptr) {
+        g.ab_out[(row0 + r) * 2 * g.N + n0 + c] = gate;
+        g.ab_out[(row0 + r) * 2 * g.N + g.N + n0 + c] = up;
+        continue;
+      }
       const float h = gate / (1.0f + __expf(-gate)) * up;
       g.h_out[(row0 + r) * g.N + n0 + c] = FromF<T>(h);
     } else {
@@ -405,6 +412,281 @@ __global__ void CombineKernel(const float* __restrict__ o, const int32_t* __rest
 }
 
 // ------------------------------------------------------------------------------------------------
+// Backward (formulas: BwdProblem in masked_moe.h). With the pairs grouped as in the forward:
+//   a. GroupedGemm<gated> with ab_out: AB = x @ [gate_e | up_e] per sorted row (f32, recomputed).
+//   b. BwdGemm<kGd>: GD = dy[token] @ down_e^T per sorted row (f32).
+//   c. SwigluBwdKernel: per sorted row, h = silu(a) * b, dweights[pair] = <GD, h> (one block per
+//      row: a fixed sum order), DAB = [w GD b silu'(a) | w GD silu(a)] (input type, the operand of
+//      the next GEMMs) and, for the weight gradients, the row's x, h and w * dy (input type).
+//   d. BwdGemm<kDx>: O[pair] = DAB @ [gate_e | up_e]^T (f32); CombineKernel sums a token's kept
+//      pairs in k order into dx (every row written).
+//   e. Weight gradients only when asked, BwdGemm<kDw> per (expert, 64 x 64 tile), the reduction
+//      over the expert's rows: [dw_gate_e | dw_up_e] = X^T DAB, dw_down_e = H^T (w dy). Every
+//      element is written (zero for an expert without kept pairs).
+// Work follows the kept pairs, as in the forward: K experts per token, never E.
+
+enum class BwdMode { kGd, kDx, kDw };
+
+template <typename T>
+struct BwdGemmArgs {
+  const T* a;   // kGd: dy [T, Kd], rows gathered by token; kDx: DAB [rows, Kd]; kDw: [rows, M]
+  const T* b0;  // kGd: w_down [E, N, Kd] (transposed); kDx: w_gate [E, N, split] (transposed,
+                // k < split); kDw: [rows, N] row-major
+  const T* b1;  // kDx: w_up [E, N, split] (transposed, k >= split); else b0
+  int64_t Kd, N, M;  // reduction length (kGd, kDx), output columns, output rows (kDw)
+  int64_t split;     // kGd: Kd; kDx: f; kDw: columns < split go to out0, the others to out1
+  int E, topk;
+  const int* offsets;       // [E + 1] row offsets
+  const int* tile_offsets;  // [E + 1] M-tile offsets
+  const int* sorted;        // [rows] pair index of each sorted row
+  float* out_f32;           // kGd: [rows, N] in sorted-row order; kDx: [pairs, N] by pair
+  T* out0;                  // kDw: [E, M, split]
+  T* out1;                  // kDw: [E, M, N - split] or null
+};
+
+// B tile [BK x BN] of a matrix used transposed: B(k, n) = W(n, k) with W row-major [N, ld], W
+// taken from b0 for k < split and from b1 (at k - split) above; the expert's slab is e * N * ld.
+template <typename T, bool kVec>
+__device__ __forceinline__ void LoadBT(const BwdGemmArgs<T>& g, int e, int64_t k0, int64_t n0,
+                                       T (&st)[kStage]) {
+  constexpr int VW = 16 / sizeof(T);
+  const int64_t ld = g.split, slab = int64_t(e) * g.N * ld;
+  if constexpr (kVec) {  // VW consecutive k of one n (never across split: split % VW == 0)
+#pragma unroll
+    for (int i = 0; i < kStage / VW; ++i) {
+      const int v = threadIdx.x + i * kThreads;
+      const int n = v / (BK / VW), c = (v % (BK / VW)) * VW;
+      const int64_t k = k0 + c;
+      uint4 val = make_uint4(0, 0, 0, 0);
+      if (k < g.Kd && n0 + n < g.N) {
+        const T* w = (k < g.split ? g.b0 + k : g.b1 + (k - g.split)) + slab;
+        val = *reinterpret_cast<const uint4*>(w + (n0 + n) * ld);
+      }
+      *reinterpret_cast<uint4*>(&st[i * VW]) = val;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kStage; ++i) {
+      const int idx = threadIdx.x + i * kThreads;
+      const int n = idx / BK, c = idx % BK;
+      const int64_t k = k0 + c;
+      T val = FromF<T>(0.0f);
+      if (k < g.Kd && n0 + n < g.N)
+        val = (k < g.split ? g.b0 + k : g.b1 + (k - g.split))[slab + (n0 + n) * ld];
+      st[i] = val;
+    }
+  }
+}
+
+template <typename T, bool kVec>
+__device__ __forceinline__ void StoreBT(T (*sb)[BN + BPAD], const T (&st)[kStage]) {
+  constexpr int VW = 16 / sizeof(T);
+  if constexpr (kVec) {
+#pragma unroll
+    for (int i = 0; i < kStage / VW; ++i) {
+      const int v = threadIdx.x + i * kThreads;
+      const int n = v / (BK / VW), c = (v % (BK / VW)) * VW;
+#pragma unroll
+      for (int j = 0; j < VW; ++j) sb[c + j][n] = st[i * VW + j];
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kStage; ++i) {
+      const int idx = threadIdx.x + i * kThreads;
+      sb[idx % BK][idx / BK] = st[i];
+    }
+  }
+}
+
+// A tile [BM x BK] of a matrix used transposed: A(m, k) = S(k, m0 + m), S row-major [rows x M],
+// k < rows.
+template <typename T, bool kVec>
+__device__ __forceinline__ void LoadAT(const T* S, int64_t M, int64_t rows, int64_t m0, int64_t k0,
+                                       T (&st)[kStage]) {
+  constexpr int VW = 16 / sizeof(T);
+  if constexpr (kVec) {  // VW consecutive m of one k (M % VW == 0)
+#pragma unroll
+    for (int i = 0; i < kStage / VW; ++i) {
+      const int v = threadIdx.x + i * kThreads;
+      const int k = v / (BM / VW), c = (v % (BM / VW)) * VW;
+      uint4 val = make_uint4(0, 0, 0, 0);
+      if (k0 + k < rows && m0 + c < M)
+        val = *reinterpret_cast<const uint4*>(S + (k0 + k) * M + m0 + c);
+      *reinterpret_cast<uint4*>(&st[i * VW]) = val;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kStage; ++i) {
+      const int idx = threadIdx.x + i * kThreads;
+      const int k = idx / BM, m = idx % BM;
+      st[i] = (k0 + k < rows && m0 + m < M) ? S[(k0 + k) * M + m0 + m] : FromF<T>(0.0f);
+    }
+  }
+}
+
+template <typename T, bool kVec>
+__device__ __forceinline__ void StoreAT(T (*sa)[BK + APAD], const T (&st)[kStage]) {
+  constexpr int VW = 16 / sizeof(T);
+  if constexpr (kVec) {
+#pragma unroll
+    for (int i = 0; i < kStage / VW; ++i) {
+      const int v = threadIdx.x + i * kThreads;
+      const int k = v / (BM / VW), c = (v % (BM / VW)) * VW;
+#pragma unroll
+      for (int j = 0; j < VW; ++j) sa[c + j][k] = st[i * VW + j];
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kStage; ++i) {
+      const int idx = threadIdx.x + i * kThreads;
+      sa[idx % BM][idx / BM] = st[i];
+    }
+  }
+}
+
+// kGd, kDx: one block per (M tile of an expert's sorted rows, N tile), as GroupedGemm.
+// kDw: one block per (expert, M tile x N tile of its gradient), reducing over the expert's rows.
+template <typename T, BwdMode MODE, bool kVec>
+__global__ void __launch_bounds__(kThreads) BwdGemm(BwdGemmArgs<T> g) {
+  int e;
+  int64_t row0, rows, m0 = 0, n0;
+  if constexpr (MODE == BwdMode::kDw) {
+    e = blockIdx.x;
+    const int64_t ntn = (g.N + BN - 1) / BN;
+    m0 = int64_t(blockIdx.y / ntn) * BM;
+    n0 = int64_t(blockIdx.y % ntn) * BN;
+    row0 = g.offsets[e];
+    rows = g.offsets[e + 1] - row0;  // the reduction length
+  } else {
+    const int tile = blockIdx.x;
+    if (tile >= g.tile_offsets[g.E]) return;  // grid sized for the worst case
+    int lo = 0, hi = g.E;
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (g.tile_offsets[mid] <= tile) lo = mid; else hi = mid;
+    }
+    e = lo;
+    row0 = g.offsets[e] + int64_t(tile - g.tile_offsets[e]) * BM;
+    rows = min(int64_t(BM), int64_t(g.offsets[e + 1]) - row0);
+    n0 = int64_t(blockIdx.y) * BN;
+  }
+
+  union Smem {
+    OperandSmem<T, 1> op;
+    EpilogueSmem<1> ep;
+  };
+  __shared__ Smem smem;
+  __shared__ const T* arow[BM];
+  if constexpr (MODE != BwdMode::kDw) {
+    if (threadIdx.x < BM) {
+      const int r = threadIdx.x;
+      const T* p = nullptr;
+      if (r < rows)
+        p = MODE == BwdMode::kGd ? g.a + int64_t(g.sorted[row0 + r] / g.topk) * g.Kd
+                                 : g.a + (row0 + r) * g.Kd;
+      arow[r] = p;
+    }
+    __syncthreads();
+  }
+  const int64_t Kred = MODE == BwdMode::kDw ? rows : g.Kd;
+  const T* a_src = g.a + row0 * g.M;   // kDw: the expert's first row
+  const T* b_src = g.b0 + row0 * g.N;  // kDw
+
+  TileMath<T, 1> math;
+  math.Init();
+  alignas(16) T sa[kStage];
+  alignas(16) T sb[kStage];
+  auto load = [&](int64_t k0) {
+    if constexpr (MODE == BwdMode::kDw) {
+      LoadAT<T, kVec>(a_src, g.M, Kred, m0, k0, sa);
+      LoadB<T, kVec>(Kred, g.N, b_src, k0, n0, sb);
+    } else {
+      LoadA<T, kVec>(g.Kd, arow, k0, sa);
+      LoadBT<T, kVec>(g, e, k0, n0, sb);
+    }
+  };
+  if (Kred > 0) load(0);
+  for (int64_t k0 = 0; k0 < Kred; k0 += BK) {
+    if constexpr (MODE == BwdMode::kDw) {
+      StoreAT<T, kVec>(smem.op.a, sa);
+      StoreB<T, kVec>(smem.op.b[0], sb);
+    } else {
+      StoreA<T, kVec>(smem.op.a, sa);
+      StoreBT<T, kVec>(smem.op.b[0], sb);
+    }
+    __syncthreads();
+    if (k0 + BK < Kred) load(k0 + BK);
+    math.Step(smem.op);
+    __syncthreads();
+  }
+  math.Store(smem.ep);
+  __syncthreads();
+
+  for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {
+    const int r = idx / BN, c = idx % BN;
+    const int64_t n = n0 + c;
+    if (n >= g.N) continue;
+    const float v = smem.ep.c[0][r][c];
+    if constexpr (MODE == BwdMode::kGd) {
+      if (r < rows) g.out_f32[(row0 + r) * g.N + n] = v;
+    } else if constexpr (MODE == BwdMode::kDx) {
+      if (r < rows) g.out_f32[int64_t(g.sorted[row0 + r]) * g.N + n] = v;
+    } else {
+      const int64_t m = m0 + r;
+      if (m >= g.M) continue;
+      if (n < g.split)
+        g.out0[(int64_t(e) * g.M + m) * g.split + n] = FromF<T>(v);
+      else
+        g.out1[(int64_t(e) * g.M + m) * (g.N - g.split) + (n - g.split)] = FromF<T>(v);
+    }
+  }
+}
+
+// Step c, one block per sorted row (blocks past the kept rows exit).
+template <typename T>
+__global__ void SwigluBwdKernel(const float* __restrict__ ab, const float* __restrict__ gd,
+                                const int* __restrict__ offsets, int E,
+                                const int* __restrict__ sorted, int topk,
+                                const float* __restrict__ weights, const T* __restrict__ x,
+                                const T* __restrict__ dy, int64_t d, int64_t f,
+                                T* __restrict__ dab, float* __restrict__ dweights,
+                                T* __restrict__ xs, T* __restrict__ hs, T* __restrict__ wdy) {
+  const int64_t r = blockIdx.x;
+  if (r >= offsets[E]) return;
+  const int q = sorted[r];
+  const int64_t t = q / topk;
+  const float w = weights[q];
+  float acc = 0.0f;
+  for (int64_t j = threadIdx.x; j < f; j += blockDim.x) {
+    const float a = ab[r * 2 * f + j], b = ab[r * 2 * f + f + j], g = gd[r * f + j];
+    const float s = 1.0f / (1.0f + __expf(-a));
+    const float sa = a * s;  // silu(a)
+    const float hv = sa * b;
+    acc += g * hv;
+    const float dh = w * g;
+    dab[r * 2 * f + j] = FromF<T>(dh * b * (s + sa * (1.0f - s)));  // silu'(a) = s (1 + a (1 - s))
+    dab[r * 2 * f + f + j] = FromF<T>(dh * sa);
+    if (hs != nullptr) hs[r * f + j] = FromF<T>(hv);
+  }
+  if (xs != nullptr) {
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+      xs[r * d + j] = x[t * d + j];
+      wdy[r * d + j] = FromF<T>(w * ToF(dy[t * d + j]));
+    }
+  }
+  // Block sum of acc (blockDim.x a multiple of 32, at most 1024).
+  __shared__ float part[32];
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.0f;
+    for (int i = 0; i < int(blockDim.x / 32); ++i) total += part[i];
+    dweights[q] = total;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 
 ffi::Error LaunchError(const char* what) {
   const cudaError_t err = cudaGetLastError();
@@ -413,19 +695,65 @@ ffi::Error LaunchError(const char* what) {
                               cudaGetErrorString(err));
 }
 
-template <typename P>
-P* Alloc(ffi::ScratchAllocator& scratch, int64_t count, bool* ok) {
-  if (!*ok) return nullptr;
-  auto mem = scratch.Allocate(size_t(std::max<int64_t>(count, 1)) * sizeof(P), 256);
-  if (!mem.has_value()) {
-    *ok = false;
-    return nullptr;
+// Temporary memory: one scratch allocation per call, carved into 256-byte aligned pieces (XLA's FFI
+// allocator accepts alignments of at most 16 bytes, so the base is aligned here). `carve` runs twice:
+// once to measure (null base), once to hand out the pointers it stores.
+struct Carver {
+  char* base = nullptr;
+  size_t used = 0;
+  template <typename P>
+  P* Take(int64_t count) {
+    const size_t off = used;
+    used += (size_t(std::max<int64_t>(count, 1)) * sizeof(P) + 255) / 256 * 256;
+    return base == nullptr ? nullptr : reinterpret_cast<P*>(base + off);
   }
-  return static_cast<P*>(*mem);
+};
+
+template <typename F>
+ffi::Error CarveScratch(ffi::ScratchAllocator& scratch, F&& carve) {
+  Carver measure;
+  carve(measure);
+  const size_t bytes = measure.used + 256;
+  auto mem = scratch.Allocate(bytes, 16);
+  if (!mem.has_value())
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      "masked_moe CUDA: scratch allocation of " + std::to_string(bytes) +
+                          " bytes failed (XLA's diagnostic says why)");
+  Carver give;
+  give.base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(*mem) + 255) & ~uintptr_t(255));
+  carve(give);
+  return ffi::Error::Success();
 }
 
 inline int GridFor(int64_t n, int threads) {
   return int(std::min<int64_t>((n + threads - 1) / threads, 65535));
+}
+
+// Steps 1-3 of the header: kept pairs grouped by expert. ints = counts | cursor | offsets (E + 1)
+// | tile_offsets (E + 1); sorted [num_pairs].
+ffi::Error GroupPairs(cudaStream_t stream, const Problem& p, int* ints, int* sorted) {
+  const int64_t num_pairs = p.T * p.K;
+  const int E = int(p.E);
+  int* counts = ints;
+  int* cursor = ints + E;
+  int* offsets = ints + 2 * E;
+  int* tile_offsets = ints + 3 * E + 1;
+  if (cudaMemsetAsync(ints, 0, sizeof(int) * size_t(2 * E), stream) != cudaSuccess)
+    return LaunchError("memset counts");
+  const int g_pairs = GridFor(num_pairs, 256);
+  CountKernel<<<g_pairs, 256, 0, stream>>>(p.expert_ids, p.keep, num_pairs, E, counts);
+  if (auto err = LaunchError("count"); err.failure()) return err;
+  ScanKernel<<<1, 1, 0, stream>>>(counts, E, offsets, tile_offsets);
+  if (auto err = LaunchError("scan"); err.failure()) return err;
+  ScatterKernel<<<g_pairs, 256, 0, stream>>>(p.expert_ids, p.keep, num_pairs, E, offsets, cursor,
+                                             sorted);
+  return LaunchError("scatter");
+}
+
+// Worst case of the M tiles over all experts: sum_e ceil(n_e / BM) <= ceil(P / BM) + (experts with
+// a pair).
+inline int64_t MaxTiles(int64_t num_pairs, int64_t E) {
+  return (num_pairs + BM - 1) / BM + std::min<int64_t>(E, num_pairs);
 }
 
 template <typename T>
@@ -443,31 +771,22 @@ ffi::Error Run(cudaStream_t stream, ffi::ScratchAllocator& scratch, const Proble
   if (num_pairs > INT32_MAX || E > INT32_MAX / 2)
     return ffi::Error::InvalidArgument("masked_moe CUDA: T * K must fit in int32");
 
-  bool ok = true;
-  int* ints = Alloc<int>(scratch, 4 * int64_t(E) + 2, &ok);  // counts | cursor | offsets | tiles
-  int* sorted = Alloc<int>(scratch, num_pairs, &ok);
-  T* h = Alloc<T>(scratch, num_pairs * f, &ok);
-  float* o = Alloc<float>(scratch, num_pairs * d, &ok);
-  if (!ok) return ffi::Error(ffi::ErrorCode::kResourceExhausted,
-                             "masked_moe CUDA: scratch allocation failed");
-  int* counts = ints;
-  int* cursor = ints + E;
-  int* offsets = ints + 2 * E;
-  int* tile_offsets = ints + 3 * E + 1;
+  int *ints = nullptr, *sorted = nullptr;
+  T* h = nullptr;
+  float* o = nullptr;
+  if (ffi::Error err = CarveScratch(scratch, [&](Carver& c) {
+        ints = c.Take<int>(4 * int64_t(E) + 2);  // counts | cursor | offsets | tile offsets
+        sorted = c.Take<int>(num_pairs);
+        h = c.Take<T>(num_pairs * f);
+        o = c.Take<float>(num_pairs * d);
+      });
+      err.failure())
+    return err;
+  const int* offsets = ints + 2 * E;
+  const int* tile_offsets = ints + 3 * E + 1;
+  if (ffi::Error err = GroupPairs(stream, p, ints, sorted); err.failure()) return err;
 
-  if (cudaMemsetAsync(ints, 0, sizeof(int) * size_t(2 * E), stream) != cudaSuccess)
-    return LaunchError("memset counts");
-  const int g_pairs = GridFor(num_pairs, 256);
-  CountKernel<<<g_pairs, 256, 0, stream>>>(p.expert_ids, p.keep, num_pairs, E, counts);
-  if (auto err = LaunchError("count"); err.failure()) return err;
-  ScanKernel<<<1, 1, 0, stream>>>(counts, E, offsets, tile_offsets);
-  if (auto err = LaunchError("scan"); err.failure()) return err;
-  ScatterKernel<<<g_pairs, 256, 0, stream>>>(p.expert_ids, p.keep, num_pairs, E, offsets, cursor,
-                                             sorted);
-  if (auto err = LaunchError("scatter"); err.failure()) return err;
-
-  // Worst case: sum_e ceil(n_e / BM) <= ceil(P / BM) + (experts with a pair).
-  const int64_t max_tiles = (num_pairs + BM - 1) / BM + std::min<int64_t>(E, num_pairs);
+  const int64_t max_tiles = MaxTiles(num_pairs, E);
   constexpr int VW = 16 / sizeof(T);
   auto aligned = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
 
@@ -510,6 +829,212 @@ ffi::Error Run(cudaStream_t stream, ffi::ScratchAllocator& scratch, const Proble
   CombineKernel<T><<<GridFor(T_ * d, 256), 256, 0, stream>>>(o, p.expert_ids, p.keep, T_, K, d,
                                                             E, y);
   return LaunchError("combine");
+}
+
+template <typename T>
+ffi::Error RunBwd(cudaStream_t stream, ffi::ScratchAllocator& scratch, const BwdProblem& bp) {
+  const Problem& p = bp.fwd;
+  const int64_t T_ = p.T, K = p.K, d = p.d, f = p.f;
+  const int E = int(p.E);
+  const bool wgrad = bp.dw_gate != nullptr;
+  const int64_t num_pairs = T_ * K;
+  // Zeros first: dropped pairs, tokens without kept pairs (dx is fully written by the combine when
+  // there are pairs), and every gradient when nothing is kept.
+  if (num_pairs > 0 &&
+      cudaMemsetAsync(bp.dweights, 0, size_t(num_pairs) * sizeof(float), stream) != cudaSuccess)
+    return LaunchError("memset dweights");
+  if (num_pairs == 0 || E == 0 || f == 0 || d == 0) {
+    if (T_ * d > 0 && cudaMemsetAsync(bp.dx, 0, size_t(T_ * d) * sizeof(T), stream) != cudaSuccess)
+      return LaunchError("memset dx");
+    if (wgrad && int64_t(E) * d * f > 0) {
+      const size_t nw = size_t(E) * size_t(d * f) * sizeof(T);
+      if (cudaMemsetAsync(bp.dw_gate, 0, nw, stream) != cudaSuccess ||
+          cudaMemsetAsync(bp.dw_up, 0, nw, stream) != cudaSuccess ||
+          cudaMemsetAsync(bp.dw_down, 0, nw, stream) != cudaSuccess)
+        return LaunchError("memset weight gradients");
+    }
+    return ffi::Error::Success();
+  }
+  if (num_pairs > INT32_MAX || E > INT32_MAX / 2)
+    return ffi::Error::InvalidArgument("masked_moe CUDA: T * K must fit in int32");
+
+  int *ints = nullptr, *sorted = nullptr;
+  float *ab = nullptr, *gd = nullptr, *o = nullptr;
+  T *dab = nullptr, *xs = nullptr, *hs = nullptr, *wdy = nullptr;
+  if (ffi::Error err = CarveScratch(scratch, [&](Carver& c) {
+        ints = c.Take<int>(4 * int64_t(E) + 2);
+        sorted = c.Take<int>(num_pairs);
+        ab = c.Take<float>(num_pairs * 2 * f);
+        gd = c.Take<float>(num_pairs * f);
+        dab = c.Take<T>(num_pairs * 2 * f);
+        o = c.Take<float>(num_pairs * d);
+        if (wgrad) {
+          xs = c.Take<T>(num_pairs * d);
+          hs = c.Take<T>(num_pairs * f);
+          wdy = c.Take<T>(num_pairs * d);
+        }
+      });
+      err.failure())
+    return err;
+  const int* offsets = ints + 2 * E;
+  const int* tile_offsets = ints + 3 * E + 1;
+  if (ffi::Error err = GroupPairs(stream, p, ints, sorted); err.failure()) return err;
+
+  const int64_t max_tiles = MaxTiles(num_pairs, E);
+  constexpr int VW = 16 / sizeof(T);
+  auto aligned = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
+  const bool vec = d % VW == 0 && f % VW == 0 && aligned(p.x) && aligned(p.w_gate) &&
+                   aligned(p.w_up) && aligned(p.w_down) && aligned(bp.dy);
+  const T* wg = static_cast<const T*>(p.w_gate);
+  const T* wu = static_cast<const T*>(p.w_up);
+  const T* wd = static_cast<const T*>(p.w_down);
+
+  // a. AB = x @ [gate | up] (the forward's first GEMM, pre-activations kept).
+  GemmArgs<T> g1{};
+  g1.x = static_cast<const T*>(p.x);
+  g1.b0 = wg;
+  g1.b1 = wu;
+  g1.Kd = d;
+  g1.N = f;
+  g1.E = E;
+  g1.topk = int(K);
+  g1.offsets = offsets;
+  g1.tile_offsets = tile_offsets;
+  g1.sorted = sorted;
+  g1.weights = p.weights;
+  g1.ab_out = ab;
+  const dim3 grid_f(unsigned(max_tiles), unsigned((f + BN - 1) / BN));
+  if (vec)
+    GroupedGemm<T, true, true><<<grid_f, kThreads, 0, stream>>>(g1);
+  else
+    GroupedGemm<T, true, false><<<grid_f, kThreads, 0, stream>>>(g1);
+  if (auto err = LaunchError("backward gate/up GEMM"); err.failure()) return err;
+
+  // b. GD = dy @ down^T.
+  BwdGemmArgs<T> g2{};
+  g2.a = static_cast<const T*>(bp.dy);
+  g2.b0 = wd;
+  g2.b1 = wd;
+  g2.Kd = d;
+  g2.N = f;
+  g2.split = d;
+  g2.E = E;
+  g2.topk = int(K);
+  g2.offsets = offsets;
+  g2.tile_offsets = tile_offsets;
+  g2.sorted = sorted;
+  g2.out_f32 = gd;
+  if (vec)
+    BwdGemm<T, BwdMode::kGd, true><<<grid_f, kThreads, 0, stream>>>(g2);
+  else
+    BwdGemm<T, BwdMode::kGd, false><<<grid_f, kThreads, 0, stream>>>(g2);
+  if (auto err = LaunchError("backward dy @ down^T GEMM"); err.failure()) return err;
+
+  // c. SwiGLU backward, dweights.
+  SwigluBwdKernel<T><<<unsigned(num_pairs), 256, 0, stream>>>(
+      ab, gd, offsets, E, sorted, int(K), p.weights, static_cast<const T*>(p.x),
+      static_cast<const T*>(bp.dy), d, f, dab, bp.dweights, xs, hs, wdy);
+  if (auto err = LaunchError("backward SwiGLU"); err.failure()) return err;
+
+  // d. O = DAB @ [gate | up]^T per pair, summed into dx.
+  BwdGemmArgs<T> g3 = g2;
+  g3.a = dab;
+  g3.b0 = wg;
+  g3.b1 = wu;
+  g3.Kd = 2 * f;
+  g3.N = d;
+  g3.split = f;
+  g3.out_f32 = o;
+  const dim3 grid_d(unsigned(max_tiles), unsigned((d + BN - 1) / BN));
+  if (vec)
+    BwdGemm<T, BwdMode::kDx, true><<<grid_d, kThreads, 0, stream>>>(g3);
+  else
+    BwdGemm<T, BwdMode::kDx, false><<<grid_d, kThreads, 0, stream>>>(g3);
+  if (auto err = LaunchError("backward dx GEMM"); err.failure()) return err;
+  CombineKernel<T><<<GridFor(T_ * d, 256), 256, 0, stream>>>(o, p.expert_ids, p.keep, T_, K, d, E,
+                                                            static_cast<T*>(bp.dx));
+  if (auto err = LaunchError("backward combine"); err.failure()) return err;
+  if (!wgrad) return ffi::Error::Success();
+
+  // e. [dw_gate | dw_up] = X^T DAB and dw_down = H^T (w dy), per expert.
+  BwdGemmArgs<T> g4 = g2;
+  g4.a = xs;
+  g4.b0 = dab;
+  g4.b1 = dab;
+  g4.M = d;
+  g4.N = 2 * f;
+  g4.split = f;
+  g4.out0 = static_cast<T*>(bp.dw_gate);
+  g4.out1 = static_cast<T*>(bp.dw_up);
+  const int64_t tiles_gu = ((d + BM - 1) / BM) * ((2 * f + BN - 1) / BN);
+  const int64_t tiles_dn = ((f + BM - 1) / BM) * ((d + BN - 1) / BN);
+  if (tiles_gu > 65535 || tiles_dn > 65535)
+    return ffi::Error::InvalidArgument("masked_moe CUDA backward: d * f too large for the grid");
+  if (vec)
+    BwdGemm<T, BwdMode::kDw, true><<<dim3(unsigned(E), unsigned(tiles_gu)), kThreads, 0, stream>>>(g4);
+  else
+    BwdGemm<T, BwdMode::kDw, false><<<dim3(unsigned(E), unsigned(tiles_gu)), kThreads, 0, stream>>>(g4);
+  if (auto err = LaunchError("backward dw_gate/dw_up GEMM"); err.failure()) return err;
+  BwdGemmArgs<T> g5 = g4;
+  g5.a = hs;
+  g5.b0 = wdy;
+  g5.b1 = wdy;
+  g5.M = f;
+  g5.N = d;
+  g5.split = d;
+  g5.out0 = static_cast<T*>(bp.dw_down);
+  g5.out1 = nullptr;
+  if (vec)
+    BwdGemm<T, BwdMode::kDw, true><<<dim3(unsigned(E), unsigned(tiles_dn)), kThreads, 0, stream>>>(g5);
+  else
+    BwdGemm<T, BwdMode::kDw, false><<<dim3(unsigned(E), unsigned(tiles_dn)), kThreads, 0, stream>>>(g5);
+  return LaunchError("backward dw_down GEMM");
+}
+
+ffi::Error MaskedMoeBwdCudaImpl(cudaStream_t stream, ffi::ScratchAllocator& scratch,
+                                ffi::AnyBuffer x, ffi::AnyBuffer w_gate, ffi::AnyBuffer w_up,
+                                ffi::AnyBuffer w_down, ffi::Buffer<ffi::S32> expert_ids,
+                                ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::PRED> keep,
+                                ffi::AnyBuffer dy, ffi::AnyBuffer* dx,
+                                ffi::Buffer<ffi::F32>* dweights, ffi::AnyBuffer* dw_gate,
+                                ffi::AnyBuffer* dw_up, ffi::AnyBuffer* dw_down) {
+  BwdProblem bp;
+  if (ffi::Error err = CheckAndDescribeBwd(x, w_gate, w_up, w_down, expert_ids, weights, keep, dy, dx,
+                                           dweights, dw_gate, dw_up, dw_down, &bp);
+      err.failure())
+    return err;
+  const Problem& p = bp.fwd;
+  if (p.f > (int64_t(65535) * BN) || p.d > (int64_t(65535) * BN))
+    return ffi::Error::InvalidArgument("masked_moe CUDA: d and f must be below 65535 * 64");
+  switch (p.type) {
+    case ElemType::kF32: return RunBwd<float>(stream, scratch, bp);
+    case ElemType::kBF16: return RunBwd<__nv_bfloat16>(stream, scratch, bp);
+    case ElemType::kF16: return RunBwd<__half>(stream, scratch, bp);
+  }
+  return ffi::Error::InvalidArgument("masked_moe CUDA: unsupported dtype");
+}
+
+ffi::Error MaskedMoeBwdCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
+                            ffi::AnyBuffer w_gate, ffi::AnyBuffer w_up, ffi::AnyBuffer w_down,
+                            ffi::Buffer<ffi::S32> expert_ids, ffi::Buffer<ffi::F32> weights,
+                            ffi::Buffer<ffi::PRED> keep, ffi::AnyBuffer dy,
+                            ffi::Result<ffi::AnyBuffer> dx,
+                            ffi::Result<ffi::Buffer<ffi::F32>> dweights) {
+  return MaskedMoeBwdCudaImpl(stream, scratch, x, w_gate, w_up, w_down, expert_ids, weights, keep, dy,
+                              &*dx, &*dweights, nullptr, nullptr, nullptr);
+}
+
+ffi::Error MaskedMoeBwdFullCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
+                                ffi::AnyBuffer x, ffi::AnyBuffer w_gate, ffi::AnyBuffer w_up,
+                                ffi::AnyBuffer w_down, ffi::Buffer<ffi::S32> expert_ids,
+                                ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::PRED> keep,
+                                ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dx,
+                                ffi::Result<ffi::Buffer<ffi::F32>> dweights,
+                                ffi::Result<ffi::AnyBuffer> dw_gate,
+                                ffi::Result<ffi::AnyBuffer> dw_up,
+                                ffi::Result<ffi::AnyBuffer> dw_down) {
+  return MaskedMoeBwdCudaImpl(stream, scratch, x, w_gate, w_up, w_down, expert_ids, weights, keep, dy,
+                              &*dx, &*dweights, &*dw_gate, &*dw_up, &*dw_down);
 }
 
 ffi::Error MaskedMoeCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
@@ -573,3 +1098,38 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BeamMaskedMoeCudaAliased, beam::cuda::MaskedMoeCud
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // keep
                                   .Arg<ffi::AnyBuffer>()         // y_init (aliased to y)
                                   .Ret<ffi::AnyBuffer>());       // y
+
+// Backward: (forward operands, dy [T,d] in x's dtype) -> (dx [T,d] x's dtype, dweights [T,K] f32).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BeamMaskedMoeBwdCuda, beam::cuda::MaskedMoeBwdCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::ScratchAllocator>()
+                                  .Arg<ffi::AnyBuffer>()         // x
+                                  .Arg<ffi::AnyBuffer>()         // w_gate
+                                  .Arg<ffi::AnyBuffer>()         // w_up
+                                  .Arg<ffi::AnyBuffer>()         // w_down
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_ids
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // weights
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // keep
+                                  .Arg<ffi::AnyBuffer>()         // dy
+                                  .Ret<ffi::AnyBuffer>()         // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dweights
+
+// Same, plus dw_gate, dw_up [E,d,f] and dw_down [E,f,d] in x's dtype.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BeamMaskedMoeBwdFullCuda, beam::cuda::MaskedMoeBwdFullCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::ScratchAllocator>()
+                                  .Arg<ffi::AnyBuffer>()         // x
+                                  .Arg<ffi::AnyBuffer>()         // w_gate
+                                  .Arg<ffi::AnyBuffer>()         // w_up
+                                  .Arg<ffi::AnyBuffer>()         // w_down
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_ids
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // weights
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // keep
+                                  .Arg<ffi::AnyBuffer>()         // dy
+                                  .Ret<ffi::AnyBuffer>()         // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dweights
+                                  .Ret<ffi::AnyBuffer>()         // dw_gate
+                                  .Ret<ffi::AnyBuffer>()         // dw_up
+                                  .Ret<ffi::AnyBuffer>());       // dw_down

@@ -7,9 +7,9 @@
 //   cpu_isa()             -> "avx512bf16", "avx2" or "generic": which CPU kernel build runs here
 //   best_cpu_isa()        -> the best build this processor supports
 //   set_cpu_isa(name)     -> select a build (capped at the best); returns the one now selected
-// A target has the same name on both platforms, so one ffi_call lowers on either. The backward
-// targets (beam_masked_moe_bwd, beam_masked_moe_bwd_full) exist on CPU only for now: a CUDA build
-// leaves them out of cuda_registrations(), and beam_jax.kernel reads which are there.
+// A target has the same name on both platforms, so one ffi_call lowers on either; the backward
+// targets (beam_masked_moe_bwd, beam_masked_moe_bwd_full) exist on both, beam_rows_matmul on CPU
+// only. beam_jax.kernel reads which are there.
 
 #include <pybind11/pybind11.h>
 
@@ -44,6 +44,8 @@ PYBIND11_MODULE(_ffi, m) {
 #ifdef BEAM_JAX_WITH_CUDA
     d["beam_masked_moe"] = Capsule(BeamMaskedMoeCuda);
     d["beam_masked_moe_aliased"] = Capsule(BeamMaskedMoeCudaAliased);
+    d["beam_masked_moe_bwd"] = Capsule(BeamMaskedMoeBwdCuda);
+    d["beam_masked_moe_bwd_full"] = Capsule(BeamMaskedMoeBwdFullCuda);
 #endif
     return d;
   });

@@ -25,7 +25,7 @@ needs_grad = pytest.mark.skipif(not mm.ffi_grad_available("cpu"),
                                 reason=f"beam_jax._ffi built without the backward ({mm._FFI_IMPORT_ERROR})")
 
 # Relative to max |reference gradient|.
-REL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+REL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 ARGS = (0, 1, 2, 3, 5)  # x, w_gate, w_up, w_down, weights
 NAMES = ("x", "w_gate", "w_up", "w_down", "weights")
 
@@ -319,3 +319,82 @@ def test_gradient_under_remat_matches():
     remat = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(x, w, wg)
     for a, b in zip(plain, remat):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+# --- GPU: the CUDA backward targets (ffi/masked_moe_cuda.cu, RunBwd); bench/gpu_check.sh runs these ------------
+
+
+def _cuda_devices():
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:
+        return []
+
+
+needs_cuda_grad = pytest.mark.skipif(
+    not _cuda_devices() or not mm.ffi_grad_available("gpu"),
+    reason="needs a CUDA device and beam_jax._ffi built with CUDA (bench/gpu_check.sh runs these on the device)")
+
+# Odd sizes (element loads), 16-byte-aligned sizes (vector loads), several M tiles per expert, 128 experts.
+CUDA_SHAPES = [(1, 8, 12, 4, 2), (7, 13, 21, 5, 3), (33, 64, 96, 7, 2), (130, 40, 70, 6, 4), (5, 300, 260, 4, 2),
+               (257, 128, 192, 8, 2), (64, 256, 512, 128, 8)]
+
+
+def _gpu_vs_cpu_reference(args, dy, fn=None):
+    """(gradients of the ffi path on the GPU, gradients of experts_reference in float32 on the CPU), on the host."""
+    gpu, cpu = _cuda_devices()[0], jax.devices("cpu")[0]
+    _, got = jax.jit(lambda a, g: vjp_of(fn or ffi_fn, a, g))(jax.device_put(args, gpu), jax.device_put(dy, gpu))
+    _, want = jax.jit(lambda a, g: vjp_of(experts_reference, a, g))(
+        jax.device_put(up32(args), cpu), jax.device_put(dy.astype(jnp.float32), cpu))
+    return jax.device_get(got), jax.device_get(want)
+
+
+@pytest.mark.gpu
+@needs_cuda_grad
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=lambda t: jnp.dtype(t).name)
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=str)
+def test_cuda_vjp_matches_reference(shape, dtype):
+    args, dy = make(*shape, dtype=dtype, seed=sum(shape))
+    got, want = _gpu_vs_cpu_reference(args, dy)
+    for g, a in zip(got, (args[0], args[1], args[2], args[3], args[5])):
+        assert g.dtype == a.dtype
+    assert_grads(got, want, dtype, f"cuda {shape}")
+
+
+@pytest.mark.gpu
+@needs_cuda_grad
+@pytest.mark.parametrize("repeat_ids", [False, True])
+def test_cuda_vjp_matches_float64_loop_and_unused_experts_get_zero(repeat_ids):
+    args, dy = make(40, 24, 40, 6, 3, keep_p=0.6, seed=4, repeat_ids=repeat_ids)
+    x, wg, wu, wd, ids, w, keep = args
+    ids = jnp.where(ids == 5, 0, ids)  # expert 5 never selected
+    args = (x, wg, wu, wd, ids, w, keep)
+    gpu = _cuda_devices()[0]
+    _, got = jax.jit(lambda a, g: vjp_of(ffi_fn, a, g))(jax.device_put(args, gpu), jax.device_put(dy, gpu))
+    got = jax.device_get(got)
+    assert_grads(got, loop_grads(args, dy), jnp.float32, f"cuda repeat_ids={repeat_ids}")
+    assert np.all(np.asarray(got[4])[~np.asarray(keep)] == 0)
+    for a in got[1:4]:
+        assert np.all(np.asarray(a[5]) == 0)
+
+
+@pytest.mark.gpu
+@needs_cuda_grad
+def test_cuda_frozen_experts_and_all_dropped():
+    gpu = _cuda_devices()[0]
+    args, dy = make(50, 64, 96, 6, 2, dtype=jnp.bfloat16, seed=9)
+    x, wg, wu, wd, ids, w, keep = jax.device_put(args, gpu)
+    dy = jax.device_put(dy, gpu)
+    loss = lambda x_, w_, wg_=wg, k_=keep: jnp.sum(  # noqa: E731
+        masked_moe(x_, wg_, wu, wd, ids, w_, k_, backend="ffi").astype(jnp.float32) * dy.astype(jnp.float32))
+    part = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+    full = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, w, wg)
+    for a, b in zip(part, full[:2]):  # dx and dweights do not depend on which target ran
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text()
+    assert "beam_masked_moe_bwd" in hlo and "beam_masked_moe_bwd_full" not in hlo
+    none = jnp.zeros_like(keep)
+    g = jax.jit(jax.grad(lambda x_, w_, wg_: loss(x_, w_, wg_, none), argnums=(0, 1, 2)))(x, w, wg)
+    for a in g:
+        assert np.all(np.asarray(a, np.float32) == 0)
+
