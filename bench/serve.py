@@ -50,7 +50,10 @@ prefill tokens/s at 512 prompt tokens, batch 1 (512 / t(1 new)). Beside each dec
 decode step reads (`serve_jax.step_bytes`, from the JAX model's routing of the same prompts: every non-expert
 weight, the mask routers under BEAM, each expert a kept pair of the step uses), the bandwidth floor (those bytes
 / copy bandwidth measured in the same run, `serve_jax.memory_bandwidth`) and the ideal speed-up (Top-K bytes /
-this row's bytes). Timings are the best of `--repeat` runs after one warm-up run of each length. The MoE share of
+this row's bytes). Timings are the best of `--repeat` runs after one warm-up run of each length; within one engine
+the policies' runs are interleaved at each batch (Top-K, BEAM 0.5, BEAM 0.15, Top-K, ...), so a drift of the
+machine's speed during the run moves them alike and BEAM / Top-K is a same-process, same-moment ratio. Against
+native vLLM (another process) the ratio carries this VM's process-to-process spread (10-25% seen). The MoE share of
 `beam_jax.generate`'s Top-K decode step: 1 - (its step with the experts replaced by x * sum(weights), no expert
 GEMMs; `common.register_no_expert_path`) / (its step), per batch.
 
@@ -193,9 +196,9 @@ def prompt_tokens(vocab_size: int, batch: int, length: int, seed: int = 0) -> li
 def jax_phase(model, prompts: dict, prefill_prompt, kept_targets, args, timed: bool) -> dict:
     """Everything that needs the Flax model, in this process.
 
-    prompts {B: [B][S] ids}. Greedy Top-K generation at each batch (timed when `timed`), the serving tau of each
-    kept target calibrated on the largest batch's Top-K generation (its decode positions), then each BEAM tau's
-    generation. -> {"taus": {kept: tau}, "stats": {(B, kept): {"step_weight_bytes", "kept_ratio"}} (kept 1.0:
+    prompts {B: [B][S] ids}. The serving tau of each kept target calibrated on the largest batch's Top-K generation
+    (its decode positions), then at each batch the greedy generations of Top-K and of every BEAM tau, timed when
+    `timed` with their runs interleaved (`serve_jax.time_generate_interleaved`). -> {"taus": {kept: tau}, "stats": {(B, kept): {"step_weight_bytes", "kept_ratio"}} (kept 1.0:
     Top-K), "mask_router_bytes", "rows" (timed: one per batch and policy), "prefill" ({kept: seconds})}."""
     import numpy as np
 
@@ -204,32 +207,31 @@ def jax_phase(model, prompts: dict, prefill_prompt, kept_targets, args, timed: b
     from beam_jax.routing import BeamHook, TopKHook
 
     S, N = args.prompt_len, args.new_tokens
-    rows, stats, prefill, gens = [], {}, {}, {}
+    rows, stats, prefill = [], {}, {}
 
-    def one(B, hook, kept, tau):
-        prompt = np.asarray(prompts[B], np.int32)
-        if timed:
-            r = serve_jax.time_generate(model, prompt, hook, N, short=1, repeat=args.repeat)
-            tokens = r["tokens"]
-        else:
-            tokens = np.asarray(beam_jax.generate(model, prompt, max_new_tokens=N, eos_token_id=(), mask_hook=hook))
-        ids, keep = serve_jax.decode_routing(model, tokens, S, hook)
-        stats[B, kept] = {"step_weight_bytes": serve_jax.step_bytes(model, ids, keep, kept < 1.0),
-                          "kept_ratio": float(keep.mean())}
-        if timed:
-            rows.append(_row("jax", B, "topk" if kept >= 1.0 else "beam", tau, kept, t_new=r["seconds"],
-                             t_one=r["short_seconds"], kept_ratio=stats[B, kept]["kept_ratio"], N=N))
-            _log(rows[-1])
-        return tokens
+    def generate(B, hook):
+        return np.asarray(beam_jax.generate(model, np.asarray(prompts[B], np.int32), max_new_tokens=N,
+                                            eos_token_id=(), mask_hook=hook))
 
-    for B in sorted(prompts):
-        gens[B] = one(B, TopKHook(), 1.0, None)
-    calib = gens[max(prompts)]
+    # the serving taus, calibrated on the largest batch's Top-K generation (its decode positions)
+    calib = generate(max(prompts), TopKHook())
     taus = {k: serve_jax.calibrate_tau(model, calib, k, S, -1) for k in kept_targets}
     print("serving taus: " + ", ".join(f"kept {k} -> tau {t:.4f}" for k, t in taus.items()), flush=True)
-    for k, tau in taus.items():
-        for B in sorted(prompts):
-            one(B, BeamHook(tau), k, tau)
+    hooks = {1.0: TopKHook(), **{k: BeamHook(t) for k, t in taus.items()}}
+    for B in sorted(prompts):
+        prompt = np.asarray(prompts[B], np.int32)
+        if timed:  # every policy at this batch, their runs interleaved: same-process, same-moment ratios
+            res = serve_jax.time_generate_interleaved(model, prompt, hooks, N, short=1, repeat=args.repeat)
+        for kept, hook in hooks.items():
+            tokens = res[kept]["tokens"] if timed else generate(B, hook)
+            ids, keep = serve_jax.decode_routing(model, tokens, S, hook)
+            stats[B, kept] = {"step_weight_bytes": serve_jax.step_bytes(model, ids, keep, kept < 1.0),
+                              "kept_ratio": float(keep.mean())}
+            if timed:
+                rows.append(_row("jax", B, "topk" if kept >= 1.0 else "beam", taus.get(kept), kept,
+                                 t_new=res[kept]["seconds"], t_one=res[kept]["short_seconds"],
+                                 kept_ratio=stats[B, kept]["kept_ratio"], N=N))
+                _log(rows[-1])
     moe_share = {}
     if timed:
         for k, hook in [(1.0, TopKHook())] + [(k, BeamHook(t)) for k, t in taus.items()]:
@@ -330,8 +332,9 @@ def _vllm_worker(spec: dict) -> dict:
 
 
 def _vllm_engine(spec: dict, group: list[dict], native: bool, out: dict):
-    """One vLLM engine: started at group[0]'s tau (plugin), each later policy's tau set in place on the live model
-    (`set_beam_tau` through `LLM.apply_model`, checked on every BEAM MoE layer). Appends to `out`."""
+    """One vLLM engine: started at group[0]'s tau (plugin), each policy's tau set in place on the live model
+    (`set_beam_tau` through `LLM.apply_model`, checked on every BEAM MoE layer), the policies' runs interleaved
+    (`_measure`). Appends to `out`."""
     import torch
     from vllm import LLM, SamplingParams
 
@@ -343,13 +346,19 @@ def _vllm_engine(spec: dict, group: list[dict], native: bool, out: dict):
     out["engine_start_s"].append(time.perf_counter() - t0)
     out["torch_threads"] = torch.get_num_threads()
     gen = functools.partial(_vllm_generate, llm, SamplingParams, counting=not native)
-    for pol in group:
-        if not native and pol is not group[0]:
+
+    def set_policy(pol):  # the tau is set in place on the live model; the first policy's is the engine's own
+        if not native:
             llm.apply_model(lambda m, t=pol["tau"]: m.set_beam_tau(t))
-        if not native:  # the tau every BEAM MoE layer of the live model holds
+
+    for pol in group:
+        if not native:  # the tau every BEAM MoE layer of the live model holds once set
+            set_policy(pol)
             held = llm.apply_model(lambda m: sorted({r.beam.tau for r in m._beam_runners()}))[0]
             out["tau_checks"].append({"want": pol["tau"], "layers": held})
-        out["rows"] += _measure(spec, pol, gen)
+    out["rows"] += _measure(spec, group, set_policy, gen)
+    for pol in group:
+        set_policy(pol)
         out["prefill"][str(pol["kept_target"])] = _best(lambda: gen([spec["prefill_prompt"]], 1), spec["repeat"])[0]
 
 
@@ -384,22 +393,25 @@ def _torch_worker(spec: dict) -> dict:
     out = {"rows": [], "prefill": {}, "engine_start_s": [time.perf_counter() - t0],
            "torch_threads": torch.get_num_threads(),
            "experts_implementation": getattr(model.config, "_experts_implementation", None)}
-    for pol in spec["policies"]:
+
+    def gen(prompts, n):
+        ids = torch.tensor(prompts)
+        model.reset_beam_counts()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            res = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                 min_new_tokens=n, do_sample=False, pad_token_id=0)
+        dt = time.perf_counter() - t
+        if res.shape[1] != ids.shape[1] + n:
+            raise RuntimeError(f"transformers generated {res.shape[1] - ids.shape[1]} tokens, asked for {n}")
+        return dt, model.beam_pair_counts()
+
+    def set_policy(pol):
         model.set_beam_tau(pol["tau"])
 
-        def gen(prompts, n):
-            ids = torch.tensor(prompts)
-            model.reset_beam_counts()
-            t = time.perf_counter()
-            with torch.inference_mode():
-                res = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                     min_new_tokens=n, do_sample=False, pad_token_id=0)
-            dt = time.perf_counter() - t
-            if res.shape[1] != ids.shape[1] + n:
-                raise RuntimeError(f"transformers generated {res.shape[1] - ids.shape[1]} tokens, asked for {n}")
-            return dt, model.beam_pair_counts()
-
-        out["rows"] += _measure(spec, pol, gen)
+    out["rows"] += _measure(spec, spec["policies"], set_policy, gen)
+    for pol in spec["policies"]:
+        set_policy(pol)
         out["prefill"][str(pol["kept_target"])] = _best(lambda: gen([spec["prefill_prompt"]], 1), spec["repeat"])[0]
     return out
 
@@ -411,22 +423,41 @@ def _best(fn, repeat: int, warmup: bool = True):
     return min((fn() for _ in range(repeat)), key=lambda r: r[0])
 
 
-def _measure(spec, pol, gen) -> list[dict]:
-    """Per batch: t(N new), then t(1 new) (best of repeat, after one warm-up run of N, whose prefill has the same
-    shape), and the kept ratio of the decode steps from the pair counters (the N run's pairs minus the 1 run's: the
-    same prefill). gen(prompts, n) -> (seconds, pair counts {"offered", "computed"} of that run, or None)."""
+def _measure(spec, policies, set_policy, gen) -> list[dict]:
+    """Per batch and policy: t(N new) and t(1 new), each the best of `repeat`, the policies' runs interleaved (a, b,
+    c, a, b, c, ...: a drift of the machine's speed moves them alike) after one warm-up run of N per policy (whose
+    prefill has the same shape); and the kept ratio of the decode steps from the pair counters (the N run's pairs
+    minus the 1 run's: the same prefill). set_policy(pol) switches the live model to a policy; gen(prompts, n) ->
+    (seconds, pair counts {"offered", "computed"} of that run, or None)."""
     N, rows = spec["new_tokens"], []
+
+    def best_of(prompts, n, warmup):
+        best = {}
+        if warmup:
+            for i, pol in enumerate(policies):
+                set_policy(pol)
+                gen(prompts, n)
+        for _ in range(spec["repeat"]):
+            for i, pol in enumerate(policies):
+                set_policy(pol)
+                r = gen(prompts, n)
+                if i not in best or r[0] < best[i][0]:
+                    best[i] = r
+        return best
+
     for B in spec["batches"]:
         prompts = spec["prompts"][str(B)]
-        t_new, c_new = _best(lambda: gen(prompts, N), spec["repeat"])
-        t_one, c_one = _best(lambda: gen(prompts, 1), spec["repeat"], warmup=False)
-        kept = 1.0
-        if c_new is not None:
-            offered = c_new["offered"] - c_one["offered"]
-            kept = (c_new["computed"] - c_one["computed"]) / offered if offered else float("nan")
-        rows.append(_row(spec["engine"], B, pol["policy"], pol["tau"], pol["kept_target"], t_new=t_new, t_one=t_one,
-                         kept_ratio=kept, N=N))
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        longs = best_of(prompts, N, warmup=True)
+        shorts = best_of(prompts, 1, warmup=False)
+        for i, pol in enumerate(policies):
+            (t_new, c_new), (t_one, c_one) = longs[i], shorts[i]
+            kept = 1.0
+            if c_new is not None:
+                offered = c_new["offered"] - c_one["offered"]
+                kept = (c_new["computed"] - c_one["computed"]) / offered if offered else float("nan")
+            rows.append(_row(spec["engine"], B, pol["policy"], pol["tau"], pol["kept_target"], t_new=t_new,
+                             t_one=t_one, kept_ratio=kept, N=N))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 

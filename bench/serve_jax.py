@@ -287,6 +287,43 @@ def time_generate(model, prompt, hook, new_tokens: int, *, short: int = 8, repea
             "step_s": (long_s - short_s) / (new_tokens - short), "first_call_s": compile_s, "tokens": out}
 
 
+def time_generate_interleaved(model, prompt, hooks: dict, new_tokens: int, *, short: int = 1, repeat: int = 3,
+                              impl: str = "kernel") -> dict:
+    """`time_generate` for several mask hooks on one prompt, their runs interleaved (hook a, b, c, a, b, c, ...) so
+    that a drift of this machine's speed during the measurement moves every policy alike and their ratios hold.
+    hooks {name: hook} -> {name: time_generate's dict}; each hook's two lengths are compiled (run once) first."""
+    import beam_jax
+
+    if not 0 < short < new_tokens:
+        raise ValueError(f"need 0 < short < new_tokens, got short={short}, new_tokens={new_tokens}")
+
+    def run(hook, n):
+        t = time.perf_counter()
+        out = np.asarray(beam_jax.generate(model, prompt, max_new_tokens=n, eos_token_id=(), mask_hook=hook,
+                                           impl=impl))
+        return time.perf_counter() - t, out
+
+    first = {name: run(hook, short)[0] for name, hook in hooks.items()}
+    for hook in hooks.values():
+        run(hook, new_tokens)
+    best_long = {name: (float("inf"), None) for name in hooks}
+    best_short = {name: float("inf") for name in hooks}
+    for _ in range(repeat):
+        for name, hook in hooks.items():
+            r = run(hook, new_tokens)
+            if r[0] < best_long[name][0]:
+                best_long[name] = r
+        for name, hook in hooks.items():
+            best_short[name] = min(best_short[name], run(hook, short)[0])
+    out = {}
+    for name in hooks:
+        long_s, tokens = best_long[name]
+        out[name] = {"tokens_per_s": prompt.shape[0] * new_tokens / long_s, "seconds": long_s,
+                     "short_seconds": best_short[name], "step_s": (long_s - best_short[name]) / (new_tokens - short),
+                     "first_call_s": first[name], "tokens": tokens}
+    return out
+
+
 def bench_model(name, model, batches, kept_targets, *, prompt_len, new_tokens, bandwidth, fixed_taus=(), seed=0):
     """Rows for one model: per batch, Top-K then BEAM at each calibrated kept target (and each fixed tau)."""
     from beam_jax.routing import BeamHook, TopKHook
