@@ -346,8 +346,12 @@ if "bf16_matmul_flops" in env:
     bits.append(f"bf16 matmul {env['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s")
 if "f32_matmul_flops" in env:
     bits.append(f"f32 matmul {env['f32_matmul_flops'] / 1e9:.1f} GFLOP/s")
+failed = [r for r in d.get("rows", []) if str(r.get("skipped", {}).get("ffi", "")).startswith("failed")]
+if failed:  # the kernel itself broke: the step fails, whatever the other backends did
+    bits.append(f"ffi FAILED in {len(failed)} rows: {failed[0]['skipped']['ffi'][:120]}")
 open(sys.argv[1].rsplit("/", 1)[0] + "/logs/moe_layer.note", "w").write(", ".join(bits) + "\n")
 print(", ".join(bits))
+sys.exit(1 if failed else 0)
 EOF
 }
 
