@@ -26,7 +26,8 @@
 #   train        110s  bench/gpu_train.py: 20 BEAM training steps of a Qwen3-shaped 2-layer model per expert
 #                      path: tokens/s, peak memory, E-fold dense dot in the compiled HLO
 #   (summary      20s)
-#   Limits sum to 510 s + summary; a step also never gets more than what is left of --budget-s (470 s).
+#   Limits sum to 510 s + summary; a step also never gets more than what is left of --budget-s (470 s;
+#   the device call passes --budget-s 500). A run on the H200 took 235 s (2026-12-04).
 #
 # --dry-run (any machine, no GPU needed): everything up to the first GPU call. Reports the tools (nvcc present,
 # nvidia-smi absent on a CPU box is fine), checks the FFI headers of this jaxlib and configures CMake (no build),

@@ -1,6 +1,7 @@
 """Gradients of beam_jax.masked_moe on the FFI kernel (its custom VJP) against the reference path's.
 
-The kernel's backward (``ffi/masked_moe_cpu_kernel.h``, RunBwd) is checked against ``jax.vjp`` of
+The kernel's backward (``ffi/masked_moe_cpu_kernel.h`` and, on a GPU, ``ffi/masked_moe_cuda.cu``: RunBwd) is
+checked against ``jax.vjp`` of
 ``experts_reference`` (plain JAX autodiff of the per-pair gather) and against a float64 numpy loop,
 for x, the combine weights and the three expert weights, on random inputs (never zeros), odd hidden
 shapes, dropped pairs, repeated expert ids within a token, T = 0 and T = 1, float32 (tight tolerance)
@@ -340,10 +341,10 @@ CUDA_SHAPES = [(1, 8, 12, 4, 2), (7, 13, 21, 5, 3), (33, 64, 96, 7, 2), (130, 40
                (257, 128, 192, 8, 2), (64, 256, 512, 128, 8)]
 
 
-def _gpu_vs_cpu_reference(args, dy, fn=None):
+def _gpu_vs_cpu_reference(args, dy):
     """(gradients of the ffi path on the GPU, gradients of experts_reference in float32 on the CPU), on the host."""
     gpu, cpu = _cuda_devices()[0], jax.devices("cpu")[0]
-    _, got = jax.jit(lambda a, g: vjp_of(fn or ffi_fn, a, g))(jax.device_put(args, gpu), jax.device_put(dy, gpu))
+    _, got = jax.jit(lambda a, g: vjp_of(ffi_fn, a, g))(jax.device_put(args, gpu), jax.device_put(dy, gpu))
     _, want = jax.jit(lambda a, g: vjp_of(experts_reference, a, g))(
         jax.device_put(up32(args), cpu), jax.device_put(dy.astype(jnp.float32), cpu))
     return jax.device_get(got), jax.device_get(want)
