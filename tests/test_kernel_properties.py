@@ -61,11 +61,13 @@ def routings(draw, dtype=jnp.float32):
             None if structure == "keep_none" else jnp.asarray(keep)), structure
 
 
-def _check(y, ref, rel):
+def _check(y, ref, rel, floor=1e-3):
+    """|y - ref| <= rel * max(max |ref|, floor): `floor` stands for the size of the terms summed into ref where
+    they cancel to something smaller (float32 rounds the terms, not the sum)."""
     assert y.shape == ref.shape and y.dtype == ref.dtype
     y32, r32 = np.asarray(y, np.float32), np.asarray(ref, np.float32)
     assert np.all(np.isfinite(y32))
-    scale = max(float(np.max(np.abs(r32))) if r32.size else 0.0, 1e-3)
+    scale = max(float(np.max(np.abs(r32))) if r32.size else 0.0, floor)
     np.testing.assert_allclose(y32, r32, rtol=0, atol=rel * scale)
 
 
@@ -127,8 +129,10 @@ def test_any_routing_gradients_match_reference_on_ffi(case):
     dy = jnp.asarray(np.random.default_rng(int(ids.sum()) + x.shape[0]).standard_normal(x.shape), x.dtype)
     got = _grad_ffi(x, wg, wu, wd, ids, w, keep, dy)
     want = _grad_ref(x, wg, wu, wd, ids, w, keep, dy)
+    # dweights[t, k] = <dy[t], expert_out[t, k]> sums d terms of about 0.1-1 that can cancel to 1e-3 (seen in CI:
+    # 0.0034 off by 2.8e-7, 8e-5 relative): the terms' size, not the result's, sets float32's error there.
     for g, r in zip(got, want):
-        _check(g, r, 5e-5)
+        _check(g, r, 5e-5, floor=1e-2)
     EXAMPLES["ffi gradients"] = EXAMPLES.get("ffi gradients", 0) + 1
 
 
