@@ -423,7 +423,9 @@ __global__ void CombineKernel(const float* __restrict__ o, const int32_t* __rest
 //   e. Weight gradients only when asked, BwdGemm<kDw> per (expert, 64 x 64 tile), the reduction
 //      over the expert's rows: [dw_gate_e | dw_up_e] = X^T DAB, dw_down_e = H^T (w dy). Every
 //      element is written (zero for an expert without kept pairs).
-// Work follows the kept pairs, as in the forward: K experts per token, never E.
+// Work follows the kept pairs, as in the forward: K experts per token, never E. dx and dweights are
+// deterministic; the weight gradients sum an expert's rows in the order the scatter's atomics left
+// them, so they can differ between runs by float32 rounding.
 
 enum class BwdMode { kGd, kDx, kDw };
 
