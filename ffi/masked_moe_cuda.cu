@@ -312,6 +312,24 @@ struct TileMath<T, NMAT, false> {  // SIMT: each thread an 8 x 4 patch per matri
 };
 static_assert((BM / 8) * (BN / 4) == kThreads, "SIMT patches must cover the tile");
 
+// The M tile `tile` of the grouped rows: its expert (the last e with tile_offsets[e] <= tile), its
+// first sorted row and its row count (at most BM).
+struct TileRows {
+  int e;
+  int64_t row0;
+  int rows;
+};
+__device__ __forceinline__ TileRows FindTile(const int* offsets, const int* tile_offsets, int E,
+                                             int tile) {
+  int lo = 0, hi = E;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (tile_offsets[mid] <= tile) lo = mid; else hi = mid;
+  }
+  const int64_t row0 = offsets[lo] + int64_t(tile - tile_offsets[lo]) * BM;
+  return {lo, row0, int(min(int64_t(BM), int64_t(offsets[lo + 1]) - row0))};
+}
+
 // kGated: A = x rows of the tile's pairs, B = (w_gate, w_up), writes H = silu(gate) * up.
 // else:   A = H rows, B = w_down, writes O[pair] = weight * (H @ w_down).
 // kVec: 16-byte loads (rows of A and B 16-byte aligned), else element loads.
@@ -321,15 +339,10 @@ __global__ void __launch_bounds__(kThreads) GroupedGemm(GemmArgs<T> g) {
   const int tile = blockIdx.x;
   const int total_tiles = g.tile_offsets[g.E];
   if (tile >= total_tiles) return;  // grid sized for the worst case
-  // Expert of this tile: the last e with tile_offsets[e] <= tile.
-  int lo = 0, hi = g.E;
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    if (g.tile_offsets[mid] <= tile) lo = mid; else hi = mid;
-  }
-  const int e = lo;
-  const int64_t row0 = g.offsets[e] + int64_t(tile - g.tile_offsets[e]) * BM;
-  const int rows = min(BM, int(g.offsets[e + 1] - row0));
+  const TileRows tr = FindTile(g.offsets, g.tile_offsets, g.E, tile);
+  const int e = tr.e;
+  const int64_t row0 = tr.row0;
+  const int rows = tr.rows;
   const int64_t n0 = int64_t(blockIdx.y) * BN;
 
   union Smem {
@@ -500,31 +513,9 @@ __device__ __forceinline__ void StoreBT(T (*sb)[BN + BPAD], const T (&st)[kStage
   }
 }
 
-// A tile [BM x BK] of a matrix used transposed: A(m, k) = S(k, m0 + m), S row-major [rows x M],
-// k < rows.
-template <typename T, bool kVec>
-__device__ __forceinline__ void LoadAT(const T* S, int64_t M, int64_t rows, int64_t m0, int64_t k0,
-                                       T (&st)[kStage]) {
-  constexpr int VW = 16 / sizeof(T);
-  if constexpr (kVec) {  // VW consecutive m of one k (M % VW == 0)
-#pragma unroll
-    for (int i = 0; i < kStage / VW; ++i) {
-      const int v = threadIdx.x + i * kThreads;
-      const int k = v / (BM / VW), c = (v % (BM / VW)) * VW;
-      uint4 val = make_uint4(0, 0, 0, 0);
-      if (k0 + k < rows && m0 + c < M)
-        val = *reinterpret_cast<const uint4*>(S + (k0 + k) * M + m0 + c);
-      *reinterpret_cast<uint4*>(&st[i * VW]) = val;
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < kStage; ++i) {
-      const int idx = threadIdx.x + i * kThreads;
-      const int k = idx / BM, m = idx % BM;
-      st[i] = (k0 + k < rows && m0 + m < M) ? S[(k0 + k) * M + m0 + m] : FromF<T>(0.0f);
-    }
-  }
-}
+// A tile [BM x BK] of a matrix used transposed, A(m, k) = S(k, m0 + m) with S row-major [rows x M]:
+// loaded as LoadB's [BK x BN] tile of S (BM == BN), then stored transposed by StoreAT.
+static_assert(BM == BN, "LoadB stages the transposed A tile");
 
 template <typename T, bool kVec>
 __device__ __forceinline__ void StoreAT(T (*sa)[BK + APAD], const T (&st)[kStage]) {
@@ -562,14 +553,10 @@ __global__ void __launch_bounds__(kThreads) BwdGemm(BwdGemmArgs<T> g) {
   } else {
     const int tile = blockIdx.x;
     if (tile >= g.tile_offsets[g.E]) return;  // grid sized for the worst case
-    int lo = 0, hi = g.E;
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) / 2;
-      if (g.tile_offsets[mid] <= tile) lo = mid; else hi = mid;
-    }
-    e = lo;
-    row0 = g.offsets[e] + int64_t(tile - g.tile_offsets[e]) * BM;
-    rows = min(int64_t(BM), int64_t(g.offsets[e + 1]) - row0);
+    const TileRows tr = FindTile(g.offsets, g.tile_offsets, g.E, tile);
+    e = tr.e;
+    row0 = tr.row0;
+    rows = tr.rows;
     n0 = int64_t(blockIdx.y) * BN;
   }
 
@@ -600,7 +587,7 @@ __global__ void __launch_bounds__(kThreads) BwdGemm(BwdGemmArgs<T> g) {
   alignas(16) T sb[kStage];
   auto load = [&](int64_t k0) {
     if constexpr (MODE == BwdMode::kDw) {
-      LoadAT<T, kVec>(a_src, g.M, Kred, m0, k0, sa);
+      LoadB<T, kVec>(Kred, g.M, a_src, k0, m0, sa);
       LoadB<T, kVec>(Kred, g.N, b_src, k0, n0, sb);
     } else {
       LoadA<T, kVec>(g.Kd, arow, k0, sa);

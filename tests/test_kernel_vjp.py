@@ -21,6 +21,7 @@ from beam_jax import kernel as mm
 from beam_jax.experts import EXPERT_PATHS, experts_reference, training_impl
 from beam_jax.kernel import masked_moe
 from procs import run_generic_isa
+from test_kernel import _cuda_devices
 
 needs_grad = pytest.mark.skipif(not mm.ffi_grad_available("cpu"),
                                 reason=f"beam_jax._ffi built without the backward ({mm._FFI_IMPORT_ERROR})")
@@ -323,13 +324,6 @@ def test_gradient_under_remat_matches():
 
 
 # --- GPU: the CUDA backward targets (ffi/masked_moe_cuda.cu, RunBwd); bench/gpu_check.sh runs these ------------
-
-
-def _cuda_devices():
-    try:
-        return jax.devices("gpu")
-    except RuntimeError:
-        return []
 
 
 needs_cuda_grad = pytest.mark.skipif(
