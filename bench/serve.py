@@ -434,7 +434,7 @@ def _measure(spec, policies, set_policy, gen) -> list[dict]:
     def best_of(prompts, n, warmup):
         best = {}
         if warmup:
-            for i, pol in enumerate(policies):
+            for pol in policies:
                 set_policy(pol)
                 gen(prompts, n)
         for _ in range(spec["repeat"]):
