@@ -61,7 +61,10 @@ def beam_settings(config) -> dict:
     return {**BEAM_DEFAULTS, **(getattr(config, "beam", None) or {})}
 
 
-def beam_mask(x, weights, ids, mask_weight, tau: float, renormalize: bool, num_experts: int, eps: float = 1e-9):
+MASK_EPS = 1e-9  # renormalisation: a token whose kept weights sum to this or less gets weight 0 everywhere
+
+
+def beam_mask(x, weights, ids, mask_weight, tau: float, renormalize: bool, num_experts: int, eps: float = MASK_EPS):
     """BEAM on one MoE layer's Top-K routing (the arithmetic of `beam_jax.beam`, in PyTorch).
 
     x [T, d] the router's input; weights [T, K] the Top-K weights g; ids [T, K] expert ids;

@@ -14,6 +14,7 @@
 #include <pybind11/pybind11.h>
 
 #include "masked_moe.h"
+#include "select_pairs.h"
 
 namespace py = pybind11;
 
@@ -55,6 +56,23 @@ PYBIND11_MODULE(_ffi, m) {
 #else
     return false;
 #endif
+  });
+  // The vLLM plugin's CPU path (convert/vllm_plugin/moe.py passes torch tensors' data pointers, after checking
+  // them): see select_pairs.h.
+  m.def(
+      "select_pairs",
+      [](uintptr_t logits, int64_t ldl, uintptr_t weights, uintptr_t ids, bool ids64, int64_t T, int64_t K,
+         int64_t E, float tau, bool renormalize, float eps, uintptr_t x, int64_t x_stride, int64_t row_bytes,
+         uintptr_t token, uintptr_t rows_x, uintptr_t rows_w, uintptr_t rows_id) {
+        return beam::SelectPairs(
+            reinterpret_cast<const float*>(logits), ldl, reinterpret_cast<const float*>(weights),
+            reinterpret_cast<const void*>(ids), ids64, T, K, E, tau, renormalize, eps,
+            reinterpret_cast<const char*>(x), x_stride, row_bytes, reinterpret_cast<int64_t*>(token),
+            reinterpret_cast<char*>(rows_x), reinterpret_cast<float*>(rows_w), reinterpret_cast<void*>(rows_id));
+      });
+  m.def("sum_rows", [](uintptr_t rows, int64_t N, uintptr_t token, int64_t T, int64_t d, bool bf16, uintptr_t out) {
+    beam::SumRows(reinterpret_cast<const void*>(rows), N, reinterpret_cast<const int64_t*>(token), T, d, bf16,
+                  reinterpret_cast<void*>(out));
   });
   m.def("cpu_isa", []() { return beam::CpuIsaName(beam::SelectedCpuIsa()); });
   m.def("best_cpu_isa", []() { return beam::CpuIsaName(beam::BestCpuIsa()); });

@@ -92,6 +92,7 @@ def _runner(routing, experts):
     r = beam_moe.BeamMoERunner.__new__(beam_moe.BeamMoERunner)
     torch.nn.Module.__init__(r)
     r.beam, r.offered, r.computed, r._beam_expert_map = routing, None, None, None
+    routing.mask_in_runner = not beam_moe.current_platform.is_cuda_alike()  # as BeamMoERunner.__init__ sets it
     r._shared_experts, r.layer_name = None, "model.layers.0.mlp.experts"
     r.routed_experts = experts
     r.router = types.SimpleNamespace(
@@ -100,7 +101,17 @@ def _runner(routing, experts):
     return r
 
 
-def test_cpu_runner_hands_only_kept_rows_and_counts_them(monkeypatch):
+@pytest.fixture(params=["extension", "torch"])
+def cpu_helpers(request, monkeypatch):
+    """The CPU runner's mask + compaction and sum back through the C++ extension, or the torch reference."""
+    if request.param == "torch":
+        monkeypatch.setattr(beam_moe, "_ffi", lambda: None)
+    else:
+        assert beam_moe._ffi() is not None, "beam_jax._ffi lacks select_pairs / sum_rows: rebuild the extension"
+    return request.param
+
+
+def test_cpu_runner_hands_only_kept_rows_and_counts_them(monkeypatch, cpu_helpers):
     monkeypatch.setattr(beam_moe.current_platform, "is_cuda_alike", lambda: False)
     w13, w2 = _experts()
     x, weights, ids, routing = _routing(seed=2)
@@ -138,7 +149,7 @@ def test_cpu_runner_hands_only_kept_rows_and_counts_them(monkeypatch):
                                rtol=0)
 
 
-def test_cpu_runner_single_token_is_one_call_of_its_kept_pairs(monkeypatch):
+def test_cpu_runner_single_token_is_one_call_of_its_kept_pairs(monkeypatch, cpu_helpers):
     """Decode at batch 1: a token's n kept pairs go as one [1, n] call (no compaction, no sum back); every token
     of a random batch alone gives the dense masked sum, and the counters add K offered and n computed."""
     monkeypatch.setattr(beam_moe.current_platform, "is_cuda_alike", lambda: False)
@@ -193,6 +204,60 @@ def test_compact_pairs_rows():
     assert torch.equal(rows_x, x[token]) and torch.all(rows_id < E) and torch.all(rows_w > 0)
     assert sorted(zip(token.tolist(), rows_id[:, 0].tolist())) == sorted(
         (t, int(ids[t, k])) for t in range(T) for k in range(K) if keep[t, k])
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_mask_and_compact_extension_equals_beam_mask_then_compact_pairs(x_dtype, ids_dtype, renormalize):
+    """The CPU runner's one-step mask + compaction (C++ extension) against the reference (`beam_mask`, then
+    `compact_pairs`) on random routing, at taus that keep most, some, none and all of the pairs; the mask router
+    reads the first d_m < d columns of x, x is a column slice (rows not contiguous), T = 1 included."""
+    assert beam_moe._ffi() is not None, "beam_jax._ffi lacks select_pairs: rebuild the extension"
+    g = torch.Generator().manual_seed(11)
+    Tn, d, d_m, En, Kn = 37, 24, 20, 9, 4
+    wide = torch.randn(Tn, d + 5, generator=g).to(x_dtype)
+    x = wide[:, 2:2 + d]  # strided rows
+    mask_weight = torch.randn(En, d_m, generator=g) * 0.5
+    routing = beam_moe.BeamRouting(num_experts=En, top_k=Kn, renormalize=True)
+    weights, ids = routing.topk(torch.randn(Tn, En, generator=g) * 2)
+    ids = ids.to(ids_dtype)
+    for tau in (0.2, 0.5, 0.75, 1.01, 0.0):
+        for rows in (slice(None), slice(3, 4)):
+            args = (x[rows], weights[rows], ids[rows], mask_weight, tau, renormalize, En)
+            got = beam_moe.mask_and_compact(*args)
+            want = beam_moe.mask_and_compact(*args, fast=False)
+            assert [t.dtype for t in got] == [t.dtype for t in want] == [torch.int64, x_dtype, torch.float32, ids_dtype]
+            assert [t.shape for t in got] == [t.shape for t in want], (tau, rows)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(got[3], want[3])
+            torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=0)
+    kept = beam_moe.mask_and_compact(x, weights, ids, mask_weight, 0.5, renormalize, En)[0].numel()
+    assert 0 < kept < Tn * Kn  # the middle tau keeps some and drops some
+
+
+def test_mask_and_compact_names_a_bad_id():
+    x, weights = torch.randn(2, 8), torch.full((2, 2), 0.5)
+    ids = torch.tensor([[0, 1], [2, 7]])
+    with pytest.raises(IndexError, match=r"topk_ids\[1, 1\] = 7 is not an expert of 4"):
+        beam_moe.mask_and_compact(x, weights, ids, torch.randn(4, 8), 0.5, False, 4)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_sum_rows_extension_equals_index_add(dtype, atol):
+    """Rows summed back per token: tokens repeated, out of order and missing (rows of 0), against index_add_ in
+    float64 (the extension accumulates in float32 and rounds once)."""
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randn(50, 33, generator=g).to(dtype)
+    token = torch.randint(0, 13, (50,), generator=g)
+    token[token == 4] = 5  # token 4 gets nothing
+    got = beam_moe.sum_rows(rows, token, 13)
+    want = torch.zeros(13, 33, dtype=torch.float64).index_add_(0, token, rows.double())
+    assert got.dtype == dtype and got.shape == (13, 33) and torch.all(got[4] == 0)
+    torch.testing.assert_close(got.double(), want, atol=atol, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    torch.testing.assert_close(beam_moe.sum_rows(rows, token, 13, fast=False).double(), want, atol=atol * 4,
+                               rtol=2e-2 if dtype == torch.bfloat16 else 1e-6)
+    with pytest.raises(IndexError, match=r"token\[0\] = 13 is not a row of the 13-token output"):
+        beam_moe.sum_rows(rows[:2], torch.tensor([13, 0]), 13)
 
 
 # ----------------------------------------------------------------------------- CUDA: expert map, emulated kernels

@@ -3,17 +3,21 @@
 Three pieces, all installed while a BEAM model is being built (`beam_moe_factory`):
 
 - `BeamRouting`, the layer's `custom_routing_function`: the family's own Top-K (softmax in float32, optional
-  group-limited selection, renormalisation, routed scaling), then `m_hat = sigmoid(x @ W_m^T)` at the K
-  candidates and `keep = m_hat >= tau`. Kept pairs get `g` (or the renormalised `g`), dropped pairs weight 0
-  and the id `E` (one past the last expert). A custom routing function also makes vLLM pick a modular
-  kernel that takes ids from the router, never a monolithic one that routes from the logits itself.
+  group-limited selection, renormalisation, routed scaling), then (CUDA; on CPU the runner does it)
+  `m_hat = sigmoid(x @ W_m^T)` at the K candidates and `keep = m_hat >= tau`. Kept pairs get `g` (or the
+  renormalised `g`), dropped pairs weight 0 and the id `E` (one past the last expert). A custom routing
+  function also makes vLLM pick a modular kernel that takes ids from the router, never a monolithic one that
+  routes from the logits itself.
 - `BeamMoERunner`, the layer's runner: removes dropped pairs before any GEMM.
-  CPU (and any non-CUDA platform): `compact_pairs` makes the kept pairs the rows of a top_k=1 call (`x[token]`,
-  id, weight) and the result is `index_add_`-ed back per token; the CPU kernel computes every row it is given,
-  so this is what makes MoE time follow the kept fraction. A single token (decode at batch 1) needs no
-  compaction: its n kept pairs are one [1, n] call, whose output is the token's MoE sum. When every pair is
-  kept (tau 0, or a batch whose mask drops nothing) the [T, K] routing goes to vLLM's call unchanged, as vLLM's
-  own model does it, and at tau <= 0 the mask router is not even run (sigmoid >= 0 keeps everything).
+  CPU (and any non-CUDA platform): the routing hands the runner the Top-K and `mask_and_compact` applies the mask
+  and makes the kept pairs the rows of a top_k=1 call (`x[token]`, id, weight) in one step; `sum_rows` adds the
+  result back per token. The CPU kernel computes every row it is given, so this is what makes MoE time follow the
+  kept fraction; the mask's logits are one `F.linear`, the rest one call each of the project's C++ extension
+  (`beam_jax._ffi.select_pairs`, `sum_rows`: a dozen small torch operations per layer cost more than the expert
+  compute they save on small models; the torch reference stays, tested against them). A single token (decode at
+  batch 1) needs no sum: its n kept pairs are one [1, n] call, whose output is the token's MoE sum. When every
+  pair is kept (tau 0, or a batch whose mask drops nothing) the [T, K] routing goes to vLLM's call unchanged, as
+  vLLM's own model does it, and at tau <= 0 the mask router is not even run (sigmoid >= 0 keeps everything).
   CUDA: vLLM's expert-parallel mechanism, which its Triton experts document and test. `beam_kernel_args` keeps
   the ids [T, K] (static shapes: CUDA-graph safe) and passes `expert_map` = [0 .. E-1 (or the EP map), -1] with
   `global_num_experts = E + 1`, so the BEAM id E maps to -1. vLLM 0.32's `TritonExperts.apply` then aligns
@@ -47,7 +51,7 @@ from vllm.model_executor.layers.fused_moe.runner import moe_runner
 from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 from vllm.platforms import current_platform
 
-from convert.modeling_beam import BEAM_DEFAULTS, beam_mask, kept_pairs
+from convert.modeling_beam import BEAM_DEFAULTS, MASK_EPS, beam_mask, kept_pairs
 
 _RUNNERS: "weakref.WeakSet[BeamMoERunner]" = weakref.WeakSet()
 
@@ -69,6 +73,7 @@ class BeamRouting:
     tau: float = BEAM_DEFAULTS["tau"]
     beam_renormalize: bool = False
     mask_router: nn.Linear | None = None  # bound after the block is built
+    mask_in_runner: bool = False  # set by the CPU runner, which applies the mask and compacts in one step
 
     def topk(self, gating_output: torch.Tensor):
         """The family's Top-K exactly as it does it: -> (weights [T, K] f32, ids [T, K] int64).
@@ -114,7 +119,7 @@ class BeamRouting:
         if self.mask_router is None:
             raise RuntimeError("BEAM routing called before its mask router was bound")
         weights, ids = self.topk(gating_output)
-        if self.tau <= 0:  # m_hat = sigmoid(.) >= 0 >= tau: every pair kept, weights unchanged; no mask router
+        if self.tau <= 0 or self.mask_in_runner:  # tau <= 0: m_hat = sigmoid(.) >= 0 >= tau keeps every pair
             return weights, ids
         x = hidden_states[..., : self.mask_router.in_features]
         g, ids, _ = beam_mask(x, weights, ids, self.mask_router.weight, self.tau, self.beam_renormalize,
@@ -137,6 +142,61 @@ def _pair_rows(x, weights, ids, token, slot):
     """The (token, slot) pairs as rows of a top_k=1 call: -> (rows_x [N, d], rows_w [N, 1], rows_id [N, 1])."""
     return (x[token].contiguous(), weights[token, slot].unsqueeze(1).contiguous(),
             ids[token, slot].unsqueeze(1).contiguous())
+
+
+def mask_and_compact(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, mask_weight: torch.Tensor,
+                     tau: float, renormalize: bool, num_experts: int, fast: bool = True):
+    """BEAM's mask on Top-K routing and its kept pairs as rows of a top_k=1 expert call, in one step.
+
+    x [T, d] (the mask router reads its first `mask_weight.shape[1]` columns); weights [T, K] float32 and ids [T, K]
+    the Top-K routing; mask_weight [E, d_m] -> (token [N] int64, rows_x [N, d] in x's dtype, rows_w [N, 1] float32,
+    rows_id [N, 1] in ids' dtype), the same as `beam_mask` then `compact_pairs` (the reference, taken with
+    `fast=False` or where the extension cannot: another device or dtype). The fast path computes the mask logits
+    with the same `F.linear` and does the rest (m_hat at the K candidates, keep, renormalisation, the gather of
+    rows) in one call of the project's C++ extension, `beam_jax._ffi.select_pairs`."""
+    d_m = mask_weight.shape[1]
+    T, K = ids.shape
+    ffi = _ffi() if fast else None
+    if (ffi is None or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1 or weights.dtype != torch.float32
+            or ids.dtype not in (torch.int32, torch.int64) or weights.shape != ids.shape or x.shape[0] != T):
+        g, masked, _ = beam_mask(x[..., :d_m], weights, ids, mask_weight, tau, renormalize, num_experts)
+        return compact_pairs(x, g, masked, num_experts)
+    logits = torch.nn.functional.linear(x[:, :d_m].float(), mask_weight.float()).contiguous()
+    weights, ids = weights.contiguous(), ids.contiguous()
+    token = torch.empty(T * K, dtype=torch.int64)
+    rows_x = torch.empty((T * K, x.shape[1]), dtype=x.dtype)
+    rows_w = torch.empty((T * K, 1), dtype=torch.float32)
+    rows_id = torch.empty((T * K, 1), dtype=ids.dtype)
+    n = ffi.select_pairs(logits.data_ptr(), logits.stride(0), weights.data_ptr(), ids.data_ptr(),
+                         ids.dtype == torch.int64, T, K, num_experts, float(tau), bool(renormalize), MASK_EPS,
+                         x.data_ptr(), x.stride(0) * x.element_size(), x.shape[1] * x.element_size(),
+                         token.data_ptr(), rows_x.data_ptr(), rows_w.data_ptr(), rows_id.data_ptr())
+    return token[:n], rows_x[:n], rows_w[:n], rows_id[:n]
+
+
+def sum_rows(rows: torch.Tensor, token: torch.Tensor, num_tokens: int, fast: bool = True) -> torch.Tensor:
+    """out [num_tokens, d] = per token the sum of rows [N, d] with token [N] pointing at it (0 where none), in rows'
+    dtype: `torch.zeros(...).index_add_(0, token, rows)` (the reference, with `fast=False` or where the extension
+    cannot), or the extension's `sum_rows` (float32 and bfloat16 on CPU: accumulated in float32, rounded once)."""
+    ffi = _ffi() if fast else None
+    if (ffi is None or rows.device.type != "cpu" or rows.dtype not in (torch.float32, torch.bfloat16)
+            or token.dtype != torch.int64):
+        return torch.zeros((num_tokens, rows.shape[1]), dtype=rows.dtype, device=rows.device).index_add_(0, token, rows)
+    rows, token = rows.contiguous(), token.contiguous()
+    out = torch.empty((num_tokens, rows.shape[1]), dtype=rows.dtype)
+    ffi.sum_rows(rows.data_ptr(), rows.shape[0], token.data_ptr(), num_tokens, rows.shape[1],
+                 rows.dtype == torch.bfloat16, out.data_ptr())
+    return out
+
+
+@functools.cache
+def _ffi():
+    """beam_jax's C++ extension when it has the plugin's CPU helpers (an older build does not), else None."""
+    try:
+        from beam_jax import _ffi as ext
+    except ImportError:
+        return None
+    return ext if hasattr(ext, "select_pairs") and hasattr(ext, "sum_rows") else None
 
 
 def beam_expert_map(num_experts: int, base_map: torch.Tensor | None = None, device=None) -> torch.Tensor:
@@ -175,6 +235,9 @@ class BeamMoERunner(MoERunner):
         self.offered = None  # int64 device tensors, made on first use (graph capture replays the add_)
         self.computed = None
         self._beam_expert_map = None
+        # Off CUDA the runner applies the mask together with the compaction (`mask_and_compact`); the routing hands
+        # it the Top-K. On CUDA the routing applies it (ids stay [T, K], dropped pairs id E).
+        beam.mask_in_runner = not current_platform.is_cuda_alike()
         _RUNNERS.add(self)
 
     def _select_forward(self):
@@ -227,35 +290,38 @@ class BeamMoERunner(MoERunner):
         return (self._shared_experts.output if self._shared_experts is not None else None, fused_out)
 
     def _experts_compacted(self, x, weights, ids, shared_experts_input):
-        """CPU (and any other non-CUDA backend): kept pairs as rows of a top_k=1 call, summed back per token.
-        x [T, d]; weights, ids [T, K] -> [T, d]. Counts the rows it hands the kernel."""
-        if self.beam.tau <= 0:  # every pair kept, known without looking: vLLM's own [T, K] call
+        """CPU (and any other non-CUDA backend): the mask on the Top-K routing weights, ids [T, K] and the kept pairs
+        as rows of a top_k=1 call, summed back per token (`mask_and_compact`, `sum_rows`). x [T, d] -> [T, d].
+        Counts the rows it hands the kernel."""
+        beam = self.beam
+        if not beam.mask_in_runner:
+            raise RuntimeError(f"{self.layer_name}: the routing applied BEAM's mask; off CUDA the runner applies it")
+        if beam.tau <= 0:  # every pair kept, known without looking: vLLM's own [T, K] call
             self._count(ids.numel(), ids.numel(), ids.device)
             return self._forward_modular(x, weights, ids, shared_experts_input)
-        token, slot = kept_pairs(ids, self.beam.num_experts)  # the one host sync
-        if token.numel() == ids.numel():  # the mask dropped nothing: the same call
+        token, rows_x, rows_w, rows_id = mask_and_compact(x, weights, ids, beam.mask_router.weight, beam.tau,
+                                                          beam.beam_renormalize, beam.num_experts)
+        n = token.numel()  # known on the host: the extension returned it, or the reference's nonzero synced
+        if n == ids.numel():  # the mask dropped nothing: the same call (renormalising by 1 changes no weight)
             self._count(ids.numel(), ids.numel(), ids.device)
             return self._forward_modular(x, weights, ids, shared_experts_input)
-        if ids.shape[0] == 1 and token.numel():  # one token (decode at batch 1): one [1, n] call, no sum back
-            self._count(ids.numel(), token.numel(), ids.device)
-            return self._forward_modular(x, weights[:, slot].contiguous(), ids[:, slot].contiguous(),
-                                         shared_experts_input)
-        rows_x, rows_w, rows_id = _pair_rows(x, weights, ids, token, slot)
-        out = torch.zeros_like(x)
+        if ids.shape[0] == 1 and n:  # one token (decode at batch 1): one [1, n] call, no sum back
+            self._count(ids.numel(), n, ids.device)
+            return self._forward_modular(x, rows_w.view(1, n), rows_id.view(1, n), shared_experts_input)
         mk_shared = (self._shared_experts is not None
                      and self._shared_experts._determine_shared_experts_order(shared_experts_input)
                      == _mk_internal())
-        if token.numel() == 0 and not mk_shared:
+        if n == 0 and not mk_shared:
             self._count(ids.numel(), 0, ids.device)
-            return out  # every pair dropped: no expert GEMM at all
-        if token.numel() == 0:  # the kernel must still run the shared experts it owns: one zero-weight row
+            return torch.zeros_like(x)  # every pair dropped: no expert GEMM at all
+        if n == 0:  # the kernel must still run the shared experts it owns: one zero-weight row
             token = torch.zeros(1, dtype=torch.long, device=x.device)
             rows_x = x[:1].contiguous()
             rows_w = torch.zeros((1, 1), dtype=weights.dtype, device=x.device)
             rows_id = torch.zeros((1, 1), dtype=ids.dtype, device=x.device)
         self._count(ids.numel(), rows_x.shape[0], ids.device)
         rows = self._forward_modular(rows_x, rows_w, rows_id, shared_experts_input)
-        return out.index_add_(0, token, rows.to(out.dtype))
+        return sum_rows(rows.to(x.dtype), token, x.shape[0])
 
     def _forward_modular(self, x, weights, ids, shared_experts_input):
         """vLLM's modular expert call on x [N, d], weights / ids [N, k] -> [N, d]."""
