@@ -16,8 +16,9 @@ rounded once, as `attention.matmul` does. Differentiable (a ``custom_vjp`` whose
 own products). `use_rows_matmul(rows, dtype)` says where `attention.matmul` sends a product here:
 on the CPU backend, where the extension is built, for at most `rows_max(dtype)` rows (its lead shrinks with the
 rows: the multiply-adds grow with them while the bytes read do not; on the 2-core Zen 4 EPYC the AVX512-BF16 build
-measured 2.4-4.1x XLA at one row, 1.6-2.2x at eight and 1.0-1.2x at 32, the AVX2 loop losing to XLA past
-eight; `python bench/decode_proj.py` measures both), in bfloat16 and float16 only (float32 keeps XLA's products,
+measured 2.7-5.1x XLA at one row, 1.2-2.8x at eight and 1.2-1.8x at 32 on q, o and the LM head (0.75x on the
+2 MB k/v projection, which XLA reads from cache in that benchmark), the AVX2 loop losing to XLA past eight;
+`python bench/decode_proj.py` measures both), in bfloat16 and float16 only (float32 keeps XLA's products,
 so float32 parity with transformers stays exact to rounding). ``BEAM_JAX_ROWS_MATMUL=0`` in the environment turns
 it off (read at trace time).
 """
