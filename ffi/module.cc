@@ -61,14 +61,14 @@ PYBIND11_MODULE(_ffi, m) {
   // them): see select_pairs.h.
   m.def(
       "select_pairs",
-      [](uintptr_t logits, int64_t ldl, uintptr_t weights, uintptr_t ids, bool ids64, int64_t T, int64_t K,
-         int64_t E, float tau, bool renormalize, float eps, uintptr_t x, int64_t x_stride, int64_t row_bytes,
-         uintptr_t token, uintptr_t rows_x, uintptr_t rows_w, uintptr_t rows_id) {
-        return beam::SelectPairs(
-            reinterpret_cast<const float*>(logits), ldl, reinterpret_cast<const float*>(weights),
-            reinterpret_cast<const void*>(ids), ids64, T, K, E, tau, renormalize, eps,
-            reinterpret_cast<const char*>(x), x_stride, row_bytes, reinterpret_cast<int64_t*>(token),
-            reinterpret_cast<char*>(rows_x), reinterpret_cast<float*>(rows_w), reinterpret_cast<void*>(rows_id));
+      [](uintptr_t x, bool x_bf16, int64_t x_stride, int64_t row_bytes, uintptr_t mask_w, int64_t d_m,
+         uintptr_t weights, uintptr_t ids, bool ids64, int64_t T, int64_t K, int64_t E, float tau, bool renormalize,
+         float eps, uintptr_t token, uintptr_t rows_x, uintptr_t rows_w, uintptr_t rows_id) {
+        return beam::SelectPairs(reinterpret_cast<const char*>(x), x_bf16, x_stride, row_bytes,
+                                 reinterpret_cast<const float*>(mask_w), d_m, reinterpret_cast<const float*>(weights),
+                                 reinterpret_cast<const void*>(ids), ids64, T, K, E, tau, renormalize, eps,
+                                 reinterpret_cast<int64_t*>(token), reinterpret_cast<char*>(rows_x),
+                                 reinterpret_cast<float*>(rows_w), reinterpret_cast<void*>(rows_id));
       });
   m.def("sum_rows", [](uintptr_t rows, int64_t N, uintptr_t token, int64_t T, int64_t d, bool bf16, uintptr_t out) {
     beam::SumRows(reinterpret_cast<const void*>(rows), N, reinterpret_cast<const int64_t*>(token), T, d, bf16,

@@ -212,10 +212,12 @@ def test_compact_pairs_rows():
 def test_mask_and_compact_extension_equals_beam_mask_then_compact_pairs(x_dtype, ids_dtype, renormalize):
     """The CPU runner's one-step mask + compaction (C++ extension) against the reference (`beam_mask`, then
     `compact_pairs`) on random routing, at taus that keep most, some, none and all of the pairs; the mask router
-    reads the first d_m < d columns of x, x is a column slice (rows not contiguous), T = 1 included."""
+    reads the first d_m < d columns of x, x is a column slice (rows not contiguous), T = 1 included, and with
+    `rows=False` only the weights and ids. (The extension sums the mask logits in another order than F.linear: on
+    random inputs no m_hat falls within float32 rounding of tau, so the kept sets are equal.)"""
     assert beam_moe._ffi() is not None, "beam_jax._ffi lacks select_pairs: rebuild the extension"
     g = torch.Generator().manual_seed(11)
-    Tn, d, d_m, En, Kn = 37, 24, 20, 9, 4
+    Tn, d, d_m, En, Kn = 37, 44, 37, 9, 4  # d_m: several groups of 8 and a tail
     wide = torch.randn(Tn, d + 5, generator=g).to(x_dtype)
     x = wide[:, 2:2 + d]  # strided rows
     mask_weight = torch.randn(En, d_m, generator=g) * 0.5
@@ -231,6 +233,9 @@ def test_mask_and_compact_extension_equals_beam_mask_then_compact_pairs(x_dtype,
             assert [t.shape for t in got] == [t.shape for t in want], (tau, rows)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(got[3], want[3])
             torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=0)
+            short = beam_moe.mask_and_compact(*args, rows=False)
+            assert short[:2] == (None, None) and torch.equal(short[3], want[3])
+            torch.testing.assert_close(short[2], want[2], rtol=1e-6, atol=0)
     kept = beam_moe.mask_and_compact(x, weights, ids, mask_weight, 0.5, renormalize, En)[0].numel()
     assert 0 < kept < Tn * Kn  # the middle tau keeps some and drops some
 
@@ -240,6 +245,8 @@ def test_mask_and_compact_names_a_bad_id():
     ids = torch.tensor([[0, 1], [2, 7]])
     with pytest.raises(IndexError, match=r"topk_ids\[1, 1\] = 7 is not an expert of 4"):
         beam_moe.mask_and_compact(x, weights, ids, torch.randn(4, 8), 0.5, False, 4)
+    with pytest.raises(ValueError, match=r"mask router weight of shape \(3, 8\) for 4 experts"):
+        beam_moe.mask_and_compact(x, weights, ids, torch.randn(3, 8), 0.5, False, 4)
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])

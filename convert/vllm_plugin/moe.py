@@ -12,12 +12,13 @@ Three pieces, all installed while a BEAM model is being built (`beam_moe_factory
   CPU (and any non-CUDA platform): the routing hands the runner the Top-K and `mask_and_compact` applies the mask
   and makes the kept pairs the rows of a top_k=1 call (`x[token]`, id, weight) in one step; `sum_rows` adds the
   result back per token. The CPU kernel computes every row it is given, so this is what makes MoE time follow the
-  kept fraction; the mask's logits are one `F.linear`, the rest one call each of the project's C++ extension
-  (`beam_jax._ffi.select_pairs`, `sum_rows`: a dozen small torch operations per layer cost more than the expert
-  compute they save on small models; the torch reference stays, tested against them). A single token (decode at
-  batch 1) needs no sum: its n kept pairs are one [1, n] call, whose output is the token's MoE sum. When every
-  pair is kept (tau 0, or a batch whose mask drops nothing) the [T, K] routing goes to vLLM's call unchanged, as
-  vLLM's own model does it, and at tau <= 0 the mask router is not even run (sigmoid >= 0 keeps everything).
+  kept fraction. Both are one call each of the project's C++ extension (`beam_jax._ffi.select_pairs`, which
+  evaluates the mask router at the K candidates only, and `sum_rows`): a dozen small torch operations per layer
+  cost more than the expert compute they save on small models; the torch reference stays, tested against them.
+  A single token (decode at batch 1) needs no sum: its n kept pairs are one [1, n] call, whose output is the
+  token's MoE sum. When every pair is kept (tau 0, or a batch whose mask drops nothing) the [T, K] routing goes
+  to vLLM's call unchanged, as vLLM's own model does it, and at tau <= 0 the mask router is not even run
+  (sigmoid >= 0 keeps everything).
   CUDA: vLLM's expert-parallel mechanism, which its Triton experts document and test. `beam_kernel_args` keeps
   the ids [T, K] (static shapes: CUDA-graph safe) and passes `expert_map` = [0 .. E-1 (or the EP map), -1] with
   `global_num_experts = E + 1`, so the BEAM id E maps to -1. vLLM 0.32's `TritonExperts.apply` then aligns
@@ -145,33 +146,41 @@ def _pair_rows(x, weights, ids, token, slot):
 
 
 def mask_and_compact(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, mask_weight: torch.Tensor,
-                     tau: float, renormalize: bool, num_experts: int, fast: bool = True):
+                     tau: float, renormalize: bool, num_experts: int, fast: bool = True, rows: bool = True):
     """BEAM's mask on Top-K routing and its kept pairs as rows of a top_k=1 expert call, in one step.
 
     x [T, d] (the mask router reads its first `mask_weight.shape[1]` columns); weights [T, K] float32 and ids [T, K]
     the Top-K routing; mask_weight [E, d_m] -> (token [N] int64, rows_x [N, d] in x's dtype, rows_w [N, 1] float32,
     rows_id [N, 1] in ids' dtype), the same as `beam_mask` then `compact_pairs` (the reference, taken with
-    `fast=False` or where the extension cannot: another device or dtype). The fast path computes the mask logits
-    with the same `F.linear` and does the rest (m_hat at the K candidates, keep, renormalisation, the gather of
-    rows) in one call of the project's C++ extension, `beam_jax._ffi.select_pairs`."""
+    `fast=False` or where the extension cannot: another device, x in float16). `rows=False`: token and rows_x are
+    None (a single token's kept pairs need neither). The fast path is one call of the project's C++ extension
+    (`beam_jax._ffi.select_pairs`), which evaluates the mask router at the K candidates only and sums in another
+    order than `F.linear`: a keep decision can differ from the reference's only for an m_hat within float32 rounding
+    of tau."""
     d_m = mask_weight.shape[1]
     T, K = ids.shape
+    if mask_weight.shape[0] != num_experts or x.shape[-1] < d_m:
+        raise ValueError(f"mask router weight of shape {tuple(mask_weight.shape)} for {num_experts} experts and "
+                         f"hidden states of width {x.shape[-1]}: want [{num_experts}, d_m <= {x.shape[-1]}]")
     ffi = _ffi() if fast else None
-    if (ffi is None or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1 or weights.dtype != torch.float32
-            or ids.dtype not in (torch.int32, torch.int64) or weights.shape != ids.shape or x.shape[0] != T):
+    if (ffi is None or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1 or x.shape[0] != T
+            or x.dtype not in (torch.float32, torch.bfloat16) or weights.dtype != torch.float32
+            or ids.dtype not in (torch.int32, torch.int64) or weights.shape != ids.shape):
         g, masked, _ = beam_mask(x[..., :d_m], weights, ids, mask_weight, tau, renormalize, num_experts)
-        return compact_pairs(x, g, masked, num_experts)
-    logits = torch.nn.functional.linear(x[:, :d_m].float(), mask_weight.float()).contiguous()
+        out = compact_pairs(x, g, masked, num_experts)
+        return out if rows else (None, None, *out[2:])
+    mask_weight = mask_weight.float().contiguous()
     weights, ids = weights.contiguous(), ids.contiguous()
-    token = torch.empty(T * K, dtype=torch.int64)
-    rows_x = torch.empty((T * K, x.shape[1]), dtype=x.dtype)
+    token = torch.empty(T * K, dtype=torch.int64) if rows else None
+    rows_x = torch.empty((T * K, x.shape[1]), dtype=x.dtype) if rows else None
     rows_w = torch.empty((T * K, 1), dtype=torch.float32)
     rows_id = torch.empty((T * K, 1), dtype=ids.dtype)
-    n = ffi.select_pairs(logits.data_ptr(), logits.stride(0), weights.data_ptr(), ids.data_ptr(),
-                         ids.dtype == torch.int64, T, K, num_experts, float(tau), bool(renormalize), MASK_EPS,
-                         x.data_ptr(), x.stride(0) * x.element_size(), x.shape[1] * x.element_size(),
-                         token.data_ptr(), rows_x.data_ptr(), rows_w.data_ptr(), rows_id.data_ptr())
-    return token[:n], rows_x[:n], rows_w[:n], rows_id[:n]
+    n = ffi.select_pairs(x.data_ptr(), x.dtype == torch.bfloat16, x.stride(0) * x.element_size(),
+                         x.shape[1] * x.element_size(), mask_weight.data_ptr(), d_m, weights.data_ptr(),
+                         ids.data_ptr(), ids.dtype == torch.int64, T, K, num_experts, float(tau), bool(renormalize),
+                         MASK_EPS, token.data_ptr() if rows else 0, rows_x.data_ptr() if rows else 0,
+                         rows_w.data_ptr(), rows_id.data_ptr())
+    return ((token[:n], rows_x[:n]) if rows else (None, None)) + (rows_w[:n], rows_id[:n])
 
 
 def sum_rows(rows: torch.Tensor, token: torch.Tensor, num_tokens: int, fast: bool = True) -> torch.Tensor:
@@ -299,13 +308,14 @@ class BeamMoERunner(MoERunner):
         if beam.tau <= 0:  # every pair kept, known without looking: vLLM's own [T, K] call
             self._count(ids.numel(), ids.numel(), ids.device)
             return self._forward_modular(x, weights, ids, shared_experts_input)
+        one = ids.shape[0] == 1  # one token (decode at batch 1): its kept pairs are one [1, n] call, no sum back
         token, rows_x, rows_w, rows_id = mask_and_compact(x, weights, ids, beam.mask_router.weight, beam.tau,
-                                                          beam.beam_renormalize, beam.num_experts)
-        n = token.numel()  # known on the host: the extension returned it, or the reference's nonzero synced
+                                                          beam.beam_renormalize, beam.num_experts, rows=not one)
+        n = rows_w.shape[0]  # known on the host: the extension returned it, or the reference's nonzero synced
         if n == ids.numel():  # the mask dropped nothing: the same call (renormalising by 1 changes no weight)
             self._count(ids.numel(), ids.numel(), ids.device)
             return self._forward_modular(x, weights, ids, shared_experts_input)
-        if ids.shape[0] == 1 and n:  # one token (decode at batch 1): one [1, n] call, no sum back
+        if one and n:
             self._count(ids.numel(), n, ids.device)
             return self._forward_modular(x, rows_w.view(1, n), rows_id.view(1, n), shared_experts_input)
         mk_shared = (self._shared_experts is not None
@@ -314,7 +324,7 @@ class BeamMoERunner(MoERunner):
         if n == 0 and not mk_shared:
             self._count(ids.numel(), 0, ids.device)
             return torch.zeros_like(x)  # every pair dropped: no expert GEMM at all
-        if n == 0:  # the kernel must still run the shared experts it owns: one zero-weight row
+        if n == 0:  # the kernel must still run the shared experts it owns: one zero-weight row (token 0)
             token = torch.zeros(1, dtype=torch.long, device=x.device)
             rows_x = x[:1].contiguous()
             rows_w = torch.zeros((1, 1), dtype=weights.dtype, device=x.device)
