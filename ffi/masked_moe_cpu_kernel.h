@@ -34,6 +34,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -245,33 +246,94 @@ constexpr int64_t kDpPairs = 4;  // pairs of weight rows per pass over the colum
 
 constexpr int64_t kDpRowsMax = 64;  // most rows of one StreamRowsColsDp call (groups of 8)
 
-// One group of R rows against one column block: the R x 32 accumulators stay in registers while
-// the block's kDpPairs interleaved pairs of W rows (wl, wh) are multiplied into them (consecutive
-// vdpbf16ps go to different rows, so they do not wait on each other).
+// Pieces of the two vdpbf16ps loops below (StreamRowsColsDp, StreamRowsColsDpChunk).
+
+// kDpPairs pairs of W rows from src (rows ldw apart; those at or past kn, and the columns outside
+// mask m, read as zero unless `full`), interleaved within each pair for vdpbf16ps: wl / wh hold the
+// low / high halves of each 128-bit lane.
+inline __attribute__((always_inline)) void DpLoadPairs(const bf16_t* src, int64_t ldw, int64_t kn,
+                                                       __mmask32 m, bool full, __m512bh* wl,
+                                                       __m512bh* wh) {
+#pragma GCC unroll 8
+  for (int64_t i = 0; i < kDpPairs; ++i) {
+    __m512i r0, r1;
+    if (full) {  // the steady state: straight from W into registers
+      r0 = _mm512_loadu_si512(src + 2 * i * ldw);
+      r1 = _mm512_loadu_si512(src + (2 * i + 1) * ldw);
+    } else {  // a partial block or the last rows: masked loads, zeros beyond
+      r0 = 2 * i < kn ? _mm512_maskz_loadu_epi16(m, src + 2 * i * ldw) : _mm512_setzero_si512();
+      r1 = 2 * i + 1 < kn ? _mm512_maskz_loadu_epi16(m, src + (2 * i + 1) * ldw)
+                          : _mm512_setzero_si512();
+    }
+    wl[i] = (__m512bh)_mm512_unpacklo_epi16(r0, r1);
+    wh[i] = (__m512bh)_mm512_unpackhi_epi16(r0, r1);
+  }
+}
+
+// R rows' accumulators of one 32-column block (rows kDpCols floats apart) in and out of registers.
 template <int R>
-inline __attribute__((always_inline)) void DpGroupBlock(const uint32_t (*ap)[kDpPairs],
-                                                        const __m512bh* wl, const __m512bh* wh,
-                                                        float* acc) {
-  __m512 lo[R], hi[R];
+inline __attribute__((always_inline)) void DpLoadAcc(const float* acc, __m512* lo, __m512* hi) {
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     lo[r] = _mm512_loadu_ps(acc + r * kDpCols);
     hi[r] = _mm512_loadu_ps(acc + r * kDpCols + 16);
   }
-#pragma GCC unroll 8
-  for (int64_t i = 0; i < kDpPairs; ++i) {
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(int(ap[r][i]));
-      lo[r] = _mm512_dpbf16_ps(lo[r], av, wl[i]);
-      hi[r] = _mm512_dpbf16_ps(hi[r], av, wh[i]);
-    }
-  }
+}
+
+template <int R>
+inline __attribute__((always_inline)) void DpStoreAcc(float* acc, const __m512* lo, const __m512* hi) {
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     _mm512_storeu_ps(acc + r * kDpCols, lo[r]);
     _mm512_storeu_ps(acc + r * kDpCols + 16, hi[r]);
   }
+}
+
+// lo / hi [R] += the kDpPairs interleaved pairs of W rows times each row's A pairs ap[r * ap_ld + i]
+// (consecutive vdpbf16ps go to different rows, so they do not wait on each other).
+template <int R>
+inline __attribute__((always_inline)) void DpMultiply(const uint32_t* ap, int64_t ap_ld,
+                                                      const __m512bh* wl, const __m512bh* wh,
+                                                      __m512* lo, __m512* hi) {
+#pragma GCC unroll 8
+  for (int64_t i = 0; i < kDpPairs; ++i) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(int(ap[r * ap_ld + i]));
+      lo[r] = _mm512_dpbf16_ps(lo[r], av, wl[i]);
+      hi[r] = _mm512_dpbf16_ps(hi[r], av, wh[i]);
+    }
+  }
+}
+
+// f(std::integral_constant<int, R>{}, g) for each group of up to 8 of `rows` rows, first row g (R
+// a compile-time count, so each group's accumulators live in registers).
+template <typename F>
+inline __attribute__((always_inline)) void ForRowGroups(int64_t rows, F&& f) {
+  for (int64_t g = 0; g < rows; g += 8) {
+    switch (std::min<int64_t>(8, rows - g)) {
+      case 1: f(std::integral_constant<int, 1>{}, g); break;
+      case 2: f(std::integral_constant<int, 2>{}, g); break;
+      case 3: f(std::integral_constant<int, 3>{}, g); break;
+      case 4: f(std::integral_constant<int, 4>{}, g); break;
+      case 5: f(std::integral_constant<int, 5>{}, g); break;
+      case 6: f(std::integral_constant<int, 6>{}, g); break;
+      case 7: f(std::integral_constant<int, 7>{}, g); break;
+      default: f(std::integral_constant<int, 8>{}, g); break;
+    }
+  }
+}
+
+// One group of R rows against one column block: the R x 32 accumulators stay in registers while
+// the block's kDpPairs interleaved pairs of W rows (wl, wh) are multiplied into them.
+template <int R>
+inline __attribute__((always_inline)) void DpGroupBlock(const uint32_t (*ap)[kDpPairs],
+                                                        const __m512bh* wl, const __m512bh* wh,
+                                                        float* acc) {
+  __m512 lo[R], hi[R];
+  DpLoadAcc<R>(acc, lo, hi);
+  DpMultiply<R>(&ap[0][0], kDpPairs, wl, wh, lo, hi);
+  DpStoreAcc<R>(acc, lo, hi);
 }
 
 // One pass of StreamRowsColsDp over every column block: per block, kDpPairs pairs of W rows are
@@ -302,35 +364,11 @@ void DpPass(const uint32_t (*ap)[kDpPairs], int64_t rows, int64_t kn, const bf16
     }
     const __mmask32 m = n == kDpCols ? ~__mmask32(0) : __mmask32((1u << n) - 1);
     __m512bh wl[kDpPairs], wh[kDpPairs];
-#pragma GCC unroll 8
-    for (int64_t i = 0; i < kDpPairs; ++i) {
-      __m512i r0, r1;
-      if (full) {  // the steady state: straight from W into registers
-        r0 = _mm512_loadu_si512(src + 2 * i * ldw);
-        r1 = _mm512_loadu_si512(src + (2 * i + 1) * ldw);
-      } else {  // a partial block or the last rows: masked loads, zeros beyond
-        r0 = 2 * i < kn ? _mm512_maskz_loadu_epi16(m, src + 2 * i * ldw) : _mm512_setzero_si512();
-        r1 = 2 * i + 1 < kn ? _mm512_maskz_loadu_epi16(m, src + (2 * i + 1) * ldw)
-                            : _mm512_setzero_si512();
-      }
-      wl[i] = (__m512bh)_mm512_unpacklo_epi16(r0, r1);
-      wh[i] = (__m512bh)_mm512_unpackhi_epi16(r0, r1);
-    }
+    DpLoadPairs(src, ldw, kn, m, full, wl, wh);
     float* acc_b = acc + b * rows * kDpCols;
-    for (int64_t g = 0; g < rows; g += 8) {
-      const uint32_t(*ap_g)[kDpPairs] = ap + g;
-      float* acc_g = acc_b + g * kDpCols;
-      switch (std::min<int64_t>(8, rows - g)) {
-        case 1: DpGroupBlock<1>(ap_g, wl, wh, acc_g); break;
-        case 2: DpGroupBlock<2>(ap_g, wl, wh, acc_g); break;
-        case 3: DpGroupBlock<3>(ap_g, wl, wh, acc_g); break;
-        case 4: DpGroupBlock<4>(ap_g, wl, wh, acc_g); break;
-        case 5: DpGroupBlock<5>(ap_g, wl, wh, acc_g); break;
-        case 6: DpGroupBlock<6>(ap_g, wl, wh, acc_g); break;
-        case 7: DpGroupBlock<7>(ap_g, wl, wh, acc_g); break;
-        default: DpGroupBlock<8>(ap_g, wl, wh, acc_g); break;
-      }
-    }
+    ForRowGroups(rows, [&](auto r, int64_t g) __attribute__((always_inline)) {
+      DpGroupBlock<decltype(r)::value>(ap + g, wl, wh, acc_b + g * kDpCols);
+    });
   }
 }
 
@@ -407,45 +445,16 @@ inline __attribute__((always_inline)) void DpGroupChunk(const uint32_t (*ap)[kDp
                                                         const bf16_t* src, int64_t ldw, int64_t kn,
                                                         __mmask32 m, bool full, float* acc) {
   __m512 lo[R], hi[R];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    lo[r] = _mm512_loadu_ps(acc + r * kDpCols);
-    hi[r] = _mm512_loadu_ps(acc + r * kDpCols + 16);
-  }
+  DpLoadAcc<R>(acc, lo, hi);
 #pragma GCC unroll 4
   for (int64_t s = 0; s < kDpSub; ++s) {
     const int64_t kb = 2 * kDpPairs * s;  // first row of W of this step, within the chunk
     if (kb >= kn) break;
     __m512bh wl[kDpPairs], wh[kDpPairs];
-#pragma GCC unroll 8
-    for (int64_t i = 0; i < kDpPairs; ++i) {
-      const bf16_t* p0 = src + (kb + 2 * i) * ldw;
-      __m512i r0, r1;
-      if (full) {
-        r0 = _mm512_loadu_si512(p0);
-        r1 = _mm512_loadu_si512(p0 + ldw);
-      } else {
-        r0 = kb + 2 * i < kn ? _mm512_maskz_loadu_epi16(m, p0) : _mm512_setzero_si512();
-        r1 = kb + 2 * i + 1 < kn ? _mm512_maskz_loadu_epi16(m, p0 + ldw) : _mm512_setzero_si512();
-      }
-      wl[i] = (__m512bh)_mm512_unpacklo_epi16(r0, r1);
-      wh[i] = (__m512bh)_mm512_unpackhi_epi16(r0, r1);
-    }
-#pragma GCC unroll 8
-    for (int64_t i = 0; i < kDpPairs; ++i) {
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const __m512bh av = (__m512bh)_mm512_set1_epi32(int(ap[r][s * kDpPairs + i]));
-        lo[r] = _mm512_dpbf16_ps(lo[r], av, wl[i]);
-        hi[r] = _mm512_dpbf16_ps(hi[r], av, wh[i]);
-      }
-    }
+    DpLoadPairs(src + kb * ldw, ldw, kn - kb, m, full, wl, wh);
+    DpMultiply<R>(&ap[0][s * kDpPairs], kDpPairs * kDpSub, wl, wh, lo, hi);
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    _mm512_storeu_ps(acc + r * kDpCols, lo[r]);
-    _mm512_storeu_ps(acc + r * kDpCols + 16, hi[r]);
-  }
+  DpStoreAcc<R>(acc, lo, hi);
 }
 
 void StreamRowsColsDpChunk(const float* const* arow, int64_t lda, int64_t rows, int64_t k0,
@@ -468,20 +477,9 @@ void StreamRowsColsDpChunk(const float* const* arow, int64_t lda, int64_t rows, 
       const bool full = n == kDpCols && kn == step;
       const __mmask32 m = n == kDpCols ? ~__mmask32(0) : __mmask32((1u << n) - 1);
       float* acc_b = acc + b * rows * kDpCols;
-      for (int64_t g = 0; g < rows; g += 8) {
-        const uint32_t(*ap_g)[kPairs] = ap + g;
-        float* acc_g = acc_b + g * kDpCols;
-        switch (std::min<int64_t>(8, rows - g)) {
-          case 1: DpGroupChunk<1>(ap_g, src, ldw, kn, m, full, acc_g); break;
-          case 2: DpGroupChunk<2>(ap_g, src, ldw, kn, m, full, acc_g); break;
-          case 3: DpGroupChunk<3>(ap_g, src, ldw, kn, m, full, acc_g); break;
-          case 4: DpGroupChunk<4>(ap_g, src, ldw, kn, m, full, acc_g); break;
-          case 5: DpGroupChunk<5>(ap_g, src, ldw, kn, m, full, acc_g); break;
-          case 6: DpGroupChunk<6>(ap_g, src, ldw, kn, m, full, acc_g); break;
-          case 7: DpGroupChunk<7>(ap_g, src, ldw, kn, m, full, acc_g); break;
-          default: DpGroupChunk<8>(ap_g, src, ldw, kn, m, full, acc_g); break;
-        }
-      }
+      ForRowGroups(rows, [&](auto r, int64_t g) __attribute__((always_inline)) {
+        DpGroupChunk<decltype(r)::value>(ap + g, src, ldw, kn, m, full, acc_b + g * kDpCols);
+      });
     }
   }
   DpStoreColumns(acc, rows, n_all, C, ldc);
