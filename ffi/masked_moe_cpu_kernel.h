@@ -242,11 +242,11 @@ float* ThreadBuffer(int which, size_t count);
 
 #if BEAM_CPU_USE_AVX512BF16
 constexpr int64_t kDpCols = 32;  // columns of one block: a 64-byte run of each bf16 weight row
-constexpr int64_t kDpPairs = 4;  // pairs of weight rows per pass over the columns
+constexpr int64_t kDpPairs = 4;  // pairs of weight rows per step of a chunk
 
 constexpr int64_t kDpRowsMax = 64;  // most rows of one StreamRowsColsDp call (groups of 8)
 
-// Pieces of the two vdpbf16ps loops below (StreamRowsColsDp, StreamRowsColsDpChunk).
+// Pieces of the vdpbf16ps loop below (StreamRowsColsDp).
 
 // kDpPairs pairs of W rows from src (rows ldw apart; those at or past kn, and the columns outside
 // mask m, read as zero unless `full`), interleaved within each pair for vdpbf16ps: wl / wh hold the
@@ -324,54 +324,6 @@ inline __attribute__((always_inline)) void ForRowGroups(int64_t rows, F&& f) {
   }
 }
 
-// One group of R rows against one column block: the R x 32 accumulators stay in registers while
-// the block's kDpPairs interleaved pairs of W rows (wl, wh) are multiplied into them.
-template <int R>
-inline __attribute__((always_inline)) void DpGroupBlock(const uint32_t (*ap)[kDpPairs],
-                                                        const __m512bh* wl, const __m512bh* wh,
-                                                        float* acc) {
-  __m512 lo[R], hi[R];
-  DpLoadAcc<R>(acc, lo, hi);
-  DpMultiply<R>(&ap[0][0], kDpPairs, wl, wh, lo, hi);
-  DpStoreAcc<R>(acc, lo, hi);
-}
-
-// One pass of StreamRowsColsDp over every column block: per block, kDpPairs pairs of W rows are
-// loaded and interleaved once, then every group of up to 8 of the `rows` rows takes them from
-// registers (so 64 rows cost no more weight traffic than 1). acc holds block b of row r at
-// acc[(b * rows + r) * kDpCols], in the interleaved column order: one block's accumulators are
-// contiguous (rows of acc a power of two apart would all fall in the same sets of the L1 cache, as
-// the rows of W do).
-// With `prefetch`, each block also prefetches its share of the next pass's rows (short rows, as an
-// expert's f columns, are runs too short for the hardware prefetcher to ramp up): when the pass
-// covers whole rows, they are one contiguous run, prefetched in memory order; otherwise the block's
-// columns of each row.
-void DpPass(const uint32_t (*ap)[kDpPairs], int64_t rows, int64_t kn, const bf16_t* src,
-            int64_t ldw, int64_t n_all, float* acc, bool prefetch) {
-  const int64_t blocks = (n_all + kDpCols - 1) / kDpCols;
-  for (int64_t b = 0; b < blocks; ++b, src += kDpCols) {
-    const int64_t n = std::min(kDpCols, n_all - b * kDpCols);
-    const bool full = n == kDpCols && kn == 2 * kDpPairs;
-    if (prefetch) {
-      if (ldw == n_all) {  // 2 * kDpPairs lines per block cover the next pass's run
-        const char* run = reinterpret_cast<const char*>(src - b * kDpCols + 2 * kDpPairs * ldw);
-        const char* next = run + b * 2 * kDpPairs * 64;
-        for (int64_t i = 0; i < 2 * kDpPairs; ++i) _mm_prefetch(next + i * 64, _MM_HINT_T0);
-      } else {
-        for (int64_t i = 0; i < 2 * kDpPairs; ++i)
-          _mm_prefetch(reinterpret_cast<const char*>(src + (2 * kDpPairs + i) * ldw), _MM_HINT_T0);
-      }
-    }
-    const __mmask32 m = n == kDpCols ? ~__mmask32(0) : __mmask32((1u << n) - 1);
-    __m512bh wl[kDpPairs], wh[kDpPairs];
-    DpLoadPairs(src, ldw, kn, m, full, wl, wh);
-    float* acc_b = acc + b * rows * kDpCols;
-    ForRowGroups(rows, [&](auto r, int64_t g) __attribute__((always_inline)) {
-      DpGroupBlock<decltype(r)::value>(ap + g, wl, wh, acc_b + g * kDpCols);
-    });
-  }
-}
-
 // (A(r, k + 2i), A(r, k + 2i + 1)) rounded to bf16 as one 32-bit pair, for i < pairs (zeros past
 // k + kn): the broadcast operand of vdpbf16ps.
 inline void DpPackA(const float* const* arow, int64_t lda, int64_t rows, int64_t k, int64_t kn,
@@ -403,8 +355,7 @@ inline void DpStoreColumns(const float* acc, int64_t rows, int64_t n_all, float*
     }
 }
 
-// StreamRowsCols for bfloat16 weights on processors with AVX512-BF16 (Zen 4, Sapphire Rapids), for
-// up to 8 rows (one group).
+// StreamRowsCols for bfloat16 weights on processors with AVX512-BF16 (Zen 4, Sapphire Rapids).
 // vdpbf16ps multiplies 32 bf16 pairs and adds them into 16 f32 lanes: about twice the
 // multiply-adds per cycle of AVX2 FMAs (measured on Zen 4: 3.3 G zmm vdpbf16ps/s against 7.1 G ymm
 // FMAs/s per core) and no conversion of W, which is what bounds the AVX2 loop at a few rows. It
@@ -414,75 +365,88 @@ inline void DpStoreColumns(const float* acc, int64_t rows, int64_t n_all, float*
 // keep that order in a per-thread buffer and are put back in column order once, at the end. A is
 // rounded to bf16 (exact for x given in bf16; the down projection's hidden activations are rounded
 // as bf16 inference engines round them); products accumulate in f32.
-void StreamRowsColsDp(const float* const* arow, int64_t lda, int64_t rows, int64_t k0, int64_t k1,
-                      const bf16_t* W, int64_t ldw, int64_t j0, int64_t j1, float* C,
-                      int64_t ldc) {
-  const int64_t n_all = j1 - j0;
-  const int64_t blocks = (n_all + kDpCols - 1) / kDpCols;
-  float* acc = ThreadBuffer(7, size_t(blocks * rows * kDpCols));
-  std::fill(acc, acc + blocks * rows * kDpCols, 0.0f);
-  const int64_t step = 2 * kDpPairs;
-  for (int64_t k = k0; k < k1; k += step) {
-    const int64_t kn = std::min<int64_t>(step, k1 - k);
-    uint32_t ap[kDpRowsMax][kDpPairs];
-    DpPackA(arow, lda, rows, k, kn, kDpPairs, &ap[0][0]);
-    const bf16_t* src = W + k * ldw + j0;
-    const bool prefetch = n_all <= kRunPrefetchCols && k + 2 * step <= k1;
-    DpPass(ap, rows, kn, src, ldw, n_all, acc, prefetch);
-  }
-  DpStoreColumns(acc, rows, n_all, C, ldc);
-}
-
-// More than one group of rows: kDpSub steps of 2 * kDpPairs rows of W per column block, a group's
-// accumulators held in registers across them (each group reloads the block's W rows from L1).
-// DpPass loads and stores every accumulator once per 8 rows of W, which for several groups spills
-// them to L2 and costs more than the reloads of W (2-core Zen 4, rows_matmul at 32 rows of
-// Qwen3-shaped projections: 1.1-1.25x DpPass; at 8 rows or fewer no gain, and at one row a loss).
-constexpr int64_t kDpSub = 4;
-
-template <int R>
-inline __attribute__((always_inline)) void DpGroupChunk(const uint32_t (*ap)[kDpPairs * kDpSub],
+//
+// W is read in chunks of 2 * kDpPairs * Sub rows. Per column block, each group of up to 8 rows
+// holds its accumulators in registers across the whole chunk (loaded and stored once per chunk,
+// not once per 8 rows of W), and reloads the block's W rows from L1 (free for a single group, the
+// decode case). When the rows are whole (j0 = 0, j1 = ldw), the chunk two ahead is one contiguous
+// run, prefetched into L2 in memory order, each column block its share: without it the chunk's
+// rows are 8-32 interleaved streams, which the hardware prefetchers follow at 60-75% of a
+// sequential read (2-core Zen 4, one thread, cold Qwen3-shaped weights: 1.2-1.4x at 1-8 rows for
+// the experts' 768 columns, 1.1-1.2x at 1-4 rows for 2048-4096 columns; same at 8 rows, which
+// are compute-bound there).
+template <int R, int Sub>
+inline __attribute__((always_inline)) void DpGroupChunk(const uint32_t (*ap)[kDpPairs * Sub],
                                                         const bf16_t* src, int64_t ldw, int64_t kn,
                                                         __mmask32 m, bool full, float* acc) {
   __m512 lo[R], hi[R];
   DpLoadAcc<R>(acc, lo, hi);
 #pragma GCC unroll 4
-  for (int64_t s = 0; s < kDpSub; ++s) {
+  for (int64_t s = 0; s < Sub; ++s) {
     const int64_t kb = 2 * kDpPairs * s;  // first row of W of this step, within the chunk
     if (kb >= kn) break;
     __m512bh wl[kDpPairs], wh[kDpPairs];
     DpLoadPairs(src + kb * ldw, ldw, kn - kb, m, full, wl, wh);
-    DpMultiply<R>(&ap[0][s * kDpPairs], kDpPairs * kDpSub, wl, wh, lo, hi);
+    DpMultiply<R>(&ap[0][s * kDpPairs], kDpPairs * Sub, wl, wh, lo, hi);
   }
   DpStoreAcc<R>(acc, lo, hi);
 }
 
-void StreamRowsColsDpChunk(const float* const* arow, int64_t lda, int64_t rows, int64_t k0,
-                           int64_t k1, const bf16_t* W, int64_t ldw, int64_t j0, int64_t j1,
-                           float* C, int64_t ldc) {
+template <int Sub>
+void StreamRowsColsDpSub(const float* const* arow, int64_t lda, int64_t rows, int64_t k0,
+                         int64_t k1, const bf16_t* W, int64_t ldw, int64_t j0, int64_t j1,
+                         float* C, int64_t ldc) {
   const int64_t n_all = j1 - j0;
   const int64_t blocks = (n_all + kDpCols - 1) / kDpCols;
   float* acc = ThreadBuffer(7, size_t(blocks * rows * kDpCols));
   std::fill(acc, acc + blocks * rows * kDpCols, 0.0f);
-  constexpr int64_t kPairs = kDpPairs * kDpSub;
-  const int64_t step = 2 * kPairs;
+  constexpr int64_t kPairs = kDpPairs * Sub;
+  constexpr int64_t step = 2 * kPairs;
+  constexpr int64_t kAhead = 2;  // chunks between the one prefetched and the one multiplied
+  const bool whole = j0 == 0 && j1 == ldw;
+  const int64_t run_lines = step * ldw * int64_t(sizeof(bf16_t)) / 64;
+  const int64_t per_block = (run_lines + blocks - 1) / blocks;  // prefetches per column block
   for (int64_t k = k0; k < k1; k += step) {
     const int64_t kn = std::min<int64_t>(step, k1 - k);
     uint32_t ap[kDpRowsMax][kPairs];
     DpPackA(arow, lda, rows, k, kn, kPairs, &ap[0][0]);
     const bf16_t* src0 = W + k * ldw + j0;
+    const char* run = whole && k + (kAhead + 1) * step <= k1
+                          ? reinterpret_cast<const char*>(src0 + kAhead * step * ldw)
+                          : nullptr;
     for (int64_t b = 0; b < blocks; ++b) {
+      if (run) {
+        const int64_t l1 = std::min(run_lines, (b + 1) * per_block);
+        for (int64_t l = b * per_block; l < l1; ++l) _mm_prefetch(run + l * 64, _MM_HINT_T1);
+      }
       const bf16_t* src = src0 + b * kDpCols;
       const int64_t n = std::min(kDpCols, n_all - b * kDpCols);
       const bool full = n == kDpCols && kn == step;
       const __mmask32 m = n == kDpCols ? ~__mmask32(0) : __mmask32((1u << n) - 1);
       float* acc_b = acc + b * rows * kDpCols;
       ForRowGroups(rows, [&](auto r, int64_t g) __attribute__((always_inline)) {
-        DpGroupChunk<decltype(r)::value>(ap + g, src, ldw, kn, m, full, acc_b + g * kDpCols);
+        DpGroupChunk<decltype(r)::value, Sub>(ap + g, src, ldw, kn, m, full, acc_b + g * kDpCols);
       });
     }
   }
   DpStoreColumns(acc, rows, n_all, C, ldc);
+}
+
+// Chunk size: 32 rows of W for more than one group of rows (each group reloads the chunk's W rows
+// from L1, so longer chunks save accumulator traffic: 1.1-1.25x 8-row chunks at 32 rows of
+// Qwen3-shaped projections); for one group, as many as keep a chunk within 32 KB (the prefetched
+// runs stay a few chunks long in L2, and the rows in flight few: 16 rows of an expert's 768
+// columns beat 8 and 32 there).
+void StreamRowsColsDp(const float* const* arow, int64_t lda, int64_t rows, int64_t k0, int64_t k1,
+                      const bf16_t* W, int64_t ldw, int64_t j0, int64_t j1, float* C,
+                      int64_t ldc) {
+  const int64_t row_bytes = ldw * int64_t(sizeof(bf16_t));
+  if (rows > 8 || row_bytes <= 1024)
+    StreamRowsColsDpSub<4>(arow, lda, rows, k0, k1, W, ldw, j0, j1, C, ldc);
+  else if (row_bytes <= 2048)
+    StreamRowsColsDpSub<2>(arow, lda, rows, k0, k1, W, ldw, j0, j1, C, ldc);
+  else
+    StreamRowsColsDpSub<1>(arow, lda, rows, k0, k1, W, ldw, j0, j1, C, ldc);
 }
 static_assert(kSkinnyRows <= kDpRowsMax, "the experts' skinny segments go through StreamRowsColsDp");
 #endif
@@ -510,9 +474,7 @@ void StreamRowsCols(const float* const* arow, int64_t lda, int64_t rows, int64_t
                     const T* W, int64_t ldw, int64_t j0, int64_t j1, float* C, int64_t ldc) {
 #if BEAM_CPU_USE_AVX512BF16
   if constexpr (std::is_same_v<T, bf16_t>) {
-    if (rows > 8)  // more than one group of rows
-      StreamRowsColsDpChunk(arow, lda, rows, k0, k1, W, ldw, j0, j1, C, ldc);
-    else StreamRowsColsDp(arow, lda, rows, k0, k1, W, ldw, j0, j1, C, ldc);
+    StreamRowsColsDp(arow, lda, rows, k0, k1, W, ldw, j0, j1, C, ldc);
     return;
   }
 #endif

@@ -133,10 +133,11 @@ def test_generic_isa():
 
 # Every row count of a group (1..8: the AVX512-BF16 loop is unrolled per count), columns with tails of the 32-column
 # blocks (none, under 16, over 16), reductions with tails of the 8-row passes, several row groups (of 8 rows in the
-# AVX2 loop, of up to 64 in the AVX512-BF16 one).
+# AVX2 loop, of up to 64 in the AVX512-BF16 one), and each chunk length of the AVX512-BF16 loop (8, 16 and 32 rows of
+# w, by the width of w's rows) with reductions long enough to prefetch and with tails of the chunk.
 ISA_SHAPES = [(1, 2048, 512), (2, 24, 40), (3, 37, 70), (4, 130, 33), (5, 9, 64), (6, 64, 17), (7, 300, 129),
               (8, 257, 96), (8, 1, 48), (11, 40, 50), (24, 16, 32), (32, 70, 45), (33, 19, 64), (70, 24, 33),
-              (65, 30, 40)]
+              (65, 30, 40), (1, 611, 1100), (3, 333, 700), (8, 203, 2100), (5, 150, 1024)]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
