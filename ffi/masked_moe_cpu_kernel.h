@@ -66,6 +66,7 @@ constexpr int64_t kSlabMin = 128;     // fewest weight rows in one streaming (sp
 constexpr int64_t NBR = 256;          // columns per unit of the split-K reductions
 constexpr int64_t kPrefetchRows = 8;  // the weight-streaming loop prefetches this many rows ahead
 constexpr int64_t kRunPrefetchCols = 1024;  // whole rows up to this long: prefetched as one run
+constexpr int64_t kPrefetchRunBytes = 128 << 10;  // longest chunk of the bf16 loop prefetched ahead
 
 // ---------------------------------------------------------------------------------------------
 // Element types and conversions (round to nearest even on the way back).
@@ -369,12 +370,12 @@ inline void DpStoreColumns(const float* acc, int64_t rows, int64_t n_all, float*
 // W is read in chunks of 2 * kDpPairs * Sub rows. Per column block, each group of up to 8 rows
 // holds its accumulators in registers across the whole chunk (loaded and stored once per chunk,
 // not once per 8 rows of W), and reloads the block's W rows from L1 (free for a single group, the
-// decode case). When the rows are whole (j0 = 0, j1 = ldw), the chunk two ahead is one contiguous
-// run, prefetched into L2 in memory order, each column block its share: without it the chunk's
-// rows are 8-32 interleaved streams, which the hardware prefetchers follow at 60-75% of a
-// sequential read (2-core Zen 4, one thread, cold Qwen3-shaped weights: 1.2-1.4x at 1-8 rows for
-// the experts' 768 columns, 1.1-1.2x at 1-4 rows for 2048-4096 columns; same at 8 rows, which
-// are compute-bound there).
+// decode case). When the rows are whole (j0 = 0, j1 = ldw) and a chunk at most 128 KB, the chunk
+// two ahead is one contiguous run, prefetched into L2 in memory order, each column block its share:
+// without it the chunk's rows are 8-32 interleaved streams, which the hardware prefetchers follow
+// at 60-75% of a sequential read. Same-process A/B on a 2-core Zen 4, two threads, cold
+// Qwen3-shaped bf16 weights: the experts (768 / 2048 columns) 1.13x at 1 row, 1.39x at 8 (44 GB/s
+// at 1 row, the rate of a plain read here); q and o (4096 / 2048 columns) 1.8x at 1 row, 1.2x at 8.
 template <int R, int Sub>
 inline __attribute__((always_inline)) void DpGroupChunk(const uint32_t (*ap)[kDpPairs * Sub],
                                                         const bf16_t* src, int64_t ldw, int64_t kn,
@@ -403,8 +404,10 @@ void StreamRowsColsDpSub(const float* const* arow, int64_t lda, int64_t rows, in
   constexpr int64_t kPairs = kDpPairs * Sub;
   constexpr int64_t step = 2 * kPairs;
   constexpr int64_t kAhead = 2;  // chunks between the one prefetched and the one multiplied
-  const bool whole = j0 == 0 && j1 == ldw;
   const int64_t run_lines = step * ldw * int64_t(sizeof(bf16_t)) / 64;
+  // Whole rows, in chunks short enough that the runs prefetched ahead stay a small part of L2 (32 rows
+  // of 4096-8192 columns, 256-512 KB, made 16-row products 1.1-1.3x slower).
+  const bool whole = j0 == 0 && j1 == ldw && run_lines * 64 <= kPrefetchRunBytes;
   const int64_t per_block = (run_lines + blocks - 1) / blocks;  // prefetches per column block
   for (int64_t k = k0; k < k1; k += step) {
     const int64_t kn = std::min<int64_t>(step, k1 - k);
