@@ -373,9 +373,11 @@ inline void DpStoreColumns(const float* acc, int64_t rows, int64_t n_all, float*
 // decode case). When the rows are whole (j0 = 0, j1 = ldw) and a chunk at most 128 KB, the chunk
 // two ahead is one contiguous run, prefetched into L2 in memory order, each column block its share:
 // without it the chunk's rows are 8-32 interleaved streams, which the hardware prefetchers follow
-// at 60-75% of a sequential read. Same-process A/B on a 2-core Zen 4, two threads, cold
-// Qwen3-shaped bf16 weights: the experts (768 / 2048 columns) 1.13x at 1 row, 1.39x at 8 (44 GB/s
-// at 1 row, the rate of a plain read here); q and o (4096 / 2048 columns) 1.8x at 1 row, 1.2x at 8.
+// at 60-75% of a sequential read. Same-process A/B against the previous loop (accumulators loaded
+// and stored every 8 rows of W, the next 8 rows prefetched into L1 for rows up to 1024 columns) on a
+// 2-core Zen 4, two threads, cold Qwen3-shaped bf16 weights, interleaved rounds: 50 experts' gate,
+// up and down (768 / 2048 columns) 1.03-1.17x at 1 row and 1.4-1.5x at 8; q and o 1.05x at 1 row
+// and 1.09x at 8; the LM head (8192 columns) and 32 rows even.
 template <int R, int Sub>
 inline __attribute__((always_inline)) void DpGroupChunk(const uint32_t (*ap)[kDpPairs * Sub],
                                                         const bf16_t* src, int64_t ldw, int64_t kn,
@@ -406,7 +408,7 @@ void StreamRowsColsDpSub(const float* const* arow, int64_t lda, int64_t rows, in
   constexpr int64_t kAhead = 2;  // chunks between the one prefetched and the one multiplied
   const int64_t run_lines = step * ldw * int64_t(sizeof(bf16_t)) / 64;
   // Whole rows, in chunks short enough that the runs prefetched ahead stay a small part of L2 (32 rows
-  // of 4096-8192 columns, 256-512 KB, made 16-row products 1.1-1.3x slower).
+  // of 4096-8192 columns, 256-512 KB, made 16-row products slower).
   const bool whole = j0 == 0 && j1 == ldw && run_lines * 64 <= kPrefetchRunBytes;
   const int64_t per_block = (run_lines + blocks - 1) / blocks;  // prefetches per column block
   for (int64_t k = k0; k < k1; k += step) {
