@@ -409,14 +409,14 @@ void StreamRowsColsDpSub(const float* const* arow, int64_t lda, int64_t rows, in
   const int64_t run_lines = step * ldw * int64_t(sizeof(bf16_t)) / 64;
   // Whole rows, in chunks short enough that the runs prefetched ahead stay a small part of L2 (32 rows
   // of 4096-8192 columns, 256-512 KB, made 16-row products slower).
-  const bool whole = j0 == 0 && j1 == ldw && run_lines * 64 <= kPrefetchRunBytes;
+  const bool prefetch = j0 == 0 && j1 == ldw && run_lines * 64 <= kPrefetchRunBytes;
   const int64_t per_block = (run_lines + blocks - 1) / blocks;  // prefetches per column block
   for (int64_t k = k0; k < k1; k += step) {
     const int64_t kn = std::min<int64_t>(step, k1 - k);
     uint32_t ap[kDpRowsMax][kPairs];
     DpPackA(arow, lda, rows, k, kn, kPairs, &ap[0][0]);
     const bf16_t* src0 = W + k * ldw + j0;
-    const char* run = whole && k + (kAhead + 1) * step <= k1
+    const char* run = prefetch && k + (kAhead + 1) * step <= k1
                           ? reinterpret_cast<const char*>(src0 + kAhead * step * ldw)
                           : nullptr;
     for (int64_t b = 0; b < blocks; ++b) {
@@ -439,9 +439,9 @@ void StreamRowsColsDpSub(const float* const* arow, int64_t lda, int64_t rows, in
 
 // Chunk size: 32 rows of W for more than one group of rows (each group reloads the chunk's W rows
 // from L1, so longer chunks save accumulator traffic: 1.1-1.25x 8-row chunks at 32 rows of
-// Qwen3-shaped projections); for one group, as many as keep a chunk within 32 KB (the prefetched
-// runs stay a few chunks long in L2, and the rows in flight few: 16 rows of an expert's 768
-// columns beat 8 and 32 there).
+// Qwen3-shaped projections). For one group (decode), 32 rows of W up to 512 columns, 16 up to 1024,
+// 8 beyond: chunks of at most 32 KB where the rows allow, so few rows are in flight at once (one
+// thread, cold experts of 768 columns: 16-row chunks 1.0-1.2x 8-row ones, 1.2-1.3x 32-row ones).
 void StreamRowsColsDp(const float* const* arow, int64_t lda, int64_t rows, int64_t k0, int64_t k1,
                       const bf16_t* W, int64_t ldw, int64_t j0, int64_t j1, float* C,
                       int64_t ldc) {
