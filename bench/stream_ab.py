@@ -4,13 +4,14 @@
 
 Compiles `bench/stream_ab.cc` with two copies of `ffi/masked_moe_cpu_kernel.h` in one binary: the one at git
 revision REV (default HEAD) and the working tree's, under different namespaces, with the flags of the best CPU
-kernel build this processor has (AVX512-BF16 where it has it, else AVX2). Then times both on bfloat16 weights in
-interleaved rounds on two threads, each round on weights the round before did not read (so neither finds the
-other's in the last-level cache): Qwen3-30B-A3B's experts (gate, up and down of 50 random experts, 1, 2 and 8
-rows each) and its decode projections (q, k/v, o, an LM head of 8192 words) at 1, 8 and 32 rows, split as
-`rows_matmul` splits them. Reports best times, GB/s and the mean speed-up of the working tree over REV; writes
+kernel build this processor has (AVX512-BF16 where it has it, else AVX2). Then times both through their public
+entry points (the expert kernel `MaskedMoe`, `RowsMatmul`) with a two-thread runner, bfloat16, in interleaved
+rounds, each round on weights the round before did not read (so neither finds the other's in the last-level
+cache): Qwen3-30B-A3B's MoE layer at decode batches 1, 8 and 64 (8 random experts of 128 per token) and its
+decode projections (q, k/v, o, an LM head of 8192 words) at 1, 8 and 32 rows. Reports best times, GB/s (expert
+bytes a round reads; the projection's matrix) and the mean speed-up of the working tree over REV; writes
 bench/results/stream_ab_cpu.json. Process-to-process speed on a shared VM moves 10-25%; only ratios from one
-process are compared. About 3 minutes on 2 cores (~3.6 GB of weights in memory).
+process are compared. About 3 minutes on 2 cores (~2.5 GB of weights in memory).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPERT_CASES = [(1, 50), (2, 50), (8, 50)]
+EXPERT_TOKENS = [1, 8, 64]
 PROJ_SHAPES = [("q_proj", 2048, 4096), ("k_proj", 2048, 512), ("o_proj", 4096, 2048), ("lm_head", 2048, 8192)]
 
 
@@ -77,7 +78,7 @@ def main() -> None:
     args = ap.parse_args()
     base_rev = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True,
                               text=True).stdout.strip() or args.base
-    cases = [["experts", str(r), str(n)] for r, n in EXPERT_CASES]
+    cases = [["experts", str(t)] for t in EXPERT_TOKENS]
     cases += [["proj", str(k), str(n), str(m)] for m in (1, 8, 32) for _, k, n in PROJ_SHAPES]
     if args.quick:
         cases = [cases[0], ["proj", "2048", "512", "1"]]
@@ -93,8 +94,9 @@ def main() -> None:
             res = json.loads(r.stdout)
             if res["case"] == "proj":
                 res["shape"] = names.get((res["K"], res["N"]), f"{res['K']}x{res['N']}")
-            label = (f"experts x{res['experts']}" if res["case"] == "experts" else res["shape"])
-            print(f"{label:12s} rows {res['rows']:2d}  base {res['base_best_ms']:8.3f} ms ({res['base_GBps']:5.1f} GB/s)"
+            label = "experts" if res["case"] == "experts" else res["shape"]
+            rows = res["tokens"] if res["case"] == "experts" else res["rows"]
+            print(f"{label:8s} rows {rows:2d}  base {res['base_best_ms']:8.3f} ms ({res['base_GBps']:5.1f} GB/s)"
                   f"  head {res['head_best_ms']:8.3f} ms ({res['head_GBps']:5.1f} GB/s)"
                   f"  head/base speed-up (mean) x{res['head_speedup_mean']:.2f}", flush=True)
             results.append(res)

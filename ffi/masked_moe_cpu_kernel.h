@@ -375,10 +375,10 @@ inline void DpStoreColumns(const float* acc, int64_t rows, int64_t n_all, float*
 // without it the chunk's rows are 8-32 interleaved streams, which the hardware prefetchers follow
 // at 60-75% of a sequential read. Against the previous loop (accumulators loaded and stored every 8
 // rows of W, the next 8 rows prefetched into L1 for rows up to 1024 columns), `python
-// bench/stream_ab.py --base d752ebb` (one process, interleaved rounds, two threads, cold Qwen3-shaped
-// bf16 weights, 2-core Zen 4; two runs and scratch runs): 50 experts' gate, up and down (768 / 2048
-// columns) 1.00-1.17x at 1 row, 1.09x at 2, 1.35-1.5x at 8; q, k/v and o 1.05-1.2x at 1 and 8 rows;
-// the LM head (8192 columns) 0.92-1.0x; 32 rows even.
+// bench/stream_ab.py --base d752ebb` (both loops through MaskedMoe / RowsMatmul in one process,
+// interleaved rounds, two threads, cold Qwen3-shaped bf16 weights, 2-core Zen 4): the MoE layer at
+// decode batch 1 / 8 / 64 1.05x / 1.02x / 1.38x; q, k/v and o 0.98-1.31x at 1 and 8 rows; the LM
+// head (8192 columns) 1.04-1.15x; 32 rows even.
 template <int R, int Sub>
 inline __attribute__((always_inline)) void DpGroupChunk(const uint32_t (*ap)[kDpPairs * Sub],
                                                         const bf16_t* src, int64_t ldw, int64_t kn,
