@@ -8,6 +8,8 @@ the caller passes the shared ``AttentionContext`` with the write index and which
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 
 import jax
@@ -16,7 +18,7 @@ from flax import nnx
 
 from .config import ModelConfig
 from .layers import RMSNorm, apply_rope, linear
-from .rows_matmul import rows_matmul, use_rows_matmul
+from .rows_matmul import packed_rows_matmul, rows_matmul, use_rows_matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,11 +67,32 @@ def matmul(x, w, *, transpose_w: bool = False):
     return y.astype(x.dtype).reshape(*lead, y.shape[-1])
 
 
+# id(nnx.Linear) -> rows_matmul.PackedWeight of its kernel, while `beam_jax.generate` traces (`packed_weights`)
+_PACKED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("beam_jax_packed_weights", default=None)
+
+
+@contextlib.contextmanager
+def packed_weights(by_module: dict):
+    """Within the block, `project` multiplies a few bfloat16 rows by the packed copy of a listed layer's kernel
+    (`by_module`: id(nnx.Linear) -> `rows_matmul.PackedWeight`; `beam_jax.generate` packs them once per model)."""
+    token = _PACKED.set(by_module)
+    try:
+        yield
+    finally:
+        _PACKED.reset(token)
+
+
 def project(lin: nnx.Linear, x):
     """`lin(x)` for an `nnx.Linear` (kernel [din, dout], optional bias) through `matmul`: same result in
-    float32, the fast XLA:CPU path in bfloat16 / float16. x [..., din] -> [..., dout] in lin.dtype."""
+    float32, the fast XLA:CPU path in bfloat16 / float16. x [..., din] -> [..., dout] in lin.dtype.
+    Inside `packed_weights`, a listed layer's product with a few bfloat16 rows uses its packed kernel."""
     dtype = lin.dtype or x.dtype
-    y = matmul(x.astype(dtype), lin.kernel[...].astype(dtype))
+    packed = (_PACKED.get() or {}).get(id(lin))
+    rows = x.size // x.shape[-1] if x.shape[-1] else 0
+    if packed is not None and jnp.dtype(dtype) == jnp.bfloat16 and use_rows_matmul(rows, dtype):
+        y = packed_rows_matmul(x.astype(dtype).reshape(rows, x.shape[-1]), packed).reshape(*x.shape[:-1], packed.n)
+    else:
+        y = matmul(x.astype(dtype), lin.kernel[...].astype(dtype))
     if lin.bias is not None:
         y = y + lin.bias[...].astype(dtype)
     return y

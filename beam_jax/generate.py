@@ -16,6 +16,7 @@ token, a host round trip each) that the tests hold the compiled path to.
 from __future__ import annotations
 
 import math
+import weakref
 from functools import partial
 
 import jax
@@ -23,9 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import rows_matmul as _rm
+from .attention import packed_weights
 from .routing import TOPK
 
-__all__ = ["generate", "generate_reference", "sample_next", "cache_bucket", "compiled_cache_size"]
+__all__ = ["generate", "generate_reference", "sample_next", "cache_bucket", "compiled_cache_size", "decode_packs"]
 
 MIN_BUCKET = 64
 
@@ -115,14 +118,68 @@ def _join_hook(leaves, static):
     return hook if treedef is None else jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+# ---- packed decode projections -----------------------------------------------------------------------------------
+
+_PACKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (kernels packed, {path: PackedWeight})
+
+
+def _path_key(path) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def _packable(node) -> bool:
+    if not isinstance(node, nnx.Linear):
+        return False
+    w = node.kernel[...]
+    return (w.ndim == 2 and w.dtype == jnp.bfloat16 and w.shape[0] % 2 == 0
+            and (node.dtype is None or jnp.dtype(node.dtype) == jnp.bfloat16))
+
+
+def decode_packs(model) -> dict:
+    """{module path: `rows_matmul.PackedWeight`} of every bfloat16 `nnx.Linear` of `model` (attention projections,
+    dense MLPs, the LM head, routers held in bfloat16) that `generate` multiplies through the packed target, or {}
+    where packing is off (`rows_matmul.packing_available`: the AVX512-BF16 CPU build; ``BEAM_JAX_PACKED=0``).
+
+    Packed once per model and kept while the model lives (a copy of those weights: for Qwen3-30B-A3B about 4% of
+    the model), packed again when a kernel array has changed. The experts are not packed (the expert kernel reads
+    them in place)."""
+    if not _rm.packing_available():
+        return {}
+    layers = [(_path_key(path), node) for path, node in nnx.iter_graph(model) if _packable(node)]
+    kernels = tuple(node.kernel[...] for _, node in layers)
+    cached = _PACKS.get(model)
+    if cached is not None and len(cached[0]) == len(kernels) and all(a is b for a, b in zip(cached[0], kernels)):
+        return cached[1]
+    pack = jax.jit(_rm.pack_weight)
+    packs = {key: pack(w) for (key, _), w in zip(layers, kernels)}
+    _PACKS[model] = (kernels, packs)
+    return packs
+
+
+def _packs_by_module(model, packs: dict) -> dict:
+    """{path: PackedWeight} -> {id(module): PackedWeight} for the (merged, traced) model."""
+    if not packs:
+        return {}
+    return {id(node): packs[key] for key, node in ((_path_key(p), n) for p, n in nnx.iter_graph(model))
+            if key in packs and isinstance(node, nnx.Linear)}
+
+
 @partial(jax.jit, static_argnames=("graphdef", "hook_static", "impl", "max_len", "eos", "do_sample", "temperature",
                                    "top_k", "top_p"))
-def _generate_compiled(state, input_ids, mask, max_new_tokens, pad, rng, hook_leaves, *, graphdef, hook_static,
-                       impl, max_len, eos, do_sample, temperature, top_k, top_p):
+def _generate_compiled(state, packs, input_ids, mask, max_new_tokens, pad, rng, hook_leaves, *, graphdef,
+                       hook_static, impl, max_len, eos, do_sample, temperature, top_k, top_p):
     """Prefill + decode loop. input_ids, mask [B, S] int32; max_new_tokens, pad int32 scalars and rng (the
-    PRNG key of the seed), all traced.
+    PRNG key of the seed), all traced; packs: `decode_packs`.
     Returns (tokens [B, max_len - S] int32, pad-filled past the end; n [] int32: how many were generated)."""
     model = nnx.merge(graphdef.value, state)
+    with packed_weights(_packs_by_module(model, packs)):
+        return _generate_traced(model, input_ids, mask, max_new_tokens, pad, rng, hook_leaves, hook_static=hook_static,
+                                impl=impl, max_len=max_len, eos=eos, do_sample=do_sample, temperature=temperature,
+                                top_k=top_k, top_p=top_p)
+
+
+def _generate_traced(model, input_ids, mask, max_new_tokens, pad, rng, hook_leaves, *, hook_static, impl, max_len,
+                     eos, do_sample, temperature, top_k, top_p):
     hook = _join_hook(hook_leaves, hook_static)
     B, S = input_ids.shape
     slots = max_len - S
@@ -177,7 +234,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
     graphdef, state = nnx.split(model)
     hook_leaves, hook_static = _split_hook(mask_hook)
     tokens, n = _generate_compiled(
-        state, jnp.asarray(input_ids), jnp.asarray(mask), jnp.int32(max_new_tokens), jnp.int32(pad),
+        state, decode_packs(model), jnp.asarray(input_ids), jnp.asarray(mask), jnp.int32(max_new_tokens), jnp.int32(pad),
         jax.random.PRNGKey(seed), hook_leaves, graphdef=_Static(graphdef), hook_static=_Static(hook_static), impl=impl,
         max_len=cache_bucket(S + max_new_tokens), eos=eos, do_sample=bool(do_sample), temperature=float(temperature),
         top_k=int(top_k), top_p=float(top_p))

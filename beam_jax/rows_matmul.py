@@ -26,6 +26,7 @@ it off (read at trace time).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +34,11 @@ import jax.numpy as jnp
 from beam_jax import kernel
 
 __all__ = ["rows_matmul", "rows_matmul_available", "use_rows_matmul", "rows_max", "ROWS_MAX", "ROWS_MAX_BF16_DP",
-           "DTYPES"]
+           "DTYPES", "PackedWeight", "pack_weight", "packed_rows_matmul", "packing_available", "PACK_COLS"]
 
 _TARGET = "beam_rows_matmul"
+_PACKED_TARGET = "beam_packed_rows_matmul"
+PACK_COLS = 32  # columns of one packed block (kPackedCols in ffi/masked_moe.h)
 ROWS_MAX = 8  # the AVX2 loop (and float16 everywhere)
 ROWS_MAX_BF16_DP = 32  # bfloat16 under the AVX512-BF16 build (vdpbf16ps)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # where attention.matmul uses it
@@ -100,3 +103,50 @@ def rows_matmul(x, w):
         raise RuntimeError("rows_matmul: the beam_jax._ffi extension has no beam_rows_matmul target "
                            "(rebuild it: pip install -e .)")
     return _rows_matmul(x, w)
+
+
+# ---- packed weights: the decode projections of `beam_jax.generate` -----------------------------------------------
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class PackedWeight:
+    """A bfloat16 weight w [K, N] in the layout of the ``beam_packed_rows_matmul`` target:
+    packed [ceil(N / 32), K / 2, 32, 2], where packed[b, p, c] = (w[2p, 32b + c], w[2p + 1, 32b + c]) (zeros past
+    column N). Each block of 32 columns is one contiguous run, and every 64-byte load of it is a vdpbf16ps operand
+    as it lies, so a product with 8 rows of x streams w at the rate of one row (`packed_rows_matmul`)."""
+
+    packed: jax.Array
+    k: int = field(metadata=dict(static=True))
+    n: int = field(metadata=dict(static=True))
+
+    @property
+    def shape(self):
+        return (self.k, self.n)
+
+
+def packing_available() -> bool:
+    """Whether `beam_jax.generate` packs its decode projections: the extension has the packed target and runs its
+    AVX512-BF16 build (vdpbf16ps; the other builds implement the target only as a reference loop), on the CPU
+    backend, unless ``BEAM_JAX_PACKED=0`` (read when called)."""
+    return (os.environ.get("BEAM_JAX_PACKED") != "0" and jax.default_backend() == "cpu" and kernel._ffi is not None
+            and _PACKED_TARGET in kernel._ffi.registrations() and kernel._ffi.cpu_isa() == "avx512bf16")
+
+
+def pack_weight(w) -> PackedWeight:
+    """w [K, N] bfloat16 (K even) -> its `PackedWeight` (a copy: ceil(N / 32) * 32 * K elements)."""
+    if w.ndim != 2 or w.dtype != jnp.bfloat16 or w.shape[0] % 2:
+        raise ValueError(f"pack_weight: w must be [K, N] bfloat16 with K even, got {w.dtype} {tuple(w.shape)}")
+    K, N = w.shape
+    blocks = -(-N // PACK_COLS)
+    wpad = jnp.pad(w, ((0, 0), (0, blocks * PACK_COLS - N)))
+    packed = wpad.reshape(K // 2, 2, blocks, PACK_COLS).transpose(2, 0, 3, 1)
+    return PackedWeight(packed, int(K), int(N))
+
+
+def packed_rows_matmul(x, pw: PackedWeight):
+    """x [M, K] bfloat16 @ the packed w [K, N] -> [M, N] bfloat16 (float32 accumulation, one rounding), on the CPU
+    FFI target. Forward only (inference)."""
+    if x.ndim != 2 or x.shape[1] != pw.k or x.dtype != jnp.bfloat16:
+        raise ValueError(f"packed_rows_matmul: x must be [M, {pw.k}] bfloat16, got {x.dtype} {tuple(x.shape)}")
+    return jax.ffi.ffi_call(_PACKED_TARGET, jax.ShapeDtypeStruct((x.shape[0], pw.n), x.dtype),
+                            vmap_method="sequential")(x, pw.packed)

@@ -65,6 +65,21 @@ struct RowsProblem {
   void* y = nullptr;        // [M, N]
 };
 
+// The decode-time projections with the weights packed for vdpbf16ps (beam_jax.rows_matmul.pack_weight, once
+// per weight): y[M, N] = x[M, Kd] @ w[Kd, N] in bfloat16, accumulated in f32, with w given as
+// wp[ceil(N / 32), Kd / 2, 32, 2]: block b of 32 columns, pair p of rows, column c of the block, then
+// w[2p, 32b + c] and w[2p + 1, 32b + c] side by side (zeros past column N; Kd even). Each block is one
+// contiguous run that one 64-byte load per 16 columns feeds to vdpbf16ps without a shuffle, so eight
+// rows of x cost what one does (the [Kd, N] loop interleaves two rows of w per step in registers and
+// reads 8-32 rows of w at once); ffi/rows_matmul_cpu.cc binds it.
+struct PackedRowsProblem {
+  int64_t M = 0, Kd = 0, N = 0;
+  const void* x = nullptr;   // [M, Kd] bf16
+  const void* wp = nullptr;  // [ceil(N / 32), Kd / 2, 32, 2] bf16
+  void* y = nullptr;         // [M, N] bf16
+};
+constexpr int64_t kPackedCols = 32;  // columns of one packed block
+
 // How the CPU kernel runs work in parallel: `schedule(task)` runs `task` on another thread (or
 // inline), `num_threads` is how many threads may work at once (the caller's included).
 struct Runner {
@@ -77,16 +92,19 @@ namespace cpu_generic {
 void MaskedMoe(const Problem& p, const Runner& runner);
 void MaskedMoeBwd(const BwdProblem& p, const Runner& runner);
 void RowsMatmul(const RowsProblem& p, const Runner& runner);
+void PackedRowsMatmul(const PackedRowsProblem& p, const Runner& runner);
 }
 namespace cpu_avx2 {
 void MaskedMoe(const Problem& p, const Runner& runner);
 void MaskedMoeBwd(const BwdProblem& p, const Runner& runner);
 void RowsMatmul(const RowsProblem& p, const Runner& runner);
+void PackedRowsMatmul(const PackedRowsProblem& p, const Runner& runner);
 }
 namespace cpu_avx512bf16 {
 void MaskedMoe(const Problem& p, const Runner& runner);
 void MaskedMoeBwd(const BwdProblem& p, const Runner& runner);
 void RowsMatmul(const RowsProblem& p, const Runner& runner);
+void PackedRowsMatmul(const PackedRowsProblem& p, const Runner& runner);
 }
 
 // The instruction set the CPU kernels run: the best build this processor supports, capped by
@@ -101,6 +119,7 @@ const char* CpuIsaName(CpuIsa isa);
 void CpuMaskedMoe(const Problem& p, const Runner& runner);
 void CpuMaskedMoeBwd(const BwdProblem& p, const Runner& runner);
 void CpuRowsMatmul(const RowsProblem& p, const Runner& runner);
+void CpuPackedRowsMatmul(const PackedRowsProblem& p, const Runner& runner);
 
 // The intra-op runner of a CPU FFI call (XLA's thread pool; the caller's thread alone without one).
 Runner MakeRunner(xla::ffi::ThreadPool& pool);
@@ -145,6 +164,8 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeBwdCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeBwdFullCpu);
 // beam_rows_matmul (CPU): (x [M, Kd], w [Kd, N], one float dtype) -> y [M, N] in that dtype.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamRowsMatmulCpu);
+// beam_packed_rows_matmul (CPU): (x [M, Kd] bf16, wp [ceil(N / 32), Kd / 2, 32, 2] bf16) -> y [M, N] bf16.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamPackedRowsMatmulCpu);
 #ifdef BEAM_JAX_WITH_CUDA
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCudaAliased);

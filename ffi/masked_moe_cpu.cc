@@ -83,6 +83,9 @@ const char* CpuIsaName(CpuIsa isa) {
   void MaskedMoe(const Problem& p, const Runner& runner) { to::MaskedMoe(p, runner); }             \
   void MaskedMoeBwd(const BwdProblem& p, const Runner& runner) { to::MaskedMoeBwd(p, runner); }    \
   void RowsMatmul(const RowsProblem& p, const Runner& runner) { to::RowsMatmul(p, runner); }       \
+  void PackedRowsMatmul(const PackedRowsProblem& p, const Runner& runner) {                        \
+    to::PackedRowsMatmul(p, runner);                                                               \
+  }                                                                                                \
   }
 #ifndef BEAM_JAX_HAVE_AVX2_TU
 BEAM_CPU_FORWARD(cpu_avx2, cpu_generic)
@@ -103,6 +106,9 @@ void CpuMaskedMoeBwd(const BwdProblem& p, const Runner& runner) {
   BEAM_CPU_DISPATCH(MaskedMoeBwd, p)
 }
 void CpuRowsMatmul(const RowsProblem& p, const Runner& runner) { BEAM_CPU_DISPATCH(RowsMatmul, p) }
+void CpuPackedRowsMatmul(const PackedRowsProblem& p, const Runner& runner) {
+  BEAM_CPU_DISPATCH(PackedRowsMatmul, p)
+}
 #undef BEAM_CPU_DISPATCH
 
 std::string DimsString(ffi::AnyBuffer::Dimensions dims) {

@@ -1290,6 +1290,93 @@ void RunRows(const RowsProblem& p, const Runner& runner) {
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// The decode projections from packed weights (PackedRowsProblem in masked_moe.h): per block of 32
+// columns, out[r][c] = sum_p x(r, 2p) w(2p, c) + x(r, 2p + 1) w(2p + 1, c) over the block's run
+// wb[p][c][2] (64 bf16 per pair of rows of w). x is read as pairs: x(r, 2p), x(r, 2p + 1) are one
+// 32-bit word, the broadcast operand of vdpbf16ps as stored (Kd even).
+typedef uint32_t __attribute__((may_alias)) u32_alias_t;
+
+#if BEAM_CPU_USE_AVX512BF16
+// R rows (at most 8) of x against one block, accumulators in registers over the whole run: two
+// 64-byte loads of w serve 2R vdpbf16ps, no shuffle (the [Kd, N] loop needs one per load).
+template <int R>
+inline __attribute__((always_inline)) void PackedBlockRows(const u32_alias_t* const* xr,
+                                                           int64_t pairs, const bf16_t* wb,
+                                                           float (*out)[kPackedCols]) {
+  __m512 lo[R], hi[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wb + p * 2 * kPackedCols);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wb + p * 2 * kPackedCols + kPackedCols);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(int(xr[r][p]));
+      lo[r] = _mm512_dpbf16_ps(lo[r], av, w0);
+      hi[r] = _mm512_dpbf16_ps(hi[r], av, w1);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(out[r], lo[r]);
+    _mm512_storeu_ps(out[r] + 16, hi[r]);
+  }
+}
+#endif
+
+// rows (at most 8) rows of x against one block: out[r][0..32).
+inline void PackedBlock(const u32_alias_t* const* xr, int64_t rows, int64_t pairs, const bf16_t* wb,
+                        float (*out)[kPackedCols]) {
+#if BEAM_CPU_USE_AVX512BF16
+  ForRowGroups(rows, [&](auto r, int64_t g) __attribute__((always_inline)) {
+    PackedBlockRows<decltype(r)::value>(xr + g, pairs, wb, out + g);
+  });
+#else
+  // Without vdpbf16ps the packed layout has no fast path (beam_jax packs only for the AVX512-BF16
+  // build); this loop is its reference, the same sums in f32.
+  for (int64_t r = 0; r < rows; ++r) {
+    float acc[kPackedCols] = {};
+    for (int64_t p = 0; p < pairs; ++p) {
+      const uint32_t xv = xr[r][p];
+      const float x0 = ToFloat(bf16_t{uint16_t(xv & 0xffffu)}), x1 = ToFloat(bf16_t{uint16_t(xv >> 16)});
+      const bf16_t* w = wb + p * 2 * kPackedCols;
+      for (int64_t c = 0; c < kPackedCols; ++c)
+        acc[c] += x0 * ToFloat(w[2 * c]) + x1 * ToFloat(w[2 * c + 1]);
+    }
+    std::copy(acc, acc + kPackedCols, out[r]);
+  }
+#endif
+}
+
+void RunPackedRows(const PackedRowsProblem& p, const Runner& runner) {
+  const int64_t M = p.M, N = p.N, pairs = p.Kd / 2;
+  const int64_t blocks = (N + kPackedCols - 1) / kPackedCols;
+  const auto* x = static_cast<const u32_alias_t*>(p.x);
+  const auto* wp = static_cast<const bf16_t*>(p.wp);
+  auto* y = static_cast<bf16_t*>(p.y);
+  // Contiguous runs of blocks, a few per thread, claimed dynamically: each thread streams its runs in
+  // memory order.
+  const int64_t per_unit = std::max<int64_t>(1, blocks / (4 * int64_t(runner.num_threads)));
+  const int64_t units = (blocks + per_unit - 1) / per_unit;
+  ParallelFor(runner, units, [&](int64_t u) {
+    float out[8][kPackedCols];
+    const u32_alias_t* xr[8];
+    for (int64_t b = u * per_unit; b < std::min(blocks, (u + 1) * per_unit); ++b) {
+      const bf16_t* wb = wp + b * pairs * 2 * kPackedCols;
+      const int64_t c0 = b * kPackedCols, n = std::min(kPackedCols, N - c0);
+      for (int64_t r0 = 0; r0 < M; r0 += 8) {  // more than 8 rows: the block again, from L2
+        const int64_t rows = std::min<int64_t>(8, M - r0);
+        for (int64_t r = 0; r < rows; ++r) xr[r] = x + (r0 + r) * pairs;
+        PackedBlock(xr, rows, pairs, wb, out);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < n; ++c) y[(r0 + r) * N + c0 + c] = FromFloat<bf16_t>(out[r][c]);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 void MaskedMoe(const Problem& p, const Runner& runner) {
@@ -1315,6 +1402,8 @@ void RowsMatmul(const RowsProblem& p, const Runner& runner) {
     case ElemType::kF16: RunRows<f16_t>(p, runner); break;
   }
 }
+
+void PackedRowsMatmul(const PackedRowsProblem& p, const Runner& runner) { RunPackedRows(p, runner); }
 
 }  // namespace BEAM_CPU_NS
 }  // namespace beam

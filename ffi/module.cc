@@ -38,6 +38,7 @@ PYBIND11_MODULE(_ffi, m) {
     d["beam_masked_moe_bwd"] = Capsule(BeamMaskedMoeBwdCpu);
     d["beam_masked_moe_bwd_full"] = Capsule(BeamMaskedMoeBwdFullCpu);
     d["beam_rows_matmul"] = Capsule(BeamRowsMatmulCpu);
+    d["beam_packed_rows_matmul"] = Capsule(BeamPackedRowsMatmulCpu);
     return d;
   });
   m.def("cuda_registrations", []() {

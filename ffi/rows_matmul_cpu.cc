@@ -1,4 +1,4 @@
-// CPU FFI handler of the rows matmul: the decode-time projections y[M, N] = x[M, Kd] @ w[Kd, N] for
+// CPU FFI handlers of the rows matmul (and of its packed-weight form, PackedRowsProblem): the decode-time projections y[M, N] = x[M, Kd] @ w[Kd, N] for
 // a few rows M (beam_jax/rows_matmul.py sends them here). The compute is RunRows in
 // masked_moe_cpu_kernel.h (it shares the experts' weight-streaming loop); this file checks the
 // buffers and picks the instruction set, as masked_moe_cpu.cc does for the experts.
@@ -46,6 +46,36 @@ ffi::Error RowsMatmulCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   return ffi::Error::Success();
 }
 
+ffi::Error PackedRowsMatmulCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer wp,
+                               ffi::Result<ffi::AnyBuffer> y) {
+  auto xd = x.dimensions(), wd = wp.dimensions(), yd = y->dimensions();
+  if (x.element_type() != ffi::DataType::BF16 || wp.element_type() != ffi::DataType::BF16 ||
+      y->element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("packed rows matmul: x, wp and y must be bfloat16");
+  if (xd.size() != 2 || xd[1] % 2 != 0)
+    return ffi::Error::InvalidArgument("packed rows matmul: x must be [M, K] with K even, got " +
+                                       DimsString(xd));
+  if (yd.size() != 2 || yd[0] != xd[0])
+    return ffi::Error::InvalidArgument("packed rows matmul: y must be [M, N] with M = " +
+                                       std::to_string(xd[0]) + ", got " + DimsString(yd));
+  const int64_t blocks = (yd[1] + kPackedCols - 1) / kPackedCols;
+  if (wd.size() != 4 || wd[0] != blocks || wd[1] != xd[1] / 2 || wd[2] != kPackedCols || wd[3] != 2)
+    return ffi::Error::InvalidArgument(
+        "packed rows matmul: wp must be [ceil(N / 32), K / 2, 32, 2] = [" + std::to_string(blocks) +
+        ", " + std::to_string(xd[1] / 2) + ", 32, 2], got " + DimsString(wd));
+  PackedRowsProblem p;
+  p.M = xd[0];
+  p.Kd = xd[1];
+  p.N = yd[1];
+  p.x = x.untyped_data();
+  p.wp = wp.untyped_data();
+  p.y = y->untyped_data();
+  if (p.M == 0 || p.N == 0) return ffi::Error::Success();
+  Runner runner = MakeRunner(pool);
+  CpuPackedRowsMatmul(p, runner);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace beam
 
@@ -55,4 +85,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BeamRowsMatmulCpu, beam::RowsMatmulCpu,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()   // x
                                   .Arg<ffi::AnyBuffer>()   // w
+                                  .Ret<ffi::AnyBuffer>());  // y
+
+// (x [M, K] bf16, wp [ceil(N / 32), K / 2, 32, 2] bf16) -> y [M, N] bf16
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BeamPackedRowsMatmulCpu, beam::PackedRowsMatmulCpu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()   // x
+                                  .Arg<ffi::AnyBuffer>()   // wp
                                   .Ret<ffi::AnyBuffer>());  // y

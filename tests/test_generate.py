@@ -207,3 +207,46 @@ def test_matmul_fast_path_equals_float32_product(rows, transpose_w):
     x32 = jnp.asarray(x, jnp.float32)
     np.testing.assert_allclose(np.asarray(matmul(x32, jnp.asarray(w32), transpose_w=transpose_w)), ref, rtol=1e-5,
                                atol=1e-4)
+
+
+def test_decode_packs_cover_the_dense_bf16_layers_once(tmp_path):
+    """`generate` packs every bfloat16 dense projection (not the experts) once per model, again when a kernel
+    changes; its decode steps multiply through the packed target, with the tokens of the unpacked step loop."""
+    from beam_jax import attention, rows_matmul as rm
+    from beam_jax.generate import decode_packs
+
+    if not rm.packing_available():
+        pytest.skip("packing is off here (needs the AVX512-BF16 build of beam_jax._ffi on the CPU backend)")
+    model = _model(tmp_path, dtype="bfloat16")
+    packs = decode_packs(model)
+    L = model.cfg.num_hidden_layers
+    for i in range(L):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            key = f"layers/{i}/self_attn/{proj}"
+            assert key in packs, sorted(packs)
+            w = getattr(model.layers[i].self_attn, proj).kernel[...]
+            assert packs[key].shape == w.shape
+    assert "lm_head" in packs and not any("expert" in k for k in packs)
+    assert decode_packs(model) is packs  # cached
+    new = model.lm_head.kernel[...] * 2
+    model.lm_head.kernel.set_value(new)
+    again = decode_packs(model)
+    assert again is not packs
+    np.testing.assert_array_equal(np.asarray(again["lm_head"].packed), np.asarray(rm.pack_weight(new).packed))
+
+    calls = []
+    real = attention.packed_rows_matmul
+
+    def counting(x, pw):
+        calls.append(x.shape[0])
+        return real(x, pw)
+
+    prompt = np.random.RandomState(21).randint(3, 160, size=(3, 9))  # a shape no other test compiles
+    kw = dict(max_new_tokens=6, eos_token_id=())
+    try:
+        attention.packed_rows_matmul = counting
+        ours = np.asarray(beam_jax.generate(model, prompt, **kw))
+    finally:
+        attention.packed_rows_matmul = real
+    assert 3 in calls  # the decode step's rows
+    np.testing.assert_array_equal(ours, np.asarray(generate_reference(model, prompt, **kw)))

@@ -202,3 +202,72 @@ def test_env_switch_is_read_at_trace_time(monkeypatch):
     assert not rm.use_rows_matmul(rm.rows_max(jnp.bfloat16) + 1, jnp.bfloat16)
     assert not rm.use_rows_matmul(1, jnp.float32)
     assert "BEAM_JAX_ROWS_MATMUL" not in os.environ
+
+
+# ---- packed weights (rows_matmul.pack_weight / packed_rows_matmul: generate's decode projections) -------------------
+
+PACKED_SHAPES = [(M, K + K % 2, N) for M, K, N in ISA_SHAPES] + [(9, 2, 1), (16, 4096, 64)]
+needs_packed = pytest.mark.skipif(
+    rm.kernel._ffi is None or "beam_packed_rows_matmul" not in rm.kernel._ffi.registrations(),
+    reason="beam_jax._ffi has no beam_packed_rows_matmul target")
+
+
+def test_pack_weight_layout():
+    # packed[b, p, c] = (w[2p, 32b + c], w[2p + 1, 32b + c]), zeros past column N
+    w = jnp.asarray(np.random.default_rng(3).standard_normal((6, 40)), jnp.bfloat16)
+    pw = rm.pack_weight(w)
+    assert pw.packed.shape == (2, 3, rm.PACK_COLS, 2) and pw.packed.dtype == jnp.bfloat16 and pw.shape == (6, 40)
+    wn, pk = np.asarray(w, np.float32), np.asarray(pw.packed, np.float32)
+    for b, p, c, j in [(0, 0, 0, 0), (0, 2, 5, 1), (1, 1, 7, 0), (1, 2, 7, 1)]:
+        assert pk[b, p, c, j] == wn[2 * p + j, 32 * b + c]
+    assert (pk[1, :, 8:] == 0).all()
+
+
+@needs_packed
+def test_each_build_of_the_packed_product_equals_the_float64_product(cpu_isa):
+    # The AVX512-BF16 build's vdpbf16ps loop and the other builds' reference loop, on every row-group size (1..8),
+    # several groups, column tails of a block and K from 2 up.
+    rng = np.random.default_rng(9)
+    f = jax.jit(rm.packed_rows_matmul)
+    for M, K, N in PACKED_SHAPES:
+        x, w = _inputs(rng, M, K, N, jnp.bfloat16)
+        got = f(x, rm.pack_weight(w))
+        assert got.shape == (M, N) and got.dtype == jnp.bfloat16
+        want = _ref(x, w)
+        err = np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want))
+        assert err < TOL[jnp.bfloat16], (cpu_isa, M, K, N, err)
+
+
+@needs_packed
+def test_packed_agrees_with_rows_matmul():
+    # Same bf16 operands, both f32 accumulation: they differ by summation order and the output's rounding only.
+    rng = np.random.default_rng(10)
+    x, w = _inputs(rng, 8, 2048, 300, jnp.bfloat16)
+    a = np.asarray(rm.rows_matmul(x, w), np.float32)
+    b = np.asarray(rm.packed_rows_matmul(x, rm.pack_weight(w)), np.float32)
+    np.testing.assert_allclose(b, a, rtol=0, atol=8e-3 * np.max(np.abs(a)))
+    assert rm.packed_rows_matmul(x[:0], rm.pack_weight(w)).shape == (0, 300)
+
+
+@needs_packed
+def test_packed_bad_input_is_named():
+    w = jnp.ones((5, 8), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"pack_weight: w must be \[K, N\] bfloat16 with K even, got bfloat16 \(5, 8\)"):
+        rm.pack_weight(w)
+    with pytest.raises(ValueError, match="pack_weight: .* got float32"):
+        rm.pack_weight(jnp.ones((4, 8), jnp.float32))
+    pw = rm.pack_weight(jnp.ones((4, 8), jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"packed_rows_matmul: x must be \[M, 4\] bfloat16, got bfloat16 \(2, 6\)"):
+        rm.packed_rows_matmul(jnp.ones((2, 6), jnp.bfloat16), pw)
+    bad = rm.PackedWeight(pw.packed[:, :1], 4, 8)  # a packed array that does not match K: the target says so
+    with pytest.raises(Exception, match=r"wp must be \[ceil\(N / 32\), K / 2, 32, 2\] = \[1, 2, 32, 2\], got \[1, 1, 32, 2\]"):
+        jax.block_until_ready(rm.packed_rows_matmul(jnp.ones((2, 4), jnp.bfloat16), bad))
+
+
+def test_packing_follows_the_build_and_the_env_switch(monkeypatch, cpu_isa):
+    from beam_jax import _ffi
+
+    on = jax.default_backend() == "cpu" and "beam_packed_rows_matmul" in _ffi.registrations()
+    assert rm.packing_available() == (on and cpu_isa == "avx512bf16")
+    monkeypatch.setenv("BEAM_JAX_PACKED", "0")
+    assert not rm.packing_available()
