@@ -38,10 +38,20 @@ def cache_bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
+def greedy(logits):
+    """logits [B, V] -> [B] int32: `jnp.argmax` (the first maximum; the first NaN where there is one) as a max and a
+    min over the positions that hit it: XLA:CPU's argmax (one variadic reduce) took 0.74 ms on [32, 8192] float32
+    on the 2-core EPYC, these two plain reductions 0.19 ms (0.6 ms of a 32-row decode step)."""
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    pos = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    hit = (logits == m) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, pos, logits.shape[-1] - 1), axis=-1)
+
+
 def sample_next(logits, rng, *, do_sample=False, temperature=1.0, top_k=0, top_p=1.0):
     """logits [B, V] float32 -> next token ids [B] int32 (argmax, or a sample after the filters)."""
     if not do_sample:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy(logits)
     logits = logits / max(temperature, 1e-6)
     if top_k and top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]

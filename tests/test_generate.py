@@ -250,3 +250,21 @@ def test_decode_packs_cover_the_dense_bf16_layers_once(tmp_path):
         attention.packed_rows_matmul = real
     assert 3 in calls  # the decode step's rows
     np.testing.assert_array_equal(ours, np.asarray(generate_reference(model, prompt, **kw)))
+
+
+def test_greedy_is_argmax_with_ties_nans_and_infs():
+    import jax.numpy as jnp
+
+    from beam_jax.generate import greedy
+
+    rs = np.random.RandomState(22)
+    logits = rs.normal(size=(6, 300)).astype(np.float32)
+    logits[1, [7, 90, 200]] = 9.0  # ties: the first
+    logits[2, [5, 40]] = np.nan  # the first NaN, as argmax
+    logits[3] = -np.inf
+    logits[4, 150] = np.inf
+    logits[5, -1] = 50.0  # the last position
+    got = np.asarray(greedy(jnp.asarray(logits)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1)))
+    assert got[1] == 7 and got[2] == 5 and got[3] == 0 and got[4] == 150 and got[5] == 299
