@@ -1,4 +1,4 @@
-"""Decode-time dense projections on CPU: `beam_jax.rows_matmul` against XLA's product, side by side.
+"""Decode-time dense projections on CPU: `beam_jax.rows_matmul` (and its packed form) against XLA's product.
 
     python bench/decode_proj.py [--rows 1,2,4,8,16] [--dtype bfloat16] [--repeat 7]
 
@@ -10,9 +10,11 @@ number of rows M (the decode batch), the time of ``x [M, K] @ w [K, N]`` through
 - ``rows``: `beam_jax.rows_matmul.rows_matmul` (the FFI target streaming w once) under the best CPU kernel
   build this processor has, and ``rows_<isa>`` under each lower build but the generic one (``rows_avx2`` on an
   AVX512-BF16 processor), switched in the same process through ``_ffi.set_cpu_isa``;
+- ``packed``: `rows_matmul.packed_rows_matmul` on `pack_weight(w)` (what `beam_jax.generate` runs), in bfloat16
+  under the AVX512-BF16 build;
 
-with the floor: w's bytes over the copy bandwidth measured in the same run. Six distinct weight matrices
-are cycled so no product finds its matrix in cache. Checks `rows_matmul.rows_max`: the largest M where
+with the floor: w's bytes over the copy bandwidth measured in the same run. At least six distinct weight matrices,
+96 MB in all, are cycled so no product finds its matrix in cache (the L3 holds 32 MB). Checks `rows_matmul.rows_max`: the largest M where
 ``rows`` wins on every shape. Writes bench/results/decode_proj_cpu.json.
 """
 
@@ -55,6 +57,7 @@ def main():
     import jax
     import jax.numpy as jnp
 
+    from beam_jax import rows_matmul as rm
     from beam_jax.rows_matmul import rows_matmul
 
     def xla(x, w):
@@ -77,21 +80,27 @@ def main():
     rows_fn = jax.jit(rows_matmul)
     paths = {"xla": jax.jit(xla), **{name: on(isa, rows_fn) for name, isa in isas.items()}}
     dt = jnp.dtype(args.dtype)
+    if best == "avx512bf16" and dt == jnp.bfloat16 and "beam_packed_rows_matmul" in _ffi.registrations():
+        paths["packed"] = on(best, jax.jit(rm.packed_rows_matmul))
     bw = memory_bandwidth()
     rng = np.random.default_rng(0)
     rows_list = [int(r) for r in args.rows.split(",")]
     results = []
     for name, K, N in SHAPES:
-        ws = [jnp.asarray(rng.standard_normal((K, N), np.float32) * 0.02, dt) for _ in range(6)]
         nbytes = K * N * dt.itemsize
+        ws = [jnp.asarray(rng.standard_normal((K, N), np.float32) * 0.02, dt)
+              for _ in range(max(6, -(-(96 << 20) // nbytes)))]
+        operands = {p: [rm.pack_weight(w) for w in ws] if p == "packed" else ws for p in paths}
         for M in rows_list:
             x = jnp.asarray(rng.standard_normal((M, K), np.float32), dt)
-            t = {p: _time(f, x, ws, args.repeat) for p, f in paths.items()}
+            t = {p: _time(f, x, operands[p], args.repeat) for p, f in paths.items()}
             row = {"shape": name, "K": K, "N": N, "rows": M, "floor_ms": 1e3 * nbytes / bw,
                    **{f"{p}_ms": 1e3 * s for p, s in t.items()},
                    **{f"{p}_GBps": nbytes / s / 1e9 for p, s in t.items()},
                    "rows_over_xla": t["xla"] / t["rows"],
-                   **({"rows_over_rows_avx2": t["rows_avx2"] / t["rows"]} if "rows_avx2" in t else {})}
+                   **({"rows_over_rows_avx2": t["rows_avx2"] / t["rows"]} if "rows_avx2" in t else {}),
+                   **({"packed_over_rows": t["rows"] / t["packed"], "packed_over_xla": t["xla"] / t["packed"]}
+                      if "packed" in t else {})}
             results.append(row)
             others = "".join(f"  {p} {row[p + '_ms']:.3f} ms ({row[p + '_GBps']:.1f} GB/s)" for p in t
                              if p not in ("xla", "rows"))

@@ -596,6 +596,13 @@ def _f(x, fmt="{:.1f}", none="-"):
     return none if x is None else fmt.format(x)
 
 
+def _packing() -> bool:
+    """Whether `beam_jax.generate` multiplies its dense decode projections by packed weights here."""
+    from beam_jax.rows_matmul import packing_available
+
+    return packing_available()
+
+
 def markdown(result: dict) -> str:
     """The report: header, one decode table per model, the prefill table, notes."""
     out = ["# Serving benchmark, CPU: BEAM against Top-K end to end (bench/serve.py)", "",
@@ -603,6 +610,8 @@ def markdown(result: dict) -> str:
            f"{' / '.join(f'{b:.1f}' for b in result['copy_bandwidth_GBps'])} GB/s (start / end) | "
            f"prompt {result['prompt_len']}, {result['new_tokens']} new tokens, greedy, ignore_eos | "
            f"threads {result['threads']}"
+           + (f" | beam_jax.generate: dense projections packed {'on' if result['jax_packed_projections'] else 'off'}"
+              if "jax_packed_projections" in result else "")
            + (f" | vLLM: {result['vllm_rounds']} processes per engine, native and plugin alternating, per batch the "
               f"one with the fastest Top-K step" if result.get("vllm_rounds", 1) > 1 else ""),
            "", f"`{result['command']}`", "",
@@ -764,7 +773,7 @@ def main(argv=None) -> dict | int:
               "jax": jax.__version__, "copy_bandwidth_GBps": [bw / 1e9, bw2 / 1e9], "engines": engines,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "prefill_len": args.prefill_len,
               "repeat": args.repeat, "threads": args.threads, "quick": args.quick, "vllm_compile": args.vllm_compile,
-              "vllm_rounds": args.vllm_rounds,
+              "vllm_rounds": args.vllm_rounds, "jax_packed_projections": _packing(),
               "vllm_tau": "one engine per tau" if args.vllm_engine_per_tau else "one engine, tau set in place",
               "wall_s": time.time() - t_start,
               "max_rss_gib": {"main": peak_rss_gib(), "largest_worker": max(
