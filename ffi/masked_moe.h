@@ -82,9 +82,13 @@ constexpr int64_t kPackedCols = 32;  // columns of one packed block
 
 // How the CPU kernel runs work in parallel: `schedule(task)` runs `task` on another thread (or
 // inline), `num_threads` is how many threads may work at once (the caller's included).
+// Or, where set, `fork(count, work)` runs `work` on `count` threads at once (the caller's included) and
+// returns when every one has returned: the Python entry points use OpenMP's team, which is torch's own
+// when torch is loaded (one libgomp per process), so no second pool competes with its threads.
 struct Runner {
   int num_threads = 1;
   std::function<void(std::function<void()>)> schedule;
+  std::function<void(int, const std::function<void()>&)> fork;
 };
 
 // CPU kernels, one per instruction set; `masked_moe_cpu.cc` picks one at run time.

@@ -575,6 +575,15 @@ struct Job {
 
 void ParallelFor(const Runner& runner, int64_t n, const std::function<void(int64_t)>& fn) {
   if (n <= 0) return;
+  if (runner.fork && runner.num_threads > 1 && n > 1) {
+    std::atomic<int64_t> next{0};
+    runner.fork(int(std::min<int64_t>(runner.num_threads, n)), [&]() {
+      for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+           i = next.fetch_add(1, std::memory_order_relaxed))
+        fn(i);
+    });
+    return;
+  }
   const int64_t extra =
       runner.schedule ? std::min<int64_t>(int64_t(runner.num_threads) - 1, n - 1) : 0;
   if (extra <= 0) {

@@ -7,11 +7,16 @@
 //   cpu_isa()             -> "avx512bf16", "avx2" or "generic": which CPU kernel build runs here
 //   best_cpu_isa()        -> the best build this processor supports
 //   set_cpu_isa(name)     -> select a build (capped at the best); returns the one now selected
+//   packed_rows_matmul(...) the packed-weight projection on raw pointers, for the vLLM plugin's dense
+//                            layers (convert/vllm_plugin/linear.py), on `threads` OpenMP threads
 // A target has the same name on both platforms, so one ffi_call lowers on either; the backward
 // targets (beam_masked_moe_bwd, beam_masked_moe_bwd_full) exist on both, beam_rows_matmul on CPU
 // only. beam_jax.kernel reads which are there.
 
 #include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <functional>
 
 #include "masked_moe.h"
 #include "select_pairs.h"
@@ -19,6 +24,23 @@
 namespace py = pybind11;
 
 namespace {
+
+// The runner of calls from Python (no XLA intra-op pool there): OpenMP's team of `threads`, which in a
+// process that has loaded torch is torch's intra-op team (both use the one libgomp.so.1 loaded); without
+// OpenMP in the build, the caller's thread alone.
+beam::Runner PythonRunner(int threads) {
+  beam::Runner r;
+#ifdef BEAM_JAX_HAVE_OPENMP
+  r.num_threads = std::max(1, threads);
+  r.fork = [](int count, const std::function<void()>& work) {
+#pragma omp parallel num_threads(count)
+    work();
+  };
+#else
+  (void)threads;
+#endif
+  return r;
+}
 
 template <typename Fn>
 py::capsule Capsule(Fn* fn) {
@@ -75,6 +97,21 @@ PYBIND11_MODULE(_ffi, m) {
     beam::SumRows(reinterpret_cast<const void*>(rows), N, reinterpret_cast<const int64_t*>(token), T, d, bf16,
                   reinterpret_cast<void*>(out));
   });
+  // y [M, N] bf16 = x [M, K] bf16 @ the packed w (wp [ceil(N / 32), K / 2, 32, 2] bf16), all contiguous; the
+  // caller (convert/vllm_plugin/linear.py) checks shapes and dtypes.
+  m.def(
+      "packed_rows_matmul",
+      [](uintptr_t x, int64_t M, int64_t K, uintptr_t wp, int64_t N, uintptr_t y, int threads) {
+        beam::PackedRowsProblem p;
+        p.M = M;
+        p.Kd = K;
+        p.N = N;
+        p.x = reinterpret_cast<const void*>(x);
+        p.wp = reinterpret_cast<const void*>(wp);
+        p.y = reinterpret_cast<void*>(y);
+        if (M > 0 && N > 0) beam::CpuPackedRowsMatmul(p, PythonRunner(threads));
+      },
+      py::call_guard<py::gil_scoped_release>());
   m.def("cpu_isa", []() { return beam::CpuIsaName(beam::SelectedCpuIsa()); });
   m.def("best_cpu_isa", []() { return beam::CpuIsaName(beam::BestCpuIsa()); });
   m.def(

