@@ -21,6 +21,12 @@ measured 2.7-5.1x XLA at one row, 1.2-2.8x at eight and 1.2-1.8x at 32 on q, o a
 `python bench/decode_proj.py` measures both), in bfloat16 and float16 only (float32 keeps XLA's products,
 so float32 parity with transformers stays exact to rounding). ``BEAM_JAX_ROWS_MATMUL=0`` in the environment turns
 it off (read at trace time).
+
+`beam_jax.generate` multiplies by packed weights instead (`pack_weight`, `packed_rows_matmul`, target
+``beam_packed_rows_matmul``): w laid out once as [ceil(N / 32), K / 2, 32, 2], so each 64-byte load is a vdpbf16ps
+operand without the shuffle the [K, N] loop needs per load, and a thread streams one contiguous run; forward only,
+bfloat16 only, fast under the AVX512-BF16 build (`packing_available`; the other builds implement the target as a
+reference loop). ``BEAM_JAX_PACKED=0`` turns the packing off.
 """
 
 from __future__ import annotations
