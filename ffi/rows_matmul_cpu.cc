@@ -1,6 +1,7 @@
-// CPU FFI handlers of the rows matmul (and of its packed-weight form, PackedRowsProblem): the decode-time projections y[M, N] = x[M, Kd] @ w[Kd, N] for
-// a few rows M (beam_jax/rows_matmul.py sends them here). The compute is RunRows in
-// masked_moe_cpu_kernel.h (it shares the experts' weight-streaming loop); this file checks the
+// CPU FFI handlers of the rows matmul, the decode-time projections y[M, N] = x[M, Kd] @ w[Kd, N] for
+// a few rows M (beam_jax/rows_matmul.py sends them here), and of its packed-weight form
+// (PackedRowsProblem: beam_jax.generate's projections). The compute is RunRows / RunPackedRows in
+// masked_moe_cpu_kernel.h (RunRows shares the experts' weight-streaming loop); this file checks the
 // buffers and picks the instruction set, as masked_moe_cpu.cc does for the experts.
 
 #include <cstdint>

@@ -85,6 +85,9 @@ def test_method_sends_a_few_rows_to_the_packed_product_and_more_to_vllms(monkeyp
         want = _ref(x, w)
         assert y.shape == (rows, 96) and (y.double() - want).abs().max() / want.abs().max() < TOL, rows
     assert [s[0] for s in calls] == [1, 7, linear.ROWS_MAX]  # more rows: vLLM's product
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # while torch.compile traces: vLLM's
+    y = method.apply(layer, _rand((2, 128), 2))
+    assert len(calls) == 3 and y.shape == (2, 96)
 
 
 def test_off_switch(monkeypatch):

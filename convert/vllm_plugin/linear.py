@@ -10,6 +10,10 @@ everything else go to vLLM's own method. The packed copy is made before vLLM pre
 exist: about 4% more memory for Qwen3-30B-A3B. ``BEAM_JAX_PACKED=0`` in the environment turns it off (read when
 the model is built).
 
+The packed path runs in eager execution (`enforce_eager`, and every step vLLM runs uncompiled, as the benchmark
+does); while torch.compile traces, the layers take vLLM's own method (a row-count branch on a symbolic batch would
+specialise the graph).
+
 `use_packed_linears(model)` swaps each eligible layer's quant method (`UnquantizedLinearMethod`,
 `UnquantizedEmbeddingMethod` for the LM head) for a subclass that does this, before the weights are loaded.
 """
@@ -95,7 +99,7 @@ def _packed_method(base: type) -> type:
 
         def apply(self, layer, x, bias=None):
             packed = getattr(layer, "beam_packed", None)
-            if (packed is not None and x.dtype == torch.bfloat16 and x.numel() // max(x.shape[-1], 1) <= ROWS_MAX
+            if (packed is not None and not torch.compiler.is_compiling() and x.dtype == torch.bfloat16 and x.numel() // max(x.shape[-1], 1) <= ROWS_MAX
                     and x.shape[-1] == packed.shape[1] * 2):
                 return packed_matmul(x, packed, layer.beam_packed_n, bias)
             return super().apply(layer, x, bias)
