@@ -7,7 +7,9 @@ top-k and top-p.
 The model is split once per call into its graph definition (static) and its state (arrays, passed to the
 compiled function and only read), and one jitted function runs the prefill and the whole decode loop
 (`lax.while_loop`, stopping early when every sequence has ended). So a generation costs one dispatch, no host
-round trip per token, and no copy or write-back of the model's state. The KV cache length is bucketed
+round trip per token, and no copy or write-back of the model's state. On the CPU (AVX512-BF16 build) the bf16
+dense layers' kernels are also passed packed (`decode_packs`: made once per model, kept while it lives) for the
+decode steps' products. The KV cache length is bucketed
 (`cache_bucket`), and `max_new_tokens`, the pad token and a hook's knobs (BEAM's tau) are traced, so changing
 them within a bucket does not recompile. `generate_reference` is the plain step-by-step loop (one forward per
 token, a host round trip each) that the tests hold the compiled path to.
@@ -28,7 +30,8 @@ from . import rows_matmul as _rm
 from .attention import packed_weights
 from .routing import TOPK
 
-__all__ = ["generate", "generate_reference", "sample_next", "cache_bucket", "compiled_cache_size", "decode_packs"]
+__all__ = ["generate", "generate_reference", "sample_next", "greedy", "cache_bucket", "compiled_cache_size",
+           "decode_packs"]
 
 MIN_BUCKET = 64
 
@@ -244,10 +247,10 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
     graphdef, state = nnx.split(model)
     hook_leaves, hook_static = _split_hook(mask_hook)
     tokens, n = _generate_compiled(
-        state, decode_packs(model), jnp.asarray(input_ids), jnp.asarray(mask), jnp.int32(max_new_tokens), jnp.int32(pad),
-        jax.random.PRNGKey(seed), hook_leaves, graphdef=_Static(graphdef), hook_static=_Static(hook_static), impl=impl,
-        max_len=cache_bucket(S + max_new_tokens), eos=eos, do_sample=bool(do_sample), temperature=float(temperature),
-        top_k=int(top_k), top_p=float(top_p))
+        state, decode_packs(model), jnp.asarray(input_ids), jnp.asarray(mask), jnp.int32(max_new_tokens),
+        jnp.int32(pad), jax.random.PRNGKey(seed), hook_leaves, graphdef=_Static(graphdef),
+        hook_static=_Static(hook_static), impl=impl, max_len=cache_bucket(S + max_new_tokens), eos=eos,
+        do_sample=bool(do_sample), temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
     n = int(n)
     return jnp.concatenate([jnp.asarray(input_ids), tokens[:, :n]], axis=1)
 

@@ -14,7 +14,8 @@ number of rows M (the decode batch), the time of ``x [M, K] @ w [K, N]`` through
   under the AVX512-BF16 build;
 
 with the floor: w's bytes over the copy bandwidth measured in the same run. At least six distinct weight matrices,
-96 MB in all, are cycled so no product finds its matrix in cache (the L3 holds 32 MB). Checks `rows_matmul.rows_max`: the largest M where
+96 MB in all, are cycled so no product finds its matrix in cache (the L3 holds 32 MB). Checks
+`rows_matmul.rows_max`: the largest M where
 ``rows`` wins on every shape. Writes bench/results/decode_proj_cpu.json.
 """
 

@@ -252,7 +252,8 @@ def test_packed_agrees_with_rows_matmul():
 @needs_packed
 def test_packed_bad_input_is_named():
     w = jnp.ones((5, 8), jnp.bfloat16)
-    with pytest.raises(ValueError, match=r"pack_weight: w must be \[K, N\] bfloat16 with K even, got bfloat16 \(5, 8\)"):
+    with pytest.raises(ValueError,
+                       match=r"pack_weight: w must be \[K, N\] bfloat16 with K even, got bfloat16 \(5, 8\)"):
         rm.pack_weight(w)
     with pytest.raises(ValueError, match="pack_weight: .* got float32"):
         rm.pack_weight(jnp.ones((4, 8), jnp.float32))
@@ -260,7 +261,8 @@ def test_packed_bad_input_is_named():
     with pytest.raises(ValueError, match=r"packed_rows_matmul: x must be \[M, 4\] bfloat16, got bfloat16 \(2, 6\)"):
         rm.packed_rows_matmul(jnp.ones((2, 6), jnp.bfloat16), pw)
     bad = rm.PackedWeight(pw.packed[:, :1], 4, 8)  # a packed array that does not match K: the target says so
-    with pytest.raises(Exception, match=r"wp must be \[ceil\(N / 32\), K / 2, 32, 2\] = \[1, 2, 32, 2\], got \[1, 1, 32, 2\]"):
+    want = r"wp must be \[ceil\(N / 32\), K / 2, 32, 2\] = \[1, 2, 32, 2\], got \[1, 1, 32, 2\]"
+    with pytest.raises(Exception, match=want):
         jax.block_until_ready(rm.packed_rows_matmul(jnp.ones((2, 4), jnp.bfloat16), bad))
 
 

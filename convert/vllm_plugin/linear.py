@@ -99,8 +99,9 @@ def _packed_method(base: type) -> type:
 
         def apply(self, layer, x, bias=None):
             packed = getattr(layer, "beam_packed", None)
-            if (packed is not None and not torch.compiler.is_compiling() and x.dtype == torch.bfloat16 and x.numel() // max(x.shape[-1], 1) <= ROWS_MAX
-                    and x.shape[-1] == packed.shape[1] * 2):
+            rows = x.numel() // max(x.shape[-1], 1)
+            if (packed is not None and not torch.compiler.is_compiling() and x.dtype == torch.bfloat16
+                    and rows <= ROWS_MAX and x.shape[-1] == packed.shape[1] * 2):
                 return packed_matmul(x, packed, layer.beam_packed_n, bias)
             return super().apply(layer, x, bias)
 
