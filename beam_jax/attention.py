@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import ModelConfig
+from .decode_attention import decode_attention, use_decode_attention
 from .layers import RMSNorm, apply_rope, linear
 from .rows_matmul import packed_rows_matmul, rows_matmul, use_rows_matmul
 
@@ -71,6 +72,10 @@ def matmul(x, w, *, transpose_w: bool = False):
 _PACKED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("beam_jax_packed_weights", default=None)
 
 
+# whether `attend` sends one-query attention to the decode-attention kernel (`decode_kernels`)
+_DECODE: contextvars.ContextVar[bool] = contextvars.ContextVar("beam_jax_decode_kernels", default=False)
+
+
 @contextlib.contextmanager
 def packed_weights(by_module: dict):
     """Within the block, `project` multiplies a few bfloat16 rows by the packed copy of a listed layer's kernel
@@ -80,6 +85,17 @@ def packed_weights(by_module: dict):
         yield
     finally:
         _PACKED.reset(token)
+
+
+@contextlib.contextmanager
+def decode_kernels():
+    """Within the block (`beam_jax.generate`'s tracing), `attend` runs a single query per sequence on the CPU
+    decode-attention kernel (`beam_jax.decode_attention`, forward only) where `use_decode_attention` allows it."""
+    token = _DECODE.set(True)
+    try:
+        yield
+    finally:
+        _DECODE.reset(token)
 
 
 def project(lin: nnx.Linear, x):
@@ -106,22 +122,31 @@ def _update_cache(cache, k, v, index):
     return kc, vc, {"k": kc, "v": vc}
 
 
+def allowed_slots(ctx: AttentionContext, L: int, sliding_window: int | None = None):
+    """[B, S, L] bool: the key slots each query may attend to (causal, valid, inside the sliding window)."""
+    kv_slot = jnp.arange(L)
+    allowed = kv_slot[None, :] <= ctx.q_slot[:, None]  # [S, L] causal
+    if sliding_window is not None:
+        allowed &= kv_slot[None, :] > ctx.q_slot[:, None] - sliding_window
+    return allowed[None, :, :] & ctx.kv_valid[:, None, :]
+
+
 def attend(q, k, v, ctx: AttentionContext, scale: float, sliding_window: int | None = None):
     """Softmax attention with causal, padding and optional sliding-window masks.
 
     q [B, S, H, Dk], k [B, L, Hkv, Dk], v [B, L, Hkv, Dv] -> [B, S, H, Dv] in q.dtype.
     Scores and softmax in float32, probabilities cast back to the value dtype (as transformers' eager path).
+    Inside `decode_kernels`, one query per sequence (S = 1) goes to `beam_jax.decode_attention` (same result;
+    this function's own path is its reference).
     """
     B, S, H, _ = q.shape
     L, Hkv = k.shape[1], k.shape[2]
+    allowed = allowed_slots(ctx, L, sliding_window)  # [B, S, L]
+    if S == 1 and _DECODE.get() and q.dtype == k.dtype == v.dtype and use_decode_attention(q.dtype):
+        return decode_attention(q[:, 0], k, v, allowed[:, 0], scale)[:, None]
     G = H // Hkv
     qg = q.reshape(B, S, Hkv, G, q.shape[-1])
     scores = jnp.einsum("bskgd,blkd->bkgsl", qg, k, preferred_element_type=jnp.float32) * scale
-    kv_slot = jnp.arange(L)
-    allowed = kv_slot[None, :] <= ctx.q_slot[:, None]  # [S, L] causal
-    if sliding_window is not None:
-        allowed &= kv_slot[None, :] > ctx.q_slot[:, None] - sliding_window
-    allowed = allowed[None, :, :] & ctx.kv_valid[:, None, :]  # [B, S, L]
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgsl,blkd->bskgd", probs, v)

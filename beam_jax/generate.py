@@ -9,7 +9,8 @@ compiled function and only read), and one jitted function runs the prefill and t
 (`lax.while_loop`, stopping early when every sequence has ended). So a generation costs one dispatch, no host
 round trip per token, and no copy or write-back of the model's state. On the CPU (AVX512-BF16 build) the bf16
 dense layers' kernels are also passed packed (`decode_packs`: made once per model, kept while it lives) for the
-decode steps' products. The KV cache length is bucketed
+decode steps' products, and the decode steps' attention runs on the decode-attention kernel
+(`beam_jax.decode_attention`, `attention.decode_kernels`). The KV cache length is bucketed
 (`cache_bucket`), and `max_new_tokens`, the pad token and a hook's knobs (BEAM's tau) are traced, so changing
 them within a bucket does not recompile. `generate_reference` is the plain step-by-step loop (one forward per
 token, a host round trip each) that the tests hold the compiled path to.
@@ -27,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from . import rows_matmul as _rm
-from .attention import packed_weights
+from .attention import decode_kernels, packed_weights
 from .routing import TOPK
 
 __all__ = ["generate", "generate_reference", "sample_next", "greedy", "cache_bucket", "compiled_cache_size",
@@ -185,7 +186,7 @@ def _generate_compiled(state, packs, input_ids, mask, max_new_tokens, pad, rng, 
     PRNG key of the seed), all traced; packs: `decode_packs`.
     Returns (tokens [B, max_len - S] int32, pad-filled past the end; n [] int32: how many were generated)."""
     model = nnx.merge(graphdef.value, state)
-    with packed_weights(_packs_by_module(model, packs)):
+    with packed_weights(_packs_by_module(model, packs)), decode_kernels():
         return _generate_traced(model, input_ids, mask, max_new_tokens, pad, rng, hook_leaves, hook_static=hook_static,
                                 impl=impl, max_len=max_len, eos=eos, do_sample=do_sample, temperature=temperature,
                                 top_k=top_k, top_p=top_p)

@@ -80,6 +80,22 @@ struct PackedRowsProblem {
 };
 constexpr int64_t kPackedCols = 32;  // columns of one packed block
 
+// Decode attention (CPU): one query per sequence against its KV cache (beam_jax.decode_attention, the decode
+// steps of beam_jax.generate), for the three element types; scores, softmax and the value sum in f32, the
+// probabilities rounded to the element type before the value sum (as the reference does):
+//   out[b, i] = sum_l softmax_l(scale * <q[b, i], k[b, l, i / G]> over allowed[b, l]) * v[b, l, i / G]
+// with G = H / Hkv query heads per KV head; ffi/decode_attention_cpu.cc binds it.
+struct DecodeAttentionProblem {
+  int64_t B = 0, L = 0, H = 0, Hkv = 0, Dk = 0, Dv = 0;
+  ElemType type = ElemType::kF32;
+  float scale = 1.0f;
+  const void* q = nullptr;        // [B, H, Dk]
+  const void* k = nullptr;        // [B, L, Hkv, Dk]
+  const void* v = nullptr;        // [B, L, Hkv, Dv]
+  const bool* allowed = nullptr;  // [B, L]: the slots each query may attend to
+  void* out = nullptr;            // [B, H, Dv]
+};
+
 // How the CPU kernel runs work in parallel: `schedule(task)` runs `task` on another thread (or
 // inline), `num_threads` is how many threads may work at once (the caller's included).
 // Or, where set, `fork(count, work)` runs `work` on `count` threads at once (the caller's included) and
@@ -97,18 +113,21 @@ void MaskedMoe(const Problem& p, const Runner& runner);
 void MaskedMoeBwd(const BwdProblem& p, const Runner& runner);
 void RowsMatmul(const RowsProblem& p, const Runner& runner);
 void PackedRowsMatmul(const PackedRowsProblem& p, const Runner& runner);
+void DecodeAttention(const DecodeAttentionProblem& p, const Runner& runner);
 }
 namespace cpu_avx2 {
 void MaskedMoe(const Problem& p, const Runner& runner);
 void MaskedMoeBwd(const BwdProblem& p, const Runner& runner);
 void RowsMatmul(const RowsProblem& p, const Runner& runner);
 void PackedRowsMatmul(const PackedRowsProblem& p, const Runner& runner);
+void DecodeAttention(const DecodeAttentionProblem& p, const Runner& runner);
 }
 namespace cpu_avx512bf16 {
 void MaskedMoe(const Problem& p, const Runner& runner);
 void MaskedMoeBwd(const BwdProblem& p, const Runner& runner);
 void RowsMatmul(const RowsProblem& p, const Runner& runner);
 void PackedRowsMatmul(const PackedRowsProblem& p, const Runner& runner);
+void DecodeAttention(const DecodeAttentionProblem& p, const Runner& runner);
 }
 
 // The instruction set the CPU kernels run: the best build this processor supports, capped by
@@ -124,6 +143,7 @@ void CpuMaskedMoe(const Problem& p, const Runner& runner);
 void CpuMaskedMoeBwd(const BwdProblem& p, const Runner& runner);
 void CpuRowsMatmul(const RowsProblem& p, const Runner& runner);
 void CpuPackedRowsMatmul(const PackedRowsProblem& p, const Runner& runner);
+void CpuDecodeAttention(const DecodeAttentionProblem& p, const Runner& runner);
 
 // The intra-op runner of a CPU FFI call (XLA's thread pool; the caller's thread alone without one).
 Runner MakeRunner(xla::ffi::ThreadPool& pool);
@@ -170,6 +190,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeBwdFullCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamRowsMatmulCpu);
 // beam_packed_rows_matmul (CPU): (x [M, Kd] bf16, wp [ceil(N / 32), Kd / 2, 32, 2] bf16) -> y [M, N] bf16.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamPackedRowsMatmulCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamDecodeAttentionCpu);
 #ifdef BEAM_JAX_WITH_CUDA
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCudaAliased);

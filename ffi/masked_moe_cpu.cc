@@ -19,6 +19,7 @@
 
 #define BEAM_CPU_NS cpu_generic
 #include "masked_moe_cpu_kernel.h"
+#include "decode_attention_cpu_kernel.h"
 
 namespace ffi = xla::ffi;
 
@@ -86,6 +87,9 @@ const char* CpuIsaName(CpuIsa isa) {
   void PackedRowsMatmul(const PackedRowsProblem& p, const Runner& runner) {                        \
     to::PackedRowsMatmul(p, runner);                                                               \
   }                                                                                                \
+  void DecodeAttention(const DecodeAttentionProblem& p, const Runner& runner) {                    \
+    to::DecodeAttention(p, runner);                                                                \
+  }                                                                                                \
   }
 #ifndef BEAM_JAX_HAVE_AVX2_TU
 BEAM_CPU_FORWARD(cpu_avx2, cpu_generic)
@@ -108,6 +112,9 @@ void CpuMaskedMoeBwd(const BwdProblem& p, const Runner& runner) {
 void CpuRowsMatmul(const RowsProblem& p, const Runner& runner) { BEAM_CPU_DISPATCH(RowsMatmul, p) }
 void CpuPackedRowsMatmul(const PackedRowsProblem& p, const Runner& runner) {
   BEAM_CPU_DISPATCH(PackedRowsMatmul, p)
+}
+void CpuDecodeAttention(const DecodeAttentionProblem& p, const Runner& runner) {
+  BEAM_CPU_DISPATCH(DecodeAttention, p)
 }
 #undef BEAM_CPU_DISPATCH
 

@@ -2,3 +2,4 @@
 // file only); masked_moe_cpu.cc calls it when the processor has them.
 #define BEAM_CPU_NS cpu_avx2
 #include "masked_moe_cpu_kernel.h"
+#include "decode_attention_cpu_kernel.h"

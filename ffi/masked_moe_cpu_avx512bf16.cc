@@ -4,3 +4,4 @@
 // processor has these instructions.
 #define BEAM_CPU_NS cpu_avx512bf16
 #include "masked_moe_cpu_kernel.h"
+#include "decode_attention_cpu_kernel.h"

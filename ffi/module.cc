@@ -1,7 +1,8 @@
 // Python module beam_jax._ffi: hands the FFI handlers to jax as capsules.
 //
 //   registrations()       -> {target name: capsule} for platform "cpu" (forward and backward, and
-//                            beam_rows_matmul / beam_packed_rows_matmul: the decode-time projections, CPU only)
+//                            beam_rows_matmul / beam_packed_rows_matmul: the decode-time projections, and
+//                            beam_decode_attention, CPU only)
 //   cuda_registrations()  -> {target name: capsule} for platform "CUDA" (empty without CUDA)
 //   cuda_compiled()       -> whether the CUDA kernels were built into this module
 //   cpu_isa()             -> "avx512bf16", "avx2" or "generic": which CPU kernel build runs here
@@ -10,8 +11,8 @@
 //   packed_rows_matmul(...) the packed-weight projection on raw pointers, for the vLLM plugin's dense
 //                            layers (convert/vllm_plugin/linear.py), on `threads` OpenMP threads
 // A target has the same name on both platforms, so one ffi_call lowers on either; the backward
-// targets (beam_masked_moe_bwd, beam_masked_moe_bwd_full) exist on both, beam_rows_matmul and
-// beam_packed_rows_matmul on CPU only. beam_jax.kernel reads which are there.
+// targets (beam_masked_moe_bwd, beam_masked_moe_bwd_full) exist on both, beam_rows_matmul,
+// beam_packed_rows_matmul and beam_decode_attention on CPU only. beam_jax.kernel reads which are there.
 
 #include <pybind11/pybind11.h>
 
@@ -61,6 +62,7 @@ PYBIND11_MODULE(_ffi, m) {
     d["beam_masked_moe_bwd_full"] = Capsule(BeamMaskedMoeBwdFullCpu);
     d["beam_rows_matmul"] = Capsule(BeamRowsMatmulCpu);
     d["beam_packed_rows_matmul"] = Capsule(BeamPackedRowsMatmulCpu);
+    d["beam_decode_attention"] = Capsule(BeamDecodeAttentionCpu);
     return d;
   });
   m.def("cuda_registrations", []() {

@@ -268,3 +268,31 @@ def test_greedy_is_argmax_with_ties_nans_and_infs():
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1)))
     assert got[1] == 7 and got[2] == 5 and got[3] == 0 and got[4] == 150 and got[5] == 299
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2"])
+def test_decode_steps_attend_through_the_decode_kernel(tmp_path, family):
+    """On the CPU, `generate`'s decode steps (not its prefill) run attention on the decode-attention target (GQA and
+    MLA), with the tokens of the step loop, which attends through XLA."""
+    from beam_jax import attention, decode_attention as da
+
+    if not da.use_decode_attention("float32"):
+        pytest.skip("the decode-attention target runs on the CPU backend only")
+    model = _model(tmp_path, family)
+    calls = []
+    real = attention.decode_attention
+
+    def counting(q, k, v, allowed, scale):
+        calls.append((q.shape, k.shape))
+        return real(q, k, v, allowed, scale)
+
+    prompt = np.random.RandomState(23).randint(3, 160, size=(2, 5))  # a shape no other test compiles
+    kw = dict(max_new_tokens=5, eos_token_id=())
+    try:
+        attention.decode_attention = counting
+        ours = np.asarray(beam_jax.generate(model, prompt, **kw))
+    finally:
+        attention.decode_attention = real
+    assert calls and all(q[0] == 2 for q, _ in calls)  # traced once per layer, one query per sequence
+    assert len(calls) == model.cfg.num_hidden_layers
+    np.testing.assert_array_equal(ours, np.asarray(generate_reference(model, prompt, **kw)))
