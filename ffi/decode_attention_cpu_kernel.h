@@ -2,21 +2,28 @@
 // cache, compiled once per instruction set like the expert kernel (each masked_moe_cpu*.cc includes this
 // after masked_moe_cpu_kernel.h, whose ParallelFor, ThreadBuffer and element conversions it uses).
 //
-// Work units are (sequence b, KV head h): the G = H / Hkv query heads of a group share every key and value
-// row, so each row is read from the cache and converted to f32 once per unit.
-//   1. scores s[g][l] = scale * <q[b, hG + g], k[b, l, h]> for the allowed slots l (f32 products and sums);
-//   2. p[g][l] = softmax over the allowed slots, rounded to the cache's dtype (the reference casts the
-//      probabilities to the value dtype before their product with v, as transformers' eager path does);
-//   3. out[b, hG + g] = sum over allowed l of p[g][l] * v[b, l, h], accumulated in f32, rounded once.
-// A sequence with no allowed slot gets the reference's answer: every slot at the same (lowest) score, so
-// the mean of all L value rows. Units own disjoint output rows; the sum order is fixed.
+// The cache is [B, L, Hkv, D]: one slot's rows of every KV head lie together, so work is split by slots, not by
+// head, and each unit reads one contiguous run of the cache (split by head, a unit would read every Hkv-th row and
+// stream at a fraction of the bandwidth). Four passes, each a ParallelFor:
+//   1. scores, units (sequence b, chunk of kAttnChunk slots): S[b, i, l] = scale * <q[b, i], k[b, l, i / G]> for
+//      every query head i (G = H / Hkv per KV head) and allowed slot l, in blocks of kAttnBlock slots whose rows
+//      are converted to f32 once and serve all G heads of their KV head;
+//   2. softmax, units (b, i): over the allowed slots, in f32, rounded to the element type (the reference casts
+//      the probabilities to the value dtype before their product with v, as transformers' eager path does), zero
+//      elsewhere;
+//   3. value sums, units (b, chunk): part[b, chunk, i] = sum over the chunk's slots of P[b, i, l] * v[b, l, i / G];
+//   4. out[b, i] = the chunks' parts summed in chunk order, rounded once.
+// Sums run in a fixed order whatever the thread count. A sequence with no allowed slot gets the reference's
+// answer: every slot at the same (lowest) score, so the mean of all L value rows.
 
 namespace beam {
 namespace BEAM_CPU_NS {
 namespace {
 
-// <a, b> over n floats: 16 independent lanes (vectorised by the compiler for the build's instruction set),
-// then the lanes and the tail in a fixed order.
+constexpr int64_t kAttnChunk = 64;  // slots of one unit of passes 1 and 3
+constexpr int64_t kAttnBlock = 8;   // slots converted and multiplied together
+
+// <a, b> over n floats: 16 independent lanes, then the lanes and the tail in a fixed order.
 inline float DotF32(const float* __restrict a, const float* __restrict b, int64_t n) {
   float lanes[16] = {};
   int64_t i = 0;
@@ -28,28 +35,35 @@ inline float DotF32(const float* __restrict a, const float* __restrict b, int64_
   return s;
 }
 
-template <typename T>
-inline void RowToF32(const T* __restrict src, int64_t n, float* __restrict dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = ToFloat(src[i]);
-}
-
-constexpr int64_t kAttnBlock = 8;  // cached rows converted and multiplied together (AVX2 path)
-
-#if BEAM_CPU_USE_AVX2
-// n elements of a cached row to f32, zero-padded to n_pad (a multiple of 8).
+// n elements to f32, zero-padded to n_pad.
 template <typename T>
 inline void RowToF32Padded(const T* __restrict src, int64_t n, int64_t n_pad, float* __restrict dst) {
   int64_t i = 0;
+#if BEAM_CPU_USE_AVX2
   for (; i + 16 <= n; i += 16) {
     __m256 lo, hi;
     Load16(src + i, lo, hi);
     _mm256_storeu_ps(dst + i, lo);
     _mm256_storeu_ps(dst + i + 8, hi);
   }
+#endif
   for (; i < n; ++i) dst[i] = ToFloat(src[i]);
   for (; i < n_pad; ++i) dst[i] = 0.0f;
 }
 
+// Prefetch the cache rows of slots[0..n) (each `bytes` long at base + slot * bytes) into L1: issued for the next
+// block before the current one is multiplied, so its rows arrive while this one computes (without it, each block
+// waits on its own rows: a unit's run is short and broken by compute, so the hardware prefetchers lag).
+inline void PrefetchSlots(const char* base, const int64_t* slots, int64_t n, int64_t bytes) {
+#if BEAM_CPU_USE_AVX2
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(base + slots[j] * bytes + off, _MM_HINT_T0);
+#else
+  (void)base, (void)slots, (void)n, (void)bytes;
+#endif
+}
+
+#if BEAM_CPU_USE_AVX2
 // The eight sums of a[0..8) as one vector, in order.
 inline __m256 HorizontalSums8(const __m256* a) {
   const __m256 h01 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
@@ -57,29 +71,30 @@ inline __m256 HorizontalSums8(const __m256* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(h01, h23, 0x20), _mm256_permute2f128_ps(h01, h23, 0x31));
 }
 
-// sums[i * NG + g] = <kf[key0 + i], qf[g0 + g]> for i < NK keys and g < NG heads (NK * NG = 8 accumulators in
-// flight), rows of d (a multiple of 8) floats, ld floats apart.
+// sums[i * NG + g] = <kf + (key0 + i) * ldk, qf + (g0 + g) * ldq> for i < NK keys and g < NG heads (NK * NG = 8
+// accumulators in flight), over d floats (a multiple of 8).
 template <int NK, int NG>
-inline __m256 ScoreTile(const float* qf, int64_t g0, const float* kf, int64_t key0, int64_t d, int64_t ld) {
+inline __m256 ScoreTile(const float* qf, int64_t ldq, int64_t g0, const float* kf, int64_t ldk, int64_t key0,
+                        int64_t d) {
   static_assert(NK * NG == 8, "eight accumulators");
   __m256 acc[8];
   for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t c = 0; c < d; c += 8) {
     __m256 kv[NK];
-    for (int i = 0; i < NK; ++i) kv[i] = _mm256_loadu_ps(kf + (key0 + i) * ld + c);
+    for (int i = 0; i < NK; ++i) kv[i] = _mm256_loadu_ps(kf + (key0 + i) * ldk + c);
     for (int g = 0; g < NG; ++g) {
-      const __m256 qv = _mm256_loadu_ps(qf + (g0 + g) * ld + c);
+      const __m256 qv = _mm256_loadu_ps(qf + (g0 + g) * ldq + c);
       for (int i = 0; i < NK; ++i) acc[i * NG + g] = _mm256_fmadd_ps(qv, kv[i], acc[i * NG + g]);
     }
   }
   return HorizontalSums8(acc);
 }
 
-// acc[g0 + g][c0 .. c0 + 8 NV) += sum over j < kAttnBlock of P[g0 + g][j0 + j] * vf[j][...] for g < NG (NG * NV
-// = 8 accumulators); acc rows lda floats apart, P rows ldp apart, vf rows ldv apart.
+// acc[g0 + g][c0 .. c0 + 8 NV) += sum over j < kAttnBlock of P[(g0 + g) * kAttnBlock + j] * vf[j * ldv + ...] for
+// g < NG (NG * NV = 8 accumulators); acc rows lda floats apart.
 template <int NG, int NV>
-inline void ValueTile(const float* P, int64_t ldp, int64_t j0, int64_t g0, const float* vf, int64_t ldv,
-                      int64_t c0, float* acc, int64_t lda) {
+inline void ValueTile(const float* P, int64_t g0, const float* vf, int64_t ldv, int64_t c0, float* acc,
+                      int64_t lda) {
   static_assert(NG * NV == 8, "eight accumulators");
   __m256 a[8];
   for (int g = 0; g < NG; ++g)
@@ -88,14 +103,157 @@ inline void ValueTile(const float* P, int64_t ldp, int64_t j0, int64_t g0, const
     __m256 vv[NV];
     for (int v = 0; v < NV; ++v) vv[v] = _mm256_loadu_ps(vf + j * ldv + c0 + 8 * v);
     for (int g = 0; g < NG; ++g) {
-      const __m256 pv = _mm256_broadcast_ss(P + (g0 + g) * ldp + j0 + j);
+      const __m256 pv = _mm256_broadcast_ss(P + (g0 + g) * kAttnBlock + j);
       for (int v = 0; v < NV; ++v) a[g * NV + v] = _mm256_fmadd_ps(pv, vv[v], a[g * NV + v]);
     }
   }
   for (int g = 0; g < NG; ++g)
     for (int v = 0; v < NV; ++v) _mm256_storeu_ps(acc + (g0 + g) * lda + c0 + 8 * v, a[g * NV + v]);
 }
+
+// exp(x) for x <= 0 (Cephes' expf: Cody-Waite reduction by ln 2, a degree-5 polynomial; about 1 ulp), flushed to
+// zero below -87.
+inline __m256 ExpNonPositive(__m256 x) {
+  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  f = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), f);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, f), f, _mm256_add_ps(f, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+// 8 bools as an all-ones / zero lane mask.
+inline __m256 BoolMask8(const bool* b) {
+  int64_t bits;
+  std::memcpy(&bits, b, 8);
+  const __m256i w = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bits));
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(w, _mm256_setzero_si256()));
+}
+
+// v rounded to T and back to f32.
+template <typename T>
+inline __m256 RoundTo(__m256 v) {
+  if constexpr (std::is_same_v<T, bf16_t>) {  // round to nearest even (the values here are finite)
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd));
+    return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(int(0xffff0000u))));
+  } else if constexpr (std::is_same_v<T, f16_t>) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    return v;
+  }
+}
 #endif
+
+// Pass 1 for one block of n (<= kAttnBlock) slots: rows holds their keys as f32, [kAttnBlock][Hkv][dk] (zero
+// past n); S_b[i * L + slots[j]] = scale * <qf[i], key j of head i / G>.
+inline void ScoreBlock(const float* qf, const float* rows, int64_t Hkv, int64_t G, int64_t dk, int64_t Dk,
+                       float scale, const int64_t* slots, int64_t n, float* S_b, int64_t L) {
+  for (int64_t h = 0; h < Hkv; ++h) {
+    const float* kf = rows + h * dk;
+    const int64_t ldk = Hkv * dk;
+    const float* qh = qf + h * G * dk;
+    float* Sh = S_b + h * G * L;
+#if BEAM_CPU_USE_AVX2
+    alignas(32) float sums[8];
+    int64_t g = 0;
+    for (; g + 4 <= G; g += 4)
+      for (int64_t i = 0; i < kAttnBlock; i += 2) {
+        _mm256_store_ps(sums, ScoreTile<2, 4>(qh, dk, g, kf, ldk, i, dk));
+        for (int64_t t = 0; t < 8; ++t)
+          if (i + t / 4 < n) Sh[(g + t % 4) * L + slots[i + t / 4]] = sums[t] * scale;
+      }
+    for (; g < G; ++g) {
+      _mm256_store_ps(sums, ScoreTile<8, 1>(qh, dk, g, kf, ldk, 0, dk));
+      for (int64_t t = 0; t < n; ++t) Sh[g * L + slots[t]] = sums[t] * scale;
+    }
+#else
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = 0; j < n; ++j) Sh[g * L + slots[j]] = DotF32(qh + g * dk, kf + j * ldk, Dk) * scale;
+#endif
+  }
+}
+
+// Pass 3 for one block: rows holds the slots' values as f32, [kAttnBlock][Hkv][dv] (zero past the block's slots);
+// Pb[i * kAttnBlock + j] the probability of query head i for the block's slot j (zero past them);
+// acc[i][0..dv) += sum over j of Pb[i][j] * value j of head i / G.
+inline void ValueBlock(const float* Pb, const float* rows, int64_t Hkv, int64_t G, int64_t dv, int64_t Dv,
+                       float* acc) {
+  for (int64_t h = 0; h < Hkv; ++h) {
+    const float* vf = rows + h * dv;
+    const int64_t ldv = Hkv * dv;
+    const float* Ph = Pb + h * G * kAttnBlock;
+    float* acc_h = acc + h * G * dv;
+#if BEAM_CPU_USE_AVX2
+    int64_t g = 0;
+    if (G % 4 == 0)
+      for (; g < G; g += 4)
+        for (int64_t c = 0; c < dv; c += 16) ValueTile<4, 2>(Ph, g, vf, ldv, c, acc_h, dv);
+    for (; g < G; ++g)
+      for (int64_t c = 0; c < dv; c += 64) ValueTile<1, 8>(Ph, g, vf, ldv, c, acc_h, dv);
+#else
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = 0; j < kAttnBlock; ++j) {
+        const float pg = Ph[g * kAttnBlock + j];
+        float* __restrict a = acc_h + g * dv;
+        const float* __restrict vr = vf + j * ldv;
+        for (int64_t d = 0; d < Dv; ++d) a[d] += pg * vr[d];
+      }
+#endif
+  }
+}
+
+// Pass 2 for one query head: s[0..L) holds its scores at the allowed slots; becomes the probabilities rounded to
+// T, zero at the other slots (uniform: 1 / L everywhere).
+template <typename T>
+void SoftmaxRow(float* s, const bool* allowed, int64_t L, bool uniform) {
+  if (uniform) {
+    std::fill(s, s + L, ToFloat(FromFloat<T>(1.0f / float(L))));
+    return;
+  }
+  int64_t l = 0;
+  float m = -INFINITY, sum = 0.0f;
+#if BEAM_CPU_USE_AVX2
+  __m256 mv = _mm256_set1_ps(-INFINITY);
+  for (; l + 8 <= L; l += 8)
+    mv = _mm256_max_ps(mv, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_loadu_ps(s + l), BoolMask8(allowed + l)));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, mv);
+  for (int j = 0; j < 8; ++j) m = std::max(m, lanes[j]);
+#endif
+  for (; l < L; ++l)
+    if (allowed[l]) m = std::max(m, s[l]);
+  l = 0;
+#if BEAM_CPU_USE_AVX2
+  __m256 sv = _mm256_setzero_ps();
+  const __m256 mb = _mm256_set1_ps(m);
+  for (; l + 8 <= L; l += 8) {
+    const __m256 e = _mm256_and_ps(ExpNonPositive(_mm256_sub_ps(_mm256_loadu_ps(s + l), mb)), BoolMask8(allowed + l));
+    _mm256_storeu_ps(s + l, e);
+    sv = _mm256_add_ps(sv, e);
+  }
+  _mm256_store_ps(lanes, sv);
+  for (int j = 0; j < 8; ++j) sum += lanes[j];
+#endif
+  for (; l < L; ++l) sum += (s[l] = allowed[l] ? std::exp(s[l] - m) : 0.0f);
+  const float inv = 1.0f / sum;
+  l = 0;
+#if BEAM_CPU_USE_AVX2
+  for (; l + 8 <= L; l += 8)
+    _mm256_storeu_ps(s + l, RoundTo<T>(_mm256_mul_ps(_mm256_loadu_ps(s + l), _mm256_set1_ps(inv))));
+#endif
+  for (; l < L; ++l) s[l] = ToFloat(FromFloat<T>(s[l] * inv));
+}
 
 template <typename T>
 void RunDecodeAttention(const DecodeAttentionProblem& p, const Runner& runner) {
@@ -104,110 +262,103 @@ void RunDecodeAttention(const DecodeAttentionProblem& p, const Runner& runner) {
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   T* out = static_cast<T*>(p.out);
-  // Row lengths in scratch: padded to whole vectors (zeros), and for the value tiles to whole tiles.
+  // Scratch rows padded to whole vectors (zeros), the value rows to whole value tiles.
   const int64_t dk = RoundUp(Dk, 8), dv = RoundUp(Dv, G % 4 == 0 ? 16 : 64);
-  const int64_t n_block = RoundUp(L, kAttnBlock);
-  ParallelFor(runner, B * Hkv, [&](int64_t unit) {
-    const int64_t b = unit / Hkv, h = unit % Hkv;
-    const bool* allowed = p.allowed + b * L;
-    // Scratch: q rows [G][dk], probabilities [G][n_block], converted cache rows
-    // [kAttnBlock][max(dk, dv)], accumulators [G][dv].
-    const int64_t ld_row = std::max(dk, dv);
-    float* qf = ThreadBuffer(0, size_t(G * dk + G * n_block + kAttnBlock * ld_row + G * dv));
-    float* P = qf + G * dk;
-    float* rows = P + G * n_block;
-    float* acc = rows + kAttnBlock * ld_row;
-    thread_local std::vector<int64_t> slot_buffer;
-    if (int64_t(slot_buffer.size()) < L) slot_buffer.resize(size_t(L));
-    int64_t* slots = slot_buffer.data();
+  const int64_t chunks = (L + kAttnChunk - 1) / kAttnChunk;
+  // The call's shared scratch (the calling thread's, grown as needed): scores then probabilities S [B, H, L], the
+  // chunks' value sums [B, chunks, H, dv], which sequences attend uniformly.
+  thread_local std::vector<float> shared;
+  const size_t n_shared = size_t(B * H * L + B * chunks * H * dv);
+  if (shared.size() < n_shared) shared.resize(n_shared);
+  float* S = shared.data();
+  float* part = S + B * H * L;
+  std::vector<char> uniform(B);
+  for (int64_t b = 0; b < B; ++b)
+    uniform[b] = std::none_of(p.allowed + b * L, p.allowed + (b + 1) * L, [](bool a) { return a; });
+
+  // The slots of chunk c that sequence b attends to (every slot when it attends uniformly).
+  auto chunk_slots = [&](int64_t b, int64_t c, int64_t* slots) {
     int64_t n = 0;
-    for (int64_t l = 0; l < L; ++l)
-      if (allowed[l]) slots[n++] = l;
-    const bool uniform = n == 0;  // nothing allowed: the mean of every slot (see the header)
-    if (uniform)
-      for (int64_t l = 0; l < L; ++l) slots[n++] = l;
-    auto k_row = [&](int64_t l) { return k + ((b * L + l) * Hkv + h) * Dk; };
-    auto v_row = [&](int64_t l) { return v + ((b * L + l) * Hkv + h) * Dv; };
-    for (int64_t g = 0; g < G; ++g) {
-      RowToF32(q + ((b * H) + h * G + g) * Dk, Dk, qf + g * dk);
-      std::fill(qf + g * dk + Dk, qf + (g + 1) * dk, 0.0f);
-    }
+    for (int64_t l = c * kAttnChunk; l < std::min(L, (c + 1) * kAttnChunk); ++l)
+      if (uniform[b] || p.allowed[b * L + l]) slots[n++] = l;
+    return n;
+  };
 
-    // 1. Scores P[g][j] = scale * <q_g, k[slots[j]]>.
-    if (!uniform) {
-#if BEAM_CPU_USE_AVX2
-      for (int64_t j0 = 0; j0 < n; j0 += kAttnBlock) {
-        const int64_t nb = std::min(kAttnBlock, n - j0);
-        for (int64_t i = 0; i < kAttnBlock; ++i) {
-          if (i < nb) RowToF32Padded(k_row(slots[j0 + i]), Dk, dk, rows + i * dk);
-          else std::fill(rows + i * dk, rows + (i + 1) * dk, 0.0f);
-        }
-        alignas(32) float sums[8];
-        int64_t g = 0;
-        for (; g + 4 <= G; g += 4)
-          for (int64_t i = 0; i < kAttnBlock; i += 2) {
-            _mm256_store_ps(sums, ScoreTile<2, 4>(qf, g, rows, i, dk, dk));
-            for (int64_t t = 0; t < 8; ++t) P[(g + t % 4) * n_block + j0 + i + t / 4] = sums[t] * p.scale;
-          }
-        for (; g < G; ++g) {
-          _mm256_store_ps(sums, ScoreTile<8, 1>(qf, g, rows, 0, dk, dk));
-          for (int64_t t = 0; t < 8; ++t) P[g * n_block + j0 + t] = sums[t] * p.scale;
-        }
-      }
-#else
-      for (int64_t j = 0; j < n; ++j) {
-        RowToF32(k_row(slots[j]), Dk, rows);
-        for (int64_t g = 0; g < G; ++g) P[g * n_block + j] = DotF32(qf + g * dk, rows, Dk) * p.scale;
-      }
-#endif
-    }
-
-    // 2. Softmax over the n slots, rounded to T; zeros past n (the padding of the last block).
-    for (int64_t g = 0; g < G; ++g) {
-      float* pg = P + g * n_block;
-      if (uniform) {
-        std::fill(pg, pg + n, 1.0f / float(L));
-      } else {
-        float m = -INFINITY, sum = 0.0f;
-        for (int64_t j = 0; j < n; ++j) m = std::max(m, pg[j]);
-        for (int64_t j = 0; j < n; ++j) sum += (pg[j] = std::exp(pg[j] - m));
-        const float inv = 1.0f / sum;
-        for (int64_t j = 0; j < n; ++j) pg[j] *= inv;
-      }
-      for (int64_t j = 0; j < n; ++j) pg[j] = ToFloat(FromFloat<T>(pg[j]));
-      std::fill(pg + n, pg + n_block, 0.0f);
-    }
-
-    // 3. acc[g] = sum over the slots of P[g][j] * v[slots[j]], then rounded into out.
-    std::fill(acc, acc + G * dv, 0.0f);
-#if BEAM_CPU_USE_AVX2
+  // 1. Scores.
+  ParallelFor(runner, B * chunks, [&](int64_t unit) {
+    const int64_t b = unit / chunks, c = unit % chunks;
+    if (uniform[b]) return;
+    int64_t slots[kAttnChunk];
+    const int64_t n = chunk_slots(b, c, slots);
+    if (n == 0) return;
+    const int64_t row = Hkv * dk;
+    float* qf = ThreadBuffer(0, size_t(H * dk + kAttnBlock * row));
+    float* rows = qf + H * dk;
+    for (int64_t i = 0; i < H; ++i) RowToF32Padded(q + (b * H + i) * Dk, Dk, dk, qf + i * dk);
     for (int64_t j0 = 0; j0 < n; j0 += kAttnBlock) {
       const int64_t nb = std::min(kAttnBlock, n - j0);
-      for (int64_t i = 0; i < kAttnBlock; ++i) {
-        if (i < nb) RowToF32Padded(v_row(slots[j0 + i]), Dv, dv, rows + i * dv);
-        else std::fill(rows + i * dv, rows + (i + 1) * dv, 0.0f);
+      if (j0 + nb < n)
+        PrefetchSlots(reinterpret_cast<const char*>(k + b * L * Hkv * Dk), slots + j0 + nb,
+                      std::min(kAttnBlock, n - j0 - nb), Hkv * Dk * int64_t(sizeof(T)));
+      for (int64_t j = 0; j < kAttnBlock; ++j) {
+        if (j >= nb) {
+          std::fill(rows + j * row, rows + (j + 1) * row, 0.0f);
+          continue;
+        }
+        const T* src = k + (b * L + slots[j0 + j]) * Hkv * Dk;
+        for (int64_t h = 0; h < Hkv; ++h) RowToF32Padded(src + h * Dk, Dk, dk, rows + j * row + h * dk);
       }
-      int64_t g = 0;
-      if (G >= 4)
-        for (; g + 4 <= G; g += 4)
-          for (int64_t c = 0; c < dv; c += 16) ValueTile<4, 2>(P, n_block, j0, g, rows, dv, c, acc, dv);
-      for (; g < G; ++g)
-        for (int64_t c = 0; c < dv; c += 64) ValueTile<1, 8>(P, n_block, j0, g, rows, dv, c, acc, dv);
+      ScoreBlock(qf, rows, Hkv, G, dk, Dk, p.scale, slots + j0, nb, S + b * H * L, L);
     }
-#else
-    for (int64_t j = 0; j < n; ++j) {
-      RowToF32(v_row(slots[j]), Dv, rows);
-      for (int64_t g = 0; g < G; ++g) {
-        const float pg = P[g * n_block + j];
-        float* __restrict a = acc + g * dv;
-        for (int64_t d = 0; d < Dv; ++d) a[d] += pg * rows[d];
+  });
+
+  // 2. Softmax per (sequence, query head).
+  ParallelFor(runner, B * H, [&](int64_t unit) {
+    const int64_t b = unit / H;
+    SoftmaxRow<T>(S + unit * L, p.allowed + b * L, L, uniform[b]);
+  });
+
+  // 3. Value sums per (sequence, chunk).
+  ParallelFor(runner, B * chunks, [&](int64_t unit) {
+    const int64_t b = unit / chunks, c = unit % chunks;
+    float* acc = part + unit * H * dv;
+    std::fill(acc, acc + H * dv, 0.0f);
+    int64_t slots[kAttnChunk];
+    const int64_t n = chunk_slots(b, c, slots);
+    const int64_t row = Hkv * dv;
+    float* rows = ThreadBuffer(0, size_t(kAttnBlock * row + H * kAttnBlock));
+    float* Pb = rows + kAttnBlock * row;
+    const float* S_b = S + b * H * L;
+    for (int64_t j0 = 0; j0 < n; j0 += kAttnBlock) {
+      const int64_t nb = std::min(kAttnBlock, n - j0);
+      if (j0 + nb < n)
+        PrefetchSlots(reinterpret_cast<const char*>(v + b * L * Hkv * Dv), slots + j0 + nb,
+                      std::min(kAttnBlock, n - j0 - nb), Hkv * Dv * int64_t(sizeof(T)));
+      for (int64_t j = 0; j < kAttnBlock; ++j) {
+        if (j >= nb) {
+          std::fill(rows + j * row, rows + (j + 1) * row, 0.0f);
+          for (int64_t i = 0; i < H; ++i) Pb[i * kAttnBlock + j] = 0.0f;
+          continue;
+        }
+        const int64_t l = slots[j0 + j];
+        const T* src = v + (b * L + l) * Hkv * Dv;
+        for (int64_t h = 0; h < Hkv; ++h) RowToF32Padded(src + h * Dv, Dv, dv, rows + j * row + h * dv);
+        for (int64_t i = 0; i < H; ++i) Pb[i * kAttnBlock + j] = S_b[i * L + l];
       }
+      ValueBlock(Pb, rows, Hkv, G, dv, Dv, acc);
     }
-#endif
-    for (int64_t g = 0; g < G; ++g) {
-      T* o = out + ((b * H) + h * G + g) * Dv;
-      for (int64_t d = 0; d < Dv; ++d) o[d] = FromFloat<T>(acc[g * dv + d]);
+  });
+
+  // 4. The chunks' sums in chunk order, rounded into out.
+  ParallelFor(runner, B * H, [&](int64_t unit) {
+    const int64_t b = unit / H, i = unit % H;
+    float* sum = part + (b * chunks * H + i) * dv;  // chunk 0's part, then the running sum
+    for (int64_t c = 1; c < chunks; ++c) {
+      const float* __restrict pc = part + ((b * chunks + c) * H + i) * dv;
+      for (int64_t d = 0; d < Dv; ++d) sum[d] += pc[d];
     }
+    T* o = out + unit * Dv;
+    for (int64_t d = 0; d < Dv; ++d) o[d] = FromFloat<T>(sum[d]);
   });
 }
 
