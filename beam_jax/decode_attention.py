@@ -3,9 +3,10 @@
 At a decode step each sequence has one new query and L cached keys and values. XLA:CPU (jaxlib 0.10) runs
 `attention.attend`'s two batched products as small dots over [B, Hkv] with the cache transposed (and the values
 converted to float32) first, every step: on the Qwen3-30B-A3B-shaped model of `bench/serve.py` about 0.45 ms
-per layer at batch 8 with 64 slots, most of the step outside the weights. The FFI target
+per layer at batch 8 with 64 slots, the largest cost of the step outside the weights. The FFI target
 ``beam_decode_attention`` (``ffi/decode_attention_cpu.cc``, the loop in ``ffi/decode_attention_cpu_kernel.h``)
-reads each cached row once per KV head, in place.
+reads the cache in place, once, in contiguous runs of slots, and only the slots a sequence may attend to
+(`python bench/decode_attention.py` measures it against XLA and the bandwidth floor).
 
     decode_attention(q [B, H, Dk], k [B, L, Hkv, Dk], v [B, L, Hkv, Dv], allowed [B, L] bool, scale)
         -> [B, H, Dv] in q.dtype
