@@ -53,11 +53,12 @@ inline void RowToF32Padded(const T* __restrict src, int64_t n, int64_t n_pad, fl
 
 // Prefetch the cache rows of slots[0..n) (each `bytes` long at base + slot * bytes) into L1: issued for the next
 // block before the current one is multiplied, so its rows arrive while this one computes (without it, each block
-// waits on its own rows: a unit's run is short and broken by compute, so the hardware prefetchers lag).
+// waits on its own rows: a unit's run is short and broken by compute, so the hardware prefetchers lag). One hint per
+// 128 bytes (the adjacent-line prefetcher brings the pair; one per line measured 7% slower, none 8-16%).
 inline void PrefetchSlots(const char* base, const int64_t* slots, int64_t n, int64_t bytes) {
 #if BEAM_CPU_USE_AVX2
   for (int64_t j = 0; j < n; ++j)
-    for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(base + slots[j] * bytes + off, _MM_HINT_T0);
+    for (int64_t off = 0; off < bytes; off += 128) _mm_prefetch(base + slots[j] * bytes + off, _MM_HINT_T0);
 #else
   (void)base, (void)slots, (void)n, (void)bytes;
 #endif
@@ -255,6 +256,159 @@ void SoftmaxRow(float* s, const bool* allowed, int64_t L, bool uniform) {
   for (; l < L; ++l) s[l] = ToFloat(FromFloat<T>(s[l] * inv));
 }
 
+#if BEAM_CPU_USE_AVX512BF16
+// bfloat16 under AVX512-BF16: both products through vdpbf16ps (pairs of bf16 multiplied and summed into f32 lanes)
+// on the cache rows as they lie, with no conversion: the scores pair consecutive dims of q and k, the value sums
+// consecutive slots (two value rows interleaved in registers, as StreamRowsColsDp interleaves two weight rows; the
+// probabilities are bf16 already, rounded as the reference rounds them).
+
+// sums[i * NG + g] = <k row i, q row g> over d dims, for NK keys and NG query heads (NK * NG a multiple of 8).
+template <int NK, int NG>
+inline void ScoreTileDp(const bf16_t* const* kr, const bf16_t* const* qr, int64_t d, float* sums) {
+  constexpr int N = NK * NG;
+  static_assert(N % 8 == 0, "whole groups of eight sums");
+  __m512 acc[N];
+  for (int i = 0; i < N; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < d; c += 32) {  // every load masked (free on these processors): no branch per chunk
+    const __mmask32 m = d - c >= 32 ? ~__mmask32(0) : __mmask32((1u << (d - c)) - 1);
+    __m512bh kv[NK];
+    for (int i = 0; i < NK; ++i) kv[i] = (__m512bh)_mm512_maskz_loadu_epi16(m, kr[i] + c);
+    for (int g = 0; g < NG; ++g) {
+      const __m512bh qv = (__m512bh)_mm512_maskz_loadu_epi16(m, qr[g] + c);
+      for (int i = 0; i < NK; ++i) acc[i * NG + g] = _mm512_dpbf16_ps(acc[i * NG + g], qv, kv[i]);
+    }
+  }
+  for (int t = 0; t < N; t += 8) {
+    __m256 h[8];
+    for (int j = 0; j < 8; ++j)
+      h[j] = _mm256_add_ps(_mm512_castps512_ps256(acc[t + j]),
+                           _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[t + j]), 1)));
+    _mm256_storeu_ps(sums + t, HorizontalSums8(h));
+  }
+}
+
+// acc[g][c0 + ...] += sum over j < n of P[g][j] * row j, for NG query heads and NBLK blocks of 32 columns from c0
+// (columns past Dv read as zero); rows vr[j] (bf16), probabilities pb[g][j] (bf16 bits). Slots go in pairs (an odd
+// last slot pairs with itself at probability zero).
+template <int NG, int NBLK>
+inline void ValueTileDp(const bf16_t* const* vr, const uint16_t* const* pb, int64_t n, int64_t c0, int64_t Dv,
+                        float* const* acc) {
+  __m512 lo[NG][NBLK], hi[NG][NBLK];
+  for (int g = 0; g < NG; ++g)
+    for (int k = 0; k < NBLK; ++k) lo[g][k] = hi[g][k] = _mm512_setzero_ps();
+  __mmask32 mask[NBLK];  // the columns of each block inside Dv
+  for (int k = 0; k < NBLK; ++k) {
+    const int64_t m = std::max<int64_t>(0, std::min<int64_t>(32, Dv - c0 - 32 * k));
+    mask[k] = m == 32 ? ~__mmask32(0) : __mmask32((1u << m) - 1);
+  }
+  for (int64_t j = 0; j < n; j += 2) {
+    const bool pair = j + 1 < n;
+    const bf16_t* r0 = vr[j];
+    const bf16_t* r1 = pair ? vr[j + 1] : vr[j];
+    __m512bh wl[NBLK], wh[NBLK];
+    for (int k = 0; k < NBLK; ++k) {
+      const int64_t c = c0 + 32 * k;
+      const __m512i a = _mm512_maskz_loadu_epi16(mask[k], r0 + c), b = _mm512_maskz_loadu_epi16(mask[k], r1 + c);
+      wl[k] = (__m512bh)_mm512_unpacklo_epi16(a, b);
+      wh[k] = (__m512bh)_mm512_unpackhi_epi16(a, b);
+    }
+    for (int g = 0; g < NG; ++g) {
+      const uint32_t bits = uint32_t(pb[g][j]) | (pair ? uint32_t(pb[g][j + 1]) << 16 : 0u);
+      const __m512bh pv = (__m512bh)_mm512_set1_epi32(int(bits));
+      for (int k = 0; k < NBLK; ++k) {
+        lo[g][k] = _mm512_dpbf16_ps(lo[g][k], pv, wl[k]);
+        hi[g][k] = _mm512_dpbf16_ps(hi[g][k], pv, wh[k]);
+      }
+    }
+  }
+  // The unpacked order holds columns {0-3, 8-11, 16-19, 24-27} in lo and {4-7, ...} in hi; back to column order.
+  const __m512i idx0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i idx1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int g = 0; g < NG; ++g)
+    for (int k = 0; k < NBLK; ++k) {
+      float* a = acc[g] + c0 + 32 * k;
+      _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), _mm512_permutex2var_ps(lo[g][k], idx0, hi[g][k])));
+      _mm512_storeu_ps(a + 16,
+                       _mm512_add_ps(_mm512_loadu_ps(a + 16), _mm512_permutex2var_ps(lo[g][k], idx1, hi[g][k])));
+    }
+}
+
+// Pass 1 of one unit (sequence b's slots[0..n) of one chunk), bf16: S_b[i * L + slot] for every query head i.
+inline void ScoresUnitDp(const bf16_t* q_b, const bf16_t* k_b, int64_t Hkv, int64_t G, int64_t Dk, float scale,
+                         const int64_t* slots, int64_t n, float* S_b, int64_t L) {
+  const int64_t row = Hkv * Dk;  // elements of one slot's keys
+  alignas(32) float sums[16];
+  for (int64_t j0 = 0; j0 < n; j0 += kAttnBlock) {
+    const int64_t nb = std::min(kAttnBlock, n - j0);
+    if (j0 + nb < n)
+      PrefetchSlots(reinterpret_cast<const char*>(k_b), slots + j0 + nb, std::min(kAttnBlock, n - j0 - nb),
+                    row * int64_t(sizeof(bf16_t)));
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const bf16_t* kr[kAttnBlock];
+      for (int64_t j = 0; j < kAttnBlock; ++j) kr[j] = k_b + slots[j0 + std::min(j, nb - 1)] * row + h * Dk;
+      const bf16_t* qr[4];
+      int64_t g = 0;
+      for (; g + 4 <= G; g += 4) {
+        for (int t = 0; t < 4; ++t) qr[t] = q_b + (h * G + g + t) * Dk;
+        for (int64_t i = 0; i < kAttnBlock; i += 4) {
+          ScoreTileDp<4, 4>(kr + i, qr, Dk, sums);
+          for (int t = 0; t < 16; ++t)
+            if (i + t / 4 < nb) S_b[(h * G + g + t % 4) * L + slots[j0 + i + t / 4]] = sums[t] * scale;
+        }
+      }
+      for (; g < G; ++g) {
+        qr[0] = q_b + (h * G + g) * Dk;
+        ScoreTileDp<8, 1>(kr, qr, Dk, sums);
+        for (int64_t t = 0; t < nb; ++t) S_b[(h * G + g) * L + slots[j0 + t]] = sums[t] * scale;
+      }
+    }
+  }
+}
+
+// Pass 3 of one unit, bf16: acc[i][0..Dv) (natural column order, rows dv apart, zeroed by the caller) = the sum over
+// slots[0..n) of P[i][slot] * v[slot, i / G].
+inline void ValuesUnitDp(const bf16_t* v_b, int64_t Hkv, int64_t G, int64_t Dv, int64_t dv, const float* S_b,
+                         int64_t L, const int64_t* slots, int64_t n, float* acc) {
+  const int64_t row = Hkv * Dv;
+  const int64_t H = Hkv * G;
+  // The unit's probabilities as bf16 bits, [H][n] (exact: they are rounded to bf16 already).
+  thread_local std::vector<uint16_t> pbits;
+  if (int64_t(pbits.size()) < H * kAttnChunk) pbits.resize(size_t(H * kAttnChunk));
+  for (int64_t i = 0; i < H; ++i)
+    for (int64_t j = 0; j < n; ++j) pbits[i * kAttnChunk + j] = FromFloat<bf16_t>(S_b[i * L + slots[j]]).bits;
+  // The chunk's value rows into L2 first (one hint per 128 bytes): the loop below reads them head by head, every
+  // Hkv-th run of the cache.
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t off = 0; off < row * int64_t(sizeof(bf16_t)); off += 128)
+      _mm_prefetch(reinterpret_cast<const char*>(v_b + slots[j] * row) + off, _MM_HINT_T1);
+  const bf16_t* vr[kAttnChunk];
+  for (int64_t h = 0; h < Hkv; ++h) {
+    for (int64_t j = 0; j < n; ++j) vr[j] = v_b + slots[j] * row + h * Dv;
+    for (int64_t c0 = 0; c0 < Dv; c0 += 128) {
+      const int64_t blocks = std::min<int64_t>(4, (Dv - c0 + 31) / 32);
+      int64_t g = 0;
+      auto run = [&](auto ng) {
+        constexpr int NG = decltype(ng)::value;
+        const uint16_t* pb[NG];
+        float* ar[NG];
+        for (int t = 0; t < NG; ++t) {
+          pb[t] = pbits.data() + (h * G + g + t) * kAttnChunk;
+          ar[t] = acc + (h * G + g + t) * dv;
+        }
+        switch (blocks) {
+          case 1: ValueTileDp<NG, 1>(vr, pb, n, c0, Dv, ar); break;
+          case 2: ValueTileDp<NG, 2>(vr, pb, n, c0, Dv, ar); break;
+          case 3: ValueTileDp<NG, 3>(vr, pb, n, c0, Dv, ar); break;
+          default: ValueTileDp<NG, 4>(vr, pb, n, c0, Dv, ar); break;
+        }
+      };
+      for (; g + 2 <= G; g += 2) run(std::integral_constant<int, 2>{});
+      if (g < G) run(std::integral_constant<int, 1>{});
+    }
+  }
+}
+#endif
+
 template <typename T>
 void RunDecodeAttention(const DecodeAttentionProblem& p, const Runner& runner) {
   const int64_t B = p.B, L = p.L, H = p.H, Hkv = p.Hkv, Dk = p.Dk, Dv = p.Dv, G = H / Hkv;
@@ -263,7 +417,12 @@ void RunDecodeAttention(const DecodeAttentionProblem& p, const Runner& runner) {
   const T* v = static_cast<const T*>(p.v);
   T* out = static_cast<T*>(p.out);
   // Scratch rows padded to whole vectors (zeros), the value rows to whole value tiles.
-  const int64_t dk = RoundUp(Dk, 8), dv = RoundUp(Dv, G % 4 == 0 ? 16 : 64);
+#if BEAM_CPU_USE_AVX512BF16
+  constexpr bool dp = std::is_same_v<T, bf16_t>;  // the vdpbf16ps loops (ScoresUnitDp, ValuesUnitDp)
+#else
+  constexpr bool dp = false;
+#endif
+  const int64_t dk = RoundUp(Dk, 8), dv = dp ? RoundUp(Dv, 32) : RoundUp(Dv, G % 4 == 0 ? 16 : 64);
   const int64_t chunks = (L + kAttnChunk - 1) / kAttnChunk;
   // The call's shared scratch (the calling thread's, grown as needed): scores then probabilities S [B, H, L], the
   // chunks' value sums [B, chunks, H, dv], which sequences attend uniformly.
@@ -291,6 +450,12 @@ void RunDecodeAttention(const DecodeAttentionProblem& p, const Runner& runner) {
     int64_t slots[kAttnChunk];
     const int64_t n = chunk_slots(b, c, slots);
     if (n == 0) return;
+#if BEAM_CPU_USE_AVX512BF16
+    if constexpr (dp) {
+      ScoresUnitDp(q + b * H * Dk, k + b * L * Hkv * Dk, Hkv, G, Dk, p.scale, slots, n, S + b * H * L, L);
+      return;
+    }
+#endif
     const int64_t row = Hkv * dk;
     float* qf = ThreadBuffer(0, size_t(H * dk + kAttnBlock * row));
     float* rows = qf + H * dk;
@@ -325,6 +490,12 @@ void RunDecodeAttention(const DecodeAttentionProblem& p, const Runner& runner) {
     std::fill(acc, acc + H * dv, 0.0f);
     int64_t slots[kAttnChunk];
     const int64_t n = chunk_slots(b, c, slots);
+#if BEAM_CPU_USE_AVX512BF16
+    if constexpr (dp) {
+      ValuesUnitDp(v + b * L * Hkv * Dv, Hkv, G, Dv, dv, S + b * H * L, L, slots, n, acc);
+      return;
+    }
+#endif
     const int64_t row = Hkv * dv;
     float* rows = ThreadBuffer(0, size_t(kAttnBlock * row + H * kAttnBlock));
     float* Pb = rows + kAttnBlock * row;

@@ -1,6 +1,8 @@
 """beam_jax.decode_attention (the CPU decode-attention target) against `attention.attend`, its reference, on random
-inputs: every CPU build, the three float dtypes, grouped / multi-head / MLA-shaped heads, padding, causal and
-sliding-window masks, a sequence with no slot allowed; its errors; and its use inside `beam_jax.generate`."""
+inputs: every CPU build (bfloat16 under AVX512-BF16 takes the vdpbf16ps loops, the rest the float32 ones), the three
+float dtypes, grouped / multi-head / MLA-shaped heads, dims with tails, one or several chunks of slots, padding, causal
+and sliding-window masks, a sequence with no slot allowed; its errors; and when `attend` uses it (`beam_jax.generate`:
+tests/test_generate.py)."""
 
 import numpy as np
 import pytest
@@ -61,7 +63,9 @@ def _compare(q, k, v, ctx, scale, window, dtype):
 def test_matches_attend(any_isa, shape, dtype):
     H, Hkv, Dk, Dv = shape
     rs = np.random.RandomState(hash((shape, dtype)) % 2**31)
-    for B, L, index, window in [(3, 37, 30, None), (2, 64, 63, None), (1, 9, 4, None), (2, 50, 41, 16)]:
+    # slots: one chunk of 64 or less, several (the parts summed in order), a sliding window inside the chunks
+    for B, L, index, window in [(3, 37, 30, None), (2, 64, 63, None), (1, 9, 4, None), (2, 50, 41, 16),
+                                (2, 150, 140, None), (1, 200, 170, 100)]:
         q, k, v, ctx = _case(rs, B, L, H, Hkv, Dk, Dv, dtype, index, window)
         _compare(q, k, v, ctx, 1.0 / np.sqrt(Dk), window, dtype)
 
