@@ -7,11 +7,13 @@
 // stream at a fraction of the bandwidth). Four passes, each a ParallelFor:
 //   1. scores, units (sequence b, chunk of kAttnChunk slots): S[b, i, l] = scale * <q[b, i], k[b, l, i / G]> for
 //      every query head i (G = H / Hkv per KV head) and allowed slot l, in blocks of kAttnBlock slots whose rows
-//      are converted to f32 once and serve all G heads of their KV head;
+//      are converted to f32 once and serve all G heads of their KV head (a bf16 cache under AVX512-BF16: read as it
+//      lies by vdpbf16ps, ScoresUnitDp);
 //   2. softmax, units (b, i): over the allowed slots, in f32, rounded to the element type (the reference casts
 //      the probabilities to the value dtype before their product with v, as transformers' eager path does), zero
 //      elsewhere;
-//   3. value sums, units (b, chunk): part[b, chunk, i] = sum over the chunk's slots of P[b, i, l] * v[b, l, i / G];
+//   3. value sums, units (b, chunk): part[b, chunk, i] = sum over the chunk's slots of P[b, i, l] * v[b, l, i / G]
+//      (a bf16 cache under AVX512-BF16: ValuesUnitDp);
 //   4. out[b, i] = the chunks' parts summed in chunk order, rounded once.
 // Sums run in a fixed order whatever the thread count. A sequence with no allowed slot gets the reference's
 // answer: every slot at the same (lowest) score, so the mean of all L value rows.

@@ -190,6 +190,8 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeBwdFullCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamRowsMatmulCpu);
 // beam_packed_rows_matmul (CPU): (x [M, Kd] bf16, wp [ceil(N / 32), Kd / 2, 32, 2] bf16) -> y [M, N] bf16.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamPackedRowsMatmulCpu);
+// beam_decode_attention (CPU): (q [B, H, Dk], k [B, L, Hkv, Dk], v [B, L, Hkv, Dv], one float dtype; allowed
+// [B, L] bool; attribute scale) -> out [B, H, Dv] in q's dtype.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamDecodeAttentionCpu);
 #ifdef BEAM_JAX_WITH_CUDA
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCuda);
