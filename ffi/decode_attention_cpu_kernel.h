@@ -66,6 +66,28 @@ inline void PrefetchSlots(const char* base, const int64_t* slots, int64_t n, int
 #endif
 }
 
+
+// One block of passes 1 and 3 (the f32 loops): prefetches the next block's rows, then converts the cache rows of
+// slots[j0 .. j0 + nb) of sequence b (cache_b: [L, Hkv, D]) to f32 as rows[j][h][0..d_pad) (zero past D, and whole
+// zero rows past nb). Returns nb = min(kAttnBlock, n - j0).
+template <typename T>
+int64_t BlockRowsToF32(const T* cache_b, int64_t Hkv, int64_t D, int64_t d_pad, const int64_t* slots, int64_t j0,
+                       int64_t n, float* rows) {
+  const int64_t nb = std::min(kAttnBlock, n - j0), row = Hkv * d_pad;
+  if (j0 + nb < n)
+    PrefetchSlots(reinterpret_cast<const char*>(cache_b), slots + j0 + nb, std::min(kAttnBlock, n - j0 - nb),
+                  Hkv * D * int64_t(sizeof(T)));
+  for (int64_t j = 0; j < kAttnBlock; ++j) {
+    if (j >= nb) {
+      std::fill(rows + j * row, rows + (j + 1) * row, 0.0f);
+      continue;
+    }
+    const T* src = cache_b + slots[j0 + j] * Hkv * D;
+    for (int64_t h = 0; h < Hkv; ++h) RowToF32Padded(src + h * D, D, d_pad, rows + j * row + h * d_pad);
+  }
+  return nb;
+}
+
 #if BEAM_CPU_USE_AVX2
 // The eight sums of a[0..8) as one vector, in order.
 inline __m256 HorizontalSums8(const __m256* a) {
@@ -463,18 +485,7 @@ void RunDecodeAttention(const DecodeAttentionProblem& p, const Runner& runner) {
     float* rows = qf + H * dk;
     for (int64_t i = 0; i < H; ++i) RowToF32Padded(q + (b * H + i) * Dk, Dk, dk, qf + i * dk);
     for (int64_t j0 = 0; j0 < n; j0 += kAttnBlock) {
-      const int64_t nb = std::min(kAttnBlock, n - j0);
-      if (j0 + nb < n)
-        PrefetchSlots(reinterpret_cast<const char*>(k + b * L * Hkv * Dk), slots + j0 + nb,
-                      std::min(kAttnBlock, n - j0 - nb), Hkv * Dk * int64_t(sizeof(T)));
-      for (int64_t j = 0; j < kAttnBlock; ++j) {
-        if (j >= nb) {
-          std::fill(rows + j * row, rows + (j + 1) * row, 0.0f);
-          continue;
-        }
-        const T* src = k + (b * L + slots[j0 + j]) * Hkv * Dk;
-        for (int64_t h = 0; h < Hkv; ++h) RowToF32Padded(src + h * Dk, Dk, dk, rows + j * row + h * dk);
-      }
+      const int64_t nb = BlockRowsToF32(k + b * L * Hkv * Dk, Hkv, Dk, dk, slots, j0, n, rows);
       ScoreBlock(qf, rows, Hkv, G, dk, Dk, p.scale, slots + j0, nb, S + b * H * L, L);
     }
   });
@@ -503,21 +514,9 @@ void RunDecodeAttention(const DecodeAttentionProblem& p, const Runner& runner) {
     float* Pb = rows + kAttnBlock * row;
     const float* S_b = S + b * H * L;
     for (int64_t j0 = 0; j0 < n; j0 += kAttnBlock) {
-      const int64_t nb = std::min(kAttnBlock, n - j0);
-      if (j0 + nb < n)
-        PrefetchSlots(reinterpret_cast<const char*>(v + b * L * Hkv * Dv), slots + j0 + nb,
-                      std::min(kAttnBlock, n - j0 - nb), Hkv * Dv * int64_t(sizeof(T)));
-      for (int64_t j = 0; j < kAttnBlock; ++j) {
-        if (j >= nb) {
-          std::fill(rows + j * row, rows + (j + 1) * row, 0.0f);
-          for (int64_t i = 0; i < H; ++i) Pb[i * kAttnBlock + j] = 0.0f;
-          continue;
-        }
-        const int64_t l = slots[j0 + j];
-        const T* src = v + (b * L + l) * Hkv * Dv;
-        for (int64_t h = 0; h < Hkv; ++h) RowToF32Padded(src + h * Dv, Dv, dv, rows + j * row + h * dv);
-        for (int64_t i = 0; i < H; ++i) Pb[i * kAttnBlock + j] = S_b[i * L + l];
-      }
+      const int64_t nb = BlockRowsToF32(v + b * L * Hkv * Dv, Hkv, Dv, dv, slots, j0, n, rows);
+      for (int64_t j = 0; j < kAttnBlock; ++j)
+        for (int64_t i = 0; i < H; ++i) Pb[i * kAttnBlock + j] = j < nb ? S_b[i * L + slots[j0 + j]] : 0.0f;
       ValueBlock(Pb, rows, Hkv, G, dv, Dv, acc);
     }
   });
