@@ -20,7 +20,7 @@ Engines (`--engines`, every one on the same checkpoint files):
 vLLM and transformers run in subprocesses of this script (``--worker``, one JSON line back), so each engine's memory
 and threads are gone before the next starts. vLLM runs in-process in its worker (VLLM_ENABLE_V1_MULTIPROCESSING=0,
 so the pair counters and the model are reachable), with prefix caching off (repeated prompts would skip the
-prefill), `enforce_eager` unless `--vllm-compile`, a 1 GiB KV cache, and OMP_NUM_THREADS = every core (vLLM-CPU
+prefill), torch.compile as vLLM does by default (`--vllm-eager`: `enforce_eager`), a 1 GiB KV cache, and OMP_NUM_THREADS = every core (vLLM-CPU
 otherwise reduces torch to one thread for serving; JAX and transformers use every core too).
 
 Models (`--models`):
@@ -49,7 +49,9 @@ B / step with step = (t(64 new) - t(1 new)) / 63, the same estimate in every eng
 prefill tokens/s at 512 prompt tokens, batch 1 (512 / t(1 new)). Beside each decode figure: the weight bytes one
 decode step reads (`serve_jax.step_bytes`, from the JAX model's routing of the same prompts: every non-expert
 weight, the mask routers under BEAM, each expert a kept pair of the step uses), the bandwidth floor (those bytes
-/ copy bandwidth measured in the same run, `serve_jax.memory_bandwidth`) and the ideal speed-up (Top-K bytes /
+/ copy bandwidth measured in the same run, `serve_jax.memory_bandwidth`), the step over the read floor (those bytes
+/ the read bandwidth of the same run, `serve_jax.read_bandwidth`: a step reads its weights, and on this 2-core VM
+two threads read at about 75% of a copy's read + write rate) and the ideal speed-up (Top-K bytes /
 this row's bytes). Timings are the best of `--repeat` runs after one warm-up run of each length; within one engine
 the policies' runs are interleaved at each batch (Top-K, BEAM 0.5, BEAM 0.15, Top-K, ...), so a drift of the
 machine's speed during the run moves them alike and BEAM / Top-K is a same-process, same-moment ratio. Against
@@ -362,6 +364,10 @@ def _vllm_engine(spec: dict, group: list[dict], native: bool, out: dict):
     for pol in group:
         set_policy(pol)
         out["prefill"][str(pol["kept_target"])] = _best(lambda: gen([spec["prefill_prompt"]], 1), spec["repeat"])[0]
+    if not native:  # products of the plugin's packed dense layers so far in this process (0: vLLM's oneDNN only)
+        from convert.vllm_plugin import linear
+
+        out["packed_calls"] = linear.CALLS[0]
 
 
 def _vllm_generate(llm, SamplingParams, prompts, n, counting: bool):
@@ -489,7 +495,8 @@ def worker_main(engine: str, spec_file: str) -> int:
 
 # ---- one model through every engine -------------------------------------------------------------------------
 
-def bench_model(prep: dict, args, engines, kept_targets, bandwidth: float) -> tuple[list[dict], dict, list[str]]:
+def bench_model(prep: dict, args, engines, kept_targets, bandwidth: tuple[float, float]
+                ) -> tuple[list[dict], dict, list[str]]:
     """All engines on one prepared model. -> (rows, per-model info, notes)."""
     name, notes = prep["name"], []
     model = prep["load_jax"]()
@@ -512,7 +519,7 @@ def bench_model(prep: dict, args, engines, kept_targets, bandwidth: float) -> tu
     base = {"model": name, "dtype": prep["dtype"], "batches": args.batch_list,
             "prompts": {str(B): p for B, p in prompts.items()}, "prefill_prompt": prefill_prompt,
             "new_tokens": args.new_tokens, "repeat": args.repeat, "threads": args.threads,
-            "max_model_len": 1 << (max_len - 1).bit_length(), "compile": args.vllm_compile,
+            "max_model_len": 1 << (max_len - 1).bit_length(), "compile": not args.vllm_eager,
             "engine_per_tau": args.vllm_engine_per_tau}
     base["max_num_batched_tokens"] = max(base["max_model_len"], max(args.batch_list) * args.prompt_len)
     # vLLM native and the plugin in alternating processes, `--vllm-rounds` each: one process per engine leaves their
@@ -552,7 +559,7 @@ def bench_model(prep: dict, args, engines, kept_targets, bandwidth: float) -> tu
                 fastest = min(at_b, key=lambda run: next(r["step_ms"] for r in run if r["policy"] == "topk"))
                 rows += [dict(r, model=name) for r in fastest]
     info["vllm_rounds"] = rounds
-    _derive(rows, jx, bandwidth)
+    _derive(rows, jx, *bandwidth)
     info["prefill"] = [{"engine": e, "kept_target": k, "prefill_tokens_per_s": args.prefill_len / s, "seconds": s}
                        for (e, k), s in sorted(prefill.items(), key=lambda kv: (ENGINES.index(kv[0][0]), -kv[0][1]))]
     info["jax_kept_ratio"] = {f"{B}/{k}": s["kept_ratio"] for (B, k), s in jx["stats"].items()}
@@ -561,8 +568,8 @@ def bench_model(prep: dict, args, engines, kept_targets, bandwidth: float) -> tu
     return rows, info, notes
 
 
-def _derive(rows, jx, bandwidth: float):
-    """Add the floor, the ideal and the speed-ups to each row (in place)."""
+def _derive(rows, jx, bandwidth: float, read_bandwidth: float):
+    """Add the floors (copy and read bandwidth), the ideal and the speed-ups to each row (in place)."""
     ref = {(r["engine"], r["batch"]): r for r in rows if r["policy"] == "topk"}
     for r in rows:
         B, k = r["batch"], r["kept_target"]
@@ -572,6 +579,8 @@ def _derive(rows, jx, bandwidth: float):
         topk_bytes = jx["stats"][B, 1.0]["step_weight_bytes"]
         r.update(step_weight_bytes=nbytes, floor_ms=1e3 * nbytes / bandwidth, ideal_speedup=topk_bytes / nbytes)
         r["step_over_floor"] = r["step_ms"] / r["floor_ms"]
+        r["read_floor_ms"] = 1e3 * nbytes / read_bandwidth
+        r["step_over_read_floor"] = r["step_ms"] / r["read_floor_ms"]
         own, native = ref.get((r["engine"], B)), ref.get(("vllm_native", B))
         r["speedup_vs_own_topk"] = r["decode_tokens_per_s"] / own["decode_tokens_per_s"] if own else None
         r["speedup_vs_native"] = r["decode_tokens_per_s"] / native["decode_tokens_per_s"] if native else None
@@ -603,33 +612,48 @@ def _packing() -> bool:
     return packing_available()
 
 
+def _decode_attention() -> bool:
+    """Whether `beam_jax.generate`'s decode steps attend through the FFI decode-attention kernel here."""
+    import jax.numpy as jnp
+
+    from beam_jax.decode_attention import use_decode_attention
+
+    return use_decode_attention(jnp.bfloat16)
+
+
 def markdown(result: dict) -> str:
     """The report: header, one decode table per model, the prefill table, notes."""
     out = ["# Serving benchmark, CPU: BEAM against Top-K end to end (bench/serve.py)", "",
            f"{result['machine']} | {result['date']} | copy bandwidth "
-           f"{' / '.join(f'{b:.1f}' for b in result['copy_bandwidth_GBps'])} GB/s (start / end) | "
+           f"{' / '.join(f'{b:.1f}' for b in result['copy_bandwidth_GBps'])} GB/s (start / end)"
+           + (f", read bandwidth {' / '.join(f'{b:.1f}' for b in result['read_bandwidth_GBps'])} GB/s"
+              if "read_bandwidth_GBps" in result else "") + " | "
            f"prompt {result['prompt_len']}, {result['new_tokens']} new tokens, greedy, ignore_eos | "
            f"threads {result['threads']}"
            + (f" | beam_jax.generate: dense projections packed {'on' if result['jax_packed_projections'] else 'off'}"
               if "jax_packed_projections" in result else "")
+           + (f", decode attention {'FFI kernel' if result['jax_decode_attention'] else 'XLA'}"
+              if "jax_decode_attention" in result else "")
+           + (" | vLLM: torch.compile (its default)" if result.get("vllm_compile") else " | vLLM: enforce_eager")
            + (f" | vLLM: {result['vllm_rounds']} processes per engine, native and plugin alternating, per batch the "
               f"one with the fastest Top-K step" if result.get("vllm_rounds", 1) > 1 else ""),
            "", f"`{result['command']}`", "",
            "decode tok/s = B / step, step = (t(N new) - t(1 new)) / (N - 1); floor = weight bytes a decode step "
-           "reads / copy bandwidth; ideal = Top-K bytes / this row's bytes; x native = decode tok/s over vLLM "
+           "reads / copy bandwidth; /read floor = step over those bytes / read bandwidth; ideal = Top-K bytes / this row's bytes; x native = decode tok/s over vLLM "
            "native's at the same batch; of ideal = the row's speed-up (vLLM + plugin: x native; others: x own "
            "Top-K) over the ideal; kept = measured share of Top-K pairs handed to the expert GEMMs (decode).", ""]
     for name, info in result["models"].items():
         rows = [r for r in result["rows"] if r["model"] == name]
         taus = ", ".join(f"kept {k}: tau {t:.4f}" for k, t in info["taus"].items())
         out += [f"## {name}", "", f"`{info['dir']}` ({info['dtype']}); serving taus {taus}", "",
-                "| batch | engine | policy | tau | kept | decode tok/s | step ms | floor ms | step/floor | x native "
-                "| x own Top-K | ideal | of ideal | e2e tok/s | TTFT ms |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                "| batch | engine | policy | tau | kept | decode tok/s | step ms | floor ms | step/floor | /read floor "
+                "| x native | x own Top-K | ideal | of ideal | e2e tok/s | TTFT ms |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in sorted(rows, key=lambda r: (r["batch"], ENGINES.index(r["engine"]), -r["kept_target"])):
             out.append(f"| {r['batch']} | {ENGINE_LABEL[r['engine']]} | {r['policy']} | {_f(r['tau'], '{:.3f}')} | "
                        f"{r['kept_ratio']:.3f} | {r['decode_tokens_per_s']:.1f} | {r['step_ms']:.2f} | "
-                       f"{r['floor_ms']:.2f} | {r['step_over_floor']:.2f} | {_f(r['speedup_vs_native'], '{:.2f}x')} | "
+                       f"{r['floor_ms']:.2f} | {r['step_over_floor']:.2f} | {_f(r.get('step_over_read_floor'), '{:.2f}')} | "
+                       f"{_f(r['speedup_vs_native'], '{:.2f}x')} | "
                        f"{_f(r['speedup_vs_own_topk'], '{:.2f}x')} | {r['ideal_speedup']:.2f}x | "
                        f"{_f(r['fraction_of_ideal'], '{:.0%}')} | {r['e2e_tokens_per_s']:.1f} | {r['ttft_ms']:.1f} |")
         if info.get("jax_moe_share"):
@@ -717,7 +741,8 @@ def parse_args(argv=None):
     ap.add_argument("--prefill-len", type=int, default=None, help="default 512 (--quick: 64)")
     ap.add_argument("--repeat", type=int, default=None, help="timed runs per measurement, best taken (default 2)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of vLLM and transformers")
-    ap.add_argument("--vllm-compile", action="store_true", help="vLLM with torch.compile (default: enforce_eager)")
+    ap.add_argument("--vllm-eager", action="store_true",
+                    help="vLLM with enforce_eager (default: torch.compile, vLLM's own default on CPU)")
     ap.add_argument("--vllm-engine-per-tau", action="store_true",
                     help="start one vLLM engine per tau (default: one engine, tau changed in place)")
     ap.add_argument("--vllm-rounds", type=int, default=1,
@@ -753,8 +778,9 @@ def main(argv=None) -> dict | int:
     kept = [float(k) for k in args.kept.split(",") if k]
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    bw = serve_jax.memory_bandwidth()
-    print(f"copy bandwidth {bw / 1e9:.1f} GB/s (read + write) | {machine()}", flush=True)
+    bw, rbw = serve_jax.memory_bandwidth(), serve_jax.read_bandwidth()
+    print(f"copy bandwidth {bw / 1e9:.1f} GB/s (read + write), read bandwidth {rbw / 1e9:.1f} GB/s | {machine()}",
+          flush=True)
     rows, models, notes = [], {}, []
     for name in [m for m in args.models.split(",") if m]:
         prep = prepare_model(name, args)
@@ -763,17 +789,20 @@ def main(argv=None) -> dict | int:
                          f"--workdir {args.run}; then --run {args.run})")
             print(notes[-1], flush=True)
             continue
-        r, info, n = bench_model(prep, args, engines, kept, bw)
+        r, info, n = bench_model(prep, args, engines, kept, (bw, rbw))
         rows += r
         models[name] = info
         notes += n
-    bw2 = serve_jax.memory_bandwidth()
+    bw2, rbw2 = serve_jax.memory_bandwidth(), serve_jax.read_bandwidth()
     cmd = "flock /tmp/beam-bench.lock python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": cmd.strip(),
-              "jax": jax.__version__, "copy_bandwidth_GBps": [bw / 1e9, bw2 / 1e9], "engines": engines,
+              "jax": jax.__version__, "copy_bandwidth_GBps": [bw / 1e9, bw2 / 1e9],
+              "read_bandwidth_GBps": [rbw / 1e9, rbw2 / 1e9], "engines": engines,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "prefill_len": args.prefill_len,
-              "repeat": args.repeat, "threads": args.threads, "quick": args.quick, "vllm_compile": args.vllm_compile,
+              "repeat": args.repeat, "threads": args.threads, "quick": args.quick,
+              "vllm_compile": not args.vllm_eager,
               "vllm_rounds": args.vllm_rounds, "jax_packed_projections": _packing(),
+              "jax_decode_attention": _decode_attention(),
               "vllm_tau": "one engine per tau" if args.vllm_engine_per_tau else "one engine, tau set in place",
               "wall_s": time.time() - t_start,
               "max_rss_gib": {"main": peak_rss_gib(), "largest_worker": max(

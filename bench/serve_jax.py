@@ -258,6 +258,25 @@ def memory_bandwidth(nbytes: int = 512 << 20, threads: int | None = None, repeat
     return 2 * nbytes / best
 
 
+def read_bandwidth(nbytes: int = 512 << 20, threads: int | None = None, repeat: int = 5) -> float:
+    """Read bandwidth in bytes/s: a large float32 array's max (numpy's vectorised reduction, no writes) split over
+    `threads` (default: every core), best of `repeat`. A decode step reads its weights and writes next to nothing,
+    so this, not a copy's read + write rate, is what its weight reads can reach."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = threads or os.cpu_count() or 1
+    src = np.ones(nbytes // 4, np.float32)
+    edges = np.linspace(0, src.size, threads + 1).astype(np.int64)
+    bounds = list(zip(edges[:-1], edges[1:]))
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as ex:
+        for _ in range(repeat):
+            t = time.perf_counter()
+            list(ex.map(lambda b: src[b[0]:b[1]].max(), bounds))
+            best = min(best, time.perf_counter() - t)
+    return src.nbytes / best
+
+
 # ---- timing ----------------------------------------------------------------------------------------------------
 
 def time_generate(model, prompt, hook, new_tokens: int, *, short: int = 8, repeat: int = 3,

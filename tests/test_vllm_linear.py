@@ -4,6 +4,8 @@ few rows to the packed product and more to vLLM's own method, and bad input is n
 bfloat16 export served with them, greedy tokens equal to transformers') is tests/test_vllm.py's
 test_deepseek_bfloat16_export. Skipped where vLLM is not importable."""
 
+import weakref
+
 import numpy as np
 import pytest
 
@@ -85,9 +87,34 @@ def test_method_sends_a_few_rows_to_the_packed_product_and_more_to_vllms(monkeyp
         want = _ref(x, w)
         assert y.shape == (rows, 96) and (y.double() - want).abs().max() / want.abs().max() < TOL, rows
     assert [s[0] for s in calls] == [1, 7, linear.ROWS_MAX]  # more rows: vLLM's product
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # while torch.compile traces: vLLM's
-    y = method.apply(layer, _rand((2, 128), 2))
-    assert len(calls) == 3 and y.shape == (2, 96)
+
+
+@needs_packing
+def test_under_torch_compile_the_row_count_is_decided_when_the_graph_runs(monkeypatch):
+    """vLLM compiles one graph for every batch size (DYNAMO_TRACE_ONCE, guards dropped): the layer is the opaque
+    `beam_jax::packed_linear`, which takes the packed product for few rows and vLLM's for more, whatever size the
+    graph was traced with."""
+    method = linear._methods()[UnquantizedLinearMethod]()
+    layer = torch.nn.Module()
+    w, b = _rand((96, 128), 6, 0.1), _rand((96,), 7)
+    layer.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
+    method.process_weights_after_loading(layer)
+    calls = []
+    real = linear.packed_matmul
+    monkeypatch.setattr(linear, "packed_matmul", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: method.apply(layer, x, b) * 2, dynamic=True, fullgraph=True)
+    for rows in (64, 3, linear.ROWS_MAX, linear.ROWS_MAX + 1, 5):  # traced with 64 rows, then every size
+        x = _rand((rows, 128), 10 + rows)
+        y = step(x)
+        want = 2 * _ref(x, w, b)
+        assert y.shape == (rows, 96) and (y.double() - want).abs().max() / want.abs().max() < TOL, rows
+    assert calls == [3, linear.ROWS_MAX, 5]
+    gone = weakref.ref(torch.nn.Module())  # a layer freed with its engine
+    monkeypatch.setattr(linear, "_LAYERS", [*linear._LAYERS, (gone, gone)])
+    i = len(linear._LAYERS) - 1
+    with pytest.raises(RuntimeError, match=rf"beam_jax::packed_linear: packed layer {i} no longer exists"):
+        torch.ops.beam_jax.packed_linear(_rand((40, 128), 1), layer.beam_packed, None, i, 96)
 
 
 def test_off_switch(monkeypatch):

@@ -10,9 +10,11 @@ everything else go to vLLM's own method. The packed copy is made before vLLM pre
 exist: about 4% more memory for Qwen3-30B-A3B. ``BEAM_JAX_PACKED=0`` in the environment turns it off (read when
 the model is built).
 
-The packed path runs in eager execution (`enforce_eager`, and every step vLLM runs uncompiled, as the benchmark
-does); while torch.compile traces, the layers take vLLM's own method (a row-count branch on a symbolic batch would
-specialise the graph).
+In eager execution (`enforce_eager`) `apply` branches on the row count in Python. Under torch.compile (vLLM's default
+on CPU: one graph traced once for every batch size, guards dropped) a Python branch on the symbolic row count would be
+fixed at the size it was traced with, so the layer becomes one opaque custom op, ``beam_jax::packed_linear``, which
+makes the same choice when it runs (the packed product, or vLLM's own method for the layer, reached through a
+registry of the packed layers); its fake implementation gives the graph the output's shape.
 
 `use_packed_linears(model)` swaps each eligible layer's quant method (`UnquantizedLinearMethod`,
 `UnquantizedEmbeddingMethod` for the LM head) for a subclass that does this, before the weights are loaded.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +84,31 @@ def packed_matmul(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Ten
     return y.reshape(*lead, n)
 
 
+_LAYERS: list = []  # layer id -> (weakref to the layer, weakref to its packed method): the op's way back to vLLM's
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // max(x.shape[-1], 1)
+
+
+@torch.library.custom_op("beam_jax::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, layer_id: int,
+                  n: int) -> torch.Tensor:
+    """The packed layers' product as one operation for torch.compile: x [..., K] bfloat16 -> [..., n] bfloat16;
+    up to `ROWS_MAX` rows `packed_matmul(x, packed, n, bias)`, more rows vLLM's own method for layer `layer_id`."""
+    if _rows(x) <= ROWS_MAX:
+        return packed_matmul(x, packed, n, bias)
+    layer, method = (ref() for ref in _LAYERS[layer_id])
+    if layer is None or method is None:
+        raise RuntimeError(f"beam_jax::packed_linear: packed layer {layer_id} no longer exists")
+    return method.base_apply(layer, x, bias)
+
+
+@packed_linear.register_fake
+def _packed_linear_fake(x, packed, bias, layer_id, n):
+    return x.new_empty((*x.shape[:-1], n))
+
+
 def _eligible(layer) -> bool:
     w = getattr(layer, "weight", None)
     return (isinstance(w, torch.Tensor) and w.dim() == 2 and w.dtype == torch.bfloat16 and w.device.type == "cpu"
@@ -95,13 +123,21 @@ def _packed_method(base: type) -> type:
             if _eligible(layer):
                 layer.beam_packed = pack_weight(layer.weight)  # before vLLM may drop the weight for oneDNN's
                 layer.beam_packed_n = int(layer.weight.shape[0])
+                layer.beam_layer_id = len(_LAYERS)
+                _LAYERS.append((weakref.ref(layer), weakref.ref(self)))
             super().process_weights_after_loading(layer)
+
+        def base_apply(self, layer, x, bias=None):
+            """vLLM's own method."""
+            return super().apply(layer, x, bias)
 
         def apply(self, layer, x, bias=None):
             packed = getattr(layer, "beam_packed", None)
-            rows = x.numel() // max(x.shape[-1], 1)
-            if (packed is not None and not torch.compiler.is_compiling() and x.dtype == torch.bfloat16
-                    and rows <= ROWS_MAX and x.shape[-1] == packed.shape[1] * 2):
+            if packed is None or x.dtype != torch.bfloat16 or x.shape[-1] != packed.shape[1] * 2:
+                return super().apply(layer, x, bias)
+            if torch.compiler.is_compiling():  # the row count is symbolic: decide when the graph runs
+                return torch.ops.beam_jax.packed_linear(x, packed, bias, layer.beam_layer_id, layer.beam_packed_n)
+            if _rows(x) <= ROWS_MAX:
                 return packed_matmul(x, packed, layer.beam_packed_n, bias)
             return super().apply(layer, x, bias)
 
