@@ -117,17 +117,18 @@ def generate(run, prompts):
     from convert.vllm_plugin import BeamServingError, attention_backend, pair_counts, reset_pair_counts
 
     try:
-        llm = LLM(model=run["dir"], max_model_len=128, seed=0, enforce_eager=True, skip_tokenizer_init=True,
-                  **run["llm"])
+        llm = LLM(**{"model": run["dir"], "max_model_len": 128, "seed": 0, "enforce_eager": True,
+                     "skip_tokenizer_init": True, **run["llm"]})
     except BeamServingError as e:
         return {"refused": str(e)}
     backend = attention_backend(llm.llm_engine.vllm_config)[0]
+    from convert.vllm_plugin import linear
     reset_pair_counts()
+    calls = linear.CALLS[0]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=run["max_tokens"], ignore_eos=True, logprobs=0))
-    from convert.vllm_plugin import linear
     res = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "counts": pair_counts(), "backend": backend,
-           "packed": {"enabled": linear.packing_enabled(), "calls": linear.CALLS[0]},
+           "packed": {"enabled": linear.packing_enabled(), "calls": linear.CALLS[0] - calls},
            "logprobs": [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
                         for o in outs]}
     del llm
@@ -298,6 +299,8 @@ def family_outputs(family_exports, deepseek_exports, bf16_reference, tmp_path_fa
             for f, e in family_exports.items()}
     runs["deepseek_bf16"] = {"dir": str(deepseek_exports["bfloat16"]), "llm": {"dtype": "auto"},
                              "max_tokens": BF16_STEPS, "prompts": bf16_reference["prompts"]}
+    # the same under torch.compile, vLLM's default (the packed layers as the opaque beam_jax::packed_linear)
+    runs["deepseek_bf16_compiled"] = dict(runs["deepseek_bf16"], llm={"dtype": "auto", "enforce_eager": False})
     ds32, ds16 = str(deepseek_exports["float32"]), str(deepseek_exports["bfloat16"])
     checks = {"float32": {"dir": ds32, "llm": {"dtype": "float32"}},
               "float32_auto": {"dir": ds32, "llm": {"dtype": "auto"}},
@@ -501,11 +504,13 @@ def test_other_families(family_exports, family_outputs):
     assert family_outputs["runs"]["deepseek_v2"]["backend"] == "CPU_MLA"
 
 
-def test_deepseek_bfloat16_export(deepseek_exports, bf16_reference, family_outputs):
+@pytest.mark.parametrize("run", ["deepseek_bf16", "deepseek_bf16_compiled"])
+def test_deepseek_bfloat16_export(deepseek_exports, bf16_reference, family_outputs, run):
     """A `--dtype bfloat16` DeepSeek-V2 export served as vLLM-CPU chooses (AMX_MLA where the processor has AMX,
-    CPU_MLA elsewhere): the same greedy tokens as transformers' BEAM class in bfloat16, on prompts whose argmax is
-    clear at every step (bfloat16 rounds differently in the two stacks, so a near tie could flip)."""
-    v = family_outputs["runs"]["deepseek_bf16"]
+    CPU_MLA elsewhere), eager and under torch.compile (vLLM's default): the same greedy tokens as transformers' BEAM
+    class in bfloat16, on prompts whose argmax is clear at every step (bfloat16 rounds differently in the two
+    stacks, so a near tie could flip)."""
+    v = family_outputs["runs"][run]
     assert "refused" not in v, v
     assert v["backend"] == ("AMX_MLA" if family_outputs["amx"] else "CPU_MLA")
     assert v["tokens"] == bf16_reference["tokens"]
@@ -517,7 +522,7 @@ def test_deepseek_bfloat16_export(deepseek_exports, bf16_reference, family_outpu
     assert v["counts"]["offered"] == ref["offered"] > 0
     assert abs(v["counts"]["computed"] - ref["computed"]) <= 0.05 * ref["offered"], (v["counts"], ref)
     assert 0.1 < ref["computed"] / ref["offered"] < 0.9, ref
-    print(f"\nbf16 DeepSeek-V2 on {v['backend']}: {len(v['tokens'])} prompts x {BF16_STEPS} tokens equal; pairs "
+    print(f"\nbf16 DeepSeek-V2 ({run}) on {v['backend']}: {len(v['tokens'])} prompts x {BF16_STEPS} tokens equal; pairs "
           f"computed vLLM {v['counts']['computed']}, transformers {ref['computed']} of {ref['offered']}")
 
 
