@@ -43,13 +43,8 @@ ffi::Error DecodeAttentionCpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
   if (k.element_type() != t || v.element_type() != t || out->element_type() != t)
     return ffi::Error::InvalidArgument(where + "q, k, v and out must share one dtype");
   DecodeAttentionProblem p;
-  switch (t) {
-    case ffi::DataType::F32: p.type = ElemType::kF32; break;
-    case ffi::DataType::BF16: p.type = ElemType::kBF16; break;
-    case ffi::DataType::F16: p.type = ElemType::kF16; break;
-    default:
-      return ffi::Error::InvalidArgument(where + "unsupported dtype: q must be float32, bfloat16 or float16");
-  }
+  if (!ElemTypeOf(t, &p.type))
+    return ffi::Error::InvalidArgument(where + "unsupported dtype: q must be float32, bfloat16 or float16");
   p.B = B; p.L = L; p.H = H; p.Hkv = Hkv; p.Dk = Dk; p.Dv = Dv;
   p.scale = scale;
   p.q = q.untyped_data();

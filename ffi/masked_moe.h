@@ -151,6 +151,16 @@ Runner MakeRunner(xla::ffi::ThreadPool& pool);
 // "[a, b, ...]" for error messages.
 std::string DimsString(xla::ffi::AnyBuffer::Dimensions dims);
 
+// The kernels' element type of an FFI dtype; false for any dtype but float32, bfloat16 and float16.
+inline bool ElemTypeOf(xla::ffi::DataType t, ElemType* type) {
+  switch (t) {
+    case xla::ffi::DataType::F32: *type = ElemType::kF32; return true;
+    case xla::ffi::DataType::BF16: *type = ElemType::kBF16; return true;
+    case xla::ffi::DataType::F16: *type = ElemType::kF16; return true;
+    default: return false;
+  }
+}
+
 // Checks the FFI operands (shapes, matching E/d/f, one float dtype for x, the weights and y) and
 // fills `p`; defined in masked_moe_cpu.cc, used by the CPU and CUDA handlers.
 xla::ffi::Error CheckAndDescribe(xla::ffi::AnyBuffer x, xla::ffi::AnyBuffer w_gate,

@@ -158,13 +158,8 @@ ffi::Error CheckAndDescribe(ffi::AnyBuffer x, ffi::AnyBuffer w_gate, ffi::AnyBuf
   if (w_gate.element_type() != t || w_up.element_type() != t || w_down.element_type() != t ||
       y.element_type() != t)
     return ffi::Error::InvalidArgument("x, w_gate, w_up, w_down and y must share one dtype");
-  switch (t) {
-    case ffi::DataType::F32: p->type = ElemType::kF32; break;
-    case ffi::DataType::BF16: p->type = ElemType::kBF16; break;
-    case ffi::DataType::F16: p->type = ElemType::kF16; break;
-    default:
-      return ffi::Error::InvalidArgument("unsupported dtype: x must be float32, bfloat16 or float16");
-  }
+  if (!ElemTypeOf(t, &p->type))
+    return ffi::Error::InvalidArgument("unsupported dtype: x must be float32, bfloat16 or float16");
   p->T = T; p->K = K; p->E = E; p->d = d; p->f = f;
   p->x = x.untyped_data();
   p->w_gate = w_gate.untyped_data();

@@ -28,13 +28,8 @@ ffi::Error RowsMatmulCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   if (w.element_type() != t || y->element_type() != t)
     return ffi::Error::InvalidArgument("x, w and y must share one dtype");
   RowsProblem p;
-  switch (t) {
-    case ffi::DataType::F32: p.type = ElemType::kF32; break;
-    case ffi::DataType::BF16: p.type = ElemType::kBF16; break;
-    case ffi::DataType::F16: p.type = ElemType::kF16; break;
-    default:
-      return ffi::Error::InvalidArgument("unsupported dtype: x must be float32, bfloat16 or float16");
-  }
+  if (!ElemTypeOf(t, &p.type))
+    return ffi::Error::InvalidArgument("unsupported dtype: x must be float32, bfloat16 or float16");
   p.M = xd[0];
   p.Kd = xd[1];
   p.N = wd[1];
