@@ -122,13 +122,15 @@ def generate(run, prompts):
     except BeamServingError as e:
         return {"refused": str(e)}
     backend = attention_backend(llm.llm_engine.vllm_config)[0]
-    from convert.vllm_plugin import linear
+    from convert.vllm_plugin import linear, moe
     reset_pair_counts()
-    calls = linear.CALLS[0]
+    calls, direct = linear.CALLS[0], moe.DIRECT_CALLS[0]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=run["max_tokens"], ignore_eos=True, logprobs=0))
     res = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "counts": pair_counts(), "backend": backend,
            "packed": {"enabled": linear.packing_enabled(), "calls": linear.CALLS[0] - calls},
+           "direct_expert_calls": moe.DIRECT_CALLS[0] - direct,
+           "shared_experts": any(r._shared_experts is not None for r in moe._RUNNERS),
            "logprobs": [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
                         for o in outs]}
     del llm
@@ -501,6 +503,8 @@ def test_other_families(family_exports, family_outputs):
         assert [t[0] for t in v["tokens"]] == [r[0][0] for r in ref], family
         np.testing.assert_allclose([lp[0] for lp in v["logprobs"]], [r[1][0] for r in ref],
                                    atol=FAMILIES[family][1], rtol=0, err_msg=family)
+        # the expert calls went straight to vLLM's CPU kernel unless the kernel runs shared experts too
+        assert (v["direct_expert_calls"] == 0) if v["shared_experts"] else (v["direct_expert_calls"] > 0), (family, v)
     assert family_outputs["runs"]["deepseek_v2"]["backend"] == "CPU_MLA"
 
 

@@ -92,6 +92,7 @@ def _runner(routing, experts):
     r = beam_moe.BeamMoERunner.__new__(beam_moe.BeamMoERunner)
     torch.nn.Module.__init__(r)
     r.beam, r.offered, r.computed, r._beam_expert_map = routing, None, None, None
+    r._direct = False  # the recording experts stand in for vLLM's kernel: never called around them
     routing.mask_in_runner = not beam_moe.current_platform.is_cuda_alike()  # as BeamMoERunner.__init__ sets it
     r._shared_experts, r.layer_name = None, "model.layers.0.mlp.experts"
     r.routed_experts = experts

@@ -55,6 +55,7 @@ from vllm.platforms import current_platform
 from convert.modeling_beam import BEAM_DEFAULTS, MASK_EPS, beam_mask, kept_pairs
 
 _RUNNERS: "weakref.WeakSet[BeamMoERunner]" = weakref.WeakSet()
+DIRECT_CALLS = [0]  # expert calls made straight to vLLM's CPU kernel in this process (the tests read it)
 
 
 @dataclasses.dataclass(eq=False)
@@ -244,6 +245,7 @@ class BeamMoERunner(MoERunner):
         self.offered = None  # int64 device tensors, made on first use (graph capture replays the add_)
         self.computed = None
         self._beam_expert_map = None
+        self._direct = None  # (experts, routed experts) or False, found on the first CPU expert call
         # Off CUDA the runner applies the mask together with the compaction (`mask_and_compact`); the routing hands
         # it the Top-K. On CUDA the routing applies it (ids stay [T, K], dropped pairs id E).
         beam.mask_in_runner = not current_platform.is_cuda_alike()
@@ -333,8 +335,35 @@ class BeamMoERunner(MoERunner):
         rows = self._forward_modular(rows_x, rows_w, rows_id, shared_experts_input)
         return sum_rows(rows.to(x.dtype), token, x.shape[0])
 
+    def _cpu_kernel(self):
+        """(vLLM's unquantized CPU experts, the routed experts) when the expert call may go straight to their kernel
+        `cpu_fused_moe` as vLLM's modular kernel would call it: vLLM's own `CPUUnquantizedExperts.apply` (not zentorch),
+        no shared experts for the kernel to run, no expert map, router weights applied to the output. Else None."""
+        if self._direct is None:
+            from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+            re = self.routed_experts
+            experts = getattr(getattr(re.quant_method, "moe_kernel", None), "fused_experts", None)
+            self._direct = (isinstance(experts, CPUUnquantizedExperts)
+                            and type(experts).apply is CPUUnquantizedExperts.apply
+                            and not getattr(experts, "_use_zentorch", True) and self._shared_experts is None
+                            and getattr(re, "expert_map", None) is None
+                            and not getattr(re, "apply_router_weight_on_input", True)) and (experts, re)
+        return self._direct or None
+
     def _forward_modular(self, x, weights, ids, shared_experts_input):
-        """vLLM's modular expert call on x [N, d], weights / ids [N, k] -> [N, d]."""
+        """vLLM's expert call on x [N, d], weights / ids [N, k] -> [N, d]: on CPU straight to its kernel where
+        `_cpu_kernel` allows (the modular kernel's prepare, workspace and finalize are no-ops there, but their Python
+        costs about as much as a small model's expert compute), else through the modular kernel."""
+        direct = self._cpu_kernel() if x.device.type == "cpu" else None
+        if (direct is not None and weights.dtype == torch.float32 and ids.dtype == torch.int32
+                and x.is_contiguous() and weights.is_contiguous() and ids.is_contiguous()):
+            experts, re = direct
+            out = torch.empty_like(x)
+            torch.ops._C.cpu_fused_moe(out, x, re.w13_weight, re.w2_weight, experts.w1_bias, experts.w2_bias,
+                                       weights, ids, False, re.activation.value, experts.isa)
+            DIRECT_CALLS[0] += 1
+            return out
         rows = self.routed_experts.forward_modular(
             x=x, topk_weights=weights, topk_ids=ids,
             shared_experts=self._shared_experts, shared_experts_input=shared_experts_input)
