@@ -18,7 +18,9 @@ Three pieces, all installed while a BEAM model is being built (`beam_moe_factory
   A single token (decode at batch 1) needs no sum: its n kept pairs are one [1, n] call, whose output is the
   token's MoE sum. When every pair is kept (tau 0, or a batch whose mask drops nothing) the [T, K] routing goes
   to vLLM's call unchanged, as vLLM's own model does it, and at tau <= 0 the mask router is not even run
-  (sigmoid >= 0 keeps everything).
+  (sigmoid >= 0 keeps everything). Where vLLM's modular kernel would only wrap its unquantized CPU kernel (no
+  shared experts, expert map or zentorch), the call goes to `cpu_fused_moe` directly, with the arguments the
+  modular kernel passes: its Python cost about as much as a small model's expert compute.
   CUDA: vLLM's expert-parallel mechanism, which its Triton experts document and test. `beam_kernel_args` keeps
   the ids [T, K] (static shapes: CUDA-graph safe) and passes `expert_map` = [0 .. E-1 (or the EP map), -1] with
   `global_num_experts = E + 1`, so the BEAM id E maps to -1. vLLM 0.32's `TritonExperts.apply` then aligns
