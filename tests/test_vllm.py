@@ -526,7 +526,8 @@ def test_deepseek_bfloat16_export(deepseek_exports, bf16_reference, family_outpu
     assert v["counts"]["offered"] == ref["offered"] > 0
     assert abs(v["counts"]["computed"] - ref["computed"]) <= 0.05 * ref["offered"], (v["counts"], ref)
     assert 0.1 < ref["computed"] / ref["offered"] < 0.9, ref
-    print(f"\nbf16 DeepSeek-V2 ({run}) on {v['backend']}: {len(v['tokens'])} prompts x {BF16_STEPS} tokens equal; pairs "
+    print(f"\nbf16 DeepSeek-V2 ({run}) on {v['backend']}: {len(v['tokens'])} prompts x {BF16_STEPS} tokens equal; "
+          f"pairs "
           f"computed vLLM {v['counts']['computed']}, transformers {ref['computed']} of {ref['offered']}")
 
 
