@@ -5,7 +5,8 @@
 
 One engine per process (as bench/serve.py runs them), on the Qwen3-30B-A3B-shaped 2-layer model of
 bench/serve.py (`/tmp/beam_bench/qwen3-30b-a3b-shaped-2l`, `-base` for native vLLM; with
-`PROFILE_MODEL=/tmp/beam_bench/tiny-beam` the tiny model, in its own dtype), enforce_eager, torch threads =
+`PROFILE_MODEL=/tmp/beam_bench/tiny-beam` the tiny model, in its own dtype), enforce_eager (`PROFILE_EAGER=0`:
+compiled, vLLM's default, as bench/serve.py runs it), torch threads =
 the cores; the plugin serves at TAU (default 0: Top-K; 0.74 keeps about 0.15 of the pairs with bench/serve.py's
 random mask routers). Prints the steady decode step (best of 3, (t(33 new) - t(1 new)) / 32), then a profile of one
 more generation: `torch` = torch.profiler's table by self CPU time over 33 new tokens (the expert kernel is
@@ -25,6 +26,7 @@ os.environ.update({"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENI
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT]
 MODEL = os.environ.get("PROFILE_MODEL", "/tmp/beam_bench/qwen3-30b-a3b-shaped-2l")  # or /tmp/beam_bench/tiny-beam
+EAGER = os.environ.get("PROFILE_EAGER", "1") != "0"
 
 
 def main(engine: str, batch: int, tool: str, tau: float = 0.0):
@@ -40,7 +42,7 @@ def main(engine: str, batch: int, tool: str, tau: float = 0.0):
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     dtype = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
-    llm = LLM(model=path, dtype=dtype, max_model_len=256, seed=0, enforce_eager=True, skip_tokenizer_init=True,
+    llm = LLM(model=path, dtype=dtype, max_model_len=256, seed=0, enforce_eager=EAGER, skip_tokenizer_init=True,
               enable_prefix_caching=False, max_num_seqs=32, max_num_batched_tokens=1024,
               hf_overrides=None if engine == "native" else {"beam_tau": tau})
     prompts = np.random.RandomState(0).randint(3, config["vocab_size"], (batch, 16)).tolist()
