@@ -244,7 +244,7 @@ class BeamMoERunner(MoERunner):
     def __init__(self, *args, beam: BeamRouting, **kwargs):
         super().__init__(*args, **kwargs)
         self.beam = beam
-        self.offered = None  # int64 device tensors, made on first use (graph capture replays the add_)
+        self.offered = None  # Python ints off CUDA, int64 device tensors on CUDA (`_count`)
         self.computed = None
         self._beam_expert_map = None
         self._direct = None  # (experts, routed experts) or False, found on the first CPU expert call
@@ -271,7 +271,13 @@ class BeamMoERunner(MoERunner):
 
     def _count(self, offered: int, computed, device):
         """Add to the counters: offered (T * K) and computed (rows handed to the expert GEMMs, int or int64 scalar
-        tensor: no host sync on CUDA)."""
+        tensor: no host sync on CUDA). Off CUDA they are Python ints (the runner's Python runs on every call there,
+        compiled or not, and two tensor adds cost more than a small layer's mask); on CUDA int64 device tensors,
+        made on first use, whose add_ a captured graph replays."""
+        if not current_platform.is_cuda_alike():
+            self.offered = (self.offered or 0) + offered
+            self.computed = (self.computed or 0) + int(computed)
+            return
         if self.offered is None:
             self.offered = torch.zeros((), dtype=torch.int64, device=device)
             self.computed = torch.zeros((), dtype=torch.int64, device=device)
@@ -279,10 +285,12 @@ class BeamMoERunner(MoERunner):
         self.computed.add_(computed)
 
     def reset_counts(self):
-        if self.offered is not None:
+        if isinstance(self.offered, torch.Tensor):
             with torch.inference_mode():  # the counters were made inside vLLM's inference mode
                 self.offered.zero_()
                 self.computed.zero_()
+        elif self.offered is not None:
+            self.offered = self.computed = 0
 
     def _apply_quant_method(self, hidden_states, router_logits, shared_experts_input, input_ids=None,
                             shared_experts_overlapping=False):
