@@ -124,12 +124,12 @@ def generate(run, prompts):
     backend = attention_backend(llm.llm_engine.vllm_config)[0]
     from convert.vllm_plugin import linear, moe
     reset_pair_counts()
-    calls, direct = linear.CALLS[0], moe.DIRECT_CALLS[0]
+    calls, direct, op_calls = linear.CALLS[0], moe.DIRECT_CALLS[0], moe.OP_CALLS[0]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=run["max_tokens"], ignore_eos=True, logprobs=0))
     res = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "counts": pair_counts(), "backend": backend,
            "packed": {"enabled": linear.packing_enabled(), "calls": linear.CALLS[0] - calls},
-           "direct_expert_calls": moe.DIRECT_CALLS[0] - direct,
+           "direct_expert_calls": moe.DIRECT_CALLS[0] - direct, "masked_expert_ops": moe.OP_CALLS[0] - op_calls,
            "shared_experts": any(r._shared_experts is not None for r in moe._RUNNERS),
            "logprobs": [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
                         for o in outs]}
@@ -211,6 +211,7 @@ FAMILY_PROMPTS = [[5, 17, 42, 99, 100, 7, 64, 12], [11, 12, 13]]
 # bfloat16) stays above BF16_MIN_GAP at every step, from a tiny DeepSeek-V2 whose lm_head is scaled by
 # BF16_LOGIT_SCALE (random tiny models have near-uniform logits: gaps of 1e-3, below bfloat16's rounding)
 BF16_STEPS = 4
+COMPILED_STEPS = 4  # greedy tokens of the compiled Mixtral run (prefill and decode steps)
 BF16_LOGIT_SCALE = 100.0
 BF16_MIN_GAP = 0.5
 
@@ -303,6 +304,9 @@ def family_outputs(family_exports, deepseek_exports, bf16_reference, tmp_path_fa
                              "max_tokens": BF16_STEPS, "prompts": bf16_reference["prompts"]}
     # the same under torch.compile, vLLM's default (the packed layers as the opaque beam_jax::packed_linear)
     runs["deepseek_bf16_compiled"] = dict(runs["deepseek_bf16"], llm={"dtype": "auto", "enforce_eager": False})
+    # a family without shared experts under torch.compile: traced up to the opaque beam_jax::masked_experts
+    runs["mixtral_compiled"] = {"dir": str(family_exports["mixtral"]), "llm": {"dtype": "float32", "enforce_eager": False},
+                                "max_tokens": COMPILED_STEPS}
     ds32, ds16 = str(deepseek_exports["float32"]), str(deepseek_exports["bfloat16"])
     checks = {"float32": {"dir": ds32, "llm": {"dtype": "float32"}},
               "float32_auto": {"dir": ds32, "llm": {"dtype": "auto"}},
@@ -506,6 +510,29 @@ def test_other_families(family_exports, family_outputs):
         # the expert calls went straight to vLLM's CPU kernel unless the kernel runs shared experts too
         assert (v["direct_expert_calls"] == 0) if v["shared_experts"] else (v["direct_expert_calls"] > 0), (family, v)
     assert family_outputs["runs"]["deepseek_v2"]["backend"] == "CPU_MLA"
+
+
+def test_compiled_graph_runs_the_mask_when_it_runs(family_exports, family_outputs):
+    """Mixtral (no shared experts) under torch.compile, vLLM's default: the graph is traced through the routing and
+    the mask, compaction and experts run as `beam_jax::masked_experts` (counted), with transformers' BEAM model's
+    greedy tokens, log-probabilities and pairs computed over prefill and decode steps."""
+    import torch
+    import transformers
+
+    import convert
+
+    convert.register()
+    v = family_outputs["runs"]["mixtral_compiled"]
+    assert "refused" not in v, v
+    model = transformers.AutoModelForCausalLM.from_pretrained(family_exports["mixtral"], dtype=torch.float32).eval()
+    model.reset_beam_counts()
+    ref = [_torch_greedy(model, p, COMPILED_STEPS) for p in FAMILY_PROMPTS]
+    assert v["tokens"] == [r[0] for r in ref]
+    np.testing.assert_allclose(v["logprobs"], [r[1] for r in ref], atol=FAMILIES["mixtral"][1], rtol=0)
+    assert v["counts"] == model.beam_pair_counts()
+    assert 0.15 < v["counts"]["computed"] / v["counts"]["offered"] < 0.85, v["counts"]
+    # every MoE layer call of the compiled graph went through the op (prefill may run eagerly: at least the decode)
+    assert v["masked_expert_ops"] > 0 and v["direct_expert_calls"] > 0, v
 
 
 @pytest.mark.parametrize("run", ["deepseek_bf16", "deepseek_bf16_compiled"])

@@ -98,12 +98,13 @@ def test_under_torch_compile_the_row_count_is_decided_when_the_graph_runs(monkey
     layer = torch.nn.Module()
     w, b = _rand((96, 128), 6, 0.1), _rand((96,), 7)
     layer.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
-    method.process_weights_after_loading(layer)
+    layer.bias = torch.nn.Parameter(b.clone(), requires_grad=False)  # the layer's own, as vLLM's linear layers hold it
+    method.process_weights_after_loading(layer)  # vLLM may convert it (float32 for its AMX small-GEMM kernel)
     calls = []
     real = linear.packed_matmul
     monkeypatch.setattr(linear, "packed_matmul", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
     torch._dynamo.reset()
-    step = torch.compile(lambda x: method.apply(layer, x, b) * 2, dynamic=True, fullgraph=True)
+    step = torch.compile(lambda x: method.apply(layer, x, layer.bias) * 2, dynamic=True, fullgraph=True)
     for rows in (64, 3, linear.ROWS_MAX, linear.ROWS_MAX + 1, 5):  # traced with 64 rows, then every size
         x = _rand((rows, 128), 10 + rows)
         y = step(x)

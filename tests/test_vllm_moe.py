@@ -96,6 +96,7 @@ def _runner(routing, experts):
     routing.mask_in_runner = not beam_moe.current_platform.is_cuda_alike()  # as BeamMoERunner.__init__ sets it
     r._shared_experts, r.layer_name = None, "model.layers.0.mlp.experts"
     r.routed_experts = experts
+    r._register()
     r.router = types.SimpleNamespace(
         select_experts=lambda hidden_states, router_logits, topk_indices_dtype, input_ids:
         routing(hidden_states, router_logits, K, True))
@@ -177,9 +178,9 @@ def test_cpu_runner_single_token_is_one_call_of_its_kept_pairs(monkeypatch, cpu_
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_cpu_forward_entry_is_direct_in_eager_and_the_opaque_op_under_compile(monkeypatch, shared):
-    """Off CUDA the layer calls vLLM's Python forward itself in eager execution (no custom-op dispatch per call)
-    and the opaque custom op while torch.compile traces (so Dynamo never sees the data-dependent compaction);
-    on CUDA always the op."""
+    """Off CUDA the layer calls vLLM's Python forward itself in eager execution (no custom-op dispatch per call).
+    While torch.compile traces, without shared experts too (the data-dependent part is `beam_jax::masked_experts`,
+    below), with shared experts vLLM's opaque custom op around the layer; on CUDA always vLLM's op."""
     from vllm.model_executor.layers.fused_moe.runner import moe_runner
 
     name = "moe_forward_shared" if shared else "moe_forward"
@@ -191,9 +192,47 @@ def test_cpu_forward_entry_is_direct_in_eager_and_the_opaque_op_under_compile(mo
     entry = runner._select_forward()
     assert entry(1, 2) == ("direct", (1, 2))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert entry(1, 2) == ("op", (1, 2))
+    assert entry(1, 2) == (("op", (1, 2)) if shared else ("direct", (1, 2)))
     monkeypatch.setattr(beam_moe.current_platform, "is_cuda_alike", lambda: True)
     assert runner._select_forward()(3) == ("op", (3,))
+
+
+def test_under_torch_compile_the_mask_runs_when_the_graph_runs(monkeypatch, cpu_helpers):
+    """vLLM traces a CPU layer without shared experts once for every batch size (guards dropped) and changes tau in
+    place while serving: `_apply_quant_method` compiled with fullgraph traces the routing and leaves the mask,
+    compaction and experts to `beam_jax::masked_experts`, one call per layer call, which reads tau when it runs.
+    Each output equals the dense masked sum at that call's tau and row count; the counters follow."""
+    from convert.modeling_beam import beam_mask
+
+    monkeypatch.setattr(beam_moe.current_platform, "is_cuda_alike", lambda: False)
+    w13, w2 = _experts()
+    x, _, _, routing = _routing(seed=4)
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(4)) * 3
+    experts = _RecordingExperts(w13, w2)
+    runner = _runner(routing, experts)
+    torch._dynamo.reset()
+    step = torch.compile(lambda h, l: runner._apply_quant_method(h, l, None)[1], fullgraph=True, dynamic=True)
+    offered = computed = 0
+    for tau, rows in ((0.5, T), (0.5, 4), (1.01, 5), (0.0, 3), (0.7, T), (0.5, 1)):  # traced at the first
+        routing.tau = tau
+        h, l = x[:rows], logits[:rows]
+        before = beam_moe.OP_CALLS[0]
+        got = step(h, l)
+        assert beam_moe.OP_CALLS[0] == before + 1, tau
+        topk_w, topk_i = routing.topk(l)
+        g, masked, _ = beam_mask(h, topk_w, topk_i, routing.mask_router.weight, tau, routing.beam_renormalize, E)
+        np.testing.assert_allclose(got.double().numpy(), _dense(h, g, masked, w13, w2).numpy(), atol=1e-5, rtol=0,
+                                   err_msg=f"tau {tau}, {rows} rows")
+        offered, computed = offered + rows * K, computed + int((masked < E).sum())
+        assert (runner.offered, runner.computed) == (offered, computed), tau
+    assert 0 < computed < offered
+    i = len(beam_moe._RUNNER_IDS)
+    beam_moe._RUNNER_IDS.append(lambda: None)  # a runner freed with its engine
+    try:
+        with pytest.raises(RuntimeError, match=rf"beam_jax::masked_experts: MoE runner {i} no longer exists"):
+            torch.ops.beam_jax.masked_experts(x, *routing.topk(logits), i)
+    finally:
+        beam_moe._RUNNER_IDS.pop()
 
 
 def test_compact_pairs_rows():

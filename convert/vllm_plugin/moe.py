@@ -36,8 +36,11 @@ Three pieces, all installed while a BEAM model is being built (`beam_moe_factory
   "computed" counts the rows handed to the expert GEMMs (CPU: the compacted rows; CUDA: the ids the expert map
   keeps, which are the rows the alignment sorts), which equals the mask's kept count.
 
-The runner's forward goes through vLLM's opaque `moe_forward` custom op on every platform, so
-torch.compile never traces the data-dependent compaction.
+torch.compile never traces the data-dependent part. CUDA, and CPU layers with shared experts: the runner's forward
+is vLLM's opaque `moe_forward` custom op. CPU without shared experts: as in vLLM's own CPU models the forward is
+traced (the routing and Top-K become part of the compiled graph), and the mask, compaction, expert kernel and sum
+are one opaque op of ours, `beam_jax::masked_experts`, which reads tau when it runs; this saves the Python of
+vLLM's layer call at every step (about as much as a small model's expert compute).
 """
 
 from __future__ import annotations
@@ -57,7 +60,9 @@ from vllm.platforms import current_platform
 from convert.modeling_beam import BEAM_DEFAULTS, MASK_EPS, beam_mask, kept_pairs
 
 _RUNNERS: "weakref.WeakSet[BeamMoERunner]" = weakref.WeakSet()
+_RUNNER_IDS: list = []  # runner id -> weakref to the runner: `masked_experts`' way back to it
 DIRECT_CALLS = [0]  # expert calls made straight to vLLM's CPU kernel in this process (the tests read it)
+OP_CALLS = [0]  # `beam_jax::masked_experts` calls (compiled graphs) in this process (the tests read it)
 
 
 @dataclasses.dataclass(eq=False)
@@ -123,7 +128,9 @@ class BeamRouting:
         if self.mask_router is None:
             raise RuntimeError("BEAM routing called before its mask router was bound")
         weights, ids = self.topk(gating_output)
-        if self.tau <= 0 or self.mask_in_runner:  # tau <= 0: m_hat = sigmoid(.) >= 0 >= tau keeps every pair
+        # mask_in_runner first: under torch.compile this runs traced, and tau (set in place while serving) must not
+        # be read here, where the graph would fix its value
+        if self.mask_in_runner or self.tau <= 0:  # tau <= 0: m_hat = sigmoid(.) >= 0 >= tau keeps every pair
             return weights, ids
         x = hidden_states[..., : self.mask_router.in_features]
         g, ids, _ = beam_mask(x, weights, ids, self.mask_router.weight, self.tau, self.beam_renormalize,
@@ -248,21 +255,31 @@ class BeamMoERunner(MoERunner):
         self.computed = None
         self._beam_expert_map = None
         self._direct = None  # (experts, routed experts) or False, found on the first CPU expert call
+        self._register()
         # Off CUDA the runner applies the mask together with the compaction (`mask_and_compact`); the routing hands
         # it the Top-K. On CUDA the routing applies it (ids stay [T, K], dropped pairs id E).
         beam.mask_in_runner = not current_platform.is_cuda_alike()
         _RUNNERS.add(self)
 
+    def _register(self):
+        """Give the runner its id in `_RUNNER_IDS`, the custom op `masked_experts`' way back to it."""
+        self._beam_id = len(_RUNNER_IDS)
+        _RUNNER_IDS.append(weakref.ref(self))
+
     def _select_forward(self):
-        """What the forward runs: under torch.compile always the opaque custom op (vLLM calls the Python function
-        directly on CPU, which would let Dynamo trace into the data-dependent compaction below); in eager
-        execution (`enforce_eager`, and every step vLLM runs uncompiled) the Python function itself, as vLLM's own
-        CPU layers call it, without the custom-op dispatch per layer call."""
+        """What the forward runs. CUDA: vLLM's opaque custom op. Off CUDA without shared experts: the Python
+        function, as vLLM's own CPU layers call it; torch.compile traces it (routing, Top-K) up to the one opaque
+        op `beam_jax::masked_experts`, which runs the data-dependent mask, compaction and expert call when the graph
+        runs (`_apply_quant_method`). With shared experts: under torch.compile vLLM's opaque op around the whole
+        layer (the shared experts may ride in the expert kernel, which the compaction must know), in eager
+        execution the Python function itself."""
         shared = self._shared_experts is not None
         op = torch.ops.vllm.moe_forward_shared if shared else torch.ops.vllm.moe_forward
         if current_platform.is_cuda_alike():
             return op
-        direct = moe_runner._moe_forward_shared if shared else moe_runner._moe_forward
+        if not shared:
+            return moe_runner._moe_forward
+        direct = moe_runner._moe_forward_shared
 
         def forward(*args):
             return op(*args) if torch.compiler.is_compiling() else direct(*args)
@@ -298,12 +315,15 @@ class BeamMoERunner(MoERunner):
         if re.quant_method.is_monolithic:
             raise RuntimeError(f"{self.layer_name}: vLLM chose a monolithic MoE kernel, which routes from the logits "
                                f"and would ignore BEAM's mask; BEAM needs a modular kernel")
-        self._maybe_apply_shared_experts(shared_experts_input, _no_overlap())
+        if self._shared_experts is not None:
+            self._maybe_apply_shared_experts(shared_experts_input, _no_overlap())
         weights, ids = self.router.select_experts(hidden_states=hidden_states, router_logits=router_logits,
                                                   topk_indices_dtype=self._quant_method.topk_indices_dtype,
                                                   input_ids=input_ids)
         if current_platform.is_cuda_alike():
             fused_out = self._experts_cuda(hidden_states, weights, ids, shared_experts_input)
+        elif torch.compiler.is_compiling():  # traced (no shared experts, `_select_forward`): decided when it runs
+            fused_out = torch.ops.beam_jax.masked_experts(hidden_states, weights, ids, self._beam_id)
         else:
             fused_out = self._experts_compacted(hidden_states, weights, ids, shared_experts_input)
         if shared_experts_overlapping:
@@ -403,6 +423,25 @@ class BeamMoERunner(MoERunner):
                             apply_router_weight_on_input=re.apply_router_weight_on_input,
                             shared_experts=self._shared_experts, shared_experts_input=shared_experts_input,
                             **beam_kernel_args(weights, ids, emap))
+
+
+@torch.library.custom_op("beam_jax::masked_experts", mutates_args=())
+def masked_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, runner_id: int) -> torch.Tensor:
+    """A CPU runner's expert call as one operation for torch.compile: `BeamMoERunner._experts_compacted` of runner
+    `runner_id` (the mask at the runner's current tau, the kept pairs' compaction, the expert kernel, the sum back),
+    whose output size depends on the data and whose tau may change between steps. x [T, d]; weights [T, K]
+    float32; ids [T, K] -> [T, d] in x's dtype."""
+    runner = _RUNNER_IDS[runner_id]()
+    if runner is None:
+        raise RuntimeError(f"beam_jax::masked_experts: MoE runner {runner_id} no longer exists")
+    OP_CALLS[0] += 1
+    out = runner._experts_compacted(x, weights, ids, None)
+    return out.clone() if out.data_ptr() == x.data_ptr() else out  # an op's output must not alias its input
+
+
+@masked_experts.register_fake
+def _masked_experts_fake(x, weights, ids, runner_id):
+    return torch.empty_like(x)
 
 
 def _no_overlap():
