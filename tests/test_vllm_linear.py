@@ -72,6 +72,7 @@ def test_packed_matmul_bad_input_is_named():
 
 @needs_packing
 def test_method_sends_a_few_rows_to_the_packed_product_and_more_to_vllms(monkeypatch):
+    monkeypatch.setattr(linear, "ROWS_MAX", linear.ROWS_MAX_AVX512)  # the mechanism, whichever limit this CPU gets
     method = linear._methods()[UnquantizedLinearMethod]()
     layer = torch.nn.Module()
     w = _rand((96, 128), 5, 0.1)
@@ -94,6 +95,7 @@ def test_under_torch_compile_the_row_count_is_decided_when_the_graph_runs(monkey
     """vLLM compiles one graph for every batch size (DYNAMO_TRACE_ONCE, guards dropped): the layer is the opaque
     `beam_jax::packed_linear`, which takes the packed product for few rows and vLLM's for more, whatever size the
     graph was traced with."""
+    monkeypatch.setattr(linear, "ROWS_MAX", linear.ROWS_MAX_AVX512)  # the mechanism, whichever limit this CPU gets
     method = linear._methods()[UnquantizedLinearMethod]()
     layer = torch.nn.Module()
     w, b = _rand((96, 128), 6, 0.1), _rand((96,), 7)
@@ -116,6 +118,15 @@ def test_under_torch_compile_the_row_count_is_decided_when_the_graph_runs(monkey
     i = len(linear._LAYERS) - 1
     with pytest.raises(RuntimeError, match=rf"beam_jax::packed_linear: packed layer {i} no longer exists"):
         torch.ops.beam_jax.packed_linear(_rand((40, 128), 1), layer.beam_packed, None, i, 96)
+
+
+def test_rows_max_follows_amx(monkeypatch):
+    """With AMX vLLM's own products beat the packed one from 2 rows on (bench/results/linear_rows_xeon_amx.md):
+    the packed product is kept for a single row there, up to 32 elsewhere."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert linear._rows_max() == linear.ROWS_MAX_AMX == 1
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert linear._rows_max() == linear.ROWS_MAX_AVX512 == 32
 
 
 def test_off_switch(monkeypatch):

