@@ -51,10 +51,10 @@ prefill tokens/s at 512 prompt tokens, batch 1 (512 / t(1 new)). Beside each dec
 decode step reads (`serve_jax.step_bytes`, from the JAX model's routing of the same prompts: every non-expert
 weight, the mask routers under BEAM, each expert a kept pair of the step uses), the bandwidth floor (those bytes
 / copy bandwidth measured in the same run, `serve_jax.memory_bandwidth`), the step over the read floor (those bytes
-/ the read bandwidth of the same run, `serve_jax.read_bandwidth`: a step reads its weights; on this 2-core VM the
-two rates move apart, reads measured at 0.8-1.1x a copy's read + write rate; both are measured at the start and
-the end of the run, and the floors use the higher of the two: the rate the machine showed it reaches) and the ideal speed-up (Top-K bytes /
-this row's bytes). Timings are the best of `--repeat` runs after one warm-up run of each length; within one engine
+/ the read bandwidth of the same run, `serve_jax.read_bandwidth`: a step reads its weights; on these 2-core VMs the
+two rates move apart, reads measured at 0.6-1.1x a copy's read + write rate; both are measured at the start and
+the end of the run, and the floors use the higher of the two: the rate the machine showed it reaches) and the
+ideal speed-up (Top-K bytes / this row's bytes). Timings are the best of `--repeat` runs after one warm-up run of each length; within one engine
 the policies' runs are interleaved at each batch (Top-K, BEAM 0.5, BEAM 0.15, Top-K, ...), so a drift of the
 machine's speed during the run moves them alike and BEAM / Top-K is a same-process, same-moment ratio. Against
 native vLLM (another process) the ratio carries this VM's process-to-process spread (10-25% seen): `--vllm-rounds R`

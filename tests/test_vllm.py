@@ -305,8 +305,8 @@ def family_outputs(family_exports, deepseek_exports, bf16_reference, tmp_path_fa
     # the same under torch.compile, vLLM's default (the packed layers as the opaque beam_jax::packed_linear)
     runs["deepseek_bf16_compiled"] = dict(runs["deepseek_bf16"], llm={"dtype": "auto", "enforce_eager": False})
     # a family without shared experts under torch.compile: traced up to the opaque beam_jax::masked_experts
-    runs["mixtral_compiled"] = {"dir": str(family_exports["mixtral"]), "llm": {"dtype": "float32", "enforce_eager": False},
-                                "max_tokens": COMPILED_STEPS}
+    runs["mixtral_compiled"] = {"dir": str(family_exports["mixtral"]), "max_tokens": COMPILED_STEPS,
+                                "llm": {"dtype": "float32", "enforce_eager": False}}
     ds32, ds16 = str(deepseek_exports["float32"]), str(deepseek_exports["bfloat16"])
     checks = {"float32": {"dir": ds32, "llm": {"dtype": "float32"}},
               "float32_auto": {"dir": ds32, "llm": {"dtype": "auto"}},
