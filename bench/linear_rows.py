@@ -5,30 +5,21 @@
 At Qwen3-30B-A3B's decode shapes (qkv 2048 -> 5120, o 4096 -> 2048, LM head 2048 -> 8192 at the serving benchmark's
 vocabulary, router 2048 -> 128... 256), bfloat16, torch threads = the cores: the time of `packed_matmul` and of
 vLLM's `UnquantizedLinearMethod.apply` for the same layer (oneDNN, or sgl's AMX kernel for small N where the
-processor has AMX), the median of 50 calls after 2 warm-ups, and their ratio. The plugin's `ROWS_MAX` (the rows up to
+processor has AMX), the median of 50 calls after 2 warm-ups (`common.timeit`), and their ratio. The plugin's `ROWS_MAX` (the rows up to
 which it takes the packed product) is chosen from this table per processor kind. Needs the extension's
 AVX512-BF16 build.
 """
 
 import argparse
 import os
-import platform
 import time
 
 import torch
 
+from common import machine, timeit
+
 SHAPES = [(5120, 2048, "qkv"), (2048, 4096, "o"), (8192, 2048, "LM head"), (256, 2048, "small N")]
 ROWS = (1, 2, 3, 4, 8, 16, 32)
-
-
-def _median_us(f, n=50):
-    f(), f()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[n // 2] * 1e6
 
 
 def main():
@@ -41,11 +32,9 @@ def main():
     if linear._ffi() is None:
         raise SystemExit("beam_jax._ffi has no AVX512-BF16 build here: nothing to compare")
     torch.set_num_threads(os.cpu_count() or 1)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-               platform.processor())
     amx = torch.cpu._is_amx_tile_supported()
     lines = [f"# Packed dense product against vLLM's, per row count (bench/linear_rows.py)", "",
-             f"{cpu}, {os.cpu_count()} cores, AMX {'yes' if amx else 'no'} | {time.strftime('%Y-%m-%d %H:%M %Z')} | "
+             f"{machine()} | AMX {'yes' if amx else 'no'} | {time.strftime('%Y-%m-%d %H:%M %Z')} | "
              f"torch {torch.__version__} | plugin ROWS_MAX here: {linear.ROWS_MAX}", "",
              "| layer | N x K | rows | packed us | vLLM us | vLLM / packed |", "| --- | --- | --- | --- | --- | --- |"]
     for N, K, name in SHAPES:
@@ -55,8 +44,8 @@ def main():
         method.process_weights_after_loading(layer)
         for rows in ROWS:
             x = torch.randn(rows, K).bfloat16()
-            tp = _median_us(lambda: linear.packed_matmul(x, layer.beam_packed, N))
-            tv = _median_us(lambda: method.base_apply(layer, x))
+            tp = 1e6 * timeit(lambda: linear.packed_matmul(x, layer.beam_packed, N), repeat=50, warmup=2)
+            tv = 1e6 * timeit(lambda: method.base_apply(layer, x), repeat=50, warmup=2)
             lines.append(f"| {name} | {N} x {K} | {rows} | {tp:.0f} | {tv:.0f} | {tv / tp:.2f} |")
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
