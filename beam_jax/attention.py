@@ -19,7 +19,7 @@ from flax import nnx
 from .config import ModelConfig
 from .decode_attention import decode_attention, use_decode_attention
 from .layers import RMSNorm, apply_rope, linear
-from .rows_matmul import packed_rows_matmul, rows_matmul, use_rows_matmul
+from .rows_matmul import packed_rows_matmul, rows_matmul, use_packed_rows_matmul, use_rows_matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,11 +101,12 @@ def decode_kernels():
 def project(lin: nnx.Linear, x):
     """`lin(x)` for an `nnx.Linear` (kernel [din, dout], optional bias) through `matmul`: same result in
     float32, the fast XLA:CPU path in bfloat16 / float16. x [..., din] -> [..., dout] in lin.dtype.
-    Inside `packed_weights`, a listed layer's product with a few bfloat16 rows uses its packed kernel."""
+    Inside `packed_weights`, a listed layer's product with bfloat16 rows (up to `rows_matmul.packed_rows_max()`: a
+    few on the AVX512-BF16 build, any number on the AMX build) uses its packed kernel."""
     dtype = lin.dtype or x.dtype
     packed = (_PACKED.get() or {}).get(id(lin))
     rows = x.size // x.shape[-1] if x.shape[-1] else 0
-    if packed is not None and jnp.dtype(dtype) == jnp.bfloat16 and use_rows_matmul(rows, dtype):
+    if packed is not None and jnp.dtype(dtype) == jnp.bfloat16 and use_packed_rows_matmul(rows):
         y = packed_rows_matmul(x.astype(dtype).reshape(rows, x.shape[-1]), packed).reshape(*x.shape[:-1], packed.n)
     else:
         y = matmul(x.astype(dtype), lin.kernel[...].astype(dtype))

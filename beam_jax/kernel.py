@@ -61,7 +61,7 @@ except ImportError as _err:  # pragma: no cover - depends on the build
 else:
     _FFI_IMPORT_ERROR = None
 
-CPU_ISAS = ("generic", "avx2", "avx512bf16")  # the CPU kernel's builds, lowest first (beam_jax._ffi.cpu_isa())
+CPU_ISAS = ("generic", "avx2", "avx512bf16", "amx")  # the CPU kernel's builds, lowest first (beam_jax._ffi.cpu_isa())
 if os.environ.get("BEAM_JAX_CPU_ISA", CPU_ISAS[-1]) not in CPU_ISAS:  # the C++ side would ignore a typo
     raise ValueError(f"BEAM_JAX_CPU_ISA={os.environ['BEAM_JAX_CPU_ISA']!r}: must be one of {', '.join(CPU_ISAS)} "
                      "(the most capable CPU kernel build to run; unset: the best this processor has)")

@@ -11,7 +11,7 @@ number of rows M (the decode batch), the time of ``x [M, K] @ w [K, N]`` through
   build this processor has, and ``rows_<isa>`` under each lower build but the generic one (``rows_avx2`` on an
   AVX512-BF16 processor), switched in the same process through ``_ffi.set_cpu_isa``;
 - ``packed``: `rows_matmul.packed_rows_matmul` on `pack_weight(w)` (what `beam_jax.generate` runs), in bfloat16
-  under the AVX512-BF16 build;
+  under the AVX512-BF16 build, or the AMX build (tile products) with ``packed_avx512bf16`` beside it;
 
 with the floor: w's bytes over the copy bandwidth measured in the same run. At least six distinct weight matrices,
 96 MB in all, are cycled so no product finds its matrix in cache (the L3 holds 32 MB). Checks
@@ -70,7 +70,7 @@ def main():
     from beam_jax import _ffi
 
     best = _ffi.best_cpu_isa()
-    isas = {"rows": best, **({"rows_avx2": "avx2"} if best == "avx512bf16" else {})}
+    isas = {"rows": best, **({"rows_avx2": "avx2"} if best in rm.DP_ISAS else {})}
 
     def on(isa, fn):
         def run(x, w):
@@ -81,8 +81,10 @@ def main():
     rows_fn = jax.jit(rows_matmul)
     paths = {"xla": jax.jit(xla), **{name: on(isa, rows_fn) for name, isa in isas.items()}}
     dt = jnp.dtype(args.dtype)
-    if best == "avx512bf16" and dt == jnp.bfloat16 and "beam_packed_rows_matmul" in _ffi.registrations():
+    if best in rm.DP_ISAS and dt == jnp.bfloat16 and "beam_packed_rows_matmul" in _ffi.registrations():
         paths["packed"] = on(best, jax.jit(rm.packed_rows_matmul))
+        if best == "amx":  # the vdpbf16ps loop the AMX tiles replace
+            paths["packed_avx512bf16"] = on("avx512bf16", jax.jit(rm.packed_rows_matmul))
     bw = memory_bandwidth()
     rng = np.random.default_rng(0)
     rows_list = [int(r) for r in args.rows.split(",")]
@@ -91,7 +93,8 @@ def main():
         nbytes = K * N * dt.itemsize
         ws = [jnp.asarray(rng.standard_normal((K, N), np.float32) * 0.02, dt)
               for _ in range(max(6, -(-(96 << 20) // nbytes)))]
-        operands = {p: [rm.pack_weight(w) for w in ws] if p == "packed" else ws for p in paths}
+        packed = [rm.pack_weight(w) for w in ws] if "packed" in paths else None
+        operands = {p: packed if p.startswith("packed") else ws for p in paths}
         for M in rows_list:
             x = jnp.asarray(rng.standard_normal((M, K), np.float32), dt)
             t = {p: _time(f, x, operands[p], args.repeat) for p, f in paths.items()}
@@ -101,7 +104,9 @@ def main():
                    "rows_over_xla": t["xla"] / t["rows"],
                    **({"rows_over_rows_avx2": t["rows_avx2"] / t["rows"]} if "rows_avx2" in t else {}),
                    **({"packed_over_rows": t["rows"] / t["packed"], "packed_over_xla": t["xla"] / t["packed"]}
-                      if "packed" in t else {})}
+                      if "packed" in t else {}),
+                   **({"packed_over_packed_avx512bf16": t["packed_avx512bf16"] / t["packed"]}
+                      if "packed_avx512bf16" in t else {})}
             results.append(row)
             others = "".join(f"  {p} {row[p + '_ms']:.3f} ms ({row[p + '_GBps']:.1f} GB/s)" for p in t
                              if p not in ("xla", "rows"))

@@ -129,11 +129,18 @@ void RowsMatmul(const RowsProblem& p, const Runner& runner);
 void PackedRowsMatmul(const PackedRowsProblem& p, const Runner& runner);
 void DecodeAttention(const DecodeAttentionProblem& p, const Runner& runner);
 }
+namespace cpu_amx {
+void MaskedMoe(const Problem& p, const Runner& runner);
+void MaskedMoeBwd(const BwdProblem& p, const Runner& runner);
+void RowsMatmul(const RowsProblem& p, const Runner& runner);
+void PackedRowsMatmul(const PackedRowsProblem& p, const Runner& runner);
+void DecodeAttention(const DecodeAttentionProblem& p, const Runner& runner);
+}
 
 // The instruction set the CPU kernels run: the best build this processor supports, capped by
-// BEAM_JAX_CPU_ISA (generic | avx2 | avx512bf16, read at first use; the tests use it to run each
+// BEAM_JAX_CPU_ISA (generic | avx2 | avx512bf16 | amx, read at first use; the tests use it to run each
 // build) or later by SetCpuIsa (the benchmarks compare builds side by side in one process).
-enum class CpuIsa { kGeneric, kAvx2, kAvx512Bf16 };
+enum class CpuIsa { kGeneric, kAvx2, kAvx512Bf16, kAmx };
 CpuIsa BestCpuIsa();
 CpuIsa SelectedCpuIsa();
 CpuIsa SetCpuIsa(const std::string& name);  // returns the build now selected (capped by BestCpuIsa)

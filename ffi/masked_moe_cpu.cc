@@ -14,6 +14,11 @@
 #include <string>
 #include <thread>
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "masked_moe.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -25,8 +30,23 @@ namespace ffi = xla::ffi;
 
 namespace beam {
 
+namespace {
+// Whether this process may use AMX tile data: the processor has AMX-TILE and AMX-BF16 and Linux grants
+// the XTILEDATA state on request (arch_prctl(ARCH_REQ_XCOMP_PERM), once per process; torch asks the same
+// where it uses AMX). Without the grant the first tile instruction faults.
+bool AmxUsable() {
+#if defined(BEAM_JAX_HAVE_AMX_TU) && defined(__linux__) && defined(SYS_arch_prctl)
+  if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return false;
+  constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
 // The best build compiled in and supported by the processor (AVX2 needs FMA and F16C too;
-// AVX512-BF16 needs AVX512F and BW).
+// AVX512-BF16 needs AVX512F and BW; AMX needs AMX-TILE, AMX-BF16 and the kernel's leave, AmxUsable).
 CpuIsa BestCpuIsa() {
   static const CpuIsa best = [] {
     CpuIsa b = CpuIsa::kGeneric;
@@ -37,8 +57,10 @@ CpuIsa BestCpuIsa() {
       b = CpuIsa::kAvx2;
 #if defined(BEAM_JAX_HAVE_AVX512BF16_TU)
       if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-          __builtin_cpu_supports("avx512bf16"))
+          __builtin_cpu_supports("avx512bf16")) {
         b = CpuIsa::kAvx512Bf16;
+        if (AmxUsable()) b = CpuIsa::kAmx;
+      }
 #endif
     }
 #endif
@@ -49,13 +71,16 @@ CpuIsa BestCpuIsa() {
 
 namespace {
 CpuIsa ParseCpuIsa(const std::string& name) {
-  return name == "generic" ? CpuIsa::kGeneric : name == "avx2" ? CpuIsa::kAvx2 : CpuIsa::kAvx512Bf16;
+  return name == "generic"      ? CpuIsa::kGeneric
+         : name == "avx2"       ? CpuIsa::kAvx2
+         : name == "avx512bf16" ? CpuIsa::kAvx512Bf16
+                                : CpuIsa::kAmx;
 }
 // The selected build: BEAM_JAX_CPU_ISA at first use, SetCpuIsa afterwards.
 std::atomic<int>& Selected() {
   static std::atomic<int> isa{[] {
     const char* want = std::getenv("BEAM_JAX_CPU_ISA");
-    const CpuIsa cap = want == nullptr ? CpuIsa::kAvx512Bf16 : ParseCpuIsa(want);
+    const CpuIsa cap = want == nullptr ? CpuIsa::kAmx : ParseCpuIsa(want);
     return int(std::min(BestCpuIsa(), cap));
   }()};
   return isa;
@@ -72,6 +97,7 @@ CpuIsa SetCpuIsa(const std::string& name) {
 
 const char* CpuIsaName(CpuIsa isa) {
   switch (isa) {
+    case CpuIsa::kAmx: return "amx";
     case CpuIsa::kAvx512Bf16: return "avx512bf16";
     case CpuIsa::kAvx2: return "avx2";
     default: return "generic";
@@ -97,10 +123,14 @@ BEAM_CPU_FORWARD(cpu_avx2, cpu_generic)
 #ifndef BEAM_JAX_HAVE_AVX512BF16_TU
 BEAM_CPU_FORWARD(cpu_avx512bf16, cpu_avx2)
 #endif
+#ifndef BEAM_JAX_HAVE_AMX_TU
+BEAM_CPU_FORWARD(cpu_amx, cpu_avx512bf16)
+#endif
 #undef BEAM_CPU_FORWARD
 
 #define BEAM_CPU_DISPATCH(fn, problem)                                     \
   switch (SelectedCpuIsa()) {                                               \
+    case CpuIsa::kAmx: cpu_amx::fn(problem, runner); break;                 \
     case CpuIsa::kAvx512Bf16: cpu_avx512bf16::fn(problem, runner); break;   \
     case CpuIsa::kAvx2: cpu_avx2::fn(problem, runner); break;               \
     default: cpu_generic::fn(problem, runner);                              \

@@ -48,6 +48,11 @@
 #else
 #define BEAM_CPU_USE_AVX512BF16 0
 #endif
+#if BEAM_CPU_USE_AVX512BF16 && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define BEAM_CPU_USE_AMX 1
+#else
+#define BEAM_CPU_USE_AMX 0
+#endif
 
 #include "masked_moe.h"
 
@@ -1359,7 +1364,116 @@ inline void PackedBlock(const u32_alias_t* const* xr, int64_t rows, int64_t pair
 #endif
 }
 
+#if BEAM_CPU_USE_AMX
+// The packed product on AMX tiles (Sapphire Rapids and later): a block's run wb[p][c][2] is, 16 pairs of
+// rows at a time, two B tiles as it lies (16 rows of 64 bytes, 128 bytes apart: columns 0-15 and 16-31), and
+// x's rows are A tiles as they lie (up to 16 rows of 32 bf16, Kd * 2 bytes apart), so one tdpbf16ps does 16
+// rows x 16 columns x 32 products with no shuffle and no broadcast. Up to 32 rows of x per pass (two A tiles,
+// four C tiles: eight tiles in all); a block's pairs past the last whole 16 go through PackedBlock.
+// vLLM-CPU's own bf16 products use AMX here (oneDNN and its sgl kernels); the vdpbf16ps loop above needs a
+// broadcast and two multiply-adds per row and pair, so it is compute-bound from a few rows
+// (bench/results/linear_rows_xeon_amx.md: 0.46-0.57x vLLM's product at 8 rows).
+constexpr int64_t kAmxPairs = 16;  // pairs of rows of w per B tile (32 rows of the reduction)
+
+struct alignas(64) AmxTileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles: C 0-1 (rows [0, g0) x columns 0-15 / 16-31), C 2-3 (rows [16, 16 + g1)), A 4 / 5, B 6 / 7.
+inline void AmxConfigure(int64_t g0, int64_t g1) {
+  AmxTileConfig cfg;
+  for (int t : {0, 1, 4}) { cfg.rows[t] = uint8_t(g0); cfg.colsb[t] = 64; }
+  if (g1 > 0)
+    for (int t : {2, 3, 5}) { cfg.rows[t] = uint8_t(g1); cfg.colsb[t] = 64; }
+  for (int t : {6, 7}) { cfg.rows[t] = uint8_t(kAmxPairs); cfg.colsb[t] = 64; }
+  _tile_loadconfig(&cfg);
+}
+
+// out[r][0..32) = rows [r0, r0 + g0 + g1) of x (row stride Kd) against the first steps * 16 pairs of block wb.
+template <bool kTwo>
+inline void AmxBlock(const bf16_t* x, int64_t Kd, int64_t steps, const bf16_t* wb, float (*out)[kPackedCols]) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (kTwo) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  const int64_t ldx = Kd * int64_t(sizeof(bf16_t)), ldw = 2 * kPackedCols * int64_t(sizeof(bf16_t));
+  for (int64_t s = 0; s < steps; ++s) {
+    const bf16_t* bs = wb + s * kAmxPairs * 2 * kPackedCols;
+    _tile_loadd(6, bs, ldw);
+    _tile_loadd(7, bs + kPackedCols, ldw);
+    _tile_loadd(4, x + s * 2 * kAmxPairs, ldx);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (kTwo) {
+      _tile_loadd(5, x + 16 * Kd + s * 2 * kAmxPairs, ldx);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  const int64_t ldo = kPackedCols * int64_t(sizeof(float));
+  _tile_stored(0, out[0], ldo);
+  _tile_stored(1, out[0] + 16, ldo);
+  if constexpr (kTwo) {
+    _tile_stored(2, out[16], ldo);
+    _tile_stored(3, out[16] + 16, ldo);
+  }
+}
+
+void RunPackedRowsAmx(const PackedRowsProblem& p, const Runner& runner) {
+  const int64_t M = p.M, N = p.N, Kd = p.Kd, pairs = Kd / 2;
+  const int64_t steps = pairs / kAmxPairs, tail = pairs - steps * kAmxPairs;
+  const int64_t blocks = (N + kPackedCols - 1) / kPackedCols;
+  const auto* x = static_cast<const bf16_t*>(p.x);
+  const auto* wp = static_cast<const bf16_t*>(p.wp);
+  auto* y = static_cast<bf16_t*>(p.y);
+  const int64_t per_unit = std::max<int64_t>(1, blocks / (4 * int64_t(runner.num_threads)));
+  const int64_t units = (blocks + per_unit - 1) / per_unit;
+  ParallelFor(runner, units, [&](int64_t u) {
+    alignas(64) float out[32][kPackedCols];
+    float tout[8][kPackedCols];
+    const u32_alias_t* xr[8];
+    const int64_t b0 = u * per_unit, b1 = std::min(blocks, (u + 1) * per_unit);
+    int64_t configured = -1;  // g0 + 32 * g1 of the tile configuration loaded
+    for (int64_t b = b0; b < b1; ++b) {
+      const bf16_t* wb = wp + b * pairs * 2 * kPackedCols;
+      for (int64_t r0 = 0; r0 < M; r0 += 32) {  // more than 32 rows: the block again, from L1 / L2
+        const int64_t g0 = std::min<int64_t>(16, M - r0), g1 = std::min<int64_t>(16, std::max<int64_t>(0, M - r0 - 16));
+        if (g0 + 32 * g1 != configured) {
+          AmxConfigure(g0, g1);
+          configured = g0 + 32 * g1;
+        }
+        if (g1 > 0)
+          AmxBlock<true>(x + r0 * Kd, Kd, steps, wb, out);
+        else
+          AmxBlock<false>(x + r0 * Kd, Kd, steps, wb, out);
+        const int64_t rows = g0 + g1, c0 = b * kPackedCols, n = std::min(kPackedCols, N - c0);
+        for (int64_t t0 = 0; tail > 0 && t0 < rows; t0 += 8) {  // the pairs past the last whole tile
+          const int64_t tr = std::min<int64_t>(8, rows - t0);
+          for (int64_t r = 0; r < tr; ++r)
+            xr[r] = reinterpret_cast<const u32_alias_t*>(x + (r0 + t0 + r) * Kd) + steps * kAmxPairs;
+          PackedBlock(xr, tr, tail, wb + steps * kAmxPairs * 2 * kPackedCols, tout);
+          for (int64_t r = 0; r < tr; ++r)
+            for (int64_t c = 0; c < kPackedCols; ++c) out[t0 + r][c] += tout[r][c];
+        }
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < n; ++c) y[(r0 + r) * N + c0 + c] = FromFloat<bf16_t>(out[r][c]);
+      }
+    }
+    _tile_release();  // back to the init state: a context switch saves no tile data
+  });
+}
+#endif
+
 void RunPackedRows(const PackedRowsProblem& p, const Runner& runner) {
+#if BEAM_CPU_USE_AMX
+  if (p.Kd >= 2 * kAmxPairs) return RunPackedRowsAmx(p, runner);
+#endif
   const int64_t M = p.M, N = p.N, pairs = p.Kd / 2;
   const int64_t blocks = (N + kPackedCols - 1) / kPackedCols;
   const auto* x = static_cast<const u32_alias_t*>(p.x);

@@ -5,7 +5,7 @@
 //                            beam_decode_attention, CPU only)
 //   cuda_registrations()  -> {target name: capsule} for platform "CUDA" (empty without CUDA)
 //   cuda_compiled()       -> whether the CUDA kernels were built into this module
-//   cpu_isa()             -> "avx512bf16", "avx2" or "generic": which CPU kernel build runs here
+//   cpu_isa()             -> "amx", "avx512bf16", "avx2" or "generic": which CPU kernel build runs here
 //   best_cpu_isa()        -> the best build this processor supports
 //   set_cpu_isa(name)     -> select a build (capped at the best); returns the one now selected
 //   packed_rows_matmul(...) the packed-weight projection on raw pointers, for the vLLM plugin's dense
@@ -119,9 +119,9 @@ PYBIND11_MODULE(_ffi, m) {
   m.def(
       "set_cpu_isa",
       [](const std::string& name) {
-        if (name != "generic" && name != "avx2" && name != "avx512bf16")
-          throw py::value_error("cpu isa must be 'generic', 'avx2' or 'avx512bf16', got '" + name +
-                                "'");
+        if (name != "generic" && name != "avx2" && name != "avx512bf16" && name != "amx")
+          throw py::value_error("cpu isa must be 'generic', 'avx2', 'avx512bf16' or 'amx', got '" +
+                                name + "'");
         return beam::CpuIsaName(beam::SetCpuIsa(name));
       },
       py::arg("name"));

@@ -211,12 +211,13 @@ def test_matmul_fast_path_equals_float32_product(rows, transpose_w):
 
 def test_decode_packs_cover_the_dense_bf16_layers_once(tmp_path):
     """`generate` packs every bfloat16 dense projection (not the experts) once per model, again when a kernel
-    changes; its decode steps multiply through the packed target, with the tokens of the unpacked step loop."""
+    changes; its decode steps (and on the AMX build its prefill) multiply through the packed target, with the tokens
+    of the unpacked step loop."""
     from beam_jax import attention, rows_matmul as rm
     from beam_jax.generate import decode_packs
 
     if not rm.packing_available():
-        pytest.skip("packing is off here (needs the AVX512-BF16 build of beam_jax._ffi on the CPU backend)")
+        pytest.skip("packing is off here (needs the AVX512-BF16 or AMX build of beam_jax._ffi on the CPU backend)")
     model = _model(tmp_path, dtype="bfloat16")
     packs = decode_packs(model)
     L = model.cfg.num_hidden_layers
@@ -241,7 +242,7 @@ def test_decode_packs_cover_the_dense_bf16_layers_once(tmp_path):
         calls.append(x.shape[0])
         return real(x, pw)
 
-    prompt = np.random.RandomState(21).randint(3, 160, size=(3, 9))  # a shape no other test compiles
+    prompt = np.random.RandomState(21).randint(3, 160, size=(3, 12))  # a shape no other test compiles
     kw = dict(max_new_tokens=6, eos_token_id=())
     try:
         attention.packed_rows_matmul = counting
@@ -249,6 +250,7 @@ def test_decode_packs_cover_the_dense_bf16_layers_once(tmp_path):
     finally:
         attention.packed_rows_matmul = real
     assert 3 in calls  # the decode step's rows
+    assert (36 in calls) == (rm.packed_rows_max() >= 36)  # the prefill's 3 x 12 rows: on the AMX build's tiles only
     np.testing.assert_array_equal(ours, np.asarray(generate_reference(model, prompt, **kw)))
 
 

@@ -322,7 +322,7 @@ def test_cpu_isa_environment_caps_the_build_and_refuses_typos():
     out = subprocess.run([sys.executable, "-c", "import beam_jax.kernel"], env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode != 0
-    assert "BEAM_JAX_CPU_ISA='sse4': must be one of generic, avx2, avx512bf16" in out.stderr
+    assert "BEAM_JAX_CPU_ISA='sse4': must be one of generic, avx2, avx512bf16, amx" in out.stderr
 
 
 @needs_ffi

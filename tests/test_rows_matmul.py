@@ -156,7 +156,7 @@ def test_simd_builds_agree_in_bfloat16():
     # exact products in f32, so they differ by summation order and the output's rounding only.
     from beam_jax import _ffi
 
-    if _ffi.best_cpu_isa() != "avx512bf16":
+    if _ffi.best_cpu_isa() not in rm.DP_ISAS:
         pytest.skip(f"this processor has no avx512bf16 build to compare (best: {_ffi.best_cpu_isa()})")
     rng = np.random.default_rng(8)
     x, w = _inputs(rng, 8, 1000, 300, jnp.bfloat16)
@@ -172,23 +172,28 @@ def test_simd_builds_agree_in_bfloat16():
 
 
 def test_rows_max_follows_the_selected_build(cpu_isa):
-    # Past 32 bf16 rows (AVX512-BF16) or 8 (the AVX2 loop, float16) XLA's product is as fast (bench/decode_proj.py).
-    want = rm.ROWS_MAX_BF16_DP if cpu_isa == "avx512bf16" else rm.ROWS_MAX
+    # Past 32 bf16 rows (AVX512-BF16) or 8 (the AVX2 loop, float16) XLA's product is as fast (bench/decode_proj.py);
+    # the packed product on AMX tiles is faster at any row count.
+    want = rm.ROWS_MAX_BF16_DP if cpu_isa in rm.DP_ISAS else rm.ROWS_MAX
     assert rm.rows_max(jnp.bfloat16) == want
     assert rm.rows_max(jnp.float16) == rm.ROWS_MAX
+    packed = rm.PACKED_ROWS_MAX_AMX if cpu_isa == "amx" else want
+    assert rm.packed_rows_max() == packed
     if jax.default_backend() == "cpu":
         assert rm.use_rows_matmul(want, jnp.bfloat16) and not rm.use_rows_matmul(want + 1, jnp.bfloat16)
+        assert rm.use_packed_rows_matmul(packed) and not rm.use_packed_rows_matmul(packed + 1)
+        assert rm.use_packed_rows_matmul(512) == (cpu_isa == "amx")
 
 
 def test_set_cpu_isa_names_the_builds():
     from beam_jax import _ffi
 
     best = _ffi.best_cpu_isa()
-    assert best in ("generic", "avx2", "avx512bf16")
+    assert best in ("generic", "avx2", "avx512bf16", "amx")
     try:
         assert _ffi.set_cpu_isa("generic") == "generic" and _ffi.cpu_isa() == "generic"
-        assert _ffi.set_cpu_isa("avx512bf16") == best  # capped at what the processor has
-        with pytest.raises(ValueError, match="cpu isa must be 'generic', 'avx2' or 'avx512bf16', got 'sse4'"):
+        assert _ffi.set_cpu_isa("amx") == best  # capped at what the processor has
+        with pytest.raises(ValueError, match="cpu isa must be 'generic', 'avx2', 'avx512bf16' or 'amx', got 'sse4'"):
             _ffi.set_cpu_isa("sse4")
     finally:
         _ffi.set_cpu_isa(best)
@@ -206,7 +211,10 @@ def test_env_switch_is_read_at_trace_time(monkeypatch):
 
 # ---- packed weights (rows_matmul.pack_weight / packed_rows_matmul: generate's decode projections) -------------------
 
-PACKED_SHAPES = [(M, K + K % 2, N) for M, K, N in ISA_SHAPES] + [(9, 2, 1), (16, 4096, 64)]
+# ... and for the AMX build's tiles: one and two row tiles (up to 16 and 32 rows, each size at the edges), more than
+# 32 rows (passes), reductions with and without a tail of pairs past the last whole tile of 16 pairs.
+PACKED_SHAPES = [(M, K + K % 2, N) for M, K, N in ISA_SHAPES] + [
+    (9, 2, 1), (16, 4096, 64), (15, 32, 40), (17, 96, 50), (31, 100, 33), (48, 64, 70), (100, 66, 129), (33, 34, 32)]
 needs_packed = pytest.mark.skipif(
     rm.kernel._ffi is None or "beam_packed_rows_matmul" not in rm.kernel._ffi.registrations(),
     reason="beam_jax._ffi has no beam_packed_rows_matmul target")
@@ -236,6 +244,29 @@ def test_each_build_of_the_packed_product_equals_the_float64_product(cpu_isa):
         want = _ref(x, w)
         err = np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want))
         assert err < TOL[jnp.bfloat16], (cpu_isa, M, K, N, err)
+
+
+@needs_packed
+def test_amx_tiles_agree_with_the_vdpbf16ps_loop():
+    # The same packed operands through AMX tiles and through vdpbf16ps: both sum exact bf16 products in f32, so they
+    # differ by summation order and the output's rounding only (and the tiles do run: some outputs differ).
+    from beam_jax import _ffi
+
+    if _ffi.best_cpu_isa() != "amx":
+        pytest.skip(f"this processor has no amx build to compare (best: {_ffi.best_cpu_isa()})")
+    rng = np.random.default_rng(11)
+    x, w = _inputs(rng, 40, 2048, 300, jnp.bfloat16)
+    pw = rm.pack_weight(w)
+    f = jax.jit(rm.packed_rows_matmul)
+    try:
+        _ffi.set_cpu_isa("avx512bf16")
+        a = np.asarray(f(x, pw), np.float32)
+        _ffi.set_cpu_isa("amx")
+        b = np.asarray(f(x, pw), np.float32)
+    finally:
+        _ffi.set_cpu_isa(_ffi.best_cpu_isa())
+    np.testing.assert_allclose(b, a, rtol=0, atol=8e-3 * np.max(np.abs(a)))
+    assert (a != b).any()
 
 
 @needs_packed
@@ -270,6 +301,6 @@ def test_packing_follows_the_build_and_the_env_switch(monkeypatch, cpu_isa):
     from beam_jax import _ffi
 
     on = jax.default_backend() == "cpu" and "beam_packed_rows_matmul" in _ffi.registrations()
-    assert rm.packing_available() == (on and cpu_isa == "avx512bf16")
+    assert rm.packing_available() == (on and cpu_isa in rm.DP_ISAS)
     monkeypatch.setenv("BEAM_JAX_PACKED", "0")
     assert not rm.packing_available()

