@@ -462,6 +462,126 @@ void StreamRowsColsDp(const float* const* arow, int64_t lda, int64_t rows, int64
 static_assert(kSkinnyRows <= kDpRowsMax, "the experts' skinny segments go through StreamRowsColsDp");
 #endif
 
+#if BEAM_CPU_USE_AMX
+// AMX tiles (Sapphire Rapids and later), for StreamRowsColsAmx below and the packed products
+// (RunPackedRowsAmx). Eight tiles: C 0-1 (rows [0, g0) of a pass x columns of the low / high set of a
+// 32-column block), C 2-3 (rows [16, 16 + g1)), A 4 / 5 (the two row groups, 32 bf16 of the reduction),
+// B 6 / 7 (16 pairs of rows of w x 16 columns, each pair side by side: the VNNI layout).
+constexpr int64_t kAmxPairs = 16;  // pairs of rows of w per B tile (32 rows of the reduction)
+
+struct alignas(64) AmxTileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles: C 0-1 (rows [0, g0) x columns 0-15 / 16-31), C 2-3 (rows [16, 16 + g1)), A 4 / 5, B 6 / 7.
+inline void AmxConfigure(int64_t g0, int64_t g1) {
+  AmxTileConfig cfg;
+  for (int t : {0, 1, 4}) { cfg.rows[t] = uint8_t(g0); cfg.colsb[t] = 64; }
+  if (g1 > 0)
+    for (int t : {2, 3, 5}) { cfg.rows[t] = uint8_t(g1); cfg.colsb[t] = 64; }
+  for (int t : {6, 7}) { cfg.rows[t] = uint8_t(kAmxPairs); cfg.colsb[t] = 64; }
+  _tile_loadconfig(&cfg);
+}
+
+
+constexpr int64_t kAmxRowsMin = 8;   // fewer rows stream through vdpbf16ps (StreamRowsColsDp)
+constexpr int64_t kAmxChunkSteps = 4;  // tile steps (32 rows of W each) repacked per chunk
+
+// StreamRowsCols for bfloat16 weights on AMX, for kAmxRowsMin to kDpRowsMax rows: the vdpbf16ps loop
+// costs two multiply-adds and a broadcast per row and pair of W rows, so it is compute-bound from a few
+// rows (0.46-0.57x vLLM's AMX products at 8 rows, bench/results/linear_rows_xeon_amx.md). Here W is
+// read once per chunk of 128 of its rows (whole rows where [j0, j1) is all of them), each pair of rows
+// interleaved as DpLoadPairs does into B tiles (the low / high column sets of each 32-column block,
+// the accumulator order of the vdpbf16ps loop, so DpStoreColumns puts them back), and every 32 rows of
+// A (rounded to bf16 once, as the vdpbf16ps loop rounds them) multiply a block's tiles from L1 / L2.
+void StreamRowsColsAmx(const float* const* arow, int64_t lda, int64_t rows, int64_t k0, int64_t k1,
+                       const bf16_t* W, int64_t ldw, int64_t j0, int64_t j1, float* C, int64_t ldc) {
+  const int64_t n_all = j1 - j0, kn_all = k1 - k0;
+  const int64_t blocks = (n_all + kDpCols - 1) / kDpCols;
+  const int64_t kpad = RoundUp(std::max<int64_t>(kn_all, 1), 2 * kAmxPairs);
+  // A as bf16 rows [rows][kpad], zeros past k1.
+  auto* abf = reinterpret_cast<bf16_t*>(ThreadBuffer(8, size_t(rows * kpad / 2 + 16)));
+  for (int64_t r = 0; r < rows; ++r) {
+    bf16_t* dst = abf + r * kpad;
+    for (int64_t k = 0; k < kn_all; ++k) dst[k] = FromFloat<bf16_t>(arow[r][(k0 + k) * lda]);
+    for (int64_t k = kn_all; k < kpad; ++k) dst[k] = bf16_t{0};
+  }
+  float* acc = ThreadBuffer(7, size_t(blocks * rows * kDpCols));
+  // One chunk's B tiles: [block][step][low, high][16 pairs][16 columns x 2].
+  constexpr int64_t kTile = kAmxPairs * 2 * 16;  // bf16 elements of one B tile
+  auto* bt = reinterpret_cast<bf16_t*>(ThreadBuffer(9, size_t(blocks * kAmxChunkSteps * 2 * kTile / 2 + 16)));
+  const int64_t lda_t = kpad * int64_t(sizeof(bf16_t)), ldb_t = 64, ldc_t = kDpCols * int64_t(sizeof(float));
+  int64_t configured = -1;
+  for (int64_t c0 = k0; c0 < k1; c0 += kAmxChunkSteps * 2 * kAmxPairs) {
+    const int64_t steps = std::min<int64_t>(kAmxChunkSteps, (k1 - c0 + 2 * kAmxPairs - 1) / (2 * kAmxPairs));
+    // Repack: per step, 4 x kDpPairs pairs of W rows; per pair, every block's 32 columns.
+    for (int64_t st = 0; st < steps; ++st)
+      for (int64_t q = 0; q < kAmxPairs / kDpPairs; ++q) {
+        const int64_t k = c0 + st * 2 * kAmxPairs + q * 2 * kDpPairs;
+        const bf16_t* src0 = W + k * ldw + j0;
+        const int64_t kn = k1 - k;
+        for (int64_t b = 0; b < blocks; ++b) {
+          const int64_t n = std::min(kDpCols, n_all - b * kDpCols);
+          const __mmask32 m = n == kDpCols ? ~__mmask32(0) : __mmask32((1u << n) - 1);
+          __m512bh wl[kDpPairs], wh[kDpPairs];
+          DpLoadPairs(src0 + b * kDpCols, ldw, kn, m, n == kDpCols && kn >= 2 * kDpPairs, wl, wh);
+          bf16_t* lo = bt + ((b * kAmxChunkSteps + st) * 2) * kTile + q * kDpPairs * 32;
+#pragma GCC unroll 4
+          for (int64_t i = 0; i < kDpPairs; ++i) {
+            _mm512_storeu_si512(lo + i * 32, (__m512i)wl[i]);
+            _mm512_storeu_si512(lo + kTile + i * 32, (__m512i)wh[i]);
+          }
+        }
+      }
+    const int64_t kc = c0 - k0;  // this chunk's first column of A
+    for (int64_t r0 = 0; r0 < rows; r0 += 32) {
+      const int64_t g0 = std::min<int64_t>(16, rows - r0);
+      const int64_t g1 = std::min<int64_t>(16, std::max<int64_t>(0, rows - r0 - 16));
+      if (g0 + 32 * g1 != configured) {
+        AmxConfigure(g0, g1);
+        configured = g0 + 32 * g1;
+      }
+      const bf16_t* a0 = abf + r0 * kpad + kc;
+      for (int64_t b = 0; b < blocks; ++b) {
+        float* cb = acc + (b * rows + r0) * kDpCols;
+        if (c0 == k0) {
+          _tile_zero(0);
+          _tile_zero(1);
+          if (g1) { _tile_zero(2); _tile_zero(3); }
+        } else {
+          _tile_loadd(0, cb, ldc_t);
+          _tile_loadd(1, cb + 16, ldc_t);
+          if (g1) { _tile_loadd(2, cb + 16 * kDpCols, ldc_t); _tile_loadd(3, cb + 16 * kDpCols + 16, ldc_t); }
+        }
+        for (int64_t st = 0; st < steps; ++st) {
+          const bf16_t* bb = bt + ((b * kAmxChunkSteps + st) * 2) * kTile;
+          _tile_loadd(6, bb, ldb_t);
+          _tile_loadd(7, bb + kTile, ldb_t);
+          _tile_loadd(4, a0 + st * 2 * kAmxPairs, lda_t);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          if (g1) {
+            _tile_loadd(5, a0 + 16 * kpad + st * 2 * kAmxPairs, lda_t);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        _tile_stored(0, cb, ldc_t);
+        _tile_stored(1, cb + 16, ldc_t);
+        if (g1) { _tile_stored(2, cb + 16 * kDpCols, ldc_t); _tile_stored(3, cb + 16 * kDpCols + 16, ldc_t); }
+      }
+    }
+  }
+  _tile_release();
+  if (kn_all <= 0) std::fill(acc, acc + blocks * rows * kDpCols, 0.0f);
+  DpStoreColumns(acc, rows, n_all, C, ldc);
+}
+#endif
+
 // The most rows that stream through StreamRowsCols at once: 8 for the AVX2 loop (its accumulators
 // live in memory), 64 for bf16 under AVX512-BF16 (one load of W serves every row; measured on
 // Qwen3-shaped experts at 512 tokens x 8 pairs, 2.7x the packed f32 GEMM those segments took before,
@@ -485,6 +605,9 @@ void StreamRowsCols(const float* const* arow, int64_t lda, int64_t rows, int64_t
                     const T* W, int64_t ldw, int64_t j0, int64_t j1, float* C, int64_t ldc) {
 #if BEAM_CPU_USE_AVX512BF16
   if constexpr (std::is_same_v<T, bf16_t>) {
+#if BEAM_CPU_USE_AMX
+    if (rows >= kAmxRowsMin) return StreamRowsColsAmx(arow, lda, rows, k0, k1, W, ldw, j0, j1, C, ldc);
+#endif
     StreamRowsColsDp(arow, lda, rows, k0, k1, W, ldw, j0, j1, C, ldc);
     return;
   }
@@ -613,7 +736,7 @@ void ParallelFor(const Runner& runner, int64_t n, const std::function<void(int64
 
 // Per-thread scratch, reused across calls.
 float* ThreadBuffer(int which, size_t count) {
-  thread_local std::vector<float> buffers[8];
+  thread_local std::vector<float> buffers[10];
   std::vector<float>& b = buffers[which];
   if (b.size() < count) b.resize(count);
   return b.data();
@@ -1373,26 +1496,6 @@ inline void PackedBlock(const u32_alias_t* const* xr, int64_t rows, int64_t pair
 // vLLM-CPU's own bf16 products use AMX here (oneDNN and its sgl kernels); the vdpbf16ps loop above needs a
 // broadcast and two multiply-adds per row and pair, so it is compute-bound from a few rows
 // (bench/results/linear_rows_xeon_amx.md: 0.46-0.57x vLLM's product at 8 rows).
-constexpr int64_t kAmxPairs = 16;  // pairs of rows of w per B tile (32 rows of the reduction)
-
-struct alignas(64) AmxTileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Tiles: C 0-1 (rows [0, g0) x columns 0-15 / 16-31), C 2-3 (rows [16, 16 + g1)), A 4 / 5, B 6 / 7.
-inline void AmxConfigure(int64_t g0, int64_t g1) {
-  AmxTileConfig cfg;
-  for (int t : {0, 1, 4}) { cfg.rows[t] = uint8_t(g0); cfg.colsb[t] = 64; }
-  if (g1 > 0)
-    for (int t : {2, 3, 5}) { cfg.rows[t] = uint8_t(g1); cfg.colsb[t] = 64; }
-  for (int t : {6, 7}) { cfg.rows[t] = uint8_t(kAmxPairs); cfg.colsb[t] = 64; }
-  _tile_loadconfig(&cfg);
-}
-
 // out[r][0..32) = rows [r0, r0 + g0 + g1) of x (row stride Kd) against the first steps * 16 pairs of block wb.
 template <bool kTwo>
 inline void AmxBlock(const bf16_t* x, int64_t Kd, int64_t steps, const bf16_t* wb, float (*out)[kPackedCols]) {

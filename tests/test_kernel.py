@@ -291,8 +291,9 @@ def test_cuda_sources_compiled_when_nvcc_present():
 # Decode-like shapes: every expert's segment has at most 8 rows, so the weights stream through the skinny loop
 # (StreamRowsCols, vdpbf16ps under avx512bf16) for the gate/up and the down projections, with column tails of its
 # 32-column blocks (f 70, d 300), reductions split into slabs and tails of its 8-row passes (d 300, f 260).
-# Segments of 9-64 rows stream too in bfloat16 under avx512bf16 (and take the packed GEMM otherwise); the last one
-# has segments past 64 rows.
+# Segments of 9-64 rows stream too in bfloat16 under avx512bf16 (and take the packed GEMM otherwise); under amx those of
+# 8-64 rows stream through AMX tiles (one and two row tiles, passes of 32 rows, reduction and column tails: d 48 and
+# 72, f 40 and 56); the last shape has segments past 64 rows.
 ISA_SHAPES = [(1, 300, 260, 6, 4), (8, 130, 70, 16, 8), (5, 64, 96, 3, 2), (40, 48, 40, 8, 2), (100, 72, 40, 4, 1),
               (70, 40, 56, 3, 2), (150, 24, 40, 2, 2)]
 
@@ -304,6 +305,26 @@ def test_each_simd_build_matches_reference(cpu_isa, dtype):
     for shape in ISA_SHAPES:
         args = make_inputs(*shape, dtype=dtype, seed=sum(shape))
         assert_matches(f(*args), experts_reference(*args), dtype)
+
+
+@needs_ffi
+def test_amx_tiles_agree_with_the_vdpbf16ps_loop_in_the_experts():
+    # Segments of 8-64 rows in bfloat16 through AMX tiles and through vdpbf16ps, same operands (x and the hidden
+    # activations rounded to bf16 by both): they differ by summation order only, and the tiles do run (some outputs
+    # differ).
+    if mm._ffi.best_cpu_isa() != "amx":
+        pytest.skip(f"this processor has no amx build to compare (best: {mm._ffi.best_cpu_isa()})")
+    args = make_inputs(96, 256, 192, 8, 2, dtype=jnp.bfloat16, keep_p=0.9, seed=5)  # about 20 rows per expert
+    f = jax.jit(lambda *a: masked_moe(*a, backend="ffi"))
+    try:
+        mm._ffi.set_cpu_isa("avx512bf16")
+        a = np.asarray(f(*args).astype(jnp.float32))
+        mm._ffi.set_cpu_isa("amx")
+        b = np.asarray(f(*args).astype(jnp.float32))
+    finally:
+        mm._ffi.set_cpu_isa(mm._ffi.best_cpu_isa())
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-2 * np.max(np.abs(a)))
+    assert (a != b).any()
 
 
 @needs_ffi
