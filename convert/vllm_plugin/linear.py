@@ -34,7 +34,7 @@ import torch.nn.functional as F
 ROWS_MAX_AVX512 = 32  # beam_jax.rows_matmul.ROWS_MAX_BF16_DP: past it the product is compute-bound either way
 # The extension's AMX build (Intel Sapphire Rapids and later) multiplies on AMX tiles as vLLM's own products do (oneDNN;
 # sgl's kernel for small N): measured on the 2-core Xeon at Qwen3-30B-A3B's shapes, 1.04-1.18x vLLM's product from 1
-# to 64 rows (0.97x once, 256 columns at 32 rows), 0.74-0.90x at 512 (bench/results/linear_rows_xeon_amx.md,
+# to 64 rows (0.97x once, 256 columns at 32 rows), 0.74-0.92x at 512 (bench/results/linear_rows_xeon_amx.md,
 # `bench/linear_rows.py`)
 ROWS_MAX_AMX_TILES = 64
 # vLLM on AMX and the extension on its AVX512-BF16 build (BEAM_JAX_CPU_ISA=avx512bf16): the vdpbf16ps product wins
