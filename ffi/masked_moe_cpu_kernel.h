@@ -489,6 +489,17 @@ inline void AmxConfigure(int64_t g0, int64_t g1) {
   _tile_loadconfig(&cfg);
 }
 
+// The row groups of the pass over rows [r0, r0 + 32) of `rows` (g0: 1-16 rows, g1: 0-16), loading their tile
+// configuration unless *loaded (g0 + 32 * g1 of the configuration loaded, -1 for none) already is it.
+inline void AmxPass(int64_t rows, int64_t r0, int64_t* g0, int64_t* g1, int64_t* loaded) {
+  *g0 = std::min<int64_t>(16, rows - r0);
+  *g1 = std::min<int64_t>(16, std::max<int64_t>(0, rows - r0 - 16));
+  if (*g0 + 32 * *g1 != *loaded) {
+    AmxConfigure(*g0, *g1);
+    *loaded = *g0 + 32 * *g1;
+  }
+}
+
 // From 8 rows the tiles win (1.13-1.25x the vdpbf16ps loop at Qwen3-shaped projections; even at 4 rows).
 constexpr int64_t kAmxRowsMin = 8;   // fewer rows stream through vdpbf16ps (StreamRowsColsDp)
 constexpr int64_t kAmxChunkSteps = 4;  // tile steps (32 rows of W each) repacked per chunk
@@ -541,12 +552,8 @@ void StreamRowsColsAmx(const float* const* arow, int64_t lda, int64_t rows, int6
       }
     const int64_t kc = c0 - k0;  // this chunk's first column of A
     for (int64_t r0 = 0; r0 < rows; r0 += 32) {
-      const int64_t g0 = std::min<int64_t>(16, rows - r0);
-      const int64_t g1 = std::min<int64_t>(16, std::max<int64_t>(0, rows - r0 - 16));
-      if (g0 + 32 * g1 != configured) {
-        AmxConfigure(g0, g1);
-        configured = g0 + 32 * g1;
-      }
+      int64_t g0, g1;
+      AmxPass(rows, r0, &g0, &g1, &configured);
       const bf16_t* a0 = abf + r0 * kpad + kc;
       for (int64_t b = 0; b < blocks; ++b) {
         float* cb = acc + (b * rows + r0) * kDpCols;
@@ -1544,15 +1551,12 @@ void RunPackedRowsAmx(const PackedRowsProblem& p, const Runner& runner) {
     float tout[8][kPackedCols];
     const u32_alias_t* xr[8];
     const int64_t b0 = u * per_unit, b1 = std::min(blocks, (u + 1) * per_unit);
-    int64_t configured = -1;  // g0 + 32 * g1 of the tile configuration loaded
+    int64_t configured = -1;  // the tile configuration loaded (AmxPass)
     for (int64_t b = b0; b < b1; ++b) {
       const bf16_t* wb = wp + b * pairs * 2 * kPackedCols;
       for (int64_t r0 = 0; r0 < M; r0 += 32) {  // more than 32 rows: the block again, from L1 / L2
-        const int64_t g0 = std::min<int64_t>(16, M - r0), g1 = std::min<int64_t>(16, std::max<int64_t>(0, M - r0 - 16));
-        if (g0 + 32 * g1 != configured) {
-          AmxConfigure(g0, g1);
-          configured = g0 + 32 * g1;
-        }
+        int64_t g0, g1;
+        AmxPass(M, r0, &g0, &g1, &configured);
         if (g1 > 0)
           AmxBlock<true>(x + r0 * Kd, Kd, steps, wb, out);
         else

@@ -151,6 +151,21 @@ def test_each_simd_build_equals_the_float64_product(cpu_isa, dtype):
         assert err < TOL[dtype], (cpu_isa, M, K, N, err)
 
 
+def _under_builds(isas, f, *args):
+    """f(*args) as float32 numpy under each CPU kernel build in `isas` (beam_jax._ffi.set_cpu_isa), in order; the best
+    build is selected again afterwards."""
+    from beam_jax import _ffi
+
+    outs = []
+    try:
+        for isa in isas:
+            _ffi.set_cpu_isa(isa)
+            outs.append(np.asarray(f(*args), np.float32))
+    finally:
+        _ffi.set_cpu_isa(_ffi.best_cpu_isa())
+    return outs
+
+
 def test_simd_builds_agree_in_bfloat16():
     # The AVX512-BF16 loop (vdpbf16ps) against the AVX2 one (f32 FMAs) on the same bf16 operands: both accumulate
     # exact products in f32, so they differ by summation order and the output's rounding only.
@@ -160,14 +175,7 @@ def test_simd_builds_agree_in_bfloat16():
         pytest.skip(f"this processor has no avx512bf16 build to compare (best: {_ffi.best_cpu_isa()})")
     rng = np.random.default_rng(8)
     x, w = _inputs(rng, 8, 1000, 300, jnp.bfloat16)
-    f = jax.jit(rm.rows_matmul)
-    try:
-        _ffi.set_cpu_isa("avx2")
-        a = np.asarray(f(x, w), np.float32)
-        _ffi.set_cpu_isa("avx512bf16")
-        b = np.asarray(f(x, w), np.float32)
-    finally:
-        _ffi.set_cpu_isa(_ffi.best_cpu_isa())
+    a, b = _under_builds(("avx2", "avx512bf16"), jax.jit(rm.rows_matmul), x, w)
     np.testing.assert_allclose(b, a, rtol=0, atol=8e-3 * np.max(np.abs(a)))
 
 
@@ -256,15 +264,7 @@ def test_amx_tiles_agree_with_the_vdpbf16ps_loop():
         pytest.skip(f"this processor has no amx build to compare (best: {_ffi.best_cpu_isa()})")
     rng = np.random.default_rng(11)
     x, w = _inputs(rng, 40, 2048, 300, jnp.bfloat16)
-    pw = rm.pack_weight(w)
-    f = jax.jit(rm.packed_rows_matmul)
-    try:
-        _ffi.set_cpu_isa("avx512bf16")
-        a = np.asarray(f(x, pw), np.float32)
-        _ffi.set_cpu_isa("amx")
-        b = np.asarray(f(x, pw), np.float32)
-    finally:
-        _ffi.set_cpu_isa(_ffi.best_cpu_isa())
+    a, b = _under_builds(("avx512bf16", "amx"), jax.jit(rm.packed_rows_matmul), x, rm.pack_weight(w))
     np.testing.assert_allclose(b, a, rtol=0, atol=8e-3 * np.max(np.abs(a)))
     assert (a != b).any()
 
