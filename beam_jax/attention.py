@@ -68,7 +68,8 @@ def matmul(x, w, *, transpose_w: bool = False):
     return y.astype(x.dtype).reshape(*lead, y.shape[-1])
 
 
-# id(nnx.Linear) -> rows_matmul.PackedWeight of its kernel, while `beam_jax.generate` traces (`packed_weights`)
+# id(module) -> its packed copy (nnx.Linear: rows_matmul.PackedWeight of its kernel; moe.Experts:
+# packed_experts.PackedExperts), while `beam_jax.generate` traces (`packed_weights`)
 _PACKED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("beam_jax_packed_weights", default=None)
 
 
@@ -79,12 +80,18 @@ _DECODE: contextvars.ContextVar[bool] = contextvars.ContextVar("beam_jax_decode_
 @contextlib.contextmanager
 def packed_weights(by_module: dict):
     """Within the block, `project` multiplies a few bfloat16 rows by the packed copy of a listed layer's kernel
-    (`by_module`: id(nnx.Linear) -> `rows_matmul.PackedWeight`; `beam_jax.generate` packs them once per model)."""
+    (`by_module`: id(nnx.Linear) -> `rows_matmul.PackedWeight`; `beam_jax.generate` packs them once per model), and
+    `moe.Experts` with impl="kernel" runs on a listed `packed_experts.PackedExperts`."""
     token = _PACKED.set(by_module)
     try:
         yield
     finally:
         _PACKED.reset(token)
+
+
+def packed_for(module):
+    """The packed copy listed for `module` by the enclosing `packed_weights` block, or None."""
+    return (_PACKED.get() or {}).get(id(module))
 
 
 @contextlib.contextmanager
@@ -104,7 +111,7 @@ def project(lin: nnx.Linear, x):
     Inside `packed_weights`, a listed layer's product with bfloat16 rows (up to `rows_matmul.packed_rows_max()`: a
     few on the AVX512-BF16 build, any number on the AMX build) uses its packed kernel."""
     dtype = lin.dtype or x.dtype
-    packed = (_PACKED.get() or {}).get(id(lin))
+    packed = packed_for(lin)
     rows = x.size // x.shape[-1] if x.shape[-1] else 0
     if packed is not None and jnp.dtype(dtype) == jnp.bfloat16 and use_packed_rows_matmul(rows):
         y = packed_rows_matmul(x.astype(dtype).reshape(rows, x.shape[-1]), packed).reshape(*x.shape[:-1], packed.n)

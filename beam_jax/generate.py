@@ -7,9 +7,9 @@ top-k and top-p.
 The model is split once per call into its graph definition (static) and its state (arrays, passed to the
 compiled function and only read), and one jitted function runs the prefill and the whole decode loop
 (`lax.while_loop`, stopping early when every sequence has ended). So a generation costs one dispatch, no host
-round trip per token, and no copy or write-back of the model's state. On the CPU (AVX512-BF16 build) the bf16
-dense layers' kernels are also passed packed (`decode_packs`: made once per model, kept while it lives) for the
-decode steps' products, and the decode steps' attention runs on the decode-attention kernel
+round trip per token, and no copy or write-back of the model's state. On the CPU (AVX512-BF16 and AMX builds) the
+bf16 dense layers' kernels are also passed packed (`decode_packs`: made once per model, kept while it lives) for the
+decode steps' products, on the AMX build the bf16 experts too (`packed_experts`, impl="kernel"), and the decode steps' attention runs on the decode-attention kernel
 (`beam_jax.decode_attention`, `attention.decode_kernels`). The KV cache length is bucketed
 (`cache_bucket`), and `max_new_tokens`, the pad token and a hook's knobs (BEAM's tau) are traced, so changing
 them within a bucket does not recompile. `generate_reference` is the plain step-by-step loop (one forward per
@@ -27,8 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import packed_experts as _pe
 from . import rows_matmul as _rm
 from .attention import decode_kernels, packed_weights
+from .moe import Experts
 from .routing import TOPK
 
 __all__ = ["generate", "generate_reference", "sample_next", "greedy", "cache_bucket", "compiled_cache_size",
@@ -149,33 +151,53 @@ def _packable(node) -> bool:
             and (node.dtype is None or jnp.dtype(node.dtype) == jnp.bfloat16))
 
 
-def decode_packs(model) -> dict:
-    """{module path: `rows_matmul.PackedWeight`} of every bfloat16 `nnx.Linear` of `model` (attention projections,
-    dense MLPs, the LM head, routers held in bfloat16) that `generate` multiplies through the packed target, or {}
-    where packing is off (`rows_matmul.packing_available`: the AVX512-BF16 CPU build; ``BEAM_JAX_PACKED=0``).
+def _packable_experts(node) -> bool:
+    if not isinstance(node, Experts):
+        return False
+    ws = [p[...] for p in (node.w_gate, node.w_up, node.w_down)]
+    return all(w.ndim == 3 and w.dtype == jnp.bfloat16 for w in ws) and ws[0].shape[1] % 2 == 0 == ws[0].shape[2] % 2
 
-    Packed once per model and kept while the model lives (a copy of those weights: for Qwen3-30B-A3B about 4% of
-    the model), packed again when a kernel array has changed. The experts are not packed (the expert kernel reads
-    them in place)."""
+
+def _to_pack(model) -> list:
+    """[(path key, arrays to pack, packer)] of what `decode_packs` packs in `model`."""
+    out = []
+    experts = [(k, n) for k, n in ((_path_key(p), n) for p, n in nnx.iter_graph(model)) if _packable_experts(n)]
+    if experts and _pe.packing_available():
+        nbytes = sum(int(p[...].size) * 2 for _, n in experts for p in (n.w_gate, n.w_up, n.w_down))
+        if _pe.fits_in_memory(nbytes):
+            out += [(k, (n.w_gate[...], n.w_up[...], n.w_down[...]), _pe.pack_experts) for k, n in experts]
+    pack = jax.jit(_rm.pack_weight)
+    out += [(_path_key(path), (node.kernel[...],), pack) for path, node in nnx.iter_graph(model) if _packable(node)]
+    return out
+
+
+def decode_packs(model) -> dict:
+    """{module path: packed copy} that `generate` multiplies through the packed targets, or {} where packing is off
+    (`rows_matmul.packing_available`: the AVX512-BF16 and AMX CPU builds; ``BEAM_JAX_PACKED=0``):
+    - every bfloat16 `nnx.Linear` (attention projections, dense MLPs, the LM head, routers held in bfloat16): a
+      `rows_matmul.PackedWeight` (for Qwen3-30B-A3B about 4% of the model);
+    - on the AMX build, every bfloat16 `moe.Experts`: a `packed_experts.PackedExperts` (as large as the experts;
+      only where that copy leaves half of the available memory, `packed_experts.fits_in_memory`;
+      ``BEAM_JAX_PACKED_EXPERTS=0`` turns it off). Elsewhere the expert kernel reads the experts in place.
+    Packed once per model and kept while the model lives, packed again when an array has changed."""
     if not _rm.packing_available():
         return {}
-    layers = [(_path_key(path), node) for path, node in nnx.iter_graph(model) if _packable(node)]
-    kernels = tuple(node.kernel[...] for _, node in layers)
+    items = _to_pack(model)
+    arrays = tuple(a for _, arrs, _ in items for a in arrs)
     cached = _PACKS.get(model)
-    if cached is not None and len(cached[0]) == len(kernels) and all(a is b for a, b in zip(cached[0], kernels)):
+    if cached is not None and len(cached[0]) == len(arrays) and all(a is b for a, b in zip(cached[0], arrays)):
         return cached[1]
-    pack = jax.jit(_rm.pack_weight)
-    packs = {key: pack(w) for (key, _), w in zip(layers, kernels)}
-    _PACKS[model] = (kernels, packs)
+    packs = {key: packer(*arrs) for key, arrs, packer in items}
+    _PACKS[model] = (arrays, packs)
     return packs
 
 
 def _packs_by_module(model, packs: dict) -> dict:
-    """{path: PackedWeight} -> {id(module): PackedWeight} for the (merged, traced) model."""
+    """{path: packed copy} -> {id(module): packed copy} for the (merged, traced) model."""
     if not packs:
         return {}
     return {id(node): packs[key] for key, node in ((_path_key(p), n) for p, n in nnx.iter_graph(model))
-            if key in packs and isinstance(node, nnx.Linear)}
+            if key in packs and isinstance(node, (nnx.Linear, Experts))}
 
 
 @partial(jax.jit, static_argnames=("graphdef", "hook_static", "impl", "max_len", "eos", "do_sample", "temperature",

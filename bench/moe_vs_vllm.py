@@ -9,7 +9,9 @@ random experts per token, new routing every call. Two copies of the layer (2.4 G
 few of its experts in the last-level cache; the engines alternate in order within each round. Per token count: the
 median time of each, vLLM's time over ours, each one's rate over the bytes of the distinct experts a call reads, and
 the largest relative difference of the outputs. `--isas` times our kernel under each listed build of the extension
-(`beam_jax._ffi.set_cpu_isa`), in the same process. torch and XLA both use every core. Writes
+(`beam_jax._ffi.set_cpu_isa`), in the same process; where this build can (`packed_experts.packing_available`), also
+on the experts packed as `beam_jax.generate` packs them (`pack_experts`, `masked_moe_packed`: columns "packed_<isa>";
+`--no-packed` leaves them out; the packed copies add 2 x 2.4 GB). torch and XLA both use every core. Writes
 bench/results/moe_vs_vllm_cpu.json.
 """
 
@@ -34,6 +36,7 @@ def main():
     ap.add_argument("--tokens", default="1,8,32,128,512")
     ap.add_argument("--isas", default=None, help="our kernel's builds to time (default: the best one here)")
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--no-packed", action="store_true", help="leave out the packed experts")
     args = ap.parse_args()
 
     import jax
@@ -42,11 +45,13 @@ def main():
     from vllm import _custom_ops as ops
 
     from beam_jax import _ffi, kernel as mm
+    from beam_jax import packed_experts as pk
 
     torch.set_num_threads(os.cpu_count() or 1)
     amx = torch.cpu._is_amx_tile_supported() and torch._C._cpu._init_amx()
     visa = "amx" if amx else "vec"
     isas = (args.isas or _ffi.best_cpu_isa()).split(",")
+    packed = not args.no_packed and pk.packing_available()
     rng = np.random.default_rng(0)
     layers = []
     for _ in range(2):
@@ -55,20 +60,21 @@ def main():
                      for t in (g, u, dn))
         w13 = ops.cpu_prepack_moe_weight(torch.cat([g.transpose(1, 2), u.transpose(1, 2)], 1).contiguous(), visa)
         w2 = ops.cpu_prepack_moe_weight(dn.transpose(1, 2).contiguous(), visa)
-        layers.append((ours, w13, w2))
+        layers.append((ours, w13, w2, pk.pack_experts(*ours) if packed else None))
         del g, u, dn
     fn = jax.jit(lambda x, a, b, c, i, w: mm.masked_moe(x, a, b, c, i, w, None, backend="ffi"))
+    fn_packed = jax.jit(lambda x, pe, i, w: pk.masked_moe_packed(x, pe, i, w))
     results = []
     for T in [int(t) for t in args.tokens.split(",")]:
         x = rng.standard_normal((T, D)).astype(np.float32)
         xj, xt = jnp.asarray(x, jnp.bfloat16), torch.from_numpy(x).bfloat16()
         wts = rng.random((T, K)).astype(np.float32)
-        times = {f"ffi_{i}": [] for i in isas} | {"vllm": []}
+        times = {f"ffi_{i}": [] for i in isas} | {f"packed_{i}": [] for i in (isas if packed else [])} | {"vllm": []}
         err, nbytes = 0.0, []
         for rnd in range(args.rounds + 2):
             ids = np.stack([rng.choice(E, K, replace=False) for _ in range(T)]).astype(np.int32)
             nbytes.append(len(np.unique(ids)) * 3 * D * F * 2)
-            (wg, wu, wd), w13, w2 = layers[rnd % 2]
+            (wg, wu, wd), w13, w2, pe = layers[rnd % 2]
             out = {}
             order = list(times) if rnd % 2 == 0 else list(reversed(times))
             for eng in order:
@@ -80,10 +86,13 @@ def main():
                     dt = time.perf_counter() - t
                     out[eng] = y.float().numpy()
                 else:
-                    _ffi.set_cpu_isa(eng[4:])
+                    _ffi.set_cpu_isa(eng.split("_", 1)[1])
                     a = (jnp.asarray(ids), jnp.asarray(wts))
                     t = time.perf_counter()
-                    y = fn(xj, wg, wu, wd, *a).block_until_ready()
+                    if eng.startswith("packed_"):
+                        y = fn_packed(xj, pe, *a).block_until_ready()
+                    else:
+                        y = fn(xj, wg, wu, wd, *a).block_until_ready()
                     dt = time.perf_counter() - t
                     out[eng] = np.asarray(y.astype(jnp.float32))
                 if rnd >= 2:  # the first two rounds compile and warm up
@@ -97,11 +106,11 @@ def main():
                **{f"vllm_over_{k}": med["vllm"] / v for k, v in med.items() if k != "vllm"}, "max_rel_diff": err}
         results.append(row)
         print(f"T={T:4d}  " + "  ".join(f"{k} {1e3 * v:7.2f} ms ({gb / v:5.1f} GB/s)" for k, v in med.items())
-              + "  " + "  ".join(f"vllm/{k[4:]} {med['vllm'] / v:.2f}" for k, v in med.items() if k != "vllm")
+              + "  " + "  ".join(f"vllm/{k} {med['vllm'] / v:.2f}" for k, v in med.items() if k != "vllm")
               + f"  max rel diff {err:.2g}", flush=True)
     _ffi.set_cpu_isa(_ffi.best_cpu_isa())
     path = write_result("moe_vs_vllm", {"command": "python bench/moe_vs_vllm.py " + " ".join(sys.argv[1:]),
-                                        "vllm_isa": visa, "ffi_isas": isas, "shapes": {"E": E, "d": D, "f": F, "K": K},
+                                        "vllm_isa": visa, "ffi_isas": isas, "packed": packed, "shapes": {"E": E, "d": D, "f": F, "K": K},
                                         "threads": os.cpu_count(), "host": machine(), "results": results})
     print(f"wrote {path}")
 

@@ -33,6 +33,9 @@ struct Problem {
   const float* weights = nullptr;       // [T, K]
   const bool* keep = nullptr;           // [T, K]
   void* y = nullptr;                    // [T, d], same element type as x
+  // bf16 only: the expert weights packed per expert as PackedRowsProblem::wp is (beam_jax.kernel.pack_experts):
+  // w_gate, w_up [E, ceil(f / 32), d / 2, 32, 2] and w_down [E, ceil(d / 32), f / 2, 32, 2]; d and f even.
+  bool packed = false;
 };
 
 // The backward of one call: the forward's operands plus the output cotangent dy, and the gradients
@@ -197,6 +200,8 @@ xla::ffi::Error CheckAndDescribeBwd(xla::ffi::AnyBuffer x, xla::ffi::AnyBuffer w
 // (input_output_aliases): its contents are ignored, so a poisoned y_init shows unwritten rows.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCpuAliased);
+// (x [T, d] bf16, the packed w_gate, w_up, w_down (Problem::packed), expert_ids, weights, keep) -> y [T, d] bf16
+XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoePackedCpu);
 // Backward targets (CPU and CUDA):
 //   beam_masked_moe_bwd:      (x, w_gate, w_up, w_down, expert_ids, weights, keep, dy)
 //                             -> (dx [T,d] x's dtype, dweights [T,K] f32)

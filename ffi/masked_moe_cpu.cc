@@ -327,6 +327,68 @@ ffi::Error MaskedMoeCpuAliased(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyB
   return MaskedMoeCpu(pool, x, w_gate, w_up, w_down, expert_ids, weights, keep, y);
 }
 
+// The forward on packed expert weights (Problem::packed): x, y [T, d] bf16 (d even); w_gate, w_up
+// [E, ceil(f / 32), d / 2, 32, 2] and w_down [E, ceil(d / 32), f / 2, 32, 2] bf16, f = 2 * w_down.shape[2].
+ffi::Error MaskedMoePackedCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w_gate,
+                              ffi::AnyBuffer w_up, ffi::AnyBuffer w_down,
+                              ffi::Buffer<ffi::S32> expert_ids, ffi::Buffer<ffi::F32> weights,
+                              ffi::Buffer<ffi::PRED> keep, ffi::Result<ffi::AnyBuffer> y) {
+  const std::string who = "masked_moe (packed experts): ";
+  for (auto [name, b] : {std::pair<const char*, ffi::AnyBuffer*>{"x", &x}, {"w_gate", &w_gate}, {"w_up", &w_up},
+                         {"w_down", &w_down}, {"y", &*y}})
+    if (b->element_type() != ffi::DataType::BF16)
+      return ffi::Error::InvalidArgument(who + name + " must be bfloat16");
+  auto xd = x.dimensions(), dd = w_down.dimensions(), id = expert_ids.dimensions();
+  if (xd.size() != 2 || xd[1] % 2 != 0)
+    return ffi::Error::InvalidArgument(who + "x must be [T, d] with d even, got " + DimsString(xd));
+  if (dd.size() != 5 || dd[3] != kPackedCols || dd[4] != 2)
+    return ffi::Error::InvalidArgument(who + "w_down must be [E, ceil(d / 32), f / 2, 32, 2], got " +
+                                       DimsString(dd));
+  const int64_t T = xd[0], d = xd[1], E = dd[0], f = 2 * dd[2];
+  const int64_t fb = (f + kPackedCols - 1) / kPackedCols, db = (d + kPackedCols - 1) / kPackedCols;
+  auto same = [](ffi::AnyBuffer::Dimensions got, std::initializer_list<int64_t> want) {
+    if (got.size() != want.size()) return false;
+    size_t i = 0;
+    for (int64_t v : want) if (got[i++] != v) return false;
+    return true;
+  };
+  auto want = [](std::initializer_list<int64_t> v) {
+    std::string s = "[";
+    for (int64_t n : v) s += (s.size() > 1 ? ", " : "") + std::to_string(n);
+    return s + "]";
+  };
+  if (!same(dd, {E, db, f / 2, kPackedCols, 2}))
+    return ffi::Error::InvalidArgument(who + "w_down must be " + want({E, db, f / 2, kPackedCols, 2}) +
+                                       " for x " + DimsString(xd) + ", got " + DimsString(dd));
+  for (auto [name, b] : {std::pair<const char*, ffi::AnyBuffer*>{"w_gate", &w_gate}, {"w_up", &w_up}})
+    if (!same(b->dimensions(), {E, fb, d / 2, kPackedCols, 2}))
+      return ffi::Error::InvalidArgument(who + name + " must be " + want({E, fb, d / 2, kPackedCols, 2}) +
+                                         ", got " + DimsString(b->dimensions()));
+  if (id.size() != 2 || id[0] != T)
+    return ffi::Error::InvalidArgument(who + "expert_ids must be [T, K], got " + DimsString(id));
+  const int64_t K = id[1];
+  if (!same(weights.dimensions(), {T, K}) || !same(keep.dimensions(), {T, K}))
+    return ffi::Error::InvalidArgument(who + "weights and keep must be [T, K] = " + DimsString(id));
+  if (!same(y->dimensions(), {T, d}))
+    return ffi::Error::InvalidArgument(who + "y must be [T, d] = " + DimsString(xd));
+  Problem p;
+  p.T = T; p.K = K; p.E = E; p.d = d; p.f = f;
+  p.type = ElemType::kBF16;
+  p.packed = true;
+  p.x = x.untyped_data();
+  p.w_gate = w_gate.untyped_data();
+  p.w_up = w_up.untyped_data();
+  p.w_down = w_down.untyped_data();
+  p.expert_ids = expert_ids.typed_data();
+  p.weights = weights.typed_data();
+  p.keep = keep.typed_data();
+  p.y = y->untyped_data();
+  if (T == 0 || d == 0) return ffi::Error::Success();
+  Runner runner = MakeRunner(pool);
+  CpuMaskedMoe(p, runner);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace beam
 
@@ -339,6 +401,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BeamMaskedMoeCpu, beam::MaskedMoeCpu,
                                   .Arg<ffi::AnyBuffer>()        // w_gate
                                   .Arg<ffi::AnyBuffer>()        // w_up
                                   .Arg<ffi::AnyBuffer>()        // w_down
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_ids
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // weights
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // keep
+                                  .Ret<ffi::AnyBuffer>());       // y
+
+// Same on packed expert weights (Problem::packed), bfloat16 only.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BeamMaskedMoePackedCpu, beam::MaskedMoePackedCpu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()        // x
+                                  .Arg<ffi::AnyBuffer>()        // w_gate (packed)
+                                  .Arg<ffi::AnyBuffer>()        // w_up (packed)
+                                  .Arg<ffi::AnyBuffer>()        // w_down (packed)
                                   .Arg<ffi::Buffer<ffi::S32>>()  // expert_ids
                                   .Arg<ffi::Buffer<ffi::F32>>()  // weights
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // keep

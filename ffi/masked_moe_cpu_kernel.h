@@ -466,7 +466,7 @@ static_assert(kSkinnyRows <= kDpRowsMax, "the experts' skinny segments go throug
 
 #if BEAM_CPU_USE_AMX
 // AMX tiles (Sapphire Rapids and later), for StreamRowsColsAmx below and the packed products
-// (RunPackedRowsAmx). Eight tiles: C 0-1 (rows [0, g0) of a pass x columns of the low / high set of a
+// (PackedProduct). Eight tiles: C 0-1 (rows [0, g0) of a pass x columns of the low / high set of a
 // 32-column block), C 2-3 (rows [16, 16 + g1)), A 4 / 5 (the two row groups, 32 bf16 of the reduction),
 // B 6 / 7 (16 pairs of rows of w x 16 columns, each pair side by side: the VNNI layout).
 constexpr int64_t kAmxPairs = 16;  // pairs of rows of w per B tile (32 rows of the reduction)
@@ -753,6 +753,21 @@ float* ThreadBuffer(int which, size_t count) {
 
 // ---------------------------------------------------------------------------------------------
 
+// The kept pairs (keep && 0 <= id < E) grouped by expert, a counting sort: *sorted holds their indices t * K + k,
+// expert-major and stable in pair order; expert e's are (*sorted)[(*offsets)[e], (*offsets)[e + 1]).
+void GroupByExpert(const Problem& p, std::vector<int64_t>* offsets, std::vector<int64_t>* sorted) {
+  const int64_t num_pairs = p.T * p.K, E = p.E;
+  offsets->assign(size_t(E + 1), 0);
+  auto kept_at = [&](int64_t q) { const int32_t e = p.expert_ids[q]; return p.keep[q] && e >= 0 && e < E; };
+  for (int64_t q = 0; q < num_pairs; ++q)
+    if (kept_at(q)) ++(*offsets)[p.expert_ids[q] + 1];
+  for (int64_t e = 0; e < E; ++e) (*offsets)[e + 1] += (*offsets)[e];
+  sorted->resize(size_t((*offsets)[E]));
+  std::vector<int64_t> cursor(offsets->begin(), offsets->end() - 1);
+  for (int64_t q = 0; q < num_pairs; ++q)
+    if (kept_at(q)) (*sorted)[cursor[p.expert_ids[q]]++] = q;
+}
+
 struct Segment {
   int64_t expert;     // expert id
   int64_t row0;       // first row in the sorted order
@@ -769,23 +784,10 @@ void Run(const Problem& p, const Runner& runner) {
   const T* wu = static_cast<const T*>(p.w_up);
   const T* wd = static_cast<const T*>(p.w_down);
 
-  // 1. Group the kept pairs by expert (counting sort, stable in pair order).
-  const int64_t num_pairs = T_ * K;
-  std::vector<int64_t> offsets(E + 1, 0);
-  for (int64_t q = 0; q < num_pairs; ++q) {
-    const int32_t e = p.expert_ids[q];
-    if (p.keep[q] && e >= 0 && e < E) ++offsets[e + 1];
-  }
-  for (int64_t e = 0; e < E; ++e) offsets[e + 1] += offsets[e];
+  // 1. Group the kept pairs by expert.
+  std::vector<int64_t> offsets, sorted;
+  GroupByExpert(p, &offsets, &sorted);
   const int64_t kept = offsets[E];
-  std::vector<int64_t> sorted(kept);
-  {
-    std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
-    for (int64_t q = 0; q < num_pairs; ++q) {
-      const int32_t e = p.expert_ids[q];
-      if (p.keep[q] && e >= 0 && e < E) sorted[cursor[e]++] = q;
-    }
-  }
 
   // f32 accumulator for y: the output itself for f32, a temporary otherwise. Zeroing it writes
   // every row, including tokens without kept pairs.
@@ -1537,55 +1539,58 @@ inline void AmxBlock(const bf16_t* x, int64_t Kd, int64_t steps, const bf16_t* w
   }
 }
 
-void RunPackedRowsAmx(const PackedRowsProblem& p, const Runner& runner) {
-  const int64_t M = p.M, N = p.N, Kd = p.Kd, pairs = Kd / 2;
-  const int64_t steps = pairs / kAmxPairs, tail = pairs - steps * kAmxPairs;
-  const int64_t blocks = (N + kPackedCols - 1) / kPackedCols;
-  const auto* x = static_cast<const bf16_t*>(p.x);
-  const auto* wp = static_cast<const bf16_t*>(p.wp);
-  auto* y = static_cast<bf16_t*>(p.y);
-  const int64_t per_unit = std::max<int64_t>(1, blocks / (4 * int64_t(runner.num_threads)));
-  const int64_t units = (blocks + per_unit - 1) / per_unit;
-  ParallelFor(runner, units, [&](int64_t u) {
-    alignas(64) float out[32][kPackedCols];
-    float tout[8][kPackedCols];
-    const u32_alias_t* xr[8];
-    const int64_t b0 = u * per_unit, b1 = std::min(blocks, (u + 1) * per_unit);
-    int64_t configured = -1;  // the tile configuration loaded (AmxPass)
-    for (int64_t b = b0; b < b1; ++b) {
-      const bf16_t* wb = wp + b * pairs * 2 * kPackedCols;
-      for (int64_t r0 = 0; r0 < M; r0 += 32) {  // more than 32 rows: the block again, from L1 / L2
-        int64_t g0, g1;
-        AmxPass(M, r0, &g0, &g1, &configured);
-        if (g1 > 0)
-          AmxBlock<true>(x + r0 * Kd, Kd, steps, wb, out);
-        else
-          AmxBlock<false>(x + r0 * Kd, Kd, steps, wb, out);
-        const int64_t rows = g0 + g1, c0 = b * kPackedCols, n = std::min(kPackedCols, N - c0);
-        for (int64_t t0 = 0; tail > 0 && t0 < rows; t0 += 8) {  // the pairs past the last whole tile
-          const int64_t tr = std::min<int64_t>(8, rows - t0);
-          for (int64_t r = 0; r < tr; ++r)
-            xr[r] = reinterpret_cast<const u32_alias_t*>(x + (r0 + t0 + r) * Kd) + steps * kAmxPairs;
-          PackedBlock(xr, tr, tail, wb + steps * kAmxPairs * 2 * kPackedCols, tout);
-          for (int64_t r = 0; r < tr; ++r)
-            for (int64_t c = 0; c < kPackedCols; ++c) out[t0 + r][c] += tout[r][c];
-        }
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t c = 0; c < n; ++c) y[(r0 + r) * N + c0 + c] = FromFloat<bf16_t>(out[r][c]);
-      }
-    }
-    _tile_release();  // back to the init state: a context switch saves no tile data
-  });
-}
 #endif
 
-void RunPackedRows(const PackedRowsProblem& p, const Runner& runner) {
+// out[r][0..32) = rows [0, rows) (at most 32) of x (bf16, rows Kd apart, Kd even) against the packed block wb
+// (Kd / 2 pairs): on AMX tiles where the build has them (a pass of up to 32 rows, the pairs past the last whole
+// 16 through PackedBlock), else PackedBlock's groups of 8 rows, each a pass over the run (the later ones from
+// L1 / L2). *configured: the tile configuration loaded (AmxPass; -1 for none).
+inline void PackedProduct(const bf16_t* x, int64_t rows, int64_t Kd, const bf16_t* wb,
+                          float (*out)[kPackedCols], int64_t* configured) {
+  const int64_t pairs = Kd / 2;
+  const u32_alias_t* xr[8];
 #if BEAM_CPU_USE_AMX
-  if (p.Kd >= 2 * kAmxPairs) return RunPackedRowsAmx(p, runner);
+  if (pairs >= kAmxPairs) {
+    const int64_t steps = pairs / kAmxPairs, tail = pairs - steps * kAmxPairs;
+    int64_t g0, g1;
+    AmxPass(rows, 0, &g0, &g1, configured);
+    if (g1 > 0)
+      AmxBlock<true>(x, Kd, steps, wb, out);
+    else
+      AmxBlock<false>(x, Kd, steps, wb, out);
+    float tout[8][kPackedCols];
+    for (int64_t t0 = 0; tail > 0 && t0 < rows; t0 += 8) {
+      const int64_t tr = std::min<int64_t>(8, rows - t0);
+      for (int64_t r = 0; r < tr; ++r)
+        xr[r] = reinterpret_cast<const u32_alias_t*>(x + (t0 + r) * Kd) + steps * kAmxPairs;
+      PackedBlock(xr, tr, tail, wb + steps * kAmxPairs * 2 * kPackedCols, tout);
+      for (int64_t r = 0; r < tr; ++r)
+        for (int64_t c = 0; c < kPackedCols; ++c) out[t0 + r][c] += tout[r][c];
+    }
+    return;
+  }
 #endif
-  const int64_t M = p.M, N = p.N, pairs = p.Kd / 2;
+  (void)configured;
+  for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+    const int64_t tr = std::min<int64_t>(8, rows - r0);
+    for (int64_t r = 0; r < tr; ++r) xr[r] = reinterpret_cast<const u32_alias_t*>(x + (r0 + r) * Kd);
+    PackedBlock(xr, tr, pairs, wb, out + r0);
+  }
+}
+
+// Back to the tiles' init state after a unit that used them: a context switch then saves no tile data.
+inline void PackedRelease(int64_t configured) {
+#if BEAM_CPU_USE_AMX
+  if (configured >= 0) _tile_release();
+#else
+  (void)configured;
+#endif
+}
+
+void RunPackedRows(const PackedRowsProblem& p, const Runner& runner) {
+  const int64_t M = p.M, N = p.N, Kd = p.Kd, pairs = Kd / 2;
   const int64_t blocks = (N + kPackedCols - 1) / kPackedCols;
-  const auto* x = static_cast<const u32_alias_t*>(p.x);
+  const auto* x = static_cast<const bf16_t*>(p.x);
   const auto* wp = static_cast<const bf16_t*>(p.wp);
   auto* y = static_cast<bf16_t*>(p.y);
   // Contiguous runs of blocks, a few per thread, claimed dynamically: each thread streams its runs in
@@ -1593,18 +1598,131 @@ void RunPackedRows(const PackedRowsProblem& p, const Runner& runner) {
   const int64_t per_unit = std::max<int64_t>(1, blocks / (4 * int64_t(runner.num_threads)));
   const int64_t units = (blocks + per_unit - 1) / per_unit;
   ParallelFor(runner, units, [&](int64_t u) {
-    float out[8][kPackedCols];
-    const u32_alias_t* xr[8];
+    alignas(64) float out[32][kPackedCols];
+    int64_t configured = -1;
     for (int64_t b = u * per_unit; b < std::min(blocks, (u + 1) * per_unit); ++b) {
       const bf16_t* wb = wp + b * pairs * 2 * kPackedCols;
       const int64_t c0 = b * kPackedCols, n = std::min(kPackedCols, N - c0);
-      for (int64_t r0 = 0; r0 < M; r0 += 8) {  // more than 8 rows: the block again, from L2
-        const int64_t rows = std::min<int64_t>(8, M - r0);
-        for (int64_t r = 0; r < rows; ++r) xr[r] = x + (r0 + r) * pairs;
-        PackedBlock(xr, rows, pairs, wb, out);
+      for (int64_t r0 = 0; r0 < M; r0 += 32) {  // more than 32 rows: the block again, from L1 / L2
+        const int64_t rows = std::min<int64_t>(32, M - r0);
+        PackedProduct(x + r0 * Kd, rows, Kd, wb, out, &configured);
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t c = 0; c < n; ++c) y[(r0 + r) * N + c0 + c] = FromFloat<bf16_t>(out[r][c]);
       }
+    }
+    PackedRelease(configured);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The forward on packed expert weights (Problem::packed; `beam_jax.generate` packs its experts once, as
+// vLLM-CPU prepacks its own): each expert's 32-column block of w_gate and w_up (over all of d) and of w_down
+// (over all of f) is one contiguous run in the layout of the packed projections above, so a unit streams its
+// runs in memory order, accumulators in registers (PackedBlock) or tiles (AMX: the run is B tiles as it lies,
+// nothing repacked, so a few rows cost what one does). Against the row-major path (Run): no split of the
+// reduction and no partial sums to add, no shuffles of w, no prefetch schedule.
+//   1. Group the kept pairs by expert (GroupByExpert); gather their x rows in that order into X [kept, d]
+//      (bf16: each expert's rows one matrix, AMX's A tiles as they lie).
+//   2. Gate/up: units = (segment, run of f blocks): per block, both products over all of d for up to 32 rows
+//      at a time, then h = silu(gate) * up rounded to bf16 (as the row-major path rounds it for the down
+//      product) into H [kept, f].
+//   3. Down: units = (segment, run of d blocks): H's rows times the blocks into O [kept, d] (f32, each element
+//      written once).
+//   4. y[t] = sum over k of weights[t, k] * O[row of pair (t, k)] in k order (a fixed order: results do not
+//      depend on the thread count), rounded once; tokens without kept pairs get zeros.
+void RunPackedExperts(const Problem& p, const Runner& runner) {
+  const int64_t T_ = p.T, K = p.K, E = p.E, d = p.d, f = p.f;
+  const auto* x = static_cast<const bf16_t*>(p.x);
+  const auto* wg = static_cast<const bf16_t*>(p.w_gate);
+  const auto* wu = static_cast<const bf16_t*>(p.w_up);
+  const auto* wd = static_cast<const bf16_t*>(p.w_down);
+  auto* y = static_cast<bf16_t*>(p.y);
+  std::vector<int64_t> offsets, sorted;
+  GroupByExpert(p, &offsets, &sorted);
+  const int64_t kept = offsets[E];
+  const int64_t fblocks = (f + kPackedCols - 1) / kPackedCols, dblocks = (d + kPackedCols - 1) / kPackedCols;
+  const int64_t run1 = d * kPackedCols, run2 = f * kPackedCols;  // elements of one block's run (d / 2 pairs x 64)
+  // Scratch of the calling thread, kept across calls (grown, never shrunk): X and H in bf16, O in f32.
+  auto* X = reinterpret_cast<bf16_t*>(ThreadBuffer(3, size_t(kept * d / 2 + 1)));
+  auto* H = reinterpret_cast<bf16_t*>(ThreadBuffer(4, size_t(kept * f / 2 + 1)));
+  float* O = ThreadBuffer(5, size_t(kept * d + 1));
+
+  // 1. Gather.
+  constexpr int64_t kRowBlock = 64;
+  ParallelFor(runner, (kept + kRowBlock - 1) / kRowBlock, [&](int64_t b) {
+    for (int64_t i = b * kRowBlock; i < std::min(kept, (b + 1) * kRowBlock); ++i)
+      std::memcpy(X + i * d, x + (sorted[i] / K) * d, size_t(d) * sizeof(bf16_t));
+  });
+
+  // Segments, and their units: runs of blocks, about 8 units per thread over all segments.
+  std::vector<int64_t> seg_e;
+  for (int64_t e = 0; e < E; ++e)
+    if (offsets[e + 1] > offsets[e]) seg_e.push_back(e);
+  const int64_t nseg = int64_t(seg_e.size());
+  auto run_of = [&](int64_t blocks) {
+    const int64_t want = 8 * int64_t(runner.num_threads);
+    return std::max<int64_t>(1, std::min<int64_t>(blocks, blocks * nseg / want));
+  };
+  const int64_t per1 = run_of(fblocks), units1 = (fblocks + per1 - 1) / per1;
+  const int64_t per2 = run_of(dblocks), units2 = (dblocks + per2 - 1) / per2;
+
+  // 2. Gate and up.
+  ParallelFor(runner, nseg * units1, [&](int64_t u) {
+    const int64_t e = seg_e[u / units1], row0 = offsets[e], rows_all = offsets[e + 1] - row0;
+    const int64_t b0 = (u % units1) * per1, b1 = std::min(fblocks, b0 + per1);
+    alignas(64) float og[32][kPackedCols], ou[32][kPackedCols];
+    int64_t configured = -1;
+    for (int64_t b = b0; b < b1; ++b) {
+      const bf16_t* gb = wg + (e * fblocks + b) * run1;
+      const bf16_t* ub = wu + (e * fblocks + b) * run1;
+      const int64_t c0 = b * kPackedCols, n = std::min(kPackedCols, f - c0);
+      for (int64_t r0 = 0; r0 < rows_all; r0 += 32) {
+        const int64_t rows = std::min<int64_t>(32, rows_all - r0);
+        const bf16_t* xs = X + (row0 + r0) * d;
+        PackedProduct(xs, rows, d, gb, og, &configured);
+        PackedProduct(xs, rows, d, ub, ou, &configured);
+        for (int64_t r = 0; r < rows; ++r) {
+          bf16_t* h = H + (row0 + r0 + r) * f + c0;
+          for (int64_t c = 0; c < n; ++c) h[c] = FromFloat<bf16_t>(Silu(og[r][c]) * ou[r][c]);
+        }
+      }
+    }
+    PackedRelease(configured);
+  });
+
+  // 3. Down.
+  ParallelFor(runner, nseg * units2, [&](int64_t u) {
+    const int64_t e = seg_e[u / units2], row0 = offsets[e], rows_all = offsets[e + 1] - row0;
+    const int64_t b0 = (u % units2) * per2, b1 = std::min(dblocks, b0 + per2);
+    alignas(64) float od[32][kPackedCols];
+    int64_t configured = -1;
+    for (int64_t b = b0; b < b1; ++b) {
+      const bf16_t* db = wd + (e * dblocks + b) * run2;
+      const int64_t c0 = b * kPackedCols, n = std::min(kPackedCols, d - c0);
+      for (int64_t r0 = 0; r0 < rows_all; r0 += 32) {
+        const int64_t rows = std::min<int64_t>(32, rows_all - r0);
+        PackedProduct(H + (row0 + r0) * f, rows, f, db, od, &configured);
+        for (int64_t r = 0; r < rows; ++r) std::copy(od[r], od[r] + n, O + (row0 + r0 + r) * d + c0);
+      }
+    }
+    PackedRelease(configured);
+  });
+
+  // 4. Combine, by blocks of tokens.
+  std::vector<int64_t> pos(size_t(T_ * K), -1);  // pair -> its row in the sorted order
+  for (int64_t i = 0; i < kept; ++i) pos[sorted[i]] = i;
+  ParallelFor(runner, (T_ + 7) / 8, [&](int64_t b) {
+    float* acc = ThreadBuffer(6, size_t(d));
+    for (int64_t t = b * 8; t < std::min(T_, (b + 1) * 8); ++t) {
+      std::fill(acc, acc + d, 0.0f);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t i = pos[t * K + k];
+        if (i < 0) continue;
+        const float w = p.weights[t * K + k];
+        const float* o = O + i * d;
+        for (int64_t j = 0; j < d; ++j) acc[j] += w * o[j];
+      }
+      for (int64_t j = 0; j < d; ++j) y[t * d + j] = FromFloat<bf16_t>(acc[j]);
     }
   });
 }
@@ -1612,6 +1730,7 @@ void RunPackedRows(const PackedRowsProblem& p, const Runner& runner) {
 }  // namespace
 
 void MaskedMoe(const Problem& p, const Runner& runner) {
+  if (p.packed) return RunPackedExperts(p, runner);  // bf16 (the binding checks)
   switch (p.type) {
     case ElemType::kF32: Run<float>(p, runner); break;
     case ElemType::kBF16: Run<bf16_t>(p, runner); break;

@@ -58,6 +58,7 @@ PYBIND11_MODULE(_ffi, m) {
     py::dict d;
     d["beam_masked_moe"] = Capsule(BeamMaskedMoeCpu);
     d["beam_masked_moe_aliased"] = Capsule(BeamMaskedMoeCpuAliased);
+    d["beam_masked_moe_packed"] = Capsule(BeamMaskedMoePackedCpu);
     d["beam_masked_moe_bwd"] = Capsule(BeamMaskedMoeBwdCpu);
     d["beam_masked_moe_bwd_full"] = Capsule(BeamMaskedMoeBwdFullCpu);
     d["beam_rows_matmul"] = Capsule(BeamRowsMatmulCpu);

@@ -210,10 +210,10 @@ def test_matmul_fast_path_equals_float32_product(rows, transpose_w):
 
 
 def test_decode_packs_cover_the_dense_bf16_layers_once(tmp_path):
-    """`generate` packs every bfloat16 dense projection (not the experts) once per model, again when a kernel
-    changes; its decode steps (and on the AMX build its prefill) multiply through the packed target, with the tokens
-    of the unpacked step loop."""
-    from beam_jax import attention, rows_matmul as rm
+    """`generate` packs every bfloat16 dense projection (and, on the AMX build, the experts) once per model, again
+    when a kernel changes; its decode steps (and on the AMX build its prefill) multiply through the packed target,
+    with the tokens of the unpacked step loop."""
+    from beam_jax import attention, packed_experts as pk, rows_matmul as rm
     from beam_jax.generate import decode_packs
 
     if not rm.packing_available():
@@ -227,7 +227,9 @@ def test_decode_packs_cover_the_dense_bf16_layers_once(tmp_path):
             assert key in packs, sorted(packs)
             w = getattr(model.layers[i].self_attn, proj).kernel[...]
             assert packs[key].shape == w.shape
-    assert "lm_head" in packs and not any("expert" in k for k in packs)
+    assert "lm_head" in packs
+    experts = sorted(k for k in packs if "expert" in k)
+    assert experts == ([f"layers/{i}/mlp/experts" for i in range(L)] if pk.packing_available() else []), experts
     assert decode_packs(model) is packs  # cached
     new = model.lm_head.kernel[...] * 2
     model.lm_head.kernel.set_value(new)
@@ -235,22 +237,31 @@ def test_decode_packs_cover_the_dense_bf16_layers_once(tmp_path):
     assert again is not packs
     np.testing.assert_array_equal(np.asarray(again["lm_head"].packed), np.asarray(rm.pack_weight(new).packed))
 
-    calls = []
-    real = attention.packed_rows_matmul
+    calls, expert_calls = [], []
+    real, real_experts = attention.packed_rows_matmul, pk.masked_moe_packed
 
     def counting(x, pw):
         calls.append(x.shape[0])
         return real(x, pw)
 
+    def counting_experts(x, pe, *a):
+        expert_calls.append(x.shape[0])
+        return real_experts(x, pe, *a)
+
     prompt = np.random.RandomState(21).randint(3, 160, size=(3, 12))  # a shape no other test compiles
     kw = dict(max_new_tokens=6, eos_token_id=())
     try:
         attention.packed_rows_matmul = counting
+        pk.masked_moe_packed = counting_experts
         ours = np.asarray(beam_jax.generate(model, prompt, **kw))
     finally:
         attention.packed_rows_matmul = real
+        pk.masked_moe_packed = real_experts
     assert 3 in calls  # the decode step's rows
     assert (36 in calls) == (rm.packed_rows_max() >= 36)  # the prefill's 3 x 12 rows: on the AMX build's tiles only
+    # the experts of prefill (36 tokens) and decode steps (3) run packed on the AMX build, in every layer
+    want = sorted([36] * L + [3] * L) if pk.packing_available() else []
+    assert sorted(expert_calls) == want, expert_calls
     np.testing.assert_array_equal(ours, np.asarray(generate_reference(model, prompt, **kw)))
 
 
