@@ -59,9 +59,9 @@ def packing_available() -> bool:
     """Whether `beam_jax.generate` packs the experts: the extension has the target and runs its AMX build (the
     packed dense projections are on, `rows_matmul.packing_available`), unless ``BEAM_JAX_PACKED_EXPERTS=0`` (read
     when called). Measured on the 2-core Xeon (`bench/moe_vs_vllm.py`, Qwen3-30B-A3B's layer): on AMX tiles the
-    packed experts take 0.92x the row-major kernel's time at 8 tokens, 0.81x at 32, 0.61x at 128 and 512; under
-    vdpbf16ps alone (the AVX512-BF16 build) they gain nothing (1.04-1.07x its time at 1-32 tokens), so that
-    build keeps the row-major experts (`masked_moe_packed` still runs there, for tests)."""
+    packed experts take 0.97x the row-major kernel's time at 1 token, 0.92x at 8, 0.81x at 32, 0.61-0.62x at 128
+    and 512; under vdpbf16ps alone (the AVX512-BF16 build) they lose at decode sizes (1.05-1.07x its time at 1-32
+    tokens), so that build keeps the row-major experts (`masked_moe_packed` runs there too, for tests)."""
     return (os.environ.get("BEAM_JAX_PACKED_EXPERTS") != "0" and rows_matmul.packing_available()
             and kernel._ffi.cpu_isa() == "amx" and _TARGET in kernel._ffi.registrations())
 
