@@ -280,9 +280,10 @@ def test_cuda_sources_compiled_when_nvcc_present():
     if shutil.which("nvcc") is None:
         pytest.skip("no nvcc: the CUDA kernels are not built")
     assert mm._ffi.cuda_compiled(), "nvcc is present but the extension was built without CUDA"
-    # Every forward and backward target on both platforms; the decode-time rows matmul, its packed form and decode
-    # attention are CPU-only (beam_jax.rows_matmul, beam_jax.decode_attention: on GPU XLA's own ops are used).
-    cpu_only = {"beam_rows_matmul", "beam_packed_rows_matmul", "beam_decode_attention"}
+    # Every forward and backward target on both platforms; the decode-time rows matmul, its packed form, the experts
+    # on packed weights and decode attention are CPU-only (beam_jax.rows_matmul, beam_jax.packed_experts,
+    # beam_jax.decode_attention: generate packs only on the CPU backend; on GPU XLA's own ops are used).
+    cpu_only = {"beam_rows_matmul", "beam_packed_rows_matmul", "beam_masked_moe_packed", "beam_decode_attention"}
     assert set(mm._ffi.cuda_registrations()) == set(mm._ffi.registrations()) - cpu_only
     assert {mm._BWD_TARGET, mm._BWD_FULL_TARGET} <= set(mm._ffi.cuda_registrations())
     assert cpu_only <= set(mm._ffi.registrations())
