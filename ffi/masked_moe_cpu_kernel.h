@@ -1146,23 +1146,10 @@ void RunBwd(const BwdProblem& bp, const Runner& runner) {
   const T* dy = static_cast<const T*>(bp.dy);
   const bool wgrad = bp.dw_gate != nullptr;
 
-  // 1. Group the kept pairs by expert (counting sort, stable in pair order), as the forward.
-  const int64_t num_pairs = T_ * K;
-  std::vector<int64_t> offsets(E + 1, 0);
-  for (int64_t q = 0; q < num_pairs; ++q) {
-    const int32_t e = p.expert_ids[q];
-    if (p.keep[q] && e >= 0 && e < E) ++offsets[e + 1];
-  }
-  for (int64_t e = 0; e < E; ++e) offsets[e + 1] += offsets[e];
+  // 1. Group the kept pairs by expert, as the forward.
+  std::vector<int64_t> offsets, sorted;
+  GroupByExpert(p, &offsets, &sorted);
   const int64_t kept = offsets[E];
-  std::vector<int64_t> sorted(kept);
-  {
-    std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
-    for (int64_t q = 0; q < num_pairs; ++q) {
-      const int32_t e = p.expert_ids[q];
-      if (p.keep[q] && e >= 0 && e < E) sorted[cursor[e]++] = q;
-    }
-  }
 
   // f32 accumulators: the outputs themselves for f32, temporaries otherwise. Every element is
   // zeroed first, so tokens without kept pairs and experts without rows get zero gradients.
@@ -1188,7 +1175,7 @@ void RunBwd(const BwdProblem& bp, const Runner& runner) {
     }
   }
   ZeroF32(runner, DX, T_ * d);
-  std::fill(bp.dweights, bp.dweights + num_pairs, 0.0f);
+  std::fill(bp.dweights, bp.dweights + T_ * K, 0.0f);
   if (wgrad) {
     ZeroF32(runner, DWG, nw);
     ZeroF32(runner, DWU, nw);
