@@ -9,8 +9,8 @@ compiled function and only read), and one jitted function runs the prefill and t
 (`lax.while_loop`, stopping early when every sequence has ended). So a generation costs one dispatch, no host
 round trip per token, and no copy or write-back of the model's state. On the CPU (AVX512-BF16 and AMX builds) the
 bf16 dense layers' kernels are also passed packed (`decode_packs`: made once per model, kept while it lives) for the
-decode steps' products, on the AMX build the bf16 experts too (`packed_experts`, impl="kernel"), and the decode steps' attention runs on the decode-attention kernel
-(`beam_jax.decode_attention`, `attention.decode_kernels`). The KV cache length is bucketed
+decode steps' products, on the AMX build the bf16 experts too (`packed_experts`, impl="kernel"), and the decode
+steps' attention runs on the decode-attention kernel (`beam_jax.decode_attention`, `attention.decode_kernels`). The KV cache length is bucketed
 (`cache_bucket`), and `max_new_tokens`, the pad token and a hook's knobs (BEAM's tau) are traced, so changing
 them within a bucket does not recompile. `generate_reference` is the plain step-by-step loop (one forward per
 token, a host round trip each) that the tests hold the compiled path to.
@@ -158,13 +158,14 @@ def _packable_experts(node) -> bool:
     return all(w.ndim == 3 and w.dtype == jnp.bfloat16 for w in ws) and ws[0].shape[1] % 2 == 0 == ws[0].shape[2] % 2
 
 
-def _to_pack(model) -> list:
-    """[(path key, arrays to pack, packer)] of what `decode_packs` packs in `model`."""
+def _to_pack(model, packed: dict) -> list:
+    """[(path key, arrays to pack, packer)] of what `decode_packs` packs in `model`; packed: what it packed last time
+    (experts packed then stay packed: the memory check would now count their own copy against them)."""
     out = []
     experts = [(k, n) for k, n in ((_path_key(p), n) for p, n in nnx.iter_graph(model)) if _packable_experts(n)]
     if experts and _pe.packing_available():
         nbytes = sum(int(p[...].size) * 2 for _, n in experts for p in (n.w_gate, n.w_up, n.w_down))
-        if _pe.fits_in_memory(nbytes):
+        if any(k in packed for k, _ in experts) or _pe.fits_in_memory(nbytes):
             out += [(k, (n.w_gate[...], n.w_up[...], n.w_down[...]), _pe.pack_experts) for k, n in experts]
     pack = jax.jit(_rm.pack_weight)
     out += [(_path_key(path), (node.kernel[...],), pack) for path, node in nnx.iter_graph(model) if _packable(node)]
@@ -182,9 +183,9 @@ def decode_packs(model) -> dict:
     Packed once per model and kept while the model lives, packed again when an array has changed."""
     if not _rm.packing_available():
         return {}
-    items = _to_pack(model)
-    arrays = tuple(a for _, arrs, _ in items for a in arrs)
     cached = _PACKS.get(model)
+    items = _to_pack(model, cached[1] if cached is not None else {})
+    arrays = tuple(a for _, arrs, _ in items for a in arrs)
     if cached is not None and len(cached[0]) == len(arrays) and all(a is b for a, b in zip(cached[0], arrays)):
         return cached[1]
     packs = {key: packer(*arrs) for key, arrs, packer in items}

@@ -265,6 +265,27 @@ def test_decode_packs_cover_the_dense_bf16_layers_once(tmp_path):
     np.testing.assert_array_equal(ours, np.asarray(generate_reference(model, prompt, **kw)))
 
 
+def test_experts_packed_only_where_the_copy_fits(tmp_path, monkeypatch):
+    """The experts' packed copy (as large as the experts) is made only where it leaves half of the available memory;
+    once made it stays (the check would otherwise count the copy against itself and drop it on the next call)."""
+    from beam_jax import packed_experts as pk
+    from beam_jax.generate import decode_packs
+
+    if not pk.packing_available():
+        pytest.skip("the experts are packed on the AMX build of beam_jax._ffi only (this processor runs another)")
+    model = _model(tmp_path, dtype="bfloat16")
+    fits = {"now": False}
+    monkeypatch.setattr(pk, "fits_in_memory", lambda nbytes: fits["now"])
+    packs = decode_packs(model)
+    assert packs and not any("expert" in k for k in packs)  # the dense layers are packed all the same
+    fits["now"] = True
+    model.lm_head.kernel.set_value(model.lm_head.kernel[...] * 2)  # any change packs again
+    packs = decode_packs(model)
+    assert sum("expert" in k for k in packs) == model.cfg.num_hidden_layers
+    fits["now"] = False
+    assert decode_packs(model) is packs
+
+
 def test_greedy_is_argmax_with_ties_nans_and_infs():
     import jax.numpy as jnp
 
