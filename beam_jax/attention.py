@@ -143,7 +143,8 @@ def attend(q, k, v, ctx: AttentionContext, scale: float, sliding_window: int | N
     """Softmax attention with causal, padding and optional sliding-window masks.
 
     q [B, S, H, Dk], k [B, L, Hkv, Dk], v [B, L, Hkv, Dv] -> [B, S, H, Dv] in q.dtype.
-    Scores and softmax in float32, probabilities cast back to the value dtype (as transformers' eager path).
+    Scores and softmax in float32, probabilities cast back to the value dtype (as transformers' eager path), value
+    sums in float32, rounded once to q.dtype.
     Inside `decode_kernels`, one query per sequence (S = 1) goes to `beam_jax.decode_attention` (same result;
     this function's own path is its reference).
     """
@@ -152,13 +153,16 @@ def attend(q, k, v, ctx: AttentionContext, scale: float, sliding_window: int | N
     allowed = allowed_slots(ctx, L, sliding_window)  # [B, S, L]
     if S == 1 and _DECODE.get() and q.dtype == k.dtype == v.dtype and use_decode_attention(q.dtype):
         return decode_attention(q[:, 0], k, v, allowed[:, 0], scale)[:, None]
-    G = H // Hkv
-    qg = q.reshape(B, S, Hkv, G, q.shape[-1])
-    scores = jnp.einsum("bskgd,blkd->bkgsl", qg, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgsl,blkd->bskgd", probs, v)
-    return out.reshape(B, S, H, v.shape[-1]).astype(q.dtype)
+    G, Dk, Dv, f32 = H // Hkv, q.shape[-1], v.shape[-1], jnp.float32
+    # One product per KV head over its G * S query rows, in float32 (the products of bf16 inputs are exact there):
+    # XLA:CPU ran the grouped einsums on bf16 operands 2x slower, and the value sum with a bf16 result 2.7x
+    # (512 x 512 tokens, 32 / 4 heads of 128, the 2-core Xeon: 40 + 24 ms against 20 + 9).
+    qh = q.reshape(B, S, Hkv, G, Dk).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * S, Dk).astype(f32)
+    scores = jnp.einsum("bkqd,bkld->bkql", qh, k.transpose(0, 2, 1, 3).astype(f32)).reshape(B, Hkv, G, S, L) * scale
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(f32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).astype(f32).reshape(B, Hkv, G * S, L)
+    out = jnp.einsum("bkql,bkld->bkqd", probs, v.transpose(0, 2, 1, 3).astype(f32))  # float32 value sums
+    return out.reshape(B, Hkv, G, S, Dv).transpose(0, 3, 1, 2, 4).reshape(B, S, H, Dv).astype(q.dtype)
 
 
 class Attention(nnx.Module):

@@ -22,7 +22,8 @@ from .routing import TOPK, MaskHook
 
 @dataclasses.dataclass
 class CausalLMOutput:
-    """logits [B, S, V] float32; moe: one MoEOutput per MoE layer (in layer order); cache: updated KV cache."""
+    """logits [B, S, V] float32 ([B, logits_to_keep, V] where the call kept fewer); moe: one MoEOutput per MoE
+    layer (in layer order); cache: updated KV cache."""
 
     logits: jax.Array
     moe: list[MoEOutput]
@@ -111,10 +112,13 @@ class MoECausalLM(nnx.Module):
                 "valid": jnp.zeros((batch_size, max_len), bool)}
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None,
-                 mask_hook: MaskHook = TOPK, impl: str = "reference") -> CausalLMOutput:
+                 mask_hook: MaskHook = TOPK, impl: str = "reference", logits_to_keep: int = 0) -> CausalLMOutput:
         """input_ids [B, S] int; attention_mask [B, S] (1 = real token, 0 = padding), default all ones;
         positions [B, S], default counted from the mask (left padding) and the cache index;
-        cache from `init_cache` (decoding) or None (a full forward); impl: expert path (see experts.py)."""
+        cache from `init_cache` (decoding) or None (a full forward); impl: expert path (see experts.py);
+        logits_to_keep: as transformers' argument, the LM head only on the last that many positions (logits
+        [B, logits_to_keep, V]; 0: every position). `generate`'s prefill keeps 1: with S prompt tokens the head
+        would otherwise multiply S rows for the one it samples from."""
         B, S = input_ids.shape
         mask = jnp.ones((B, S), bool) if attention_mask is None else attention_mask.astype(bool)
         index = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
@@ -139,6 +143,8 @@ class MoECausalLM(nnx.Module):
             if rec is not None:
                 recs.append(rec)
         x = self.norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         if self.lm_head is None:
             emb = self.embed_tokens
             logits = matmul(x.astype(emb.dtype), emb.embedding[...].astype(emb.dtype), transpose_w=True)

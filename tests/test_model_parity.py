@@ -130,6 +130,21 @@ def test_left_padding_matches_unpadded(tmp_path):
     np.testing.assert_allclose(out, plain, atol=1e-5, rtol=0)
 
 
+def test_logits_to_keep_is_the_last_positions(tmp_path):
+    """logits_to_keep=n (transformers' argument) gives the last n positions' logits of the full forward, for the tied
+    and the untied head; routing records are unchanged."""
+    for tied in (False, True):
+        make_tiny("qwen3_moe", tmp_path / str(tied), tie_word_embeddings=tied)
+        model = beam_jax.load_pretrained(tmp_path / str(tied))
+        ids = _ids((2, 9), seed=5)
+        full = model(ids)
+        for n in (1, 3):
+            out = model(ids, logits_to_keep=n)
+            assert out.logits.shape == (2, n, full.logits.shape[-1])
+            np.testing.assert_allclose(np.asarray(out.logits), np.asarray(full.logits)[:, -n:], atol=1e-6, rtol=0)
+            np.testing.assert_array_equal(np.asarray(out.moe[0].topk_ids), np.asarray(full.moe[0].topk_ids))
+
+
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
 def test_param_dtype_reaches_every_weight(tmp_path, family):
     """bfloat16 compute with float32 master weights (train.trainable=all): every parameter is stored in float32."""
