@@ -33,7 +33,7 @@ struct Problem {
   const float* weights = nullptr;       // [T, K]
   const bool* keep = nullptr;           // [T, K]
   void* y = nullptr;                    // [T, d], same element type as x
-  // bf16 only: the expert weights packed per expert as PackedRowsProblem::wp is (beam_jax.kernel.pack_experts):
+  // bf16 only: the expert weights packed per expert as PackedRowsProblem::wp is (beam_jax.packed_experts):
   // w_gate, w_up [E, ceil(f / 32), d / 2, 32, 2] and w_down [E, ceil(d / 32), f / 2, 32, 2]; d and f even.
   bool packed = false;
 };
