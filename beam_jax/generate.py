@@ -222,7 +222,8 @@ def _generate_traced(model, input_ids, mask, max_new_tokens, pad, rng, hook_leav
     slots = max_len - S
     sample = partial(sample_next, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
     cache = model.init_cache(B, max_len)
-    out = model(input_ids, attention_mask=mask, cache=cache, mask_hook=hook, impl=impl, logits_to_keep=1)
+    out = model(input_ids, attention_mask=mask, cache=cache, mask_hook=hook, impl=impl, logits_to_keep=1,
+                fresh_cache=True)
     rng, sub = jax.random.split(rng)
     first = sample(out.logits[:, -1], sub)
     tokens = jnp.full((B, slots), pad, jnp.int32).at[:, 0].set(first)

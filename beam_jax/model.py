@@ -112,13 +112,16 @@ class MoECausalLM(nnx.Module):
                 "valid": jnp.zeros((batch_size, max_len), bool)}
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None,
-                 mask_hook: MaskHook = TOPK, impl: str = "reference", logits_to_keep: int = 0) -> CausalLMOutput:
+                 mask_hook: MaskHook = TOPK, impl: str = "reference", logits_to_keep: int = 0,
+                 fresh_cache: bool = False) -> CausalLMOutput:
         """input_ids [B, S] int; attention_mask [B, S] (1 = real token, 0 = padding), default all ones;
         positions [B, S], default counted from the mask (left padding) and the cache index;
         cache from `init_cache` (decoding) or None (a full forward); impl: expert path (see experts.py);
         logits_to_keep: as transformers' argument, the LM head only on the last that many positions (logits
         [B, logits_to_keep, V]; 0: every position). `generate`'s prefill keeps 1: with S prompt tokens the head
-        would otherwise multiply S rows for the one it samples from."""
+        would otherwise multiply S rows for the one it samples from. fresh_cache (static): the cache holds no token
+        yet (`init_cache`'s, as `generate`'s prefill fills it): attention reads this call's S keys, not the cache's
+        L slots, and skips the causal mask's upper blocks (`attention.attend`); the same result."""
         B, S = input_ids.shape
         mask = jnp.ones((B, S), bool) if attention_mask is None else attention_mask.astype(bool)
         index = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
@@ -132,7 +135,8 @@ class MoECausalLM(nnx.Module):
             positions = jax.lax.dynamic_slice_in_dim(seen, index, S, axis=1)
             positions = jnp.maximum(positions, 0)
         cos, sin = rope_cos_sin(self.cfg, positions)
-        ctx = AttentionContext(cos, sin, kv_valid, index + jnp.arange(S, dtype=jnp.int32), index)
+        ctx = AttentionContext(cos, sin, kv_valid, index + jnp.arange(S, dtype=jnp.int32), index,
+                               fresh=bool(fresh_cache) and cache is not None)
 
         x = self.embed_tokens(input_ids)
         recs, new_layers = [], []

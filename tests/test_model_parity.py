@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import beam_jax
+from beam_jax import attention
 from hf_tiny import FAMILY_CONFIGS, capture_routing, fuse_experts, legacy_rope_theta, make_tiny
 
 CASES = [
@@ -143,6 +144,29 @@ def test_logits_to_keep_is_the_last_positions(tmp_path):
             assert out.logits.shape == (2, n, full.logits.shape[-1])
             np.testing.assert_allclose(np.asarray(out.logits), np.asarray(full.logits)[:, -n:], atol=1e-6, rtol=0)
             np.testing.assert_array_equal(np.asarray(out.moe[0].topk_ids), np.asarray(full.moe[0].topk_ids))
+
+
+def test_model_fresh_cache_prefill_equals_the_whole_cache(tmp_path):
+    """The model's prefill with `fresh_cache` (generate's) against the same prefill reading the whole cache: the
+    logits at real positions, the routing and the cache it writes; a prompt of several causal blocks, left padding."""
+    make_tiny("qwen3_moe", tmp_path)
+    model = beam_jax.load_pretrained(tmp_path)
+    S = attention.CAUSAL_BLOCK + 41
+    ids = np.random.RandomState(0).randint(3, 160, (2, S))
+    mask = np.ones((2, S), np.int32)
+    mask[1, :23] = 0
+    cache = model.init_cache(2, 2 * S)
+    whole = model(ids, attention_mask=mask, cache=cache)
+    fresh = model(ids, attention_mask=mask, cache=cache, fresh_cache=True)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(fresh.logits)[real], np.asarray(whole.logits)[real], atol=2e-5, rtol=0)
+    np.testing.assert_array_equal(np.asarray(fresh.moe[0].topk_ids)[real], np.asarray(whole.moe[0].topk_ids)[real])
+    assert int(fresh.cache["index"]) == int(whole.cache["index"]) == S
+    np.testing.assert_array_equal(np.asarray(fresh.cache["valid"]), np.asarray(whole.cache["valid"]))
+    for a, b in zip(fresh.cache["layers"], whole.cache["layers"]):  # written at the same slots, real ones alike
+        for key in ("k", "v"):
+            np.testing.assert_allclose(np.asarray(a[key])[:, :S][real], np.asarray(b[key])[:, :S][real], atol=2e-5)
+            assert not np.asarray(a[key])[:, S:].any()
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))

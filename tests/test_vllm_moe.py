@@ -235,6 +235,69 @@ def test_under_torch_compile_the_mask_runs_when_the_graph_runs(monkeypatch, cpu_
         beam_moe._RUNNER_IDS.pop()
 
 
+def _direct_runner(routing, w13, w2, dtype):
+    """A runner whose expert call goes straight to vLLM's CPU kernel (`torch.ops._C.cpu_fused_moe`, isa "vec") on
+    w13 / w2 prepacked as vLLM's CPU experts prepack them."""
+    from vllm import _custom_ops as ops
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+    routed = types.SimpleNamespace(w13_weight=ops.cpu_prepack_moe_weight(w13.to(dtype).contiguous(), "vec"),
+                                   w2_weight=ops.cpu_prepack_moe_weight(w2.to(dtype).contiguous(), "vec"),
+                                   activation=MoEActivation.SILU)
+    runner = _runner(routing, routed)
+    runner._direct = (types.SimpleNamespace(w1_bias=None, w2_bias=None, isa="vec"), routed)
+    return runner
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.bfloat16, 6e-2)])
+def test_cpu_direct_path_equals_the_general_path(monkeypatch, dtype, atol):
+    """`_experts_direct` (reused row buffers, one extension call for the mask and compaction, vLLM's kernel called
+    directly) against the dense masked sum and against the general path (`_experts_direct` off) through the same
+    kernel, on random routing: batches of 1 and many tokens, taus that keep all (0), some, none (1.01) and all
+    again; the counters and the direct-call count follow; ids in int64 (not the kernel's int32) take the general
+    path."""
+    monkeypatch.setattr(beam_moe.current_platform, "is_cuda_alike", lambda: False)
+    assert beam_moe._ffi() is not None, "beam_jax._ffi lacks select_pairs / sum_rows: rebuild the extension"
+    Dn, Fn, En, Kn, Tn = 64, 32, 8, 3, 11
+    g = torch.Generator().manual_seed(21)
+    w13 = torch.randn(En, 2 * Fn, Dn, generator=g) / Dn ** 0.5
+    w2 = torch.randn(En, Dn, Fn, generator=g) / Fn ** 0.5
+    routing = beam_moe.BeamRouting(num_experts=En, top_k=Kn, renormalize=True)
+    routing.mask_router = torch.nn.Linear(Dn, En, bias=False)
+    with torch.no_grad():
+        routing.mask_router.weight.copy_(torch.randn(En, Dn, generator=g) * 3 / Dn ** 0.5)
+    x = torch.randn(Tn, Dn, generator=g).to(dtype)
+    weights, ids = routing.topk(torch.randn(Tn, En, generator=g) * 3)
+    ids = ids.to(torch.int32)
+    runner = _direct_runner(routing, w13, w2, dtype)
+    w13r, w2r = w13.to(dtype).double(), w2.to(dtype).double()
+    offered = computed = 0
+    for tau in (0.0, 0.5, 1.01, 0.7, 0.0):
+        routing.tau = tau
+        for rows in (slice(None), slice(4, 5), slice(2, 9)):
+            xr, wr, ir = x[rows].contiguous(), weights[rows].contiguous(), ids[rows].contiguous()
+            before = beam_moe.DIRECT_CALLS[0]
+            got = runner._experts_compacted(xr, wr, ir, None)
+            assert got.dtype == dtype and got.shape == xr.shape
+            g_, masked, _ = beam_moe.beam_mask(xr.float(), wr, ir.long(), routing.mask_router.weight, tau, False, En)
+            n = int((masked < En).sum())
+            offered, computed = offered + ir.numel(), computed + n
+            assert (runner.offered, runner.computed) == (offered, computed), (tau, rows)
+            assert beam_moe.DIRECT_CALLS[0] == before + (n > 0), (tau, rows)
+            want = torch.zeros(xr.shape, dtype=torch.float64)
+            for t, k in (masked < En).nonzero().tolist():
+                want[t] += float(g_[t, k]) * _expert(w13r, w2r, int(masked[t, k]), xr[t:t + 1].double())[0]
+            np.testing.assert_allclose(got.double().numpy(), want.numpy(), atol=atol, rtol=0,
+                                       err_msg=f"tau {tau}, rows {rows}")
+            with monkeypatch.context() as m:  # the general path, through the same kernel
+                m.setattr(beam_moe.BeamMoERunner, "_experts_direct", lambda *a: None)
+                general = runner._experts_compacted(xr, wr, ir, None)
+            offered, computed = offered + ir.numel(), computed + n
+            np.testing.assert_allclose(got.double().numpy(), general.double().numpy(), atol=atol / 4, rtol=0)
+            assert runner._experts_direct(xr, wr, ir.long()) is None  # int64 ids: not the kernel's, general path
+    assert 0 < computed < offered
+
+
 def test_compact_pairs_rows():
     x, weights, ids, _ = _routing(seed=3)
     token, rows_x, rows_w, rows_id = beam_moe.compact_pairs(x, weights, ids, E)

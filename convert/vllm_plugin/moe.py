@@ -208,6 +208,34 @@ def sum_rows(rows: torch.Tensor, token: torch.Tensor, num_tokens: int, fast: boo
     return out
 
 
+_ROW_DTYPES = (torch.float32, torch.bfloat16)
+_ROW_SCRATCH: dict = {}  # (d, dtype) -> (token, rows_x, rows_w, rows_id), grown to the largest call
+
+
+def _row_scratch(rows: int, d: int, dtype: torch.dtype):
+    """Buffers for `rows` kept pairs of width d, reused between layer calls (the model's layers run one after another
+    in one thread, and each call's kernel has read them before the next call writes): -> (token [>= rows] int64,
+    rows_x [>= rows, d] dtype, rows_w [>= rows, 1] float32, rows_id [>= rows, 1] int32), each contiguous. They grow
+    to the largest call (a prefill's T * K rows) and stay."""
+    s = _ROW_SCRATCH.get((d, dtype))
+    if s is None or s[0].shape[0] < rows:
+        cap = max(rows, 64, 2 * s[0].shape[0] if s is not None else 0)
+        s = _ROW_SCRATCH[(d, dtype)] = (torch.empty(cap, dtype=torch.int64), torch.empty((cap, d), dtype=dtype),
+                                        torch.empty((cap, 1), dtype=torch.float32),
+                                        torch.empty((cap, 1), dtype=torch.int32))
+    return s
+
+
+def _cpu_fused_moe(*args):
+    """vLLM's CPU expert kernel `torch.ops._C.cpu_fused_moe` (resolved at the first call: vLLM registers it)."""
+    global _CPU_FUSED_MOE
+    _CPU_FUSED_MOE = torch.ops._C.cpu_fused_moe.default
+    return _CPU_FUSED_MOE(*args)
+
+
+_CPU_FUSED_MOE = _cpu_fused_moe
+
+
 @functools.cache
 def _ffi():
     """beam_jax's C++ extension when it has the plugin's CPU helpers (an older build does not), else None."""
@@ -337,6 +365,10 @@ class BeamMoERunner(MoERunner):
         beam = self.beam
         if not beam.mask_in_runner:
             raise RuntimeError(f"{self.layer_name}: the routing applied BEAM's mask; off CUDA the runner applies it")
+        if shared_experts_input is None:
+            out = self._experts_direct(x, weights, ids)
+            if out is not None:
+                return out
         if beam.tau <= 0:  # every pair kept, known without looking: vLLM's own [T, K] call
             self._count(ids.numel(), ids.numel(), ids.device)
             return self._forward_modular(x, weights, ids, shared_experts_input)
@@ -364,6 +396,63 @@ class BeamMoERunner(MoERunner):
         self._count(ids.numel(), rows_x.shape[0], ids.device)
         rows = self._forward_modular(rows_x, rows_w, rows_id, shared_experts_input)
         return sum_rows(rows.to(x.dtype), token, x.shape[0])
+
+    def _experts_direct(self, x, weights, ids):
+        """`_experts_compacted` in as few host operations as it takes, where vLLM's CPU kernel is called directly
+        (`_cpu_kernel`) and the extension is built: x [T, d] float32 / bfloat16, weights [T, K] float32, ids [T, K]
+        int32, all contiguous, the mask router's weight float32 contiguous. -> [T, d], or None where those do not
+        hold (the general path then runs). The same decisions and the same kernel calls as the general path: tau
+        <= 0 or nothing dropped: the [T, K] call; one token: its n kept pairs as one [1, n] call; else the kept
+        pairs as the rows of a top_k=1 call and `sum_rows`. The rows go through buffers kept between calls
+        (`_row_scratch`): on a small model the per-call allocations and argument checks of the general path cost as
+        much as the expert compute the mask saves."""
+        direct = self._direct if self._direct is not None else self._cpu_kernel()
+        ffi = _ffi()
+        if not direct or ffi is None:
+            return None
+        mw = self.beam.mask_router.weight
+        dtype = x.dtype
+        if (ids.dtype != torch.int32 or weights.dtype != torch.float32 or dtype not in _ROW_DTYPES or x.dim() != 2
+                or mw.dtype != torch.float32 or not (x.is_contiguous() and weights.is_contiguous()
+                                                     and ids.is_contiguous() and mw.is_contiguous())
+                or x.device.type != "cpu" or x.shape[1] < mw.shape[1]):
+            return None
+        experts, re = direct
+        beam = self.beam
+        T, K = ids.shape
+        counts = self.__dict__  # the counters as plain entries: nn.Module.__setattr__ costs microseconds per call
+        tau = beam.tau
+        n = T * K
+        if tau > 0:
+            E = beam.num_experts
+            if mw.shape[0] != E:
+                return None
+            d = x.shape[1]
+            token, rows_x, rows_w, rows_id = _row_scratch(n, d, dtype)
+            n = ffi.select_pairs(x.data_ptr(), dtype == torch.bfloat16, d * x.element_size(), d * x.element_size(),
+                                 mw.data_ptr(), mw.shape[1], weights.data_ptr(), ids.data_ptr(), False, T, K, E,
+                                 float(tau), bool(beam.beam_renormalize), MASK_EPS,
+                                 token.data_ptr() if T > 1 else 0, rows_x.data_ptr() if T > 1 else 0,
+                                 rows_w.data_ptr(), rows_id.data_ptr())
+        counts["offered"] = (counts["offered"] or 0) + T * K
+        counts["computed"] = (counts["computed"] or 0) + n
+        DIRECT_CALLS[0] += n > 0
+        if n == T * K:  # tau <= 0 (nothing looked at) or nothing dropped: vLLM's own [T, K] call
+            rows_x, rows_w, rows_id = x, weights, ids
+        elif n == 0:
+            return torch.zeros_like(x)
+        elif T == 1:  # one token: its kept pairs are one [1, n] call whose output is the token's sum
+            rows_x, rows_w, rows_id = x, rows_w[:n].view(1, n), rows_id[:n].view(1, n)
+        else:
+            rows_x, rows_w, rows_id = rows_x[:n], rows_w[:n], rows_id[:n]
+        out = torch.empty_like(rows_x)
+        _CPU_FUSED_MOE(out, rows_x, re.w13_weight, re.w2_weight, experts.w1_bias, experts.w2_bias, rows_w, rows_id,
+                       False, re.activation.value, experts.isa)
+        if rows_x is x or T == 1:
+            return out
+        summed = torch.empty_like(x)
+        ffi.sum_rows(out.data_ptr(), n, token.data_ptr(), T, x.shape[1], dtype == torch.bfloat16, summed.data_ptr())
+        return summed
 
     def _cpu_kernel(self):
         """(vLLM's unquantized CPU experts, the routed experts) when the expert call may go straight to their kernel
