@@ -20,7 +20,9 @@ Three pieces, all installed while a BEAM model is being built (`beam_moe_factory
   to vLLM's call unchanged, as vLLM's own model does it, and at tau <= 0 the mask router is not even run
   (sigmoid >= 0 keeps everything). Where vLLM's modular kernel would only wrap its unquantized CPU kernel (no
   shared experts, expert map or zentorch), the call goes to `cpu_fused_moe` directly, with the arguments the
-  modular kernel passes: its Python cost about as much as a small model's expert compute.
+  modular kernel passes: its Python cost about as much as a small model's expert compute. There
+  (`_experts_direct`) the kept rows go through buffers reused between layer calls and the counters are plain
+  attributes: the general path's per-call allocations and checks cost a tiny model more than its expert compute.
   CUDA: vLLM's expert-parallel mechanism, which its Triton experts document and test. `beam_kernel_args` keeps
   the ids [T, K] (static shapes: CUDA-graph safe) and passes `expert_map` = [0 .. E-1 (or the EP map), -1] with
   `global_num_experts = E + 1`, so the BEAM id E maps to -1. vLLM 0.32's `TritonExperts.apply` then aligns
