@@ -238,6 +238,17 @@ def _cpu_fused_moe(*args):
 _CPU_FUSED_MOE = _cpu_fused_moe
 
 
+def _direct_experts(direct, x, weights, ids):
+    """vLLM's CPU experts called as its modular kernel would call them: direct = (experts, routed experts) from
+    `BeamMoERunner._cpu_kernel`; x [N, d], weights [N, k] float32, ids [N, k] int32, contiguous -> [N, d]."""
+    experts, re = direct
+    out = torch.empty_like(x)
+    _CPU_FUSED_MOE(out, x, re.w13_weight, re.w2_weight, experts.w1_bias, experts.w2_bias, weights, ids, False,
+                   re.activation.value, experts.isa)
+    DIRECT_CALLS[0] += 1
+    return out
+
+
 @functools.cache
 def _ffi():
     """beam_jax's C++ extension when it has the plugin's CPU helpers (an older build does not), else None."""
@@ -408,7 +419,7 @@ class BeamMoERunner(MoERunner):
         pairs as the rows of a top_k=1 call and `sum_rows`. The rows go through buffers kept between calls
         (`_row_scratch`): on a small model the per-call allocations and argument checks of the general path cost as
         much as the expert compute the mask saves."""
-        direct = self._direct if self._direct is not None else self._cpu_kernel()
+        direct = self._cpu_kernel()
         ffi = _ffi()
         if not direct or ffi is None:
             return None
@@ -419,7 +430,6 @@ class BeamMoERunner(MoERunner):
                                                      and ids.is_contiguous() and mw.is_contiguous())
                 or x.device.type != "cpu" or x.shape[1] < mw.shape[1]):
             return None
-        experts, re = direct
         beam = self.beam
         T, K = ids.shape
         counts = self.__dict__  # the counters as plain entries: nn.Module.__setattr__ costs microseconds per call
@@ -438,7 +448,6 @@ class BeamMoERunner(MoERunner):
                                  rows_w.data_ptr(), rows_id.data_ptr())
         counts["offered"] = (counts["offered"] or 0) + T * K
         counts["computed"] = (counts["computed"] or 0) + n
-        DIRECT_CALLS[0] += n > 0
         if n == T * K:  # tau <= 0 (nothing looked at) or nothing dropped: vLLM's own [T, K] call
             rows_x, rows_w, rows_id = x, weights, ids
         elif n == 0:
@@ -447,9 +456,7 @@ class BeamMoERunner(MoERunner):
             rows_x, rows_w, rows_id = x, rows_w[:n].view(1, n), rows_id[:n].view(1, n)
         else:
             rows_x, rows_w, rows_id = rows_x[:n], rows_w[:n], rows_id[:n]
-        out = torch.empty_like(rows_x)
-        _CPU_FUSED_MOE(out, rows_x, re.w13_weight, re.w2_weight, experts.w1_bias, experts.w2_bias, rows_w, rows_id,
-                       False, re.activation.value, experts.isa)
+        out = _direct_experts(direct, rows_x, rows_w, rows_id)
         if rows_x is x or T == 1:
             return out
         summed = torch.empty_like(x)
@@ -479,12 +486,7 @@ class BeamMoERunner(MoERunner):
         direct = self._cpu_kernel() if x.device.type == "cpu" else None
         if (direct is not None and weights.dtype == torch.float32 and ids.dtype == torch.int32
                 and x.is_contiguous() and weights.is_contiguous() and ids.is_contiguous()):
-            experts, re = direct
-            out = torch.empty_like(x)
-            torch.ops._C.cpu_fused_moe(out, x, re.w13_weight, re.w2_weight, experts.w1_bias, experts.w2_bias,
-                                       weights, ids, False, re.activation.value, experts.isa)
-            DIRECT_CALLS[0] += 1
-            return out
+            return _direct_experts(direct, x, weights, ids)
         rows = self.routed_experts.forward_modular(
             x=x, topk_weights=weights, topk_ids=ids,
             shared_experts=self._shared_experts, shared_experts_input=shared_experts_input)
