@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .cache_update import cache_update, reference_cache_update, use_cache_update
 from .config import ModelConfig
 from .decode_attention import decode_attention, use_decode_attention
 from .layers import RMSNorm, apply_rope, linear
@@ -135,8 +136,9 @@ def _update_cache(cache, k, v, ctx: AttentionContext):
     if cache is None:
         return (k, v), None
     k, v = k.astype(cache["k"].dtype), v.astype(cache["v"].dtype)
-    kc = jax.lax.dynamic_update_slice_in_dim(cache["k"], k, ctx.index, axis=1)
-    vc = jax.lax.dynamic_update_slice_in_dim(cache["v"], v, ctx.index, axis=1)
+    write = cache_update if use_cache_update(k.dtype) else reference_cache_update  # in place on CPU
+    kc = write(cache["k"], k, ctx.index)
+    vc = write(cache["v"], v, ctx.index)
     return (k, v) if ctx.fresh else (kc, vc), {"k": kc, "v": vc}
 
 

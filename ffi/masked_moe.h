@@ -215,6 +215,9 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamPackedRowsMatmulCpu);
 // beam_decode_attention (CPU): (q [B, H, Dk], k [B, L, Hkv, Dk], v [B, L, Hkv, Dv], one float dtype; allowed
 // [B, L] bool; attribute scale) -> out [B, H, Dv] in q's dtype.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamDecodeAttentionCpu);
+// beam_cache_update (CPU): (cache [B, L, ...], update [B, S, ...] one dtype, index int32 scalar) -> the cache
+// with update at slots [index, index + S) (clamped), the output aliasing the cache.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamCacheUpdateCpu);
 #ifdef BEAM_JAX_WITH_CUDA
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BeamMaskedMoeCudaAliased);

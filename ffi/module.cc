@@ -2,7 +2,7 @@
 //
 //   registrations()       -> {target name: capsule} for platform "cpu" (forward and backward, and
 //                            beam_rows_matmul / beam_packed_rows_matmul: the decode-time projections, and
-//                            beam_decode_attention, CPU only)
+//                            beam_decode_attention and beam_cache_update, CPU only)
 //   cuda_registrations()  -> {target name: capsule} for platform "CUDA" (empty without CUDA)
 //   cuda_compiled()       -> whether the CUDA kernels were built into this module
 //   cpu_isa()             -> "amx", "avx512bf16", "avx2" or "generic": which CPU kernel build runs here
@@ -12,7 +12,8 @@
 //                            layers (convert/vllm_plugin/linear.py), on `threads` OpenMP threads
 // A target has the same name on both platforms, so one ffi_call lowers on either; the backward
 // targets (beam_masked_moe_bwd, beam_masked_moe_bwd_full) exist on both, beam_rows_matmul,
-// beam_packed_rows_matmul and beam_decode_attention on CPU only. beam_jax.kernel reads which are there.
+// beam_packed_rows_matmul, beam_decode_attention and beam_cache_update on CPU only. beam_jax.kernel reads which
+// are there.
 
 #include <pybind11/pybind11.h>
 
@@ -64,6 +65,7 @@ PYBIND11_MODULE(_ffi, m) {
     d["beam_rows_matmul"] = Capsule(BeamRowsMatmulCpu);
     d["beam_packed_rows_matmul"] = Capsule(BeamPackedRowsMatmulCpu);
     d["beam_decode_attention"] = Capsule(BeamDecodeAttentionCpu);
+    d["beam_cache_update"] = Capsule(BeamCacheUpdateCpu);
     return d;
   });
   m.def("cuda_registrations", []() {
