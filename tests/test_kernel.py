@@ -281,9 +281,11 @@ def test_cuda_sources_compiled_when_nvcc_present():
         pytest.skip("no nvcc: the CUDA kernels are not built")
     assert mm._ffi.cuda_compiled(), "nvcc is present but the extension was built without CUDA"
     # Every forward and backward target on both platforms; the decode-time rows matmul, its packed form, the experts
-    # on packed weights and decode attention are CPU-only (beam_jax.rows_matmul, beam_jax.packed_experts,
-    # beam_jax.decode_attention: generate packs only on the CPU backend; on GPU XLA's own ops are used).
-    cpu_only = {"beam_rows_matmul", "beam_packed_rows_matmul", "beam_masked_moe_packed", "beam_decode_attention"}
+    # on packed weights, decode attention and the cache update are CPU-only (beam_jax.rows_matmul,
+    # beam_jax.packed_experts, beam_jax.decode_attention, beam_jax.cache_update: generate packs only on the CPU
+    # backend; on GPU XLA's own ops are used).
+    cpu_only = {"beam_rows_matmul", "beam_packed_rows_matmul", "beam_masked_moe_packed", "beam_decode_attention",
+                "beam_cache_update"}
     assert set(mm._ffi.cuda_registrations()) == set(mm._ffi.registrations()) - cpu_only
     assert {mm._BWD_TARGET, mm._BWD_FULL_TARGET} <= set(mm._ffi.cuda_registrations())
     assert cpu_only <= set(mm._ffi.registrations())
