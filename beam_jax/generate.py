@@ -30,7 +30,7 @@ from flax import nnx
 from . import packed_experts as _pe
 from . import rows_matmul as _rm
 from .attention import decode_kernels, packed_weights
-from .moe import Experts
+from .moe import Experts, MaskRouter
 from .routing import TOPK
 
 __all__ = ["generate", "generate_reference", "sample_next", "greedy", "cache_bucket", "compiled_cache_size",
@@ -169,7 +169,12 @@ def _to_pack(model, packed: dict) -> list:
             out += [(k, (n.w_gate[...], n.w_up[...], n.w_down[...]), _pe.pack_experts) for k, n in experts]
     pack = jax.jit(_rm.pack_weight)
     out += [(_path_key(path), (node.kernel[...],), pack) for path, node in nnx.iter_graph(model) if _packable(node)]
+    out += [(_path_key(path), (node.kernel[...],), _transpose) for path, node in nnx.iter_graph(model)
+            if isinstance(node, MaskRouter) and node.kernel[...].ndim == 2]
     return out
+
+
+_transpose = jax.jit(jnp.transpose)  # a mask router's kernel [d, E] -> [E, d] (`MaskRouter.at` gathers its rows)
 
 
 def decode_packs(model) -> dict:
@@ -179,7 +184,9 @@ def decode_packs(model) -> dict:
       `rows_matmul.PackedWeight` (for Qwen3-30B-A3B about 4% of the model);
     - on the AMX build, every bfloat16 `moe.Experts`: a `packed_experts.PackedExperts` (as large as the experts;
       only where that copy leaves half of the available memory, `packed_experts.fits_in_memory`;
-      ``BEAM_JAX_PACKED_EXPERTS=0`` turns it off). Elsewhere the expert kernel reads the experts in place.
+      ``BEAM_JAX_PACKED_EXPERTS=0`` turns it off). Elsewhere the expert kernel reads the experts in place;
+    - every BEAM `moe.MaskRouter`: its kernel transposed, [E, d] float32 (`MaskRouter.at` reads the rows of a decode
+      step's candidates alone).
     Packed once per model and kept while the model lives, packed again when an array has changed."""
     if not _rm.packing_available():
         return {}
@@ -198,7 +205,7 @@ def _packs_by_module(model, packs: dict) -> dict:
     if not packs:
         return {}
     return {id(node): packs[key] for key, node in ((_path_key(p), n) for p, n in nnx.iter_graph(model))
-            if key in packs and isinstance(node, (nnx.Linear, Experts))}
+            if key in packs and isinstance(node, (nnx.Linear, Experts, MaskRouter))}
 
 
 @partial(jax.jit, static_argnames=("graphdef", "hook_static", "impl", "max_len", "eos", "do_sample", "temperature",

@@ -51,6 +51,20 @@ class MaskRouter(nnx.Module):
         out = x.astype(jnp.float32) @ self.kernel[...]
         return out if self.bias is None else out + self.bias[...]
 
+    def at(self, x, expert_ids):
+        """The mask logits at the candidates: x [T, d] (any float dtype), expert_ids [T, K] int -> [T, K] float32,
+        `take_along_axis(self(x), expert_ids, -1)` (its reference). Inside `beam_jax.generate` (a transposed copy of
+        the kernel listed by `attention.packed_weights`) and with T * K < E, only the K rows of that copy each token
+        uses are read: a decode step's T * K * d floats instead of the whole d x E kernel (Qwen3-30B-A3B at batch 1:
+        64 KB instead of 1 MB per layer; XLA:CPU's product reads the kernel at a fraction of the bandwidth)."""
+        kernel_t = packed_for(self)  # [E, d] float32
+        T, K = expert_ids.shape
+        if kernel_t is None or T * K >= kernel_t.shape[0]:
+            return jnp.take_along_axis(self(x), expert_ids.astype(jnp.int32), axis=-1)
+        ids = expert_ids.astype(jnp.int32)
+        out = jnp.einsum("td,tkd->tk", x.astype(jnp.float32), kernel_t[ids])
+        return out if self.bias is None else out + self.bias[...][ids]
+
 
 class Experts(nnx.Module):
     """Routed experts' SwiGLU weights, stacked: w_gate, w_up [E, d, f]; w_down [E, f, d]."""

@@ -125,7 +125,8 @@ def router_distribution(router_logits, spec: RouterSpec) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class LayerContext:
     """What a hook may read of its MoE block, built by the block inside the traced call: mask_router
-    (x [T, d] -> BEAM's mask logits [T, E] float32), the block's RouterSpec and its layer index."""
+    (x [T, d] -> BEAM's mask logits [T, E] float32; the block's `moe.MaskRouter` also has `.at(x, expert_ids)`, the
+    logits at the candidates [T, K], which BEAM's inference reads), the block's RouterSpec and its layer index."""
 
     mask_router: Callable[[jax.Array], jax.Array]
     spec: RouterSpec
@@ -171,7 +172,8 @@ class BeamHook:
     renormalize: bool = False
 
     def __call__(self, ctx, x, router_logits, weights, ids):
-        m_hat = beam.mask_probs(ctx.mask_router(x), ids)
+        at = None if self.train else getattr(ctx.mask_router, "at", None)  # inference: the K logits alone
+        m_hat = beam.mask_probs(ctx.mask_router(x), ids) if at is None else jax.nn.sigmoid(at(x, ids))
         hard = beam.hard_mask(m_hat, self.tau)
         if self.train:
             return MaskResult(None, beam.apply_mask(weights, beam.ste_mask(m_hat, self.tau), self.renormalize),

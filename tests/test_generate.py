@@ -210,9 +210,9 @@ def test_matmul_fast_path_equals_float32_product(rows, transpose_w):
 
 
 def test_decode_packs_cover_the_dense_bf16_layers_once(tmp_path):
-    """`generate` packs every bfloat16 dense projection (and, on the AMX build, the experts) once per model, again
-    when a kernel changes; its decode steps (and on the AMX build its prefill) multiply through the packed target,
-    with the tokens of the unpacked step loop."""
+    """`generate` packs every bfloat16 dense projection (and, on the AMX build, the experts; every mask router
+    transposed) once per model, again when a kernel changes; its decode steps (and on the AMX build its prefill)
+    multiply through the packed target, with the tokens of the unpacked step loop."""
     from beam_jax import attention, packed_experts as pk, rows_matmul as rm
     from beam_jax.generate import decode_packs
 
@@ -228,6 +228,10 @@ def test_decode_packs_cover_the_dense_bf16_layers_once(tmp_path):
             w = getattr(model.layers[i].self_attn, proj).kernel[...]
             assert packs[key].shape == w.shape
     assert "lm_head" in packs
+    for i, layer in enumerate(model.layers):  # BEAM's mask routers: their kernels transposed (`MaskRouter.at`)
+        if layer.is_moe:
+            np.testing.assert_array_equal(np.asarray(packs[f"layers/{i}/mlp/mask_router"]),
+                                          np.asarray(layer.mlp.mask_router.kernel[...]).T)
     experts = sorted(k for k in packs if "expert" in k)
     assert experts == ([f"layers/{i}/mlp/experts" for i in range(L)] if pk.packing_available() else []), experts
     assert decode_packs(model) is packs  # cached
