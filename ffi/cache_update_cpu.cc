@@ -10,6 +10,7 @@
 // suffice. A custom call is left in the low-precision type, and with the output aliased to the cache operand
 // (input_output_aliases) XLA hands it the cache's own buffer, so only the S new slots are written.
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
