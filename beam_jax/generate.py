@@ -168,9 +168,11 @@ def _to_pack(model, packed: dict) -> list:
         if any(k in packed for k, _ in experts) or _pe.fits_in_memory(nbytes):
             out += [(k, (n.w_gate[...], n.w_up[...], n.w_down[...]), _pe.pack_experts) for k, n in experts]
     pack = jax.jit(_rm.pack_weight)
-    out += [(_path_key(path), (node.kernel[...],), pack) for path, node in nnx.iter_graph(model) if _packable(node)]
-    out += [(_path_key(path), (node.kernel[...],), _transpose) for path, node in nnx.iter_graph(model)
-            if isinstance(node, MaskRouter) and node.kernel[...].ndim == 2]
+    for path, node in nnx.iter_graph(model):  # one pass: this runs at every `generate` call (the cache check)
+        if _packable(node):
+            out.append((_path_key(path), (node.kernel[...],), pack))
+        elif isinstance(node, MaskRouter) and node.kernel[...].ndim == 2:
+            out.append((_path_key(path), (node.kernel[...],), _transpose))
     return out
 
 

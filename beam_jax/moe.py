@@ -58,10 +58,9 @@ class MaskRouter(nnx.Module):
         uses are read: a decode step's T * K * d floats instead of the whole d x E kernel (Qwen3-30B-A3B at batch 1:
         64 KB instead of 1 MB per layer; XLA:CPU's product reads the kernel at a fraction of the bandwidth)."""
         kernel_t = packed_for(self)  # [E, d] float32
-        T, K = expert_ids.shape
-        if kernel_t is None or T * K >= kernel_t.shape[0]:
-            return jnp.take_along_axis(self(x), expert_ids.astype(jnp.int32), axis=-1)
         ids = expert_ids.astype(jnp.int32)
+        if kernel_t is None or ids.size >= kernel_t.shape[0]:
+            return jnp.take_along_axis(self(x), ids, axis=-1)
         out = jnp.einsum("td,tkd->tk", x.astype(jnp.float32), kernel_t[ids])
         return out if self.bias is None else out + self.bias[...][ids]
 
