@@ -591,6 +591,158 @@ void StreamRowsColsAmx(const float* const* arow, int64_t lda, int64_t rows, int6
 }
 #endif
 
+#if BEAM_CPU_USE_AVX2
+// StreamRowsColsVec's step on AVX2 (f32 weights in cache). C's 16 columns at c (rows [g, g + R) of
+// C, ldc apart) += W's kn rows at src (16 columns each, ldw apart) times A's columns [k, k + kn) of
+// rows [g, g + R): the accumulators stay in registers over the kn rows (R <= 6: 12 accumulators, two
+// W vectors and a broadcast in the 16 AVX2 registers), loaded and stored once.
+template <int R>
+inline __attribute__((always_inline)) void VecGroupChunk(const float* const* arow, int64_t lda,
+                                                         int64_t g, int64_t k, int64_t kn,
+                                                         const float* src, int64_t ldw, float* c,
+                                                         int64_t ldc) {
+  __m256 lo[R], hi[R];
+  const float* a[R];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    lo[r] = _mm256_loadu_ps(c + (g + r) * ldc);
+    hi[r] = _mm256_loadu_ps(c + (g + r) * ldc + 8);
+    a[r] = arow[g + r] + k * lda;
+  }
+#pragma GCC unroll 2
+  for (int64_t i = 0; i < kn; ++i) {
+    const __m256 wl = _mm256_loadu_ps(src + i * ldw), wh = _mm256_loadu_ps(src + i * ldw + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a[r] + i * lda);
+      lo[r] = _mm256_fmadd_ps(av, wl, lo[r]);
+      hi[r] = _mm256_fmadd_ps(av, wh, hi[r]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(c + (g + r) * ldc, lo[r]);
+    _mm256_storeu_ps(c + (g + r) * ldc + 8, hi[r]);
+  }
+}
+
+// VecGroupChunk for each group of up to 6 of `rows` rows.
+inline void VecRowsChunk(const float* const* arow, int64_t lda, int64_t rows, int64_t k, int64_t kn,
+                         const float* src, int64_t ldw, float* c, int64_t ldc) {
+  for (int64_t g = 0; g < rows; g += 6) {
+    switch (std::min<int64_t>(6, rows - g)) {
+      case 1: VecGroupChunk<1>(arow, lda, g, k, kn, src, ldw, c, ldc); break;
+      case 2: VecGroupChunk<2>(arow, lda, g, k, kn, src, ldw, c, ldc); break;
+      case 3: VecGroupChunk<3>(arow, lda, g, k, kn, src, ldw, c, ldc); break;
+      case 4: VecGroupChunk<4>(arow, lda, g, k, kn, src, ldw, c, ldc); break;
+      case 5: VecGroupChunk<5>(arow, lda, g, k, kn, src, ldw, c, ldc); break;
+      default: VecGroupChunk<6>(arow, lda, g, k, kn, src, ldw, c, ldc); break;
+    }
+  }
+}
+
+#if BEAM_CPU_USE_AVX512BF16
+// VecGroupChunk on AVX-512 (the AVX512-BF16 and AMX builds): 32
+// columns per block as two zmm per row (m: the block's valid columns, masked loads and stores past
+// them), R <= 12 rows (24 accumulators of the 32 registers).
+template <int R>
+inline __attribute__((always_inline)) void Vec512GroupChunk(const float* const* arow, int64_t lda,
+                                                            int64_t g, int64_t k, int64_t kn,
+                                                            const float* src, int64_t ldw,
+                                                            __mmask16 m0, __mmask16 m1, float* c,
+                                                            int64_t ldc) {
+  __m512 lo[R], hi[R];
+  const float* a[R];
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+    lo[r] = _mm512_maskz_loadu_ps(m0, c + (g + r) * ldc);
+    hi[r] = _mm512_maskz_loadu_ps(m1, c + (g + r) * ldc + 16);
+    a[r] = arow[g + r] + k * lda;
+  }
+#pragma GCC unroll 2
+  for (int64_t i = 0; i < kn; ++i) {
+    const __m512 wl = _mm512_maskz_loadu_ps(m0, src + i * ldw);
+    const __m512 wh = _mm512_maskz_loadu_ps(m1, src + i * ldw + 16);
+#pragma GCC unroll 12
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r][i * lda]);
+      lo[r] = _mm512_fmadd_ps(av, wl, lo[r]);
+      hi[r] = _mm512_fmadd_ps(av, wh, hi[r]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(c + (g + r) * ldc, m0, lo[r]);
+    _mm512_mask_storeu_ps(c + (g + r) * ldc + 16, m1, hi[r]);
+  }
+}
+
+inline void Vec512RowsChunk(const float* const* arow, int64_t lda, int64_t rows, int64_t k,
+                            int64_t kn, const float* src, int64_t ldw, int64_t n, float* c,
+                            int64_t ldc) {
+  const __mmask16 m0 = n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
+  const __mmask16 m1 = n >= 32 ? __mmask16(0xffff) : n <= 16 ? __mmask16(0) : __mmask16((1u << (n - 16)) - 1);
+  for (int64_t g = 0; g < rows; g += 12) {
+    switch (std::min<int64_t>(12, rows - g)) {
+      case 1: Vec512GroupChunk<1>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
+      case 2: Vec512GroupChunk<2>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
+      case 3: Vec512GroupChunk<3>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
+      case 4: Vec512GroupChunk<4>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
+      case 5: Vec512GroupChunk<5>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
+      case 6: Vec512GroupChunk<6>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
+      case 7: Vec512GroupChunk<7>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
+      case 8: Vec512GroupChunk<8>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
+      case 9: Vec512GroupChunk<9>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
+      case 10: Vec512GroupChunk<10>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
+      case 11: Vec512GroupChunk<11>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
+      default: Vec512GroupChunk<12>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
+    }
+  }
+}
+#endif
+
+constexpr int64_t kVec512RowsMax = 32;  // most rows of one StreamRowsColsVec call on AVX-512
+
+// StreamRowsCols for f32 weights small enough to be read from cache (kVecCachedBytes): bound by its
+// arithmetic, so it keeps the accumulators in registers. W is read in chunks of rows (32 rows up to
+// 1 KB each, fewer for longer rows: at most 32 KB); per column block (16 columns, or 32 on AVX-512
+// with masked tails), each group of rows (6, or 12 on AVX-512) holds its accumulators in registers
+// across the chunk and reloads the block's W rows from L1 for the next group. On AVX2, column tails
+// go through a zero-padded copy of the block. Against the four-row loop (accumulators loaded and
+// stored every 4 rows of W), the shipped tiny model's decode step in `beam_jax.generate` (f32 experts
+// d 192, f 96; `bench/serve.py --models tiny --engines jax`, 2-core Xeon, AMX build, same-machine
+// A/B): see README "Decoding on CPU".
+void StreamRowsColsVec(const float* const* arow, int64_t lda, int64_t rows, int64_t k0, int64_t k1,
+                       const float* W, int64_t ldw, int64_t j0, int64_t j1, float* C, int64_t ldc) {
+  const int64_t n_all = j1 - j0;
+  for (int64_t r = 0; r < rows; ++r) std::fill(C + r * ldc, C + r * ldc + RoundUp(n_all, NR), 0.0f);
+  const int64_t step = std::clamp<int64_t>((32 << 10) / std::max<int64_t>(ldw * 4, 1), 4, 32);
+#if BEAM_CPU_USE_AVX512BF16
+  constexpr int64_t kCols = 32;
+#else
+  constexpr int64_t kCols = NR;
+  alignas(32) float tail[32][NR];
+#endif
+  for (int64_t k = k0; k < k1; k += step) {
+    const int64_t kn = std::min<int64_t>(step, k1 - k);
+    const float* src0 = W + k * ldw + j0;
+    for (int64_t j = 0; j < n_all; j += kCols) {
+      const int64_t n = std::min<int64_t>(kCols, n_all - j);
+#if BEAM_CPU_USE_AVX512BF16
+      Vec512RowsChunk(arow, lda, rows, k, kn, src0 + j, ldw, n, C + j, ldc);
+#else
+      if (n == NR) {
+        VecRowsChunk(arow, lda, rows, k, kn, src0 + j, ldw, C + j, ldc);
+      } else {
+        for (int64_t i = 0; i < kn; ++i) LoadRow16(src0 + j + i * ldw, n, tail[i]);
+        VecRowsChunk(arow, lda, rows, k, kn, &tail[0][0], NR, C + j, ldc);
+      }
+#endif
+    }
+  }
+}
+#endif
+
 // The most rows that stream through StreamRowsCols at once: 8 for the AVX2 loop (its accumulators
 // live in memory), 64 for bf16 under AVX512-BF16 (one load of W serves every row; measured on
 // Qwen3-shaped experts at 512 tokens x 8 pairs, 2.7x the packed f32 GEMM those segments took before,
@@ -599,8 +751,24 @@ template <typename T>
 constexpr int64_t StreamRowsMax() {
 #if BEAM_CPU_USE_AVX512BF16
   if constexpr (std::is_same_v<T, bf16_t>) return kDpRowsMax;
+  if constexpr (std::is_same_v<T, float>) return kVec512RowsMax;
 #endif
   return kSkinnyRows;
+}
+
+// Weights of at most this many bytes (the whole matrix: an expert's, a projection's) go through the
+// register-blocked f32 loop (StreamRowsColsVec): small enough to be read from cache, so the loop is
+// bound by its arithmetic, not by memory. Longer ones stream through the four-row loop below, whose
+// prefetching keeps DRAM reads faster (Qwen3-shaped f32 experts, cold, AMX build: 5.7 / 38 / 86 ms at
+// 1 / 8 / 32 tokens against 6.6 / 49 / 121 through the register-blocked loop).
+constexpr int64_t kVecCachedBytes = 512 << 10;
+
+// The most rows one StreamRowsCols call takes for weights of `bytes` bytes: StreamRowsMax<T>() where
+// the register-blocked loop (f32, small weights) or the bf16 loops take them, else kSkinnyRows.
+template <typename T>
+inline int64_t StreamRowsLimit(int64_t bytes) {
+  if constexpr (std::is_same_v<T, float>) return bytes <= kVecCachedBytes ? StreamRowsMax<T>() : kSkinnyRows;
+  return StreamRowsMax<T>();
 }
 
 // Skinny rows (decode): C[r][j - j0] = sum over k in [k0, k1) of A(r, k) * W[k][j] for r < rows
@@ -609,9 +777,12 @@ constexpr int64_t StreamRowsMax() {
 // at column j0). W's rows (ldw apart) are read in order, four at a time, each over [j0, j1): whole
 // rows when [j0, j1) is all of them, so the weights stream at full memory bandwidth (column blocks
 // of a row-major matrix read at a third of it); the few rows reuse each W chunk from registers and L1.
+// small_w: W's whole matrix is at most kVecCachedBytes (f32 then takes StreamRowsColsVec, as do more
+// than kSkinnyRows f32 rows).
 template <typename T>
 void StreamRowsCols(const float* const* arow, int64_t lda, int64_t rows, int64_t k0, int64_t k1,
-                    const T* W, int64_t ldw, int64_t j0, int64_t j1, float* C, int64_t ldc) {
+                    const T* W, int64_t ldw, int64_t j0, int64_t j1, float* C, int64_t ldc,
+                    bool small_w = false) {
 #if BEAM_CPU_USE_AVX512BF16
   if constexpr (std::is_same_v<T, bf16_t>) {
 #if BEAM_CPU_USE_AMX
@@ -620,6 +791,11 @@ void StreamRowsCols(const float* const* arow, int64_t lda, int64_t rows, int64_t
     StreamRowsColsDp(arow, lda, rows, k0, k1, W, ldw, j0, j1, C, ldc);
     return;
   }
+#endif
+#if BEAM_CPU_USE_AVX2
+  if constexpr (std::is_same_v<T, float>)
+    if (small_w || rows > kSkinnyRows)
+      return StreamRowsColsVec(arow, lda, rows, k0, k1, W, ldw, j0, j1, C, ldc);
 #endif
   const int64_t width = RoundUp(j1 - j0, NR);
   for (int64_t r = 0; r < rows; ++r) std::fill(C + r * ldc, C + r * ldc + width, 0.0f);
@@ -694,8 +870,8 @@ void StreamRowsCols(const float* const* arow, int64_t lda, int64_t rows, int64_t
 // The experts' case: A in packed MR-row panels, all N columns of W, C's rows RoundUp(N, NR) apart.
 template <typename T>
 void StreamRows(const float* const* arow, int64_t rows, int64_t k0, int64_t k1, const T* W,
-                int64_t N, float* C) {
-  StreamRowsCols(arow, MR, rows, k0, k1, W, N, 0, N, C, RoundUp(N, NR));
+                int64_t N, float* C, bool small_w) {
+  StreamRowsCols(arow, MR, rows, k0, k1, W, N, 0, N, C, RoundUp(N, NR), small_w);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -845,12 +1021,14 @@ void Run(const Problem& p, const Runner& runner) {
     });
 
     // Segments with many rows run the packed, register-blocked GEMM over column blocks ("fat");
-    // segments with few rows (StreamRowsMax<T>(): 8, or 64 for bf16 under AVX512-BF16) are memory
-    // bound and stream their weights by whole rows, split over slabs of the reduction dimension
-    // ("skinny"), then reduce the slabs in a fixed order.
+    // segments with few rows (StreamRowsLimit: 8; 64 for bf16 under AVX512-BF16; 32 for f32 experts
+    // of at most kVecCachedBytes under AVX-512) stream their weights by whole rows, split over slabs of
+    // the reduction dimension ("skinny"), then reduce the slabs in a fixed order.
+    const bool small_w = d * f * int64_t(sizeof(T)) <= kVecCachedBytes;
+    const int64_t skinny_max = StreamRowsLimit<T>(d * f * int64_t(sizeof(T)));
     std::vector<int64_t> fat, skinny;
     for (int64_t s = 0; s < int64_t(segs.size()); ++s)
-      (segs[s].rows <= StreamRowsMax<T>() ? skinny : fat).push_back(s);
+      (segs[s].rows <= skinny_max ? skinny : fat).push_back(s);
     const int64_t nfat = int64_t(fat.size()), nsk = int64_t(skinny.size());
     auto slabs_for = [&](int64_t kdim) {  // enough units to keep every thread busy
       if (nsk == 0) return int64_t(0);
@@ -881,8 +1059,8 @@ void Run(const Problem& p, const Runner& runner) {
         panel_rows(A, d, sg, rows);
         float* Cg = part.data() + (slab * sk_off[nsk] + sk_off[i]) * 2 * ldf;
         if (k1 > k0) {
-          StreamRows(rows, sg.rows, k0, k1, wg + sg.expert * d * f, f, Cg);
-          StreamRows(rows, sg.rows, k0, k1, wu + sg.expert * d * f, f, Cg + sg.rows * ldf);
+          StreamRows(rows, sg.rows, k0, k1, wg + sg.expert * d * f, f, Cg, small_w);
+          StreamRows(rows, sg.rows, k0, k1, wu + sg.expert * d * f, f, Cg + sg.rows * ldf, small_w);
         } else {
           std::fill(Cg, Cg + 2 * sg.rows * ldf, 0.0f);
         }
@@ -985,7 +1163,7 @@ void Run(const Problem& p, const Runner& runner) {
         panel_rows(H, f, sg, rows);
         float* C = part.data() + (slab * sk_off[nsk] + sk_off[i]) * ldd;
         if (k1 > k0) {
-          StreamRows(rows, sg.rows, k0, k1, wd + sg.expert * f * d, d, C);
+          StreamRows(rows, sg.rows, k0, k1, wd + sg.expert * f * d, d, C, small_w);
         } else {
           std::fill(C, C + sg.rows * ldd, 0.0f);
         }
@@ -1387,9 +1565,10 @@ void RunRows(const RowsProblem& p, const Runner& runner) {
     for (int64_t i = 0; i < M * Kd; ++i) x_f32[i] = ToFloat(x[i]);
     X = x_f32.data();
   }
-  // Rows per streaming of w: 8 for the AVX2 loop (its accumulators live in memory), up to 64 where
-  // the bf16 pass takes every row from one load of w.
-  constexpr int64_t kGroup = StreamRowsMax<T>();
+  // Rows per streaming of w: 8 for the four-row loop (its accumulators live in memory), up to 64
+  // where the bf16 pass takes every row from one load of w, 32 for small f32 weights (StreamRowsLimit).
+  const bool small_w = Kd * N * int64_t(sizeof(T)) <= kVecCachedBytes;
+  const int64_t kGroup = StreamRowsLimit<T>(Kd * N * int64_t(sizeof(T)));
   const int64_t group = std::min<int64_t>(M, kGroup);
   const int64_t groups = (M + kGroup - 1) / kGroup;
   const int64_t ldc = RoundUp(N, NR);
@@ -1409,9 +1588,9 @@ void RunRows(const RowsProblem& p, const Runner& runner) {
     const int64_t k0 = std::min(Kd, s * slab), k1 = std::min(Kd, k0 + slab);
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t r0 = g * kGroup, rows = std::min<int64_t>(kGroup, M - r0);
-      const float* arow[kGroup];
+      const float* arow[StreamRowsMax<T>()];
       for (int64_t r = 0; r < rows; ++r) arow[r] = X + (r0 + r) * Kd;
-      StreamRowsCols(arow, 1, rows, k0, k1, w, N, j0, j1, part.data() + (s * M + r0) * ldc + j0, ldc);
+      StreamRowsCols(arow, 1, rows, k0, k1, w, N, j0, j1, part.data() + (s * M + r0) * ldc + j0, ldc, small_w);
     }
   });
   const int64_t rblocks = (N + NBR - 1) / NBR;

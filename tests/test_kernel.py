@@ -296,7 +296,9 @@ def test_cuda_sources_compiled_when_nvcc_present():
 # 32-column blocks (f 70, d 300), reductions split into slabs and tails of its 8-row passes (d 300, f 260).
 # Segments of 9-64 rows stream too in bfloat16 under avx512bf16 (and take the packed GEMM otherwise); under amx those of
 # 8-64 rows stream through AMX tiles (one and two row tiles, passes of 32 rows, reduction and column tails: d 48 and
-# 72, f 40 and 56); the last shape has segments past 64 rows.
+# 72, f 40 and 56); the last shape has segments past 64 rows. In float32 (weights of at most 512 KB), segments of up to
+# 32 rows stream through the register-blocked loop under avx512bf16 and amx (groups of 12 rows, 32-column blocks with
+# masked tails: f 40, d 72), up to 8 under avx2 (groups of 6, 16-column blocks, padded tails).
 ISA_SHAPES = [(1, 300, 260, 6, 4), (8, 130, 70, 16, 8), (5, 64, 96, 3, 2), (40, 48, 40, 8, 2), (100, 72, 40, 4, 1),
               (70, 40, 56, 3, 2), (150, 24, 40, 2, 2)]
 
