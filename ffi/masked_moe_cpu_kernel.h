@@ -711,7 +711,7 @@ constexpr int64_t kVec512RowsMax = 32;  // most rows of one StreamRowsColsVec ca
 // go through a zero-padded copy of the block. Against the four-row loop (accumulators loaded and
 // stored every 4 rows of W), the shipped tiny model's decode step in `beam_jax.generate` (f32 experts
 // d 192, f 96; `bench/serve.py --models tiny --engines jax`, 2-core Xeon, AMX build, same-machine
-// A/B): see README "Decoding on CPU".
+// A/B): see README "Serving speed", the tiny model.
 void StreamRowsColsVec(const float* const* arow, int64_t lda, int64_t rows, int64_t k0, int64_t k1,
                        const float* W, int64_t ldw, int64_t j0, int64_t j1, float* C, int64_t ldc) {
   const int64_t n_all = j1 - j0;
