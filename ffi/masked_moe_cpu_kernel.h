@@ -248,6 +248,24 @@ inline int64_t RoundUp(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 float* ThreadBuffer(int which, size_t count);
 
+// f(std::integral_constant<int, R>{}, g) for each group of up to G of `rows` rows, first row g (R
+// a compile-time count, so each group's accumulators live in registers).
+template <int G, int R = G, typename F>
+inline __attribute__((always_inline)) void CallRowGroup(int64_t n, int64_t g, F&& f) {
+  if constexpr (R == 1) {
+    f(std::integral_constant<int, 1>{}, g);
+  } else if (n == R) {
+    f(std::integral_constant<int, R>{}, g);
+  } else {
+    CallRowGroup<G, R - 1>(n, g, f);
+  }
+}
+
+template <int G = 8, typename F>
+inline __attribute__((always_inline)) void ForRowGroups(int64_t rows, F&& f) {
+  for (int64_t g = 0; g < rows; g += G) CallRowGroup<G>(std::min<int64_t>(G, rows - g), g, f);
+}
+
 #if BEAM_CPU_USE_AVX512BF16
 constexpr int64_t kDpCols = 32;  // columns of one block: a 64-byte run of each bf16 weight row
 constexpr int64_t kDpPairs = 4;  // pairs of weight rows per step of a chunk
@@ -310,24 +328,6 @@ inline __attribute__((always_inline)) void DpMultiply(const uint32_t* ap, int64_
       const __m512bh av = (__m512bh)_mm512_set1_epi32(int(ap[r * ap_ld + i]));
       lo[r] = _mm512_dpbf16_ps(lo[r], av, wl[i]);
       hi[r] = _mm512_dpbf16_ps(hi[r], av, wh[i]);
-    }
-  }
-}
-
-// f(std::integral_constant<int, R>{}, g) for each group of up to 8 of `rows` rows, first row g (R
-// a compile-time count, so each group's accumulators live in registers).
-template <typename F>
-inline __attribute__((always_inline)) void ForRowGroups(int64_t rows, F&& f) {
-  for (int64_t g = 0; g < rows; g += 8) {
-    switch (std::min<int64_t>(8, rows - g)) {
-      case 1: f(std::integral_constant<int, 1>{}, g); break;
-      case 2: f(std::integral_constant<int, 2>{}, g); break;
-      case 3: f(std::integral_constant<int, 3>{}, g); break;
-      case 4: f(std::integral_constant<int, 4>{}, g); break;
-      case 5: f(std::integral_constant<int, 5>{}, g); break;
-      case 6: f(std::integral_constant<int, 6>{}, g); break;
-      case 7: f(std::integral_constant<int, 7>{}, g); break;
-      default: f(std::integral_constant<int, 8>{}, g); break;
     }
   }
 }
@@ -629,16 +629,9 @@ inline __attribute__((always_inline)) void VecGroupChunk(const float* const* aro
 // VecGroupChunk for each group of up to 6 of `rows` rows.
 inline void VecRowsChunk(const float* const* arow, int64_t lda, int64_t rows, int64_t k, int64_t kn,
                          const float* src, int64_t ldw, float* c, int64_t ldc) {
-  for (int64_t g = 0; g < rows; g += 6) {
-    switch (std::min<int64_t>(6, rows - g)) {
-      case 1: VecGroupChunk<1>(arow, lda, g, k, kn, src, ldw, c, ldc); break;
-      case 2: VecGroupChunk<2>(arow, lda, g, k, kn, src, ldw, c, ldc); break;
-      case 3: VecGroupChunk<3>(arow, lda, g, k, kn, src, ldw, c, ldc); break;
-      case 4: VecGroupChunk<4>(arow, lda, g, k, kn, src, ldw, c, ldc); break;
-      case 5: VecGroupChunk<5>(arow, lda, g, k, kn, src, ldw, c, ldc); break;
-      default: VecGroupChunk<6>(arow, lda, g, k, kn, src, ldw, c, ldc); break;
-    }
-  }
+  ForRowGroups<6>(rows, [&](auto r, int64_t g) __attribute__((always_inline)) {
+    VecGroupChunk<decltype(r)::value>(arow, lda, g, k, kn, src, ldw, c, ldc);
+  });
 }
 
 #if BEAM_CPU_USE_AVX512BF16
@@ -682,22 +675,9 @@ inline void Vec512RowsChunk(const float* const* arow, int64_t lda, int64_t rows,
                             int64_t ldc) {
   const __mmask16 m0 = n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
   const __mmask16 m1 = n >= 32 ? __mmask16(0xffff) : n <= 16 ? __mmask16(0) : __mmask16((1u << (n - 16)) - 1);
-  for (int64_t g = 0; g < rows; g += 12) {
-    switch (std::min<int64_t>(12, rows - g)) {
-      case 1: Vec512GroupChunk<1>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
-      case 2: Vec512GroupChunk<2>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
-      case 3: Vec512GroupChunk<3>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
-      case 4: Vec512GroupChunk<4>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
-      case 5: Vec512GroupChunk<5>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
-      case 6: Vec512GroupChunk<6>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
-      case 7: Vec512GroupChunk<7>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
-      case 8: Vec512GroupChunk<8>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
-      case 9: Vec512GroupChunk<9>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
-      case 10: Vec512GroupChunk<10>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
-      case 11: Vec512GroupChunk<11>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
-      default: Vec512GroupChunk<12>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc); break;
-    }
-  }
+  ForRowGroups<12>(rows, [&](auto r, int64_t g) __attribute__((always_inline)) {
+    Vec512GroupChunk<decltype(r)::value>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc);
+  });
 }
 #endif
 
@@ -763,11 +743,12 @@ constexpr int64_t StreamRowsMax() {
 // 1 / 8 / 32 tokens against 6.6 / 49 / 121 through the register-blocked loop).
 constexpr int64_t kVecCachedBytes = 512 << 10;
 
-// The most rows one StreamRowsCols call takes for weights of `bytes` bytes: StreamRowsMax<T>() where
-// the register-blocked loop (f32, small weights) or the bf16 loops take them, else kSkinnyRows.
+// The most rows one StreamRowsCols call takes (small_w: the whole matrix is at most kVecCachedBytes):
+// StreamRowsMax<T>() where the register-blocked loop (f32, small weights) or the bf16 loops take them,
+// else kSkinnyRows.
 template <typename T>
-inline int64_t StreamRowsLimit(int64_t bytes) {
-  if constexpr (std::is_same_v<T, float>) return bytes <= kVecCachedBytes ? StreamRowsMax<T>() : kSkinnyRows;
+inline int64_t StreamRowsLimit(bool small_w) {
+  if constexpr (std::is_same_v<T, float>) return small_w ? StreamRowsMax<T>() : kSkinnyRows;
   return StreamRowsMax<T>();
 }
 
@@ -1025,7 +1006,7 @@ void Run(const Problem& p, const Runner& runner) {
     // of at most kVecCachedBytes under AVX-512) stream their weights by whole rows, split over slabs of
     // the reduction dimension ("skinny"), then reduce the slabs in a fixed order.
     const bool small_w = d * f * int64_t(sizeof(T)) <= kVecCachedBytes;
-    const int64_t skinny_max = StreamRowsLimit<T>(d * f * int64_t(sizeof(T)));
+    const int64_t skinny_max = StreamRowsLimit<T>(small_w);
     std::vector<int64_t> fat, skinny;
     for (int64_t s = 0; s < int64_t(segs.size()); ++s)
       (segs[s].rows <= skinny_max ? skinny : fat).push_back(s);
@@ -1568,7 +1549,7 @@ void RunRows(const RowsProblem& p, const Runner& runner) {
   // Rows per streaming of w: 8 for the four-row loop (its accumulators live in memory), up to 64
   // where the bf16 pass takes every row from one load of w, 32 for small f32 weights (StreamRowsLimit).
   const bool small_w = Kd * N * int64_t(sizeof(T)) <= kVecCachedBytes;
-  const int64_t kGroup = StreamRowsLimit<T>(Kd * N * int64_t(sizeof(T)));
+  const int64_t kGroup = StreamRowsLimit<T>(small_w);
   const int64_t group = std::min<int64_t>(M, kGroup);
   const int64_t groups = (M + kGroup - 1) / kGroup;
   const int64_t ldc = RoundUp(N, NR);
