@@ -643,7 +643,7 @@ inline __attribute__((always_inline)) void Vec512GroupChunk(const float* const* 
                                                             int64_t g, int64_t k, int64_t kn,
                                                             const float* src, int64_t ldw,
                                                             __mmask16 m0, __mmask16 m1, float* c,
-                                                            int64_t ldc) {
+                                                            int64_t ldc, int64_t pf_rows) {
   __m512 lo[R], hi[R];
   const float* a[R];
 #pragma GCC unroll 12
@@ -654,6 +654,10 @@ inline __attribute__((always_inline)) void Vec512GroupChunk(const float* const* 
   }
 #pragma GCC unroll 2
   for (int64_t i = 0; i < kn; ++i) {
+    if (i < pf_rows) {  // the same columns of the next chunk's rows (kn rows on), one row per row here
+      _mm_prefetch(reinterpret_cast<const char*>(src + (kn + i) * ldw), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(src + (kn + i) * ldw + 16), _MM_HINT_T0);
+    }
     const __m512 wl = _mm512_maskz_loadu_ps(m0, src + i * ldw);
     const __m512 wh = _mm512_maskz_loadu_ps(m1, src + i * ldw + 16);
 #pragma GCC unroll 12
@@ -670,13 +674,14 @@ inline __attribute__((always_inline)) void Vec512GroupChunk(const float* const* 
   }
 }
 
+// pf_rows: rows of the next chunk (at src + kn * ldw) whose columns the first group prefetches.
 inline void Vec512RowsChunk(const float* const* arow, int64_t lda, int64_t rows, int64_t k,
                             int64_t kn, const float* src, int64_t ldw, int64_t n, float* c,
-                            int64_t ldc) {
+                            int64_t ldc, int64_t pf_rows) {
   const __mmask16 m0 = n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
   const __mmask16 m1 = n >= 32 ? __mmask16(0xffff) : n <= 16 ? __mmask16(0) : __mmask16((1u << (n - 16)) - 1);
   ForRowGroups<12>(rows, [&](auto r, int64_t g) __attribute__((always_inline)) {
-    Vec512GroupChunk<decltype(r)::value>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc);
+    Vec512GroupChunk<decltype(r)::value>(arow, lda, g, k, kn, src, ldw, m0, m1, c, ldc, g == 0 ? pf_rows : 0);
   });
 }
 #endif
@@ -709,7 +714,8 @@ void StreamRowsColsVec(const float* const* arow, int64_t lda, int64_t rows, int6
     for (int64_t j = 0; j < n_all; j += kCols) {
       const int64_t n = std::min<int64_t>(kCols, n_all - j);
 #if BEAM_CPU_USE_AVX512BF16
-      Vec512RowsChunk(arow, lda, rows, k, kn, src0 + j, ldw, n, C + j, ldc);
+      Vec512RowsChunk(arow, lda, rows, k, kn, src0 + j, ldw, n, C + j, ldc,
+                      std::min<int64_t>(kn, k1 - k - kn));
 #else
       if (n == NR) {
         VecRowsChunk(arow, lda, rows, k, kn, src0 + j, ldw, C + j, ldc);
@@ -848,11 +854,12 @@ void StreamRowsCols(const float* const* arow, int64_t lda, int64_t rows, int64_t
   }
 }
 
-// The experts' case: A in packed MR-row panels, all N columns of W, C's rows RoundUp(N, NR) apart.
+// The experts' case: A's rows (lda = MR in packed MR-row panels, 1 for plain rows), all N columns of W,
+// C's rows RoundUp(N, NR) apart.
 template <typename T>
-void StreamRows(const float* const* arow, int64_t rows, int64_t k0, int64_t k1, const T* W,
+void StreamRows(const float* const* arow, int64_t lda, int64_t rows, int64_t k0, int64_t k1, const T* W,
                 int64_t N, float* C, bool small_w) {
-  StreamRowsCols(arow, MR, rows, k0, k1, W, N, 0, N, C, RoundUp(N, NR), small_w);
+  StreamRowsCols(arow, lda, rows, k0, k1, W, N, 0, N, C, RoundUp(N, NR), small_w);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -900,6 +907,17 @@ void ParallelFor(const Runner& runner, int64_t n, const std::function<void(int64
   while (job->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
+// The forward's per-call buffers (y's f32 accumulator, the packed rows, H, the skinny partial sums),
+// kept by the calling thread between calls: allocating and zero-filling them on every call cost a
+// small model's decode step more than some of its GEMMs. Only the thread that runs Run takes them
+// (units on the pool use ThreadBuffer); nothing reads them before writing.
+float* CallScratch(int which, size_t count) {
+  thread_local std::vector<float> buffers[5];
+  std::vector<float>& b = buffers[which];
+  if (b.size() < count) b.resize(count);
+  return b.data();
+}
+
 // Per-thread scratch, reused across calls.
 float* ThreadBuffer(int which, size_t count) {
   thread_local std::vector<float> buffers[10];
@@ -933,6 +951,49 @@ struct Segment {
   int64_t panels;     // ceil(rows / MR)
 };
 
+#if BEAM_CPU_USE_AVX512BF16
+// exp(t) in 16 lanes (t = -g in silu(g) = g / (1 + exp(-g)): SkinnyH, SiluMulRow): range reduction to
+// |r| <= ln2 / 2 and its Taylor polynomial of degree 6 (relative error about 1e-7), 2^n by vscalefps, t
+// clamped to [-88, 88] (silu is then g or 0 to f32 precision; a NaN stays NaN).
+inline __m512 Exp16(__m512 t) {
+  t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), t);  // ln 2 in two parts
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 q = _mm512_set1_ps(1.0f / 720.0f);
+  for (float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f}) q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(q, n);
+}
+#endif
+
+// A skinny segment's H from its gate and up products over all of d: C holds rows [0, rows) of
+// x @ gate then rows [0, rows) of x @ up (ldf apart); H's panels (MR-row, f columns:
+// h[panel][j][r]) get silu(gate) * up, zero in the pad rows.
+inline void SkinnyH(const float* C, int64_t rows, int64_t ldf, int64_t f, float* H, int64_t panels) {
+  for (int64_t r = 0; r < panels * MR; ++r) {
+    float* hp = H + (r / MR) * MR * f + (r % MR);
+    if (r >= rows) {
+      for (int64_t j = 0; j < f; ++j) hp[j * MR] = 0.0f;
+      continue;
+    }
+    const float* g = C + r * ldf;
+    const float* u = C + (rows + r) * ldf;
+    int64_t j = 0;
+#if BEAM_CPU_USE_AVX512BF16
+    alignas(64) float h[16];
+    for (; j + 16 <= f; j += 16) {
+      const __m512 gv = _mm512_loadu_ps(g + j);
+      const __m512 e = Exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+      _mm512_store_ps(h, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
+                                       _mm512_loadu_ps(u + j)));
+      for (int c = 0; c < 16; ++c) hp[(j + c) * MR] = h[c];
+    }
+#endif
+    for (; j < f; ++j) hp[j * MR] = Silu(g[j]) * u[j];
+  }
+}
+
 template <typename T>
 void Run(const Problem& p, const Runner& runner) {
   const int64_t T_ = p.T, K = p.K, E = p.E, d = p.d, f = p.f;
@@ -948,13 +1009,11 @@ void Run(const Problem& p, const Runner& runner) {
 
   // f32 accumulator for y: the output itself for f32, a temporary otherwise. Zeroing it writes
   // every row, including tokens without kept pairs.
-  std::vector<float> y_tmp;
   float* Y;
   if constexpr (std::is_same_v<T, float>) {
     Y = static_cast<float*>(p.y);
   } else {
-    y_tmp.resize(size_t(T_ * d));
-    Y = y_tmp.data();
+    Y = CallScratch(0, size_t(T_ * d));
   }
   constexpr int64_t kRowBlock = 64;
   const int64_t row_blocks = (T_ + kRowBlock - 1) / kRowBlock;
@@ -964,7 +1023,6 @@ void Run(const Problem& p, const Runner& runner) {
   });
 
   // 2. Chunks of sorted rows.
-  std::vector<float> a_packed, h_packed;
   std::vector<Segment> segs;
   for (int64_t c0 = 0; c0 < kept; c0 += kChunkRows) {
     const int64_t c1 = std::min(kept, c0 + kChunkRows);
@@ -977,19 +1035,34 @@ void Run(const Problem& p, const Runner& runner) {
       segs.push_back({e, r0, r1 - r0, panels, np});
       panels += np;
     }
-    a_packed.resize(size_t(panels * MR * d));
-    h_packed.resize(size_t(panels * MR * f));
-    float* A = a_packed.data();
-    float* H = h_packed.data();
-    std::vector<std::pair<int64_t, int64_t>> panel_seg;  // panel -> (segment, panel in segment)
+    float* A = CallScratch(1, size_t(panels * MR * d));
+    float* H = CallScratch(2, size_t(panels * MR * f));
+    // Segments with many rows run the packed, register-blocked GEMM over column blocks ("fat");
+    // segments with few rows (StreamRowsLimit: 8; 64 for bf16 under AVX512-BF16; 32 for f32 experts
+    // of at most kVecCachedBytes under AVX-512) stream their weights by whole rows, split over slabs of
+    // the reduction dimension ("skinny"), then reduce the slabs in a fixed order.
+    const bool small_w = d * f * int64_t(sizeof(T)) <= kVecCachedBytes;
+    const int64_t skinny_max = StreamRowsLimit<T>(small_w);
+    std::vector<int64_t> fat, skinny;
+    for (int64_t s = 0; s < int64_t(segs.size()); ++s)
+      (segs[s].rows <= skinny_max ? skinny : fat).push_back(s);
+    const int64_t nfat = int64_t(fat.size()), nsk = int64_t(skinny.size());
+    // f32 x: skinny segments read their tokens' rows of x where they lie (lda 1), so only the fat
+    // segments' rows are gathered into A's panels (every segment's for bf16 and f16, converted).
+    constexpr bool kDirectX = std::is_same_v<T, float>;
+    std::vector<char> is_fat(segs.size(), 0);
+    for (int64_t s : fat) is_fat[s] = 1;
+    std::vector<std::pair<int64_t, int64_t>> panel_seg;  // gathered panel -> (segment, panel in segment)
     panel_seg.reserve(panels);
     for (int64_t s = 0; s < int64_t(segs.size()); ++s)
-      for (int64_t i = 0; i < segs[s].panels; ++i) panel_seg.emplace_back(s, i);
+      if (!kDirectX || is_fat[s])
+        for (int64_t i = 0; i < segs[s].panels; ++i) panel_seg.emplace_back(s, i);
 
     // 2a. Gather x rows into MR-row panels: A[panel][k][r].
-    ParallelFor(runner, panels, [&](int64_t pi) {
-      const Segment& sg = segs[panel_seg[pi].first];
-      const int64_t i0 = panel_seg[pi].second * MR;
+    ParallelFor(runner, int64_t(panel_seg.size()), [&](int64_t gi) {
+      const Segment& sg = segs[panel_seg[gi].first];
+      const int64_t i0 = panel_seg[gi].second * MR;
+      const int64_t pi = sg.panel0 + panel_seg[gi].second;
       float* dst = A + pi * MR * d;
       for (int r = 0; r < MR; ++r) {
         if (i0 + r < sg.rows) {
@@ -1001,16 +1074,6 @@ void Run(const Problem& p, const Runner& runner) {
       }
     });
 
-    // Segments with many rows run the packed, register-blocked GEMM over column blocks ("fat");
-    // segments with few rows (StreamRowsLimit: 8; 64 for bf16 under AVX512-BF16; 32 for f32 experts
-    // of at most kVecCachedBytes under AVX-512) stream their weights by whole rows, split over slabs of
-    // the reduction dimension ("skinny"), then reduce the slabs in a fixed order.
-    const bool small_w = d * f * int64_t(sizeof(T)) <= kVecCachedBytes;
-    const int64_t skinny_max = StreamRowsLimit<T>(small_w);
-    std::vector<int64_t> fat, skinny;
-    for (int64_t s = 0; s < int64_t(segs.size()); ++s)
-      (segs[s].rows <= skinny_max ? skinny : fat).push_back(s);
-    const int64_t nfat = int64_t(fat.size()), nsk = int64_t(skinny.size());
     auto slabs_for = [&](int64_t kdim) {  // enough units to keep every thread busy
       if (nsk == 0) return int64_t(0);
       const int64_t want = (4 * int64_t(runner.num_threads) + nsk - 1) / nsk;
@@ -1026,8 +1089,11 @@ void Run(const Problem& p, const Runner& runner) {
     const int64_t slabs2 = slabs_for(f), slab2 = slabs2 ? RoundUp((f + slabs2 - 1) / slabs2, 4) : 0;
     std::vector<int64_t> sk_off(nsk + 1, 0);  // skinny segment -> offset in rows of partials
     for (int64_t i = 0; i < nsk; ++i) sk_off[i + 1] = sk_off[i] + segs[skinny[i]].rows;
-    std::vector<float> part;  // skinny partial sums: [slab][row][2 * ldf] then [slab][row][ldd]
-    part.resize(size_t(std::max(slabs1 * sk_off[nsk] * 2 * ldf, slabs2 * sk_off[nsk] * ldd)));
+    // skinny partial sums: [slab][row][2 * ldf] (gate, up), then [slab][row][ldd] (down; in its own
+    // buffer when one unit does gate, up and down of a segment: with one slab of d and one of f)
+    const bool fuse_down = slabs1 == 1 && slabs2 == 1;
+    float* part = CallScratch(3, size_t(std::max(slabs1 * sk_off[nsk] * 2 * ldf, slabs2 * sk_off[nsk] * ldd)));
+    float* part_d = fuse_down ? CallScratch(4, size_t(sk_off[nsk] * ldd)) : part;
 
     // 2b. Gate and up: H = silu(A @ Wg) * (A @ Wu), packed like A: H[panel][j][r].
     const int64_t fblocks = (f + NB1 - 1) / NB1;
@@ -1037,13 +1103,24 @@ void Run(const Problem& p, const Runner& runner) {
         const Segment& sg = segs[skinny[i]];
         const int64_t k0 = slab * slab1, k1 = std::min(d, k0 + slab1);
         const float* rows[StreamRowsMax<T>()];
-        panel_rows(A, d, sg, rows);
-        float* Cg = part.data() + (slab * sk_off[nsk] + sk_off[i]) * 2 * ldf;
+        int64_t lda = MR;
+        if constexpr (kDirectX) {
+          for (int64_t r = 0; r < sg.rows; ++r) rows[r] = x + (sorted[sg.row0 + r] / K) * d;
+          lda = 1;
+        } else {
+          panel_rows(A, d, sg, rows);
+        }
+        float* Cg = part + (slab * sk_off[nsk] + sk_off[i]) * 2 * ldf;
         if (k1 > k0) {
-          StreamRows(rows, sg.rows, k0, k1, wg + sg.expert * d * f, f, Cg, small_w);
-          StreamRows(rows, sg.rows, k0, k1, wu + sg.expert * d * f, f, Cg + sg.rows * ldf, small_w);
+          StreamRows(rows, lda, sg.rows, k0, k1, wg + sg.expert * d * f, f, Cg, small_w);
+          StreamRows(rows, lda, sg.rows, k0, k1, wu + sg.expert * d * f, f, Cg + sg.rows * ldf, small_w);
         } else {
           std::fill(Cg, Cg + 2 * sg.rows * ldf, 0.0f);
+        }
+        if (slabs1 == 1) SkinnyH(Cg, sg.rows, ldf, f, H + sg.panel0 * MR * f, sg.panels);
+        if (fuse_down) {  // the segment's down product too: one unit per expert, one pass fewer
+          panel_rows(H, f, sg, rows);
+          StreamRows(rows, MR, sg.rows, 0, f, wd + sg.expert * f * d, d, part_d + sk_off[i] * ldd, small_w);
         }
         return;
       }
@@ -1079,9 +1156,10 @@ void Run(const Problem& p, const Runner& runner) {
         }
       }
     });
-    // 2b'. Skinny: sum the slabs (in slab order) and write H; pad rows of the panels are zero.
+    // 2b'. Skinny over several slabs: sum the slabs (in slab order) and write H; pad rows of the
+    // panels are zero (one slab: written by its unit above, SkinnyH).
     const int64_t rblocks_f = (f + NBR - 1) / NBR;
-    ParallelFor(runner, nsk * rblocks_f, [&](int64_t unit) {
+    if (slabs1 > 1) ParallelFor(runner, nsk * rblocks_f, [&](int64_t unit) {
       const int64_t i = unit / rblocks_f, j0 = (unit % rblocks_f) * NBR;
       const int64_t j1 = std::min(f, j0 + NBR);
       const Segment& sg = segs[skinny[i]];
@@ -1094,7 +1172,7 @@ void Run(const Problem& p, const Runner& runner) {
         for (int64_t j = j0; j < j1; ++j) {
           float g = 0.0f, u = 0.0f;
           for (int64_t slab = 0; slab < slabs1; ++slab) {
-            const float* c = part.data() + (slab * sk_off[nsk] + sk_off[i]) * 2 * ldf;
+            const float* c = part + (slab * sk_off[nsk] + sk_off[i]) * 2 * ldf;
             g += c[r * ldf + j];
             u += c[(sg.rows + r) * ldf + j];
           }
@@ -1136,15 +1214,15 @@ void Run(const Problem& p, const Runner& runner) {
     if (nsk > 0) {
       // 2c'. Skinny: stream w_down by slabs of f, then sum the slabs into Y by column blocks
       // (units own disjoint columns of Y; segments in a fixed order).
-      ParallelFor(runner, nsk * slabs2, [&](int64_t u) {
+      if (!fuse_down) ParallelFor(runner, nsk * slabs2, [&](int64_t u) {
         const int64_t i = u / slabs2, slab = u % slabs2;
         const Segment& sg = segs[skinny[i]];
         const int64_t k0 = slab * slab2, k1 = std::min(f, k0 + slab2);
         const float* rows[StreamRowsMax<T>()];
         panel_rows(H, f, sg, rows);
-        float* C = part.data() + (slab * sk_off[nsk] + sk_off[i]) * ldd;
+        float* C = part_d + (slab * sk_off[nsk] + sk_off[i]) * ldd;
         if (k1 > k0) {
-          StreamRows(rows, sg.rows, k0, k1, wd + sg.expert * f * d, d, C, small_w);
+          StreamRows(rows, MR, sg.rows, k0, k1, wd + sg.expert * f * d, d, C, small_w);
         } else {
           std::fill(C, C + sg.rows * ldd, 0.0f);
         }
@@ -1158,10 +1236,15 @@ void Run(const Problem& p, const Runner& runner) {
             const int64_t q = sorted[sg.row0 + r];
             const float w = p.weights[q];
             float* yrow = Y + (q / K) * d;
+            if (slabs2 == 1) {  // the same sums (0 + o == o), in a loop the compiler vectorizes
+              const float* o = part_d + size_t((sk_off[i] + r) * ldd);
+              for (int64_t j = j0; j < j1; ++j) yrow[j] += w * o[j];
+              continue;
+            }
             for (int64_t j = j0; j < j1; ++j) {
               float o = 0.0f;
               for (int64_t slab = 0; slab < slabs2; ++slab)
-                o += part[size_t((slab * sk_off[nsk] + sk_off[i] + r) * ldd + j)];
+                o += part_d[size_t((slab * sk_off[nsk] + sk_off[i] + r) * ldd + j)];
               yrow[j] += w * o;
             }
           }
@@ -1563,7 +1646,8 @@ void RunRows(const RowsProblem& p, const Runner& runner) {
   int64_t slabs = std::max<int64_t>(1, std::min(want, max_slabs));
   const int64_t slab = std::max<int64_t>(4, RoundUp((Kd + slabs - 1) / slabs, 4));
   slabs = std::max<int64_t>(1, (Kd + slab - 1) / slab);
-  std::vector<float> part(size_t(slabs * M * ldc));
+  std::vector<float> part_buf(size_t(slabs * M * ldc));
+  float* part = part_buf.data();
   ParallelFor(runner, slabs * cblocks, [&](int64_t u) {
     const int64_t s = u / cblocks, j0 = (u % cblocks) * nb, j1 = std::min(N, j0 + nb);
     const int64_t k0 = std::min(Kd, s * slab), k1 = std::min(Kd, k0 + slab);
@@ -1571,7 +1655,7 @@ void RunRows(const RowsProblem& p, const Runner& runner) {
       const int64_t r0 = g * kGroup, rows = std::min<int64_t>(kGroup, M - r0);
       const float* arow[StreamRowsMax<T>()];
       for (int64_t r = 0; r < rows; ++r) arow[r] = X + (r0 + r) * Kd;
-      StreamRowsCols(arow, 1, rows, k0, k1, w, N, j0, j1, part.data() + (s * M + r0) * ldc + j0, ldc, small_w);
+      StreamRowsCols(arow, 1, rows, k0, k1, w, N, j0, j1, part + (s * M + r0) * ldc + j0, ldc, small_w);
     }
   });
   const int64_t rblocks = (N + NBR - 1) / NBR;
@@ -1688,22 +1772,9 @@ inline void AmxBlock(const bf16_t* x, int64_t Kd, int64_t steps, const bf16_t* w
 
 #endif
 
-// h[c] = bf16(silu(g[c]) * u[c]) for c < n: RunPackedExperts' gate/up epilogue.
+// h[c] = bf16(silu(g[c]) * u[c]) for c < n: RunPackedExperts' gate/up epilogue (AVX-512: Exp16, rounded
+// to bf16 to nearest even by vcvtneps2bf16, as FromFloat rounds).
 #if BEAM_CPU_USE_AVX512BF16
-// 16 lanes at a time: exp(-g) by range reduction to |r| <= ln2 / 2 and its Taylor polynomial of degree 6 (relative
-// error about 1e-7, far below the bf16 rounding of h), 2^n by vscalefps, -g clamped to [-88, 88] (silu is then g
-// or 0 to f32 precision; a NaN g stays NaN); rounded to bf16 to nearest even (vcvtneps2bf16, as FromFloat rounds).
-inline __m512 Exp16(__m512 t) {
-  t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), t);  // ln 2 in two parts
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 q = _mm512_set1_ps(1.0f / 720.0f);
-  for (float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f}) q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(q, n);
-}
-
 inline void SiluMulRow(const float* g, const float* u, int64_t n, bf16_t* h) {
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) {
