@@ -31,6 +31,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from convert.vllm_plugin.ops import register_cpu_op
+
 ROWS_MAX_AVX512 = 32  # beam_jax.rows_matmul.ROWS_MAX_BF16_DP: past it the product is compute-bound either way
 # The extension's AMX build (Intel Sapphire Rapids and later) multiplies on AMX tiles as vLLM's own products do (oneDNN;
 # sgl's kernel for small N): measured on the 2-core Xeon at Qwen3-30B-A3B's shapes, 1.04-1.18x vLLM's product from 1
@@ -116,7 +118,6 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // max(x.shape[-1], 1)
 
 
-@torch.library.custom_op("beam_jax::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, layer_id: int,
                   n: int) -> torch.Tensor:
     """The packed layers' product as one operation for torch.compile: x [..., K] bfloat16 -> [..., n] bfloat16;
@@ -129,9 +130,11 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return method.base_apply(layer, x, bias)
 
 
-@packed_linear.register_fake
 def _packed_linear_fake(x, packed, bias, layer_id, n):
     return x.new_empty((*x.shape[:-1], n))
+
+
+register_cpu_op(packed_linear, _packed_linear_fake)  # torch.ops.beam_jax.packed_linear
 
 
 def _eligible(layer) -> bool:

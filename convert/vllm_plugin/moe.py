@@ -60,6 +60,7 @@ from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 from vllm.platforms import current_platform
 
 from convert.modeling_beam import BEAM_DEFAULTS, MASK_EPS, beam_mask, kept_pairs
+from convert.vllm_plugin.ops import register_cpu_op
 
 _RUNNERS: "weakref.WeakSet[BeamMoERunner]" = weakref.WeakSet()
 _RUNNER_IDS: list = []  # runner id -> weakref to the runner: `masked_experts`' way back to it
@@ -518,7 +519,6 @@ class BeamMoERunner(MoERunner):
                             **beam_kernel_args(weights, ids, emap))
 
 
-@torch.library.custom_op("beam_jax::masked_experts", mutates_args=())
 def masked_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, runner_id: int) -> torch.Tensor:
     """A CPU runner's expert call as one operation for torch.compile: `BeamMoERunner._experts_compacted` of runner
     `runner_id` (the mask at the runner's current tau, the kept pairs' compaction, the expert kernel, the sum back),
@@ -532,9 +532,11 @@ def masked_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, ru
     return out.clone() if out.data_ptr() == x.data_ptr() else out  # an op's output must not alias its input
 
 
-@masked_experts.register_fake
 def _masked_experts_fake(x, weights, ids, runner_id):
     return torch.empty_like(x)
+
+
+register_cpu_op(masked_experts, _masked_experts_fake)  # torch.ops.beam_jax.masked_experts
 
 
 def _no_overlap():
