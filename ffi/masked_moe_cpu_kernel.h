@@ -1046,8 +1046,8 @@ void Run(const Problem& p, const Runner& runner) {
     // the reduction dimension ("skinny"), then reduce the slabs in a fixed order. Where d and f are each
     // one slab (small experts, or enough segments to keep every thread busy), one unit per skinny segment
     // does its gate, up, silu and down (`fuse_down`): against a pass for each (gather, gate/up, H, down),
-    // the shipped tiny model's expert layer (f32, d 192, f 96, 32 experts, K 6; jitted, in one process,
-    // the AMX build) went from 36 / 165 / 313 to 18 / 130 / 248 us at 1 / 8 / 32 tokens.
+    // the shipped tiny model's expert layer (f32, d 192, f 96, 32 experts, K 6; jitted, the AMX build)
+    // went from 36 / 165 / 313 to 18 / 130 / 248 us at 1 / 8 / 32 tokens (README "Serving speed").
     const bool small_w = d * f * int64_t(sizeof(T)) <= kVecCachedBytes;
     const int64_t skinny_max = StreamRowsLimit<T>(small_w);
     std::vector<int64_t> fat, skinny;
