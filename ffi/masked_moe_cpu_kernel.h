@@ -695,8 +695,10 @@ constexpr int64_t kVec512RowsMax = 32;  // most rows of one StreamRowsColsVec ca
 // arithmetic, so it keeps the accumulators in registers. W is read in chunks of rows (32 rows up to
 // 1 KB each, fewer for longer rows: at most 32 KB); per column block (16 columns, or 32 on AVX-512
 // with masked tails), each group of rows (6, or 12 on AVX-512) holds its accumulators in registers
-// across the chunk and reloads the block's W rows from L1 for the next group. On AVX2, column tails
-// go through a zero-padded copy of the block. Against the four-row loop (accumulators loaded and
+// across the chunk and reloads the block's W rows from L1 for the next group; the first group
+// prefetches the block's columns of the next chunk's rows, one row per row it reads (the experts' W
+// comes from L2 / L3: 7 MB a layer for the tiny model). On AVX2, column tails go through a
+// zero-padded copy of the block. Against the four-row loop (accumulators loaded and
 // stored every 4 rows of W), the shipped tiny model's decode step in `beam_jax.generate` (f32 experts
 // d 192, f 96; `bench/serve.py --models tiny --engines jax`, 2-core Xeon, AMX build, same-machine
 // A/B): see README "Serving speed", the tiny model.
