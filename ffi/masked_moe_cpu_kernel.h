@@ -925,7 +925,7 @@ float* CallScratch(int which, size_t count) {
 
 // Per-thread scratch, reused across calls.
 float* ThreadBuffer(int which, size_t count) {
-  thread_local std::vector<float> buffers[10];
+  thread_local std::vector<float> buffers[11];
   std::vector<float>& b = buffers[which];
   if (b.size() < count) b.resize(count);
   return b.data();
@@ -973,13 +973,15 @@ inline __m512 Exp16(__m512 t) {
 #endif
 
 // A skinny segment's H from its gate and up products over all of d: C holds rows [0, rows) of
-// x @ gate then rows [0, rows) of x @ up (ldf apart); H's panels (MR-row, f columns:
-// h[panel][j][r]) get silu(gate) * up, zero in the pad rows.
+// x @ gate then rows [0, rows) of x @ up (ldf apart). Panels (MR-row, f columns: h[panel][j][r],
+// zero in the pad rows of its `panels`) when kPanels, else plain rows h[r][j] (f apart): silu(gate) * up.
+template <bool kPanels>
 inline void SkinnyH(const float* C, int64_t rows, int64_t ldf, int64_t f, float* H, int64_t panels) {
-  for (int64_t r = 0; r < panels * MR; ++r) {
-    float* hp = H + (r / MR) * MR * f + (r % MR);
+  const int64_t stride = kPanels ? MR : 1;  // between columns
+  for (int64_t r = 0; r < (kPanels ? panels * MR : rows); ++r) {
+    float* hp = kPanels ? H + (r / MR) * MR * f + (r % MR) : H + r * f;
     if (r >= rows) {
-      for (int64_t j = 0; j < f; ++j) hp[j * MR] = 0.0f;
+      for (int64_t j = 0; j < f; ++j) hp[j * stride] = 0.0f;
       continue;
     }
     const float* g = C + r * ldf;
@@ -990,12 +992,17 @@ inline void SkinnyH(const float* C, int64_t rows, int64_t ldf, int64_t f, float*
     for (; j + 16 <= f; j += 16) {
       const __m512 gv = _mm512_loadu_ps(g + j);
       const __m512 e = Exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-      _mm512_store_ps(h, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
-                                       _mm512_loadu_ps(u + j)));
-      for (int c = 0; c < 16; ++c) hp[(j + c) * MR] = h[c];
+      const __m512 v = _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
+                                     _mm512_loadu_ps(u + j));
+      if constexpr (kPanels) {
+        _mm512_store_ps(h, v);
+        for (int c = 0; c < 16; ++c) hp[(j + c) * MR] = h[c];
+      } else {
+        _mm512_storeu_ps(hp + j, v);
+      }
     }
 #endif
-    for (; j < f; ++j) hp[j * MR] = Silu(g[j]) * u[j];
+    for (; j < f; ++j) hp[j * stride] = Silu(g[j]) * u[j];
   }
 }
 
@@ -1126,10 +1133,13 @@ void Run(const Problem& p, const Runner& runner) {
         } else {
           std::fill(Cg, Cg + 2 * sg.rows * ldf, 0.0f);
         }
-        if (slabs1 == 1) SkinnyH(Cg, sg.rows, ldf, f, H + sg.panel0 * MR * f, sg.panels);
-        if (fuse_down) {  // the segment's down product too: one unit per expert, one pass fewer
-          panel_rows(H, f, sg, rows);
-          StreamRows(rows, MR, sg.rows, 0, f, wd + sg.expert * f * d, d, part_d + sk_off[i] * ldd, small_w);
+        if (fuse_down) {  // the segment's down product too (one unit per expert): H as plain rows here
+          float* hr = ThreadBuffer(10, size_t(sg.rows * f));
+          SkinnyH<false>(Cg, sg.rows, ldf, f, hr, 0);
+          for (int64_t r = 0; r < sg.rows; ++r) rows[r] = hr + r * f;
+          StreamRows(rows, 1, sg.rows, 0, f, wd + sg.expert * f * d, d, part_d + sk_off[i] * ldd, small_w);
+        } else if (slabs1 == 1) {
+          SkinnyH<true>(Cg, sg.rows, ldf, f, H + sg.panel0 * MR * f, sg.panels);
         }
         return;
       }
