@@ -912,20 +912,13 @@ void ParallelFor(const Runner& runner, int64_t n, const std::function<void(int64
   while (job->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
-// The forward's per-call buffers (y's f32 accumulator, the packed rows, H, the skinny partial sums),
-// kept by the calling thread between calls: allocating and zero-filling them on every call cost a
-// small model's decode step more than some of its GEMMs. Only the thread that runs Run takes them
-// (units on the pool use ThreadBuffer); nothing reads them before writing.
-float* CallScratch(int which, size_t count) {
-  thread_local std::vector<float> buffers[5];
-  std::vector<float>& b = buffers[which];
-  if (b.size() < count) b.resize(count);
-  return b.data();
-}
-
-// Per-thread scratch, reused across calls.
+// Per-thread scratch, reused across calls. Slots 11-15: Run's per-call buffers (y's f32 accumulator,
+// the packed rows, H, the skinny partial sums), taken by the thread that runs Run, apart from the
+// slots its units use (it runs units too): allocating and zero-filling them on every call cost a
+// small model's decode step more than some of its GEMMs; nothing reads them before writing.
+constexpr int kRunSlot = 11;
 float* ThreadBuffer(int which, size_t count) {
-  thread_local std::vector<float> buffers[11];
+  thread_local std::vector<float> buffers[16];
   std::vector<float>& b = buffers[which];
   if (b.size() < count) b.resize(count);
   return b.data();
@@ -970,6 +963,12 @@ inline __m512 Exp16(__m512 t) {
   for (float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f}) q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(c));
   return _mm512_scalef_ps(q, n);
 }
+
+// silu(g) * u in 16 lanes (SkinnyH, SiluMulRow).
+inline __m512 SiluMul16(__m512 g, __m512 u) {
+  const __m512 e = Exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+  return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
+}
 #endif
 
 // A skinny segment's H from its gate and up products over all of d: C holds rows [0, rows) of
@@ -990,10 +989,7 @@ inline void SkinnyH(const float* C, int64_t rows, int64_t ldf, int64_t f, float*
 #if BEAM_CPU_USE_AVX512BF16
     alignas(64) float h[16];
     for (; j + 16 <= f; j += 16) {
-      const __m512 gv = _mm512_loadu_ps(g + j);
-      const __m512 e = Exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-      const __m512 v = _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
-                                     _mm512_loadu_ps(u + j));
+      const __m512 v = SiluMul16(_mm512_loadu_ps(g + j), _mm512_loadu_ps(u + j));
       if constexpr (kPanels) {
         _mm512_store_ps(h, v);
         for (int c = 0; c < 16; ++c) hp[(j + c) * MR] = h[c];
@@ -1025,7 +1021,7 @@ void Run(const Problem& p, const Runner& runner) {
   if constexpr (std::is_same_v<T, float>) {
     Y = static_cast<float*>(p.y);
   } else {
-    Y = CallScratch(0, size_t(T_ * d));
+    Y = ThreadBuffer(kRunSlot + 0, size_t(T_ * d));
   }
   constexpr int64_t kRowBlock = 64;
   const int64_t row_blocks = (T_ + kRowBlock - 1) / kRowBlock;
@@ -1047,8 +1043,8 @@ void Run(const Problem& p, const Runner& runner) {
       segs.push_back({e, r0, r1 - r0, panels, np});
       panels += np;
     }
-    float* A = CallScratch(1, size_t(panels * MR * d));
-    float* H = CallScratch(2, size_t(panels * MR * f));
+    float* A = ThreadBuffer(kRunSlot + 1, size_t(panels * MR * d));
+    float* H = ThreadBuffer(kRunSlot + 2, size_t(panels * MR * f));
     // Segments with many rows run the packed, register-blocked GEMM over column blocks ("fat");
     // segments with few rows (StreamRowsLimit: 8; 64 for bf16 under AVX512-BF16; 32 for f32 experts
     // of at most kVecCachedBytes under AVX-512) stream their weights by whole rows, split over slabs of
@@ -1108,8 +1104,8 @@ void Run(const Problem& p, const Runner& runner) {
     // skinny partial sums: [slab][row][2 * ldf] (gate, up), then [slab][row][ldd] (down; in its own
     // buffer when one unit does gate, up and down of a segment: with one slab of d and one of f)
     const bool fuse_down = slabs1 == 1 && slabs2 == 1;
-    float* part = CallScratch(3, size_t(std::max(slabs1 * sk_off[nsk] * 2 * ldf, slabs2 * sk_off[nsk] * ldd)));
-    float* part_d = fuse_down ? CallScratch(4, size_t(sk_off[nsk] * ldd)) : part;
+    float* part = ThreadBuffer(kRunSlot + 3, size_t(std::max(slabs1 * sk_off[nsk] * 2 * ldf, slabs2 * sk_off[nsk] * ldd)));
+    float* part_d = fuse_down ? ThreadBuffer(kRunSlot + 4, size_t(sk_off[nsk] * ldd)) : part;
 
     // 2b. Gate and up: H = silu(A @ Wg) * (A @ Wu), packed like A: H[panel][j][r].
     const int64_t fblocks = (f + NB1 - 1) / NB1;
@@ -1797,9 +1793,7 @@ inline void AmxBlock(const bf16_t* x, int64_t Kd, int64_t steps, const bf16_t* w
 inline void SiluMulRow(const float* g, const float* u, int64_t n, bf16_t* h) {
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) {
-    const __m512 gv = _mm512_loadu_ps(g + c);
-    const __m512 e = Exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-    const __m512 v = _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), _mm512_loadu_ps(u + c));
+    const __m512 v = SiluMul16(_mm512_loadu_ps(g + c), _mm512_loadu_ps(u + c));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(h + c), (__m256i)_mm512_cvtneps_pbh(v));
   }
   for (; c < n; ++c) h[c] = FromFloat<bf16_t>(Silu(g[c]) * u[c]);
