@@ -59,7 +59,10 @@ the policies' runs are interleaved at each batch (Top-K, BEAM 0.5, BEAM 0.15, To
 machine's speed during the run moves them alike and BEAM / Top-K is a same-process, same-moment ratio. Against
 native vLLM (another process) the ratio carries this VM's process-to-process spread (10-25% seen): `--vllm-rounds R`
 starts R processes of each, alternating, and keeps per engine and batch the one with the fastest Top-K step (all its
-policies, so "x own Top-K" stays a same-process ratio). The MoE share of
+policies, so "x own Top-K" stays a same-process ratio); `--jax-rounds R` times `beam_jax.generate` R times, once
+after each round of those processes (the JAX model stays loaded), and keeps per batch the fastest Top-K round the
+same way, so that JAX's Top-K against vLLM's is a best against a best (with one JAX timing against the best of
+several vLLM processes, the comparison leans to vLLM by the machine's spread). The MoE share of
 `beam_jax.generate`'s Top-K decode step: 1 - (its step with the experts replaced by x * sum(weights), no expert
 GEMMs; `common.register_no_expert_path`) / (its step), per batch.
 
@@ -223,7 +226,7 @@ def jax_phase(model, prompts: dict, prefill_prompt, kept_targets, args, timed: b
     calib = generate(max(prompts), TopKHook())
     taus = {k: serve_jax.calibrate_tau(model, calib, k, S, -1) for k in kept_targets}
     print("serving taus: " + ", ".join(f"kept {k} -> tau {t:.4f}" for k, t in taus.items()), flush=True)
-    hooks = {1.0: TopKHook(), **{k: BeamHook(t) for k, t in taus.items()}}
+    hooks = jax_hooks(taus)
     for B in sorted(prompts):
         prompt = np.asarray(prompts[B], np.int32)
         if timed:  # every policy at this batch, their runs interleaved: same-process, same-moment ratios
@@ -233,11 +236,8 @@ def jax_phase(model, prompts: dict, prefill_prompt, kept_targets, args, timed: b
             ids, keep = serve_jax.decode_routing(model, tokens, S, hook)
             stats[B, kept] = {"step_weight_bytes": serve_jax.step_bytes(model, ids, keep, kept < 1.0),
                               "kept_ratio": float(keep.mean())}
-            if timed:
-                rows.append(_row("jax", B, "topk" if kept >= 1.0 else "beam", taus.get(kept), kept,
-                                 t_new=res[kept]["seconds"], t_one=res[kept]["short_seconds"],
-                                 kept_ratio=stats[B, kept]["kept_ratio"], N=N))
-                _log(rows[-1])
+        if timed:
+            rows += _jax_rows(B, res, taus, stats, N)
     moe_share = {}
     if timed:
         for k, hook in [(1.0, TopKHook())] + [(k, BeamHook(t)) for k, t in taus.items()]:
@@ -257,6 +257,50 @@ def jax_phase(model, prompts: dict, prefill_prompt, kept_targets, args, timed: b
                   f"{moe_share[B]['moe_share']:.0%}", flush=True)
     return {"taus": taus, "stats": stats, "rows": rows, "prefill": prefill, "moe_share": moe_share,
             "mask_router_bytes": serve_jax.param_bytes(model)["mask_router"]}
+
+
+def jax_hooks(taus: dict) -> dict:
+    """{kept target: routing hook}: Top-K (1.0) and BEAM at each calibrated tau."""
+    from beam_jax.routing import BeamHook, TopKHook
+
+    return {1.0: TopKHook(), **{k: BeamHook(t) for k, t in taus.items()}}
+
+
+def _jax_rows(B, res, taus, stats, N) -> list[dict]:
+    """The rows of one batch's interleaved JAX timing `res` ({kept: {"seconds", "short_seconds", ...}})."""
+    rows = []
+    for kept in res:
+        rows.append(_row("jax", B, "topk" if kept >= 1.0 else "beam", taus.get(kept), kept,
+                         t_new=res[kept]["seconds"], t_one=res[kept]["short_seconds"],
+                         kept_ratio=stats[B, kept]["kept_ratio"], N=N))
+        _log(rows[-1])
+    return rows
+
+
+def jax_round(model, prompts: dict, jx: dict, args) -> list[dict]:
+    """`beam_jax.generate`'s decode timing once more (`--jax-rounds`): every batch, its policies interleaved as in
+    `jax_phase`, the kept ratios and bytes those of `jax_phase`'s generations (the same prompts and taus, greedy).
+    -> rows."""
+    import numpy as np
+
+    import serve_jax
+
+    hooks, rows = jax_hooks(jx["taus"]), []
+    for B in sorted(prompts):
+        res = serve_jax.time_generate_interleaved(model, np.asarray(prompts[B], np.int32), hooks, args.new_tokens,
+                                                  short=1, repeat=args.repeat)
+        rows += _jax_rows(B, res, jx["taus"], jx["stats"], args.new_tokens)
+    return rows
+
+
+def fastest_topk_run(runs: list[list[dict]], B: int) -> list[dict]:
+    """Of several runs' rows (one engine), those at batch B of the run whose Top-K step there is the fastest (all
+    its policies: "x own Top-K" stays a same-process, same-moment ratio); [] where no run has a Top-K row at B."""
+    at_b = [[r for r in run if r["batch"] == B] for run in runs]
+    at_b = [run for run in at_b if any(r["policy"] == "topk" for r in run)]
+    if not at_b:
+        return []
+    return min(at_b, key=lambda run: next(r["step_ms"] for r in run if r["policy"] == "topk"))
 
 
 def _time_jax_prefill(model, prompt, hook, repeat: int) -> float:
@@ -507,10 +551,13 @@ def bench_model(prep: dict, args, engines, kept_targets) -> tuple[list[dict], di
     prefill_prompt = prompt_tokens(V, 1, args.prefill_len)[0]
     print(f"== {name}: {prep['dir']} ({prep['dtype']}), base {prep['base_dir']}", flush=True)
     jx = jax_phase(model, prompts, prefill_prompt, kept_targets, args, timed="jax" in engines)
-    del model
-    gc.collect()
+    jax_runs = [jx["rows"]]
+    extra_jax = args.jax_rounds - 1 if "jax" in engines else 0
+    if not extra_jax:  # the model stays loaded only for later JAX rounds (a Mixtral in JAX holds 6 GiB)
+        del model
+        gc.collect()
     info_rss = rss_gib()
-    rows = [dict(r, model=name) for r in jx["rows"]]
+    rows = []
     prefill = {("jax", k): s for k, s in jx["prefill"].items()}
     info = {"dir": str(prep["dir"]), "base_dir": str(prep["base_dir"]), "dtype": prep["dtype"],
             "taus": {str(k): t for k, t in jx["taus"].items()}, "workers": {},
@@ -527,9 +574,18 @@ def bench_model(prep: dict, args, engines, kept_targets) -> tuple[list[dict], di
     # vLLM native and the plugin in alternating processes, `--vllm-rounds` each: one process per engine leaves their
     # ratio to this VM's process-to-process spread. Per engine and batch the rows of the process with the fastest
     # Top-K (tau 0) step are kept, all its policies together, so "x own Top-K" stays a same-process ratio.
-    order = [e for e in ("vllm_native", "vllm") if e in engines] * args.vllm_rounds
+    # `--jax-rounds R`: JAX's decode timing again after each of the first R - 1 rounds of vLLM processes (the rest at
+    # the end), so it samples the machine's speed over the run as vLLM's processes do; the same choice per batch.
+    pair = [e for e in ("vllm_native", "vllm") if e in engines]
+    order = pair * args.vllm_rounds
+    jax_after = {len(pair) * (i + 1) - 1 for i in range(min(extra_jax, args.vllm_rounds))} if pair else set()
     order += ["torch"] if "torch" in engines else []
     results, rounds = {}, []
+
+    def retime_jax():
+        print(f"-- {name}: beam_jax.generate, round {len(jax_runs) + 1} of {args.jax_rounds}", flush=True)
+        jax_runs.append(jax_round(model, prompts, jx, args))
+
     for i, engine in enumerate(order):
         spec = dict(base, dir=str(prep["base_dir"] if engine == "vllm_native" else prep["dir"]),
                     policies=[{"policy": "topk", "tau": None, "kept_target": 1.0}] if engine == "vllm_native"
@@ -553,13 +609,18 @@ def bench_model(prep: dict, args, engines, kept_targets) -> tuple[list[dict], di
         for chk in res.get("tau_checks", []):
             if len(chk["layers"]) != 1 or abs(chk["layers"][0] - chk["want"]) > 1e-9:
                 notes.append(f"{name} / {engine}: tau {chk['want']} asked, the MoE layers hold {chk['layers']}")
-    for engine, runs in results.items():
+        if i in jax_after:
+            retime_jax()
+    while len(jax_runs) < 1 + extra_jax:
+        retime_jax()
+    if extra_jax:
+        del model
+        gc.collect()
+    info["jax_rounds"] = [{"step_ms": {f"{r['batch']}/{r['policy']}/{r['tau']}": r["step_ms"] for r in run}}
+                          for run in jax_runs] if "jax" in engines else []
+    for engine, runs in [("jax", jax_runs)] + list(results.items()):
         for B in args.batch_list:
-            at_b = [[r for r in run if r["batch"] == B] for run in runs]
-            at_b = [run for run in at_b if any(r["policy"] == "topk" for r in run)]
-            if at_b:
-                fastest = min(at_b, key=lambda run: next(r["step_ms"] for r in run if r["policy"] == "topk"))
-                rows += [dict(r, model=name) for r in fastest]
+            rows += [dict(r, model=name) for r in fastest_topk_run(runs, B)]
     info["vllm_rounds"] = rounds
     info["prefill"] = [{"engine": e, "kept_target": k, "prefill_tokens_per_s": args.prefill_len / s, "seconds": s}
                        for (e, k), s in sorted(prefill.items(), key=lambda kv: (ENGINES.index(kv[0][0]), -kv[0][1]))]
@@ -637,7 +698,9 @@ def markdown(result: dict) -> str:
               if "jax_decode_attention" in result else "")
            + (" | vLLM: torch.compile (its default)" if result.get("vllm_compile") else " | vLLM: enforce_eager")
            + (f" | vLLM: {result['vllm_rounds']} processes per engine, native and plugin alternating, per batch the "
-              f"one with the fastest Top-K step" if result.get("vllm_rounds", 1) > 1 else ""),
+              f"one with the fastest Top-K step" if result.get("vllm_rounds", 1) > 1 else "")
+           + (f" | beam_jax.generate: {result['jax_rounds']} timing rounds between them, per batch the one with the "
+              f"fastest Top-K step" if result.get("jax_rounds", 1) > 1 else ""),
            "", f"`{result['command']}`", "",
            "decode tok/s = B / step, step = (t(N new) - t(1 new)) / (N - 1); floor = weight bytes a decode step "
            "reads / copy bandwidth; /read floor = step over those bytes / read bandwidth (each the higher of start "
@@ -750,6 +813,9 @@ def parse_args(argv=None):
                     help="start one vLLM engine per tau (default: one engine, tau changed in place)")
     ap.add_argument("--vllm-rounds", type=int, default=1,
                     help="vLLM native and plugin processes, alternating, this many each; each row the best of them")
+    ap.add_argument("--jax-rounds", type=int, default=1,
+                    help="beam_jax.generate's decode timing this many times, one after each round of vLLM processes "
+                         "(the JAX model stays loaded meanwhile); per batch the round with the fastest Top-K step")
     ap.add_argument("--worker-timeout", type=float, default=7200.0, help="seconds per engine subprocess")
     ap.add_argument("--worker", nargs=2, metavar=("ENGINE", "SPEC"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -758,6 +824,8 @@ def parse_args(argv=None):
     args.prefill_len = args.prefill_len or (64 if q else 512)
     args.repeat = args.repeat or 2
     args.batch_list = [int(b) for b in (args.batches or ("1,8" if q else "1,8,32")).split(",")]
+    if args.jax_rounds < 1 or args.vllm_rounds < 1:
+        raise SystemExit("--jax-rounds and --vllm-rounds must be at least 1")
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be at least 2 (the decode step is t(N) - t(1) over N - 1)")
     return args
@@ -809,7 +877,7 @@ def main(argv=None) -> dict | int:
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "prefill_len": args.prefill_len,
               "repeat": args.repeat, "threads": args.threads, "quick": args.quick,
               "vllm_compile": not args.vllm_eager,
-              "vllm_rounds": args.vllm_rounds, "jax_packed_projections": _packing(),
+              "vllm_rounds": args.vllm_rounds, "jax_rounds": args.jax_rounds, "jax_packed_projections": _packing(),
               "jax_decode_attention": _decode_attention(),
               "vllm_tau": "one engine per tau" if args.vllm_engine_per_tau else "one engine, tau set in place",
               "wall_s": time.time() - t_start,
