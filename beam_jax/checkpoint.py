@@ -107,7 +107,8 @@ class Checkpointer:
     A save is atomic: orbax writes `<step>.orbax-checkpoint-tmp*` and renames it to `<step>` when complete, so a
     process killed mid-save leaves at most a temporary directory, which `latest_step` ignores and the next
     manager on the directory deletes. Deleting an old checkpoint is atomic too: it is renamed into `.deleted/`
-    (emptied after each save and on start), so a kill mid-deletion never leaves a half-deleted `<step>`. A save
+    (emptied after each save and on start), so a kill mid-deletion never leaves a half-deleted `<step>`; `prune`
+    deletes the complete checkpoints beyond the newest `keep`, which orbax only does after a save. A save
     that fails raises CheckpointSaveError naming the directory and the OS error; the checkpoints already there
     are untouched.
     """
@@ -115,6 +116,8 @@ class Checkpointer:
     TRASH = ".deleted"
 
     def __init__(self, directory: Path, keep: int = 3):
+        if not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"Checkpointer keep: expected an integer >= 1, got {keep!r}")
         self.directory = Path(directory).absolute()
         try:
             self.manager = ocp.CheckpointManager(
@@ -124,6 +127,18 @@ class Checkpointer:
         except OSError as e:
             raise CheckpointSaveError(f"{self.directory}: cannot use as checkpoint directory "
                                       f"({_save_failure_reason(e)})") from e
+        self.keep = keep
+        self._empty_trash()
+
+    def prune(self):
+        """Delete all but the newest `keep` complete checkpoints (the trainer calls it once a resume restored).
+
+        orbax enforces `max_to_keep` only after a save, so a run killed between a save's rename and the deletion
+        it triggers (or resumed with a smaller `keep`) would otherwise keep the extra step for good when no save
+        follows, e.g. a resumed run whose last step is already saved. Collective, like orbax's deletions.
+        """
+        for step in sorted(self.manager.all_steps())[:-self.keep]:
+            self.manager.delete(step)  # renamed into TRASH first: atomic, like orbax's own deletions
         self._empty_trash()
 
     def _empty_trash(self):

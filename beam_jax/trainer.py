@@ -256,6 +256,7 @@ def fit(trainer: Trainer, train_iter, workdir: Path, tc, *, beta: float = 0.0, c
                                  f"({saved['base_model']['path']}): {'; '.join(diffs)}")
         trainer.load_state_tree(tree)
         train_iter.restore(saved["data"])
+        ckpt.prune()  # a kill right after a save can leave keep + 1 checkpoints, and the last step may be saved
         beta = saved["beta"]
         micro = step0 * accum
         log.truncate_after(step0)

@@ -125,8 +125,26 @@ def test_refuses_existing_run_without_resume(tiny_model_dir, text_data_dir, tmp_
     c.eval.policies = ()
     c.eval.taus = ()
     train_and_evaluate(c, tmp_path)
+    saved = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    c.train.keep_ckpts = 1
     with pytest.raises(FileExistsError, match="--resume"):
         train_and_evaluate(c, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == saved  # refused: nothing deleted
+
+
+def test_resuming_a_finished_run_keeps_only_the_newest_checkpoints(tiny_model_dir, text_data_dir, tmp_path):
+    """A run killed between its last save and orbax's deletion of the oldest checkpoint holds keep + 1 of them;
+    resumed, it has no step left to save, and must still end with the newest `keep_ckpts` (here: fewer kept)."""
+    c = small_config(tiny_model_dir, text_data_dir, train__steps=3, train__ckpt_every=1, train__keep_ckpts=3)
+    c.eval.policies = ()
+    c.eval.taus = ()
+    train_and_evaluate(c, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1", "2", "3"]
+    c.train.keep_ckpts = 2
+    train_and_evaluate(c, tmp_path, resume=True)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["2", "3"]
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r.get("split", "train") == "train"] == [1, 2, 3]
 
 
 def test_nonfinite_steps_are_refused_and_stop_the_run(tiny_model_dir, text_data_dir, tmp_path):
