@@ -53,9 +53,13 @@ def machine() -> str:
     return f"{d.platform}:{d.device_kind} | host {cpu}, {os.cpu_count()} cores | jax {jax.__version__}"
 
 
-def write_result(name: str, payload: dict) -> Path:
-    out = Path(__file__).parent / "results" / f"{name}_{jax.devices()[0].platform}.json"
+def write_result(name: str, payload: dict, out: Path | str | None = None) -> Path:
+    """Write `payload` (with machine and date) as JSON to `out`, default bench/results/<name>_<platform>.json; through
+    a temporary file and a rename, so an interrupted write leaves the previous result whole."""
+    out = Path(out) if out else Path(__file__).parent / "results" / f"{name}_{jax.devices()[0].platform}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), **payload}
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, out)
     return out
