@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from beam_jax.cpu_isas import CPU_ISAS  # the CPU kernel builds, lowest first (beam_jax._ffi.cpu_isa())
 from beam_jax.experts import experts_dense, experts_grouped, experts_reference
 
 __all__ = ["masked_moe", "ffi_available", "ffi_grad_available", "default_backend", "BACKENDS",
@@ -61,7 +62,6 @@ except ImportError as _err:  # pragma: no cover - depends on the build
 else:
     _FFI_IMPORT_ERROR = None
 
-CPU_ISAS = ("generic", "avx2", "avx512bf16", "amx")  # the CPU kernel's builds, lowest first (beam_jax._ffi.cpu_isa())
 if os.environ.get("BEAM_JAX_CPU_ISA", CPU_ISAS[-1]) not in CPU_ISAS:  # the C++ side would ignore a typo
     raise ValueError(f"BEAM_JAX_CPU_ISA={os.environ['BEAM_JAX_CPU_ISA']!r}: must be one of {', '.join(CPU_ISAS)} "
                      "(the most capable CPU kernel build to run; unset: the best this processor has)")

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from beam_jax import kernel
+from beam_jax.cpu_isas import DP_ISAS
 
 __all__ = ["rows_matmul", "rows_matmul_available", "use_rows_matmul", "rows_max", "ROWS_MAX", "ROWS_MAX_BF16_DP",
            "packed_rows_max", "use_packed_rows_matmul", "PACKED_ROWS_MAX_AMX", "DP_ISAS",
@@ -51,7 +52,6 @@ _PACKED_TARGET = "beam_packed_rows_matmul"
 PACK_COLS = 32  # columns of one packed block (kPackedCols in ffi/masked_moe.h)
 ROWS_MAX = 8  # the AVX2 loop (and float16 everywhere)
 ROWS_MAX_BF16_DP = 32  # bfloat16 under the AVX512-BF16 build (vdpbf16ps)
-DP_ISAS = ("avx512bf16", "amx")  # the builds with vdpbf16ps (amx: the same build, its packed product on AMX tiles)
 # `packed_rows_matmul` on the AMX build: tile products, ahead of XLA's dot at every row count measured (1-512 rows
 # of Qwen3-30B-A3B's q projection on the 2-core Xeon: 0.79 ms at 1 and 8 rows, 1.0 at 32, 4.8 at 512, against XLA's
 # 2.3-2.5 ms at 1-32 rows and 9.3 at 512), so prefill takes it too

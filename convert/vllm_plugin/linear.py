@@ -65,7 +65,9 @@ def _ffi():
         from beam_jax import _ffi as ext
     except ImportError:
         return None
-    return ext if hasattr(ext, "packed_rows_matmul") and ext.cpu_isa() in ("avx512bf16", "amx") else None
+    from beam_jax.cpu_isas import DP_ISAS
+
+    return ext if hasattr(ext, "packed_rows_matmul") and ext.cpu_isa() in DP_ISAS else None
 
 
 ROWS_MAX = _rows_max()  # read when a product runs: the tests set it
