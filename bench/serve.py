@@ -62,9 +62,14 @@ starts R processes of each, alternating, and keeps per engine and batch the one 
 policies, so "x own Top-K" stays a same-process ratio); `--jax-rounds R` times `beam_jax.generate` R times, once
 after each round of those processes (the JAX model stays loaded), and keeps per batch the fastest Top-K round the
 same way, so that JAX's Top-K against vLLM's is a best against a best (with one JAX timing against the best of
-several vLLM processes, the comparison leans to vLLM by the machine's spread). The MoE share of
-`beam_jax.generate`'s Top-K decode step: 1 - (its step with the experts replaced by x * sum(weights), no expert
-GEMMs; `common.register_no_expert_path`) / (its step), per batch.
+several vLLM processes, the comparison leans to vLLM by the machine's spread). The MoE share of each engine's
+Top-K decode step: 1 - (its step without expert compute) / (its step), per batch; `beam_jax.generate`: the experts
+replaced by x * sum(weights), no expert GEMMs (`common.register_no_expert_path`); the plugin and transformers: a
+policy at tau 2, which keeps no pair (m_hat < 1), timed with their other policies (`--no-moe-share` leaves it out).
+From it, each BEAM row's expert-scaled step: the step without experts + the Top-K step's expert time x the row's
+expert bytes / Top-K's, i.e. the step if BEAM shrank the expert compute in proportion to the expert bytes read and
+nothing else; the measured step against it says whether the expert kernel keeps its Top-K rate on the fewer, smaller
+calls BEAM makes (the rest of the gap to the ideal is the step's fixed part, which BEAM does not touch).
 
 Memory (measured 2026-12-03 on the 2-core AMD EPYC, 24 GiB): making the 2-layer Mixtral peaks at 9.5 GiB, loading it
 in JAX at 13.1 GiB (6.1 GiB once loaded; back to 0.6 GiB after it is freed, before the subprocess engines start),
@@ -94,6 +99,8 @@ RESULT = "SERVE_RESULT "  # a worker's one result line on stdout
 
 ENGINES = ("jax", "vllm", "vllm_native", "torch")
 MODELS = ("qwen3", "mixtral", "tiny")
+# the BEAM classes' policy that keeps no pair (sigmoid < 1 <= tau): its step is the step without expert compute
+NO_EXPERTS = {"policy": "no_experts", "tau": 2.0, "kept_target": 0.0}
 ENGINE_LABEL = {"jax": "beam_jax.generate", "vllm": "vLLM + plugin", "vllm_native": "vLLM native",
                 "torch": "transformers"}
 
@@ -235,6 +242,7 @@ def jax_phase(model, prompts: dict, prefill_prompt, kept_targets, args, timed: b
             tokens = res[kept]["tokens"] if timed else generate(B, hook)
             ids, keep = serve_jax.decode_routing(model, tokens, S, hook)
             stats[B, kept] = {"step_weight_bytes": serve_jax.step_bytes(model, ids, keep, kept < 1.0),
+                              "expert_bytes": serve_jax.step_bytes(model, ids, keep, kept < 1.0, experts_only=True),
                               "kept_ratio": float(keep.mean())}
         if timed:
             rows += _jax_rows(B, res, taus, stats, N)
@@ -406,7 +414,9 @@ def _vllm_engine(spec: dict, group: list[dict], native: bool, out: dict):
             set_policy(pol)
             held = llm.apply_model(lambda m: sorted({r.beam.tau for r in m._beam_runners()}))[0]
             out["tau_checks"].append({"want": pol["tau"], "layers": held})
-    out["rows"] += _measure(spec, group, set_policy, gen)
+    # the plugin's step without expert compute, interleaved with the others: a tau past 1 keeps no pair (m_hat < 1)
+    timed = group + ([NO_EXPERTS] if not native and spec.get("moe_share", True) else [])
+    out["rows"] += _measure(spec, timed, set_policy, gen)
     for pol in group:
         set_policy(pol)
         out["prefill"][str(pol["kept_target"])] = _best(lambda: gen([spec["prefill_prompt"]], 1), spec["repeat"])[0]
@@ -463,7 +473,8 @@ def _torch_worker(spec: dict) -> dict:
     def set_policy(pol):
         model.set_beam_tau(pol["tau"])
 
-    out["rows"] += _measure(spec, spec["policies"], set_policy, gen)
+    timed = spec["policies"] + ([NO_EXPERTS] if spec.get("moe_share", True) else [])  # as the plugin's
+    out["rows"] += _measure(spec, timed, set_policy, gen)
     for pol in spec["policies"]:
         set_policy(pol)
         out["prefill"][str(pol["kept_target"])] = _best(lambda: gen([spec["prefill_prompt"]], 1), spec["repeat"])[0]
@@ -571,6 +582,7 @@ def bench_model(prep: dict, args, engines, kept_targets) -> tuple[list[dict], di
             "max_model_len": 1 << (max_len - 1).bit_length(), "compile": not args.vllm_eager,
             "engine_per_tau": args.vllm_engine_per_tau}
     base["max_num_batched_tokens"] = max(base["max_model_len"], max(args.batch_list) * args.prompt_len)
+    base["moe_share"] = not args.no_moe_share
     # vLLM native and the plugin in alternating processes, `--vllm-rounds` each: one process per engine leaves their
     # ratio to this VM's process-to-process spread. Per engine and batch the rows of the process with the fastest
     # Top-K (tau 0) step are kept, all its policies together, so "x own Top-K" stays a same-process ratio.
@@ -621,18 +633,37 @@ def bench_model(prep: dict, args, engines, kept_targets) -> tuple[list[dict], di
     for engine, runs in [("jax", jax_runs)] + list(results.items()):
         for B in args.batch_list:
             rows += [dict(r, model=name) for r in fastest_topk_run(runs, B)]
+    rows, info["moe_share"] = split_moe_share(rows, jx)
     info["vllm_rounds"] = rounds
     info["prefill"] = [{"engine": e, "kept_target": k, "prefill_tokens_per_s": args.prefill_len / s, "seconds": s}
                        for (e, k), s in sorted(prefill.items(), key=lambda kv: (ENGINES.index(kv[0][0]), -kv[0][1]))]
     info["jax_kept_ratio"] = {f"{B}/{k}": s["kept_ratio"] for (B, k), s in jx["stats"].items()}
-    info["jax_moe_share"] = {str(B): v for B, v in jx["moe_share"].items()}
     _check_kept(rows, jx, notes, name)
     return rows, info, notes, jx
 
 
+def split_moe_share(rows, jx) -> tuple[list[dict], list[dict]]:
+    """Take the "no_experts" rows (plugin, transformers) out of `rows`; with JAX's step without expert compute
+    (`jax_phase`) they give each engine's MoE share of its Top-K step. -> (the other rows, [{"engine", "batch",
+    "step_ms_topk", "step_ms_no_experts", "moe_share"}]); `jx["no_expert_step_ms"]` {(engine, batch): ms} for
+    `_derive`."""
+    off = {("jax", B): v["step_ms_no_experts"] for B, v in jx.get("moe_share", {}).items()}
+    off |= {(r["engine"], r["batch"]): r["step_ms"] for r in rows if r["policy"] == "no_experts"}
+    rows = [r for r in rows if r["policy"] != "no_experts"]
+    topk = {(r["engine"], r["batch"]): r["step_ms"] for r in rows if r["policy"] == "topk"}
+    jx["no_expert_step_ms"] = off
+    share = [{"engine": e, "batch": B, "step_ms_topk": topk[e, B], "step_ms_no_experts": s0,
+              "moe_share": 1 - s0 / topk[e, B]} for (e, B), s0 in sorted(off.items()) if (e, B) in topk]
+    return rows, share
+
+
 def _derive(rows, jx, bandwidth: float, read_bandwidth: float):
-    """Add the floors (copy and read bandwidth), the ideal and the speed-ups to each row (in place)."""
+    """Add the floors (copy and read bandwidth), the ideal and the speed-ups to each row (in place); where the engine's
+    step without expert compute s0 is known (`split_moe_share`), a BEAM row's expert-scaled step: s0 + (its Top-K
+    step - s0) x the row's expert bytes / Top-K's, the step it would take if its expert compute alone shrank with the
+    bytes of the experts it reads, and `of_expert_scaled` = that over the measured step."""
     ref = {(r["engine"], r["batch"]): r for r in rows if r["policy"] == "topk"}
+    off = jx.get("no_expert_step_ms", {})
     for r in rows:
         B, k = r["batch"], r["kept_target"]
         nbytes = jx["stats"][B, k]["step_weight_bytes"]
@@ -649,6 +680,10 @@ def _derive(rows, jx, bandwidth: float, read_bandwidth: float):
         # the speed-up a BEAM row is held to: against vLLM native for vLLM's plugin, else against its own Top-K
         sp = r["speedup_vs_native"] if r["engine"] == "vllm" else r["speedup_vs_own_topk"]
         r["fraction_of_ideal"] = sp / r["ideal_speedup"] if sp is not None and r["policy"] == "beam" else None
+        s0, eb = off.get((r["engine"], B)), jx["stats"][B, k].get("expert_bytes")
+        if s0 is not None and own and eb is not None and r["policy"] == "beam":
+            r["expert_scaled_step_ms"] = s0 + (own["step_ms"] - s0) * eb / jx["stats"][B, 1.0]["expert_bytes"]
+            r["of_expert_scaled"] = r["expert_scaled_step_ms"] / r["step_ms"]
 
 
 def _check_kept(rows, jx, notes, name):
@@ -722,12 +757,26 @@ def markdown(result: dict) -> str:
                        f"{_f(r['speedup_vs_native'], '{:.2f}x')} | "
                        f"{_f(r['speedup_vs_own_topk'], '{:.2f}x')} | {r['ideal_speedup']:.2f}x | "
                        f"{_f(r['fraction_of_ideal'], '{:.0%}')} | {r['e2e_tokens_per_s']:.1f} | {r['ttft_ms']:.1f} |")
-        if info.get("jax_moe_share"):
-            out += ["", "MoE share of `beam_jax.generate`'s Top-K decode step (1 - step without expert compute / "
-                    "step; the experts replaced by x * sum(weights)):", "",
-                    "| batch | step ms | without expert compute ms | MoE share |", "| --- | --- | --- | --- |"]
-            out += [f"| {B} | {v['step_ms_topk']:.2f} | {v['step_ms_no_experts']:.2f} | {v['moe_share']:.0%} |"
-                    for B, v in info["jax_moe_share"].items()]
+        if info.get("moe_share"):
+            kepts = sorted({r["kept_target"] for r in rows if r["policy"] == "beam"}, reverse=True)
+            out += ["", "MoE share of the Top-K decode step (1 - step without expert compute / step; "
+                    "`beam_jax.generate`: the experts replaced by x * sum(weights), timed after its policies; the "
+                    "plugin and transformers: a tau past 1, no pair kept, interleaved with their policies), and "
+                    "each BEAM step against its expert-scaled step (the step without experts + the Top-K expert "
+                    "time x the row's expert bytes / Top-K's: what the step would take if only its expert compute "
+                    "shrank, at the Top-K step's rate; scaled / measured):", "",
+                    "| batch | engine | Top-K step ms | without expert compute ms | MoE share | "
+                    + " | ".join(f"kept {k}: scaled / measured ms" for k in kepts) + " |",
+                    "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in kepts) + " |"]
+            for v in sorted(info["moe_share"], key=lambda v: (v["batch"], ENGINES.index(v["engine"]))):
+                cells = []
+                for k in kepts:
+                    r = next((r for r in rows if (r["engine"], r["batch"], r["kept_target"]) ==
+                              (v["engine"], v["batch"], k) and "expert_scaled_step_ms" in r), None)
+                    cells.append("-" if r is None else f"{r['expert_scaled_step_ms']:.2f} / {r['step_ms']:.2f} "
+                                 f"({r['of_expert_scaled']:.0%})")
+                out.append(f"| {v['batch']} | {ENGINE_LABEL[v['engine']]} | {v['step_ms_topk']:.2f} | "
+                           f"{v['step_ms_no_experts']:.2f} | {v['moe_share']:.0%} | " + " | ".join(cells) + " |")
         out += ["", f"Prefill, {result['prefill_len']} prompt tokens, batch 1:", "",
                 "| engine | kept target | prefill tok/s |", "| --- | --- | --- |"]
         out += [f"| {ENGINE_LABEL[p['engine']]} | {p['kept_target']} | {p['prefill_tokens_per_s']:.0f} |"
@@ -816,6 +865,9 @@ def parse_args(argv=None):
     ap.add_argument("--jax-rounds", type=int, default=1,
                     help="beam_jax.generate's decode timing this many times, one after each round of vLLM processes "
                          "(the JAX model stays loaded meanwhile); per batch the round with the fastest Top-K step")
+    ap.add_argument("--no-moe-share", action="store_true",
+                    help="leave out the plugin's and transformers' step without expert compute (a tau that keeps "
+                         "no pair, timed with their policies)")
     ap.add_argument("--worker-timeout", type=float, default=7200.0, help="seconds per engine subprocess")
     ap.add_argument("--worker", nargs=2, metavar=("ENGINE", "SPEC"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

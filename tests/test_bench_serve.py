@@ -51,8 +51,11 @@ def test_fastest_topk_run_keeps_the_whole_run_of_the_fastest_topk():
 
 
 def _jx(bytes_topk=4e9, bytes_beam=1e9, mask_router=1e6, kept_ratio=0.15):
-    return {"stats": {(1, 1.0): {"step_weight_bytes": bytes_topk, "kept_ratio": 1.0},
-                      (1, 0.15): {"step_weight_bytes": bytes_beam, "kept_ratio": kept_ratio}},
+    """JAX phase stats: 3.5 GB of the Top-K step's bytes are experts, 0.5 GB of the BEAM step's (a seventh)."""
+    return {"stats": {(1, 1.0): {"step_weight_bytes": bytes_topk, "expert_bytes": bytes_topk - 0.5e9,
+                                 "kept_ratio": 1.0},
+                      (1, 0.15): {"step_weight_bytes": bytes_beam, "expert_bytes": bytes_beam - 0.5e9,
+                                  "kept_ratio": kept_ratio}},
             "mask_router_bytes": mask_router}
 
 
@@ -109,3 +112,71 @@ def test_markdown_has_every_row_and_the_notes():
            "4.00x | 62% |" in md, md
     assert "3 processes per engine" in md and "2 timing rounds" in md and "- a note" in md
     assert "| beam_jax.generate | 1.0 | 1000 |" in md
+
+
+def test_moe_share_and_expert_scaled_steps():
+    """The plugin's no-expert policy leaves the rows and gives its MoE share; JAX's comes from its own timing; each
+    BEAM row gets the step it would take if only its expert compute shrank with its expert bytes."""
+    jx = _jx()
+    jx["moe_share"] = {1: {"step_ms_topk": 101.0, "step_ms_no_experts": 30.0, "moe_share": 1 - 30 / 101}}
+    rows = [row("jax", 1, "topk", 100.0), row("jax", 1, "beam", 40.0, kept=0.15, tau=0.7),
+            row("vllm_native", 1, "topk", 80.0), row("vllm", 1, "topk", 82.0, tau=0.0),
+            row("vllm", 1, "beam", 25.0, kept=0.15, tau=0.7),
+            row("vllm", 1, "no_experts", 12.0, kept=0.0, tau=2.0, kept_ratio=0.0)]
+    rows, share = sv.split_moe_share(rows, jx)
+    assert [r["policy"] for r in rows] == ["topk", "beam", "topk", "topk", "beam"]
+    assert share == [{"engine": "jax", "batch": 1, "step_ms_topk": pytest.approx(100.0), "step_ms_no_experts": 30.0,
+                      "moe_share": pytest.approx(0.7)},
+                     {"engine": "vllm", "batch": 1, "step_ms_topk": pytest.approx(82.0),
+                      "step_ms_no_experts": pytest.approx(12.0), "moe_share": pytest.approx(1 - 12 / 82)}]
+    sv._derive(rows, jx, bandwidth=40e9, read_bandwidth=50e9)
+    jb, vb = rows[1], rows[4]
+    assert jb["expert_scaled_step_ms"] == pytest.approx(30 + 70 / 7)  # 0.5 GB of 3.5 GB of expert bytes
+    assert jb["of_expert_scaled"] == pytest.approx(40 / 40)
+    assert vb["expert_scaled_step_ms"] == pytest.approx(12 + 70 / 7)
+    assert vb["of_expert_scaled"] == pytest.approx(22 / 25)
+    assert "expert_scaled_step_ms" not in rows[0] and "expert_scaled_step_ms" not in rows[2]  # no BEAM / no s0
+    result = {"machine": "cpu:test", "date": "2026-12-06", "copy_bandwidth_GBps": [40.0, 41.0], "prompt_len": 16,
+              "new_tokens": N, "threads": 2, "vllm_compile": True, "command": "c", "prefill_len": 512, "notes": [],
+              "models": {"m": {"dir": "/tmp/m", "dtype": "bfloat16", "taus": {"0.15": 0.7}, "prefill": [],
+                               "moe_share": share}},
+              "rows": [dict(r, model="m") for r in rows]}
+    md = sv.markdown(result)
+    assert "| 1 | beam_jax.generate | 100.00 | 30.00 | 70% | 40.00 / 40.00 (100%) |" in md, md
+    assert "| 1 | vLLM + plugin | 82.00 | 12.00 | 85% | 22.00 / 25.00 (88%) |" in md, md
+
+
+def test_quick_run_of_every_engine(tmp_path):
+    """`bench/serve.py --quick` end to end on a small Qwen3-MoE (about a minute): every engine, every policy, the tau
+    reaching vLLM's and transformers' layers, kept ratios that agree with the JAX routing, each engine's step without
+    expert compute, and the three output files. No timing is asserted, only that each figure exists."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("vllm", reason="the vLLM engines need the `serve` extra")
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "bench" / "serve.py"), "--quick", "--models", "qwen3", "--batches", "1",
+           "--repeat", "1", "--vllm-eager", "--out-dir", str(out), "--work-dir", str(tmp_path / "work")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    result = json.loads((out / "serve_cpu.json").read_text())
+    assert result["notes"] == [], result["notes"]  # no failed engine, tau held, kept ratios within 0.1 of JAX's
+    rows = result["rows"]
+    policies = {(r["engine"], r["policy"], r["kept_target"]) for r in rows}
+    for engine in ("jax", "vllm", "torch"):
+        assert {(engine, "topk", 1.0), (engine, "beam", 0.5), (engine, "beam", 0.15)} <= policies, policies
+    assert ("vllm_native", "topk", 1.0) in policies
+    assert not any(r["policy"] == "no_experts" for r in rows)
+    for engine in ("jax", "vllm", "torch"):
+        kept = {r["kept_target"]: r["kept_ratio"] for r in rows if r["engine"] == engine}
+        assert kept[1.0] == 1.0 and 0 < kept[0.15] < kept[0.5] < 1, (engine, kept)
+        for r in rows:
+            if r["engine"] == engine and r["policy"] == "beam":
+                assert r["expert_scaled_step_ms"] > 0 and r["fraction_of_ideal"] is not None, r
+    shares = result["models"]["qwen3"]["moe_share"]
+    assert {s["engine"] for s in shares} == {"jax", "vllm", "torch"}
+    assert all(s["step_ms_no_experts"] > 0 and s["step_ms_topk"] > 0 for s in shares), shares
+    md = (out / "serve_cpu.md").read_text()
+    assert "| 1 | vLLM + plugin | beam |" in md and "MoE share of the Top-K decode step" in md
+    assert (out / "serve_cpu.png").stat().st_size > 0
