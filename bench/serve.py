@@ -681,6 +681,7 @@ def _derive(rows, jx, bandwidth: float, read_bandwidth: float):
         sp = r["speedup_vs_native"] if r["engine"] == "vllm" else r["speedup_vs_own_topk"]
         r["fraction_of_ideal"] = sp / r["ideal_speedup"] if sp is not None and r["policy"] == "beam" else None
         s0, eb = off.get((r["engine"], B)), jx["stats"][B, k].get("expert_bytes")
+        r["expert_bytes"] = eb
         if s0 is not None and own and eb is not None and r["policy"] == "beam":
             r["expert_scaled_step_ms"] = s0 + (own["step_ms"] - s0) * eb / jx["stats"][B, 1.0]["expert_bytes"]
             r["of_expert_scaled"] = r["expert_scaled_step_ms"] / r["step_ms"]
