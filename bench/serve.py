@@ -301,6 +301,18 @@ def jax_round(model, prompts: dict, jx: dict, args) -> list[dict]:
     return rows
 
 
+def own_ratio_rounds(runs: list[list[dict]]) -> dict:
+    """Each run's (round's, process's) BEAM speed-up over its own Top-K: {"B/kept target": [Top-K step / BEAM step,
+    one per run that has both]}, in run order: the spread the table's single chosen run hides."""
+    out = {}
+    for run in runs:
+        topk = {r["batch"]: r["step_ms"] for r in run if r["policy"] == "topk"}
+        for r in run:
+            if r["policy"] == "beam" and r["batch"] in topk:
+                out.setdefault(f"{r['batch']}/{r['kept_target']}", []).append(topk[r["batch"]] / r["step_ms"])
+    return out
+
+
 def fastest_topk_run(runs: list[list[dict]], B: int) -> list[dict]:
     """Of several runs' rows (one engine), those at batch B of the run whose Top-K step there is the fastest (all
     its policies: "x own Top-K" stays a same-process, same-moment ratio); [] where no run has a Top-K row at B."""
@@ -634,6 +646,8 @@ def bench_model(prep: dict, args, engines, kept_targets) -> tuple[list[dict], di
         for B in args.batch_list:
             rows += [dict(r, model=name) for r in fastest_topk_run(runs, B)]
     rows, info["moe_share"] = split_moe_share(rows, jx)
+    info["own_ratio_rounds"] = {e: own_ratio_rounds(runs) for e, runs in [("jax", jax_runs)] + list(results.items())
+                                if len(runs) > 1}
     info["vllm_rounds"] = rounds
     info["prefill"] = [{"engine": e, "kept_target": k, "prefill_tokens_per_s": args.prefill_len / s, "seconds": s}
                        for (e, k), s in sorted(prefill.items(), key=lambda kv: (ENGINES.index(kv[0][0]), -kv[0][1]))]
@@ -758,6 +772,13 @@ def markdown(result: dict) -> str:
                        f"{_f(r['speedup_vs_native'], '{:.2f}x')} | "
                        f"{_f(r['speedup_vs_own_topk'], '{:.2f}x')} | {r['ideal_speedup']:.2f}x | "
                        f"{_f(r['fraction_of_ideal'], '{:.0%}')} | {r['e2e_tokens_per_s']:.1f} | {r['ttft_ms']:.1f} |")
+        if info.get("own_ratio_rounds"):
+            out += ["", "BEAM over its own Top-K in each round (`beam_jax.generate`: its timing rounds; vLLM: its "
+                    "processes), the table's row being the round with the fastest Top-K step:", ""]
+            for e, per in info["own_ratio_rounds"].items():
+                out.append(f"- {ENGINE_LABEL[e]}: " + "; ".join(
+                    f"batch {key.split('/')[0]}, kept {key.split('/')[1]}: " + " / ".join(f"{x:.2f}x" for x in v)
+                    for key, v in per.items()))
         if info.get("moe_share"):
             kepts = sorted({r["kept_target"] for r in rows if r["policy"] == "beam"}, reverse=True)
             out += ["", "MoE share of the Top-K decode step (1 - step without expert compute / step; "

@@ -50,6 +50,14 @@ def test_fastest_topk_run_keeps_the_whole_run_of_the_fastest_topk():
     assert sv.fastest_topk_run([[row("vllm", 1, "beam", 2.0, kept=0.15)]], 1) == []
 
 
+def test_own_ratio_rounds_lists_every_run():
+    runs = [[row("jax", 1, "topk", 6.0), row("jax", 1, "beam", 3.0, kept=0.15, tau=0.7)],
+            [row("jax", 1, "topk", 5.0), row("jax", 1, "beam", 4.0, kept=0.15, tau=0.7),
+             row("jax", 8, "beam", 4.0, kept=0.15, tau=0.7)]]  # no Top-K at batch 8 in that run: left out
+    got = sv.own_ratio_rounds(runs)
+    assert list(got) == ["1/0.15"] and got["1/0.15"] == [pytest.approx(2.0), pytest.approx(1.25)]
+
+
 def _jx(bytes_topk=4e9, bytes_beam=1e9, mask_router=1e6, kept_ratio=0.15):
     """JAX phase stats: 3.5 GB of the Top-K step's bytes are experts, 0.5 GB of the BEAM step's (a seventh)."""
     return {"stats": {(1, 1.0): {"step_weight_bytes": bytes_topk, "expert_bytes": bytes_topk - 0.5e9,
@@ -141,7 +149,9 @@ def test_moe_share_and_expert_scaled_steps():
               "models": {"m": {"dir": "/tmp/m", "dtype": "bfloat16", "taus": {"0.15": 0.7}, "prefill": [],
                                "moe_share": share}},
               "rows": [dict(r, model="m") for r in rows]}
+    result["models"]["m"]["own_ratio_rounds"] = {"jax": {"1/0.15": [2.5, 2.0]}}
     md = sv.markdown(result)
+    assert "- beam_jax.generate: batch 1, kept 0.15: 2.50x / 2.00x" in md, md
     assert "| 1 | beam_jax.generate | 100.00 | 30.00 | 70% | 40.00 / 40.00 (100%) |" in md, md
     assert "| 1 | vLLM + plugin | 82.00 | 12.00 | 85% | 22.00 / 25.00 (88%) |" in md, md
 
