@@ -159,7 +159,8 @@ def test_moe_share_and_expert_scaled_steps():
 def test_quick_run_of_every_engine(tmp_path):
     """`bench/serve.py --quick` end to end on a small Qwen3-MoE (about a minute): every engine, every policy, the tau
     reaching vLLM's and transformers' layers, kept ratios that agree with the JAX routing, each engine's step without
-    expert compute, and the three output files. No timing is asserted, only that each figure exists."""
+    expert compute, a second JAX round, and the three output files. No timing is asserted, only that each figure
+    exists."""
     import json
     import subprocess
     import sys
@@ -167,7 +168,8 @@ def test_quick_run_of_every_engine(tmp_path):
     pytest.importorskip("vllm", reason="the vLLM engines need the `serve` extra")
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "bench" / "serve.py"), "--quick", "--models", "qwen3", "--batches", "1",
-           "--repeat", "1", "--vllm-eager", "--out-dir", str(out), "--work-dir", str(tmp_path / "work")]
+           "--repeat", "1", "--vllm-eager", "--jax-rounds", "2", "--out-dir", str(out), "--work-dir",
+           str(tmp_path / "work")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     result = json.loads((out / "serve_cpu.json").read_text())
@@ -184,7 +186,9 @@ def test_quick_run_of_every_engine(tmp_path):
         for r in rows:
             if r["engine"] == engine and r["policy"] == "beam":
                 assert r["expert_scaled_step_ms"] > 0 and r["fraction_of_ideal"] is not None, r
-    shares = result["models"]["qwen3"]["moe_share"]
+    info = result["models"]["qwen3"]
+    assert len(info["jax_rounds"]) == 2 and [len(v) for v in info["own_ratio_rounds"]["jax"].values()] == [2, 2]
+    shares = info["moe_share"]
     assert {s["engine"] for s in shares} == {"jax", "vllm", "torch"}
     assert all(s["step_ms_no_experts"] > 0 and s["step_ms_topk"] > 0 for s in shares), shares
     md = (out / "serve_cpu.md").read_text()
