@@ -241,9 +241,9 @@ def jax_phase(model, prompts: dict, prefill_prompt, kept_targets, args, timed: b
         for kept, hook in hooks.items():
             tokens = res[kept]["tokens"] if timed else generate(B, hook)
             ids, keep = serve_jax.decode_routing(model, tokens, S, hook)
-            stats[B, kept] = {"step_weight_bytes": serve_jax.step_bytes(model, ids, keep, kept < 1.0),
-                              "expert_bytes": serve_jax.step_bytes(model, ids, keep, kept < 1.0, experts_only=True),
-                              "kept_ratio": float(keep.mean())}
+            eb = serve_jax.expert_step_bytes(model, ids, keep)
+            stats[B, kept] = {"step_weight_bytes": serve_jax.step_bytes(model, ids, keep, kept < 1.0, experts=eb),
+                              "expert_bytes": eb, "kept_ratio": float(keep.mean())}
         if timed:
             rows += _jax_rows(B, res, taus, stats, N)
     moe_share = {}
@@ -426,9 +426,7 @@ def _vllm_engine(spec: dict, group: list[dict], native: bool, out: dict):
             set_policy(pol)
             held = llm.apply_model(lambda m: sorted({r.beam.tau for r in m._beam_runners()}))[0]
             out["tau_checks"].append({"want": pol["tau"], "layers": held})
-    # the plugin's step without expert compute, interleaved with the others: a tau past 1 keeps no pair (m_hat < 1)
-    timed = group + ([NO_EXPERTS] if not native and spec.get("moe_share", True) else [])
-    out["rows"] += _measure(spec, timed, set_policy, gen)
+    out["rows"] += _measure(spec, group if native else _with_no_experts(spec, group), set_policy, gen)
     for pol in group:
         set_policy(pol)
         out["prefill"][str(pol["kept_target"])] = _best(lambda: gen([spec["prefill_prompt"]], 1), spec["repeat"])[0]
@@ -485,12 +483,17 @@ def _torch_worker(spec: dict) -> dict:
     def set_policy(pol):
         model.set_beam_tau(pol["tau"])
 
-    timed = spec["policies"] + ([NO_EXPERTS] if spec.get("moe_share", True) else [])  # as the plugin's
-    out["rows"] += _measure(spec, timed, set_policy, gen)
+    out["rows"] += _measure(spec, _with_no_experts(spec, spec["policies"]), set_policy, gen)
     for pol in spec["policies"]:
         set_policy(pol)
         out["prefill"][str(pol["kept_target"])] = _best(lambda: gen([spec["prefill_prompt"]], 1), spec["repeat"])[0]
     return out
+
+
+def _with_no_experts(spec: dict, policies: list[dict]) -> list[dict]:
+    """The BEAM classes' policies to time (plugin, transformers), with `NO_EXPERTS` (the step without expert compute,
+    interleaved with the others) unless `--no-moe-share`."""
+    return policies + ([NO_EXPERTS] if spec.get("moe_share", True) else [])
 
 
 def _best(fn, repeat: int, warmup: bool = True):

@@ -226,20 +226,23 @@ def decode_routing(model, seqs, prompt_len: int, hook):
     return ids.transpose(0, 2, 1, 3), keep.transpose(0, 2, 1, 3)
 
 
-def step_bytes(model, ids, keep, beam: bool, experts_only: bool = False) -> float:
-    """Mean weight bytes of one decode step: the dense weights, B embedding rows, the mask routers under BEAM, and
-    every expert at least one kept pair of the step uses (each read once); `experts_only`: those experts' bytes
-    alone. ids, keep [layers, steps, B, K]."""
-    pb = param_bytes(model)
+def expert_step_bytes(model, ids, keep) -> float:
+    """Mean bytes of the experts one decode step reads: every expert at least one kept pair of the step uses, each
+    read once. ids, keep [layers, steps, B, K]."""
     L, N, B, K = ids.shape
     distinct = np.zeros(N)
     for layer in range(L):
         for t in range(N):
             distinct[t] += len(np.unique(ids[layer, t][keep[layer, t]]))
-    experts = distinct.mean() * pb["expert_per_layer"]
-    if experts_only:
-        return float(experts)
-    return float(pb["dense"] + B * pb["embedding_row"] + (pb["mask_router"] if beam else 0) + experts)
+    return float(distinct.mean() * param_bytes(model)["expert_per_layer"])
+
+
+def step_bytes(model, ids, keep, beam: bool, experts: float | None = None) -> float:
+    """Mean weight bytes of one decode step: the dense weights, B embedding rows, the mask routers under BEAM, and
+    the experts (`expert_step_bytes`, or `experts` where the caller has it). ids, keep [layers, steps, B, K]."""
+    pb = param_bytes(model)
+    experts = expert_step_bytes(model, ids, keep) if experts is None else experts
+    return float(pb["dense"] + ids.shape[2] * pb["embedding_row"] + (pb["mask_router"] if beam else 0) + experts)
 
 
 def memory_bandwidth(nbytes: int = 512 << 20, threads: int | None = None, repeat: int = 5) -> float:

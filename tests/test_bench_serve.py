@@ -1,25 +1,19 @@
 """bench/serve.py's arithmetic and report, on made-up timings: the decode step from two generations, the choice of
-the fastest round, the floors, ideal and speed-ups each row is held to, the kept-ratio check and the markdown. The
-engines themselves run in `bench/serve.py`, outside CI (minutes per model)."""
+the fastest round, the floors, ideal and speed-ups each row is held to, the kept-ratio check and the markdown; and
+one `--quick` run of every engine on a small model (the full benchmark takes minutes per model, outside CI)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+import bench_scripts
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _serve():
-    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "bench" / "serve.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-sv = _serve()
+sv = bench_scripts.load("serve", "bench_serve")
 N = 9  # new tokens: the step is (t(N) - t(1)) / 8
 
 

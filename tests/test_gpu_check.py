@@ -3,7 +3,6 @@ the one-command GPU check (everything up to the first GPU call), so the script c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -13,17 +12,12 @@ from pathlib import Path
 
 import pytest
 
+import bench_scripts
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _gpu_train():
-    spec = importlib.util.spec_from_file_location("gpu_train", ROOT / "bench" / "gpu_train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-gt = _gpu_train()
+gt = bench_scripts.load("gpu_train")
 
 
 def test_hlo_check_flags_the_dense_path_and_not_the_reference():
