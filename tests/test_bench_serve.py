@@ -1,5 +1,5 @@
 """bench/serve.py's arithmetic and report, on made-up timings: the decode step from two generations, the choice of
-the fastest round, the floors, ideal and speed-ups each row is held to, the kept-ratio check and the markdown; and
+the fastest round, the rounds' paired ratios and their median, the floors, ideal and speed-ups each row is held to, the kept-ratio check and the markdown; and
 one `--quick` run of every engine on a small model (the full benchmark takes minutes per model, outside CI)."""
 
 from __future__ import annotations
@@ -44,12 +44,36 @@ def test_fastest_topk_run_keeps_the_whole_run_of_the_fastest_topk():
     assert sv.fastest_topk_run([[row("vllm", 1, "beam", 2.0, kept=0.15)]], 1) == []
 
 
-def test_own_ratio_rounds_lists_every_run():
+def test_paired_ratio_rounds_own_topk_and_native():
     runs = [[row("jax", 1, "topk", 6.0), row("jax", 1, "beam", 3.0, kept=0.15, tau=0.7)],
             [row("jax", 1, "topk", 5.0), row("jax", 1, "beam", 4.0, kept=0.15, tau=0.7),
              row("jax", 8, "beam", 4.0, kept=0.15, tau=0.7)]]  # no Top-K at batch 8 in that run: left out
-    got = sv.own_ratio_rounds(runs)
-    assert list(got) == ["1/0.15"] and got["1/0.15"] == [pytest.approx(2.0), pytest.approx(1.25)]
+    got = sv.paired_ratio_rounds(runs)
+    assert list(got) == [(1, "topk", 1.0), (1, "beam", 0.15)]
+    assert got[1, "beam", 0.15] == [pytest.approx(2.0), pytest.approx(1.25)] and got[1, "topk", 1.0] == [1.0, 1.0]
+    native = [[row("vllm_native", 1, "topk", 9.0)]]  # one native process: only the first run has a pair
+    got = sv.paired_ratio_rounds(runs, native)
+    assert got == {(1, "topk", 1.0): [pytest.approx(1.5)], (1, "beam", 0.15): [pytest.approx(3.0)]}
+
+
+def test_derive_takes_the_median_of_the_rounds_not_the_chosen_run():
+    """The chosen (fastest Top-K) run's BEAM row is 2.5x its Top-K; the median of three rounds, 3.0x, is the ratio
+    held; the chosen rows' ratio against the fastest native stays in `speedup_vs_native_best`."""
+    rows = [row("jax", 1, "topk", 100.0, kept_ratio=1.0), row("jax", 1, "beam", 40.0, kept=0.15, tau=0.7),
+            row("vllm_native", 1, "topk", 80.0), row("vllm", 1, "beam", 25.0, kept=0.15, tau=0.7)]
+    rows[1].update(own_topk_ratio_rounds=[2.5, 3.0, 3.5], native_ratio_rounds=[2.0, 1.0, 3.0])
+    rows[0].update(native_ratio_rounds=[0.9, 0.7, 1.2])
+    rows[3].update(own_topk_ratio_rounds=[3.0, 3.3], native_ratio_rounds=[3.6, 3.0])
+    sv._derive(rows, _jx(), bandwidth=40e9, read_bandwidth=50e9)
+    jt, jb, nat, vb = rows
+    assert jb["speedup_vs_own_topk"] == pytest.approx(3.0) and jb["fraction_of_ideal"] == pytest.approx(3.0 / 4.0)
+    assert jb["speedup_vs_native"] == pytest.approx(2.0) and jb["speedup_vs_native_best"] == pytest.approx(2.0)
+    assert jt["speedup_vs_native"] == pytest.approx(0.9) and jt["speedup_vs_native_best"] == pytest.approx(0.8)
+    assert vb["speedup_vs_native"] == pytest.approx(3.3) and vb["fraction_of_ideal"] == pytest.approx(3.3 / 4.0)
+    assert vb["speedup_vs_native_best"] == pytest.approx(80 / 25)
+    assert sv.held_ratio_rounds(vb) == [3.6, 3.0] and sv.held_ratio_rounds(jb) == [2.5, 3.0, 3.5]
+    assert sv.held_ratio_rounds(jt) == [0.9, 0.7, 1.2] and sv.held_ratio_rounds(nat) == []
+    assert sv._per_round(jb) == "2.50 / 3.00 / 3.50" and sv._per_round(nat) == "-"
 
 
 def _jx(bytes_topk=4e9, bytes_beam=1e9, mask_router=1e6, kept_ratio=0.15):
@@ -111,7 +135,7 @@ def test_markdown_has_every_row_and_the_notes():
     table = [line for line in md.splitlines() if line.startswith("| 1 |")]
     assert len(table) == 3
     assert "| 1 | beam_jax.generate | beam | 0.700 | 0.150 | 25.0 | 40.00 | 25.00 | 1.60 | 2.00 | 2.00x | 2.50x | " \
-           "4.00x | 62% |" in md, md
+           "4.00x | 62% | - |" in md, md
     assert "3 processes per engine" in md and "2 timing rounds" in md and "- a note" in md
     assert "| beam_jax.generate | 1.0 | 1000 |" in md
 
@@ -143,9 +167,7 @@ def test_moe_share_and_expert_scaled_steps():
               "models": {"m": {"dir": "/tmp/m", "dtype": "bfloat16", "taus": {"0.15": 0.7}, "prefill": [],
                                "moe_share": share}},
               "rows": [dict(r, model="m") for r in rows]}
-    result["models"]["m"]["own_ratio_rounds"] = {"jax": {"1/0.15": [2.5, 2.0]}}
     md = sv.markdown(result)
-    assert "- beam_jax.generate: batch 1, kept 0.15: 2.50x / 2.00x" in md, md
     assert "| 1 | beam_jax.generate | 100.00 | 30.00 | 70% | 40.00 / 40.00 (100%) |" in md, md
     assert "| 1 | vLLM + plugin | 82.00 | 12.00 | 85% | 22.00 / 25.00 (88%) |" in md, md
 
@@ -181,7 +203,12 @@ def test_quick_run_of_every_engine(tmp_path):
             if r["engine"] == engine and r["policy"] == "beam":
                 assert r["expert_scaled_step_ms"] > 0 and r["fraction_of_ideal"] is not None, r
     info = result["models"]["qwen3"]
-    assert len(info["jax_rounds"]) == 2 and [len(v) for v in info["own_ratio_rounds"]["jax"].values()] == [2, 2]
+    assert len(info["jax_rounds"]) == 2
+    for r in rows:  # JAX: two rounds, each paired with its own Top-K, the first also with native's one process
+        if r["engine"] == "jax":
+            assert len(r["own_topk_ratio_rounds"]) == 2 and len(r["native_ratio_rounds"]) == 1, r
+            assert r["speedup_vs_own_topk"] == pytest.approx(sorted(r["own_topk_ratio_rounds"])[0] / 2
+                                                             + sorted(r["own_topk_ratio_rounds"])[1] / 2)
     shares = info["moe_share"]
     assert {s["engine"] for s in shares} == {"jax", "vllm", "torch"}
     assert all(s["step_ms_no_experts"] > 0 and s["step_ms_topk"] > 0 for s in shares), shares
