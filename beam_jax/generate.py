@@ -10,7 +10,9 @@ compiled function and only read), and one jitted function runs the prefill and t
 round trip per token, and no copy or write-back of the model's state. On the CPU (AVX512-BF16 and AMX builds) the
 bf16 dense layers' kernels are also passed packed (`decode_packs`: made once per model, kept while it lives) for the
 decode steps' products, on the AMX build the bf16 experts too (`packed_experts`, impl="kernel"), and the decode
-steps' attention runs on the decode-attention kernel (`beam_jax.decode_attention`, `attention.decode_kernels`). The KV cache length is bucketed
+steps' attention runs on the decode-attention kernel (`beam_jax.decode_attention`, `attention.decode_kernels`). The
+model's large arrays and the packed copies are moved onto 2 MiB pages once (`beam_jax.hugepages`: a step streams
+them, faster over huge pages). The KV cache length is bucketed
 (`cache_bucket`), and `max_new_tokens`, the pad token and a hook's knobs (BEAM's tau) are traced, so changing
 them within a bucket does not recompile. `generate_reference` is the plain step-by-step loop (one forward per
 token, a host round trip each) that the tests hold the compiled path to.
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import hugepages as _hp
 from . import packed_experts as _pe
 from . import rows_matmul as _rm
 from .attention import decode_kernels, packed_weights
@@ -280,8 +283,10 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
     B, S = input_ids.shape
     graphdef, state = nnx.split(model)
     hook_leaves, hook_static = _split_hook(mask_hook)
+    packs = decode_packs(model)
+    _hp.collapse_once(model, (state, packs))  # huge pages under the weights a decode step streams, once per model
     tokens, n = _generate_compiled(
-        state, decode_packs(model), jnp.asarray(input_ids), jnp.asarray(mask), jnp.int32(max_new_tokens),
+        state, packs, jnp.asarray(input_ids), jnp.asarray(mask), jnp.int32(max_new_tokens),
         jnp.int32(pad), jax.random.PRNGKey(seed), hook_leaves, graphdef=_Static(graphdef),
         hook_static=_Static(hook_static), impl=impl, max_len=cache_bucket(S + max_new_tokens), eos=eos,
         do_sample=bool(do_sample), temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))

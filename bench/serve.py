@@ -806,7 +806,7 @@ def markdown(result: dict) -> str:
         out += [f"## {name}", "", f"`{info['dir']}` ({info['dtype']}); serving taus {taus}", "",
                 "| batch | engine | policy | tau | kept | decode tok/s | step ms | floor ms | step/floor | /read floor "
                 "| x native | x own Top-K | ideal | of ideal | per round | e2e tok/s | TTFT ms |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                "|" + " --- |" * 17]
         for r in sorted(rows, key=lambda r: (r["batch"], ENGINES.index(r["engine"]), -r["kept_target"])):
             out.append(f"| {r['batch']} | {ENGINE_LABEL[r['engine']]} | {r['policy']} | {_f(r['tau'], '{:.3f}')} | "
                        f"{r['kept_ratio']:.3f} | {r['decode_tokens_per_s']:.1f} | {r['step_ms']:.2f} | "
