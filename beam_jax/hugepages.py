@@ -63,16 +63,18 @@ def aligned_interior(address: int, nbytes: int, page: int = PAGE) -> tuple[int, 
     return start, max(end - start, 0)
 
 
-def _cpu_buffers(x):
-    """(address, nbytes) of each buffer of the jax.Array x on a CPU device."""
-    if not isinstance(x, jax.Array) or x.is_deleted():
+def _cpu_buffers(x, min_bytes: int):
+    """(address, nbytes) of each buffer of at least `min_bytes` of the jax.Array x on a CPU device."""
+    if not isinstance(x, jax.Array) or x.nbytes < min_bytes or x.is_deleted():
         return []
     x.block_until_ready()  # an array still being written (a copy dispatched, not done) is refused, EAGAIN/EINVAL
     out = []
     for shard in x.addressable_shards:
-        if shard.device.platform == "cpu":
-            data = shard.data
-            out.append((data.unsafe_buffer_pointer(), data.nbytes))
+        if shard.device.platform == "cpu" and shard.data.nbytes >= min_bytes:
+            try:
+                out.append((shard.data.unsafe_buffer_pointer(), shard.data.nbytes))
+            except Exception:  # an array whose buffer has no plain address (none seen on CPU): left as it is
+                continue
     return out
 
 
@@ -101,7 +103,7 @@ def collapse(tree, min_bytes: int | None = None) -> int:
         return 0
     min_bytes = MIN_BYTES if min_bytes is None else min_bytes
     return sum(collapse_buffer(address, nbytes) for leaf in jax.tree.leaves(tree)
-               for address, nbytes in _cpu_buffers(leaf) if nbytes >= min_bytes)
+               for address, nbytes in _cpu_buffers(leaf, min_bytes))
 
 
 def collapse_once(owner, tree, min_bytes: int | None = None) -> int:

@@ -59,7 +59,7 @@ def test_collapse_moves_a_large_buffer_onto_huge_pages_and_keeps_its_values():
 def test_small_arrays_and_the_switch(monkeypatch):
     _needs_collapse()
     small = jnp.asarray(np.random.default_rng(2).standard_normal(hp.MIN_BYTES // 4 - 16, dtype=np.float32))
-    assert hp.collapse([small]) == 0
+    assert hp.collapse([small, jax.random.key(0), "not an array"]) == 0  # a PRNG key (extended dtype) is skipped
     big = jnp.asarray(np.random.default_rng(3).standard_normal(4 * hp.PAGE // 4, dtype=np.float32))
     monkeypatch.setenv("BEAM_JAX_HUGEPAGES", "0")
     assert not hp.available() and hp.collapse([big]) == 0
