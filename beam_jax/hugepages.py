@@ -5,9 +5,8 @@ higher over 2 MiB pages than over 4 KiB ones (fewer TLB misses, hardware prefetc
 boundary stops it). Measured on a 2-core AMD EPYC (Zen 4; `bench/hugepages_ab.py`, the two kinds of pages
 alternated in one process): a two-thread read of 768 MB 0-14% faster, `beam_jax.generate`'s Qwen3-shaped decode
 step 1-6% faster (medians of four rounds at batch 1 and 8, Top-K and 0.15 kept; 22 of 28 pairs faster over two
-runs). XLA's CPU buffers come from `malloc` on 4 KiB
-pages, and Linux gives huge pages to anonymous memory only where it is asked to (the default
-``/sys/kernel/mm/transparent_hugepage/enabled`` is ``madvise``).
+runs). XLA's CPU buffers come from `malloc` on 4 KiB pages, and Linux gives huge pages to anonymous memory only
+where it is asked to (the default ``/sys/kernel/mm/transparent_hugepage/enabled`` is ``madvise``).
 
 `collapse` asks for them on the 2 MiB-aligned interior of each large buffer: ``madvise(MADV_HUGEPAGE)`` (later
 faults and the kernel's background `khugepaged` use huge pages there) and ``madvise(MADV_COLLAPSE)`` (Linux 6.1+:
