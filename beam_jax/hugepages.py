@@ -80,8 +80,11 @@ def _cpu_buffers(x, min_bytes: int):
 def collapse_buffer(address: int, nbytes: int) -> int:
     """Huge pages under the 2 MiB-aligned interior of [address, address + nbytes) (memory this process owns and
     keeps mapped). -> bytes now in huge pages by MADV_COLLAPSE (0 where unavailable or refused)."""
-    if not available():
-        return 0
+    return _collapse_range(address, nbytes) if available() else 0
+
+
+def _collapse_range(address: int, nbytes: int) -> int:
+    """`collapse_buffer` once `available()` was checked."""
     madvise = _libc_madvise()
     start, length = aligned_interior(address, nbytes)
     if length == 0 or madvise(start, length, MADV_HUGEPAGE) != 0:
@@ -101,7 +104,7 @@ def collapse(tree, min_bytes: int | None = None) -> int:
     if not available():
         return 0
     min_bytes = MIN_BYTES if min_bytes is None else min_bytes
-    return sum(collapse_buffer(address, nbytes) for leaf in jax.tree.leaves(tree)
+    return sum(_collapse_range(address, nbytes) for leaf in jax.tree.leaves(tree)
                for address, nbytes in _cpu_buffers(leaf, min_bytes))
 
 

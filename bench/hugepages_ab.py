@@ -18,7 +18,6 @@ import os
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,30 +30,21 @@ TAU_015 = 0.7404  # bench/serve.py's calibration on this model: about 0.15 of th
 
 
 def read_rates(rounds: int, nbytes: int = 768 << 20) -> list[dict]:
-    """GB/s of a two-thread numpy max over a 4 KiB-page array and over a huge-page one, alternated."""
+    """GB/s of a two-thread numpy max (`serve_jax.read_bandwidth`) over a 4 KiB-page array and over a huge-page one,
+    alternated."""
     from numpy._core.multiarray import _set_madvise_hugepage
 
+    import serve_jax
     from beam_jax import hugepages
 
     _set_madvise_hugepage(False)  # numpy advises huge pages for its own large arrays by default
     small = np.ones(nbytes // 4, np.float32)
     huge = np.ones(nbytes // 4, np.float32)
     _set_madvise_hugepage(True)
-    moved = hugepages.collapse_buffer(huge.ctypes.data, huge.nbytes)
-    if moved == 0:
+    if hugepages.collapse_buffer(huge.ctypes.data, huge.nbytes) == 0:
         return []
-
-    def rate(a, ex):
-        half = a.size // 2
-        best = float("inf")
-        for _ in range(3):
-            t = time.perf_counter()
-            list(ex.map(lambda s: s.max(), [a[:half], a[half:]]))
-            best = min(best, time.perf_counter() - t)
-        return a.nbytes / best / 1e9
-
-    with ThreadPoolExecutor(2) as ex:
-        return [{"4k_GBps": rate(small, ex), "2m_GBps": rate(huge, ex)} for _ in range(rounds)]
+    return [{"4k_GBps": serve_jax.read_bandwidth(threads=2, repeat=3, src=small) / 1e9,
+             "2m_GBps": serve_jax.read_bandwidth(threads=2, repeat=3, src=huge) / 1e9} for _ in range(rounds)]
 
 
 def main(argv=None) -> dict:

@@ -264,14 +264,16 @@ def memory_bandwidth(nbytes: int = 512 << 20, threads: int | None = None, repeat
     return 2 * nbytes / best
 
 
-def read_bandwidth(nbytes: int = 512 << 20, threads: int | None = None, repeat: int = 5) -> float:
+def read_bandwidth(nbytes: int = 512 << 20, threads: int | None = None, repeat: int = 5,
+                   src: np.ndarray | None = None) -> float:
     """Read bandwidth in bytes/s: a large float32 array's max (numpy's vectorised reduction, no writes) split over
     `threads` (default: every core), best of `repeat`. A decode step reads its weights and writes next to nothing,
-    so this, not a copy's read + write rate, is what its weight reads can reach."""
+    so this, not a copy's read + write rate, is what its weight reads can reach. `src`: the array to read (a 1-D
+    float32 one), instead of a new one of `nbytes`."""
     from concurrent.futures import ThreadPoolExecutor
 
     threads = threads or os.cpu_count() or 1
-    src = np.ones(nbytes // 4, np.float32)
+    src = np.ones(nbytes // 4, np.float32) if src is None else src
     edges = np.linspace(0, src.size, threads + 1).astype(np.int64)
     bounds = list(zip(edges[:-1], edges[1:]))
     best = float("inf")
