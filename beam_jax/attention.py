@@ -239,9 +239,11 @@ class MLAttention(nnx.Module):
         if cfg.q_lora_rank is None:
             self.q_proj = linear(d, H * cfg.qk_head_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         else:
-            self.q_a_proj = linear(d, cfg.q_lora_rank, bias=cfg.qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.q_a_proj = linear(d, cfg.q_lora_rank, bias=cfg.qkv_bias, dtype=dtype, param_dtype=param_dtype,
+                                   rngs=rngs)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6, dtype, param_dtype)
-            self.q_b_proj = linear(cfg.q_lora_rank, H * cfg.qk_head_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.q_b_proj = linear(cfg.q_lora_rank, H * cfg.qk_head_dim, dtype=dtype, param_dtype=param_dtype,
+                                   rngs=rngs)
         self.kv_a_proj_with_mqa = linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.qkv_bias,
                                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6, dtype, param_dtype)

@@ -217,7 +217,9 @@ def restore_trainable(ckpt_dir, model, step: int | None = None) -> dict:
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     try:
         tree = mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(target, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target),
+            state=ocp.args.PyTreeRestore(target,
+                                         restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding),
+                                                                   target),
                                          partial_restore=True)))["state"]
     except (ValueError, KeyError) as e:
         raise ValueError(f"{ckpt_dir / str(step)}: trained parameters do not fit {model.cfg.architecture} "

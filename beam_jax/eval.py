@@ -5,8 +5,8 @@ training does (`evaluate.run_benchmark`): Top-K, BEAM at every tau of `eval.taus
 `eval.policies` over its knob, all scored on the validation split's tasks (`beam_jax.tasks`: next-token
 accuracy, greedy line completion, multiple choice), the points chosen there scored on the test split, with
 retention (mean over tasks of score / Top-K score) and its 95% bootstrap CI, experts per token per layer and
-routed-expert FLOPs reduction (shared-expert, attention and router FLOPs apart); optionally multiple-choice accuracy on a
-local JSONL file of {"context", "choices", "label"} items scored by log-likelihood (lm-eval-harness style:
+routed-expert FLOPs reduction (shared-expert, attention and router FLOPs apart); optionally multiple-choice accuracy on
+a local JSONL file of {"context", "choices", "label"} items scored by log-likelihood (lm-eval-harness style:
 `acc` on the summed log-probability, `acc_norm` divided by the choice's length in bytes).
 Writes eval.json, eval_sweep.md and eval_pareto.png into the run directory.
 """
@@ -119,7 +119,8 @@ def main(config, workdir: Path, resume: bool):
     if config.eval.multiple_choice:
         items = read_multiple_choice(config.eval.multiple_choice)
         result["multiple_choice"] = {"topk": multiple_choice(original, tokenizer, items, TOPK, impl),
-                                     "beam": multiple_choice(model, tokenizer, items, beam_hook(config.beam, tau=tau), impl)}
+                                     "beam": multiple_choice(model, tokenizer, items, beam_hook(config.beam, tau=tau),
+                                                             impl)}
     workdir = Path(workdir)
     (workdir / "eval_sweep.md").write_text(ev.markdown_table(rows) + "\n## Validation sweep (selection)\n\n"
                                           + ev.markdown_table(bench["validation"]))

@@ -1,8 +1,8 @@
 """Small shared layers: linear, RMSNorm, rotary embeddings, the SwiGLU MLP.
 
 Parameters follow Flax conventions (`kernel` is [in, out], the transpose of a PyTorch `weight`) and are
-stored in `param_dtype` (float32 master weights for training) while activations run in `dtype`, with float32 where Hugging Face computes in float32
-(RMSNorm statistics, rotary tables, softmax), so float32 parity is exact to rounding.
+stored in `param_dtype` (float32 master weights for training) while activations run in `dtype`, with float32 where
+Hugging Face computes in float32 (RMSNorm statistics, rotary tables, softmax), so float32 parity is exact to rounding.
 """
 
 from __future__ import annotations

@@ -56,7 +56,8 @@ class DecoderLayer(nnx.Module):
         if self.is_moe:
             self.mlp = MoEBlock(cfg, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype,
+                           param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, ctx, cache=None, mask_hook: MaskHook = TOPK, impl="reference"):
         h, cache = self.self_attn(self.input_layernorm(x), ctx, cache)
@@ -94,7 +95,8 @@ class MoECausalLM(nnx.Module):
         self.remat = False  # rematerialise each decoder layer in the backward pass (set by the trainer)
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
                                       embedding_init=nnx.initializers.normal(INIT_STD), rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for i in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, param_dtype)
         self.lm_head = None if cfg.tie_word_embeddings else linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype,
                                                                    param_dtype=param_dtype, rngs=rngs)

@@ -129,9 +129,10 @@ class MoEBlock(nnx.Module):
             self.gate.e_score_correction_bias = RouterBias(jnp.zeros((E,), jnp.float32))
         self.experts = Experts(E, d, cfg.moe_intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         shared = cfg.shared_expert_intermediate_size
-        self.shared_experts = MLP(d, shared, bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if shared else None
-        self.shared_expert_gate = linear(d, 1, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if shared and cfg.shared_expert_gate \
-            else None
+        self.shared_experts = (MLP(d, shared, bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                               if shared else None)
+        self.shared_expert_gate = (linear(d, 1, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                   if shared and cfg.shared_expert_gate else None)
 
     def router_logits(self, xt):
         """xt [T, d] -> [T, E], in the router's dtype (float32 for DeepSeek, else the model dtype)."""

@@ -102,7 +102,8 @@ def main(config, workdir: Path, resume: bool):
         "commands": (workdir / "commands.txt").read_text().splitlines(),
         "seed": config.seed, "config": config.to_dict(), "corpus_fingerprint": corpus.fingerprint,
         "corpus": corpus.describe(), "python": platform.python_version(), "jax": jax.__version__,
-        "machine": f"{platform.machine()} {platform.processor() or ''} x{len(jax.devices())} {jax.devices()[0].platform}",
+        "machine": f"{platform.machine()} {platform.processor() or ''} x{len(jax.devices())} "
+                   f"{jax.devices()[0].platform}",
         "train_tokens_per_s": summary["train_tokens_per_s"], "steps": config.train.steps,
         "tokens_seen": config.train.steps * config.train.grad_accum * B * S, **result,
     }

@@ -19,7 +19,8 @@ def retention_text(report: dict) -> str:
     undefined where that is 0 (e.g. a randomly initialised model answers nothing right)."""
     r, (lo, hi) = report["quality_retention"], report["quality_retention_ci95"]
     if math.isfinite(r):
-        return f"quality retained {100 * r:.1f}% [95% CI {100 * lo:.1f}, {100 * hi:.1f}] over {len(report['tasks'])} tasks"
+        return (f"quality retained {100 * r:.1f}% [95% CI {100 * lo:.1f}, {100 * hi:.1f}] "
+                f"over {len(report['tasks'])} tasks")
     zero = sorted(t for t, v in report["tasks"].items() if not v)
     return (f"quality retained: undefined (Top-K scores 0 on {', '.join(zero) or 'a task'}; the model predicts "
             f"nothing right there, so no share of it can be kept)")

@@ -616,7 +616,8 @@ def format_row(r: dict) -> str:
 
 
 def format_table(rows) -> str:
-    head = f"{'path':10s} {'status':22s} {'tokens':>6} {'tokens/s':>10} {'peakGiB':>7} {'E-fold':>6} {'fold':>6} {'steps':>5}"
+    head = (f"{'path':10s} {'status':22s} {'tokens':>6} {'tokens/s':>10} {'peakGiB':>7} {'E-fold':>6} {'fold':>6} "
+            f"{'steps':>5}")
     return "\n".join([head] + [format_row(r) for r in rows])
 
 

@@ -6,9 +6,9 @@ At Qwen3-30B-A3B's decode shapes (qkv 2048 -> 5120, o 4096 -> 2048, LM head 2048
 vocabulary, router 2048 -> 128... 256), bfloat16, torch threads = the cores: the time of `packed_matmul` and of
 vLLM's `UnquantizedLinearMethod.apply` for the same layer (oneDNN, or sgl's AMX kernel for small N where the
 processor has AMX), the median of 50 calls after 2 warm-ups (`common.timeit`), and their ratio; on the
-extension's AMX build also the packed product under its AVX512-BF16 build (vdpbf16ps), switched in the same process. The plugin's `ROWS_MAX` (the rows up to
-which it takes the packed product) is chosen from this table per processor kind. Needs the extension's
-AVX512-BF16 (or AMX) build.
+extension's AMX build also the packed product under its AVX512-BF16 build (vdpbf16ps), switched in the same process.
+The plugin's `ROWS_MAX` (the rows up to which it takes the packed product) is chosen from this table per processor
+kind. Needs the extension's AVX512-BF16 (or AMX) build.
 """
 
 import argparse
@@ -35,14 +35,16 @@ def main():
         raise SystemExit("beam_jax._ffi has no AVX512-BF16 build here: nothing to compare")
     torch.set_num_threads(os.cpu_count() or 1)
     amx = torch.cpu._is_amx_tile_supported()
-    lines = [f"# Packed dense product against vLLM's, per row count (bench/linear_rows.py)", "",
+    lines = ["# Packed dense product against vLLM's, per row count (bench/linear_rows.py)", "",
              f"{machine()} | AMX {'yes' if amx else 'no'} | {time.strftime('%Y-%m-%d %H:%M %Z')} | "
              f"torch {torch.__version__} | plugin ROWS_MAX here: {linear.ROWS_MAX}", "",
              f"extension build: {ext.cpu_isa()}", ""]
     dp = ext.cpu_isa() == "amx"  # also time the vdpbf16ps loop the AMX build replaces
-    lines += (["| layer | N x K | rows | packed us | vLLM us | vLLM / packed | packed avx512bf16 us | avx512bf16 / amx |",
+    lines += (["| layer | N x K | rows | packed us | vLLM us | vLLM / packed | packed avx512bf16 us "
+               "| avx512bf16 / amx |",
                "| --- | --- | --- | --- | --- | --- | --- | --- |"] if dp else
-              ["| layer | N x K | rows | packed us | vLLM us | vLLM / packed |", "| --- | --- | --- | --- | --- | --- |"])
+              ["| layer | N x K | rows | packed us | vLLM us | vLLM / packed |",
+               "| --- | --- | --- | --- | --- | --- |"])
     for N, K, name in SHAPES:
         method = linear._methods()[UnquantizedLinearMethod]()
         layer = torch.nn.Module()

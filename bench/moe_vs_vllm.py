@@ -108,7 +108,8 @@ def main():
             err = max([err] + [float(np.abs(v - ref).max() / np.abs(ref).max()) for k, v in out.items() if k != "vllm"])
         med = {k: float(np.median(v)) for k, v in times.items()}
         gb = float(np.mean(nbytes[2:])) / 1e9
-        row = {"tokens": T, "pairs_per_token": P, "expert_GB_per_call": gb, **{f"{k}_ms": 1e3 * v for k, v in med.items()},
+        row = {"tokens": T, "pairs_per_token": P, "expert_GB_per_call": gb,
+               **{f"{k}_ms": 1e3 * v for k, v in med.items()},
                **{f"{k}_GBps": gb / v for k, v in med.items()},
                **{f"vllm_over_{k}": med["vllm"] / v for k, v in med.items() if k != "vllm"}, "max_rel_diff": err}
         results.append(row)
@@ -117,7 +118,8 @@ def main():
               + f"  max rel diff {err:.2g}", flush=True)
     _ffi.set_cpu_isa(_ffi.best_cpu_isa())
     path = write_result("moe_vs_vllm", {"command": "python bench/moe_vs_vllm.py " + " ".join(sys.argv[1:]),
-                                        "vllm_isa": visa, "ffi_isas": isas, "packed": packed, "shapes": {"E": E, "d": D, "f": F, "K": K},
+                                        "vllm_isa": visa, "ffi_isas": isas, "packed": packed,
+                                        "shapes": {"E": E, "d": D, "f": F, "K": K},
                                         "threads": os.cpu_count(), "host": machine(), "results": results},
                         out=args.out)
     print(f"wrote {path}")

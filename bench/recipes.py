@@ -135,7 +135,8 @@ def summary(path=OUT) -> str:
         rec = json.loads(line)
         recs[rec["name"]] = rec
     lines = ["| run | settings (on top of tiny.py's data, 150 steps, target 0.15 unless set) | retention at 50% saved "
-             "| at 60% | at 80% | at 83% | at 85% | trained model's Top-K accuracy |", "|---|---|---|---|---|---|---|---|"]
+             "| at 60% | at 80% | at 83% | at 85% | trained model's Top-K accuracy |",
+             "|---|---|---|---|---|---|---|---|"]
     pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
     for name, rec in recs.items():
         if name == "baselines":

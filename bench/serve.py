@@ -54,9 +54,10 @@ weight, the mask routers under BEAM, each expert a kept pair of the step uses), 
 / the read bandwidth of the same run, `serve_jax.read_bandwidth`: a step reads its weights; on these 2-core VMs the
 two rates move apart, reads measured at 0.6-1.1x a copy's read + write rate; both are measured at the start and
 the end of the run, and the floors use the higher of the two: the rate the machine showed it reaches) and the
-ideal speed-up (Top-K bytes / this row's bytes). Timings are the best of `--repeat` runs after one warm-up run of each length; within one engine
-the policies' runs are interleaved at each batch (Top-K, BEAM 0.5, BEAM 0.15, Top-K, ...), so a drift of the
-machine's speed during the run moves them alike and BEAM / Top-K is a same-process, same-moment ratio. Against
+ideal speed-up (Top-K bytes / this row's bytes). Timings are the best of `--repeat` runs after one warm-up run of
+each length; within one engine the policies' runs are interleaved at each batch (Top-K, BEAM 0.5, BEAM 0.15,
+Top-K, ...), so a drift of the machine's speed during the run moves them alike and BEAM / Top-K is a same-process,
+same-moment ratio. Against
 native vLLM (another process) the ratio carries this VM's process-to-process spread (10-25% seen): `--vllm-rounds R`
 starts R processes of each, alternating (native, plugin, native, ...); `--jax-rounds R` times `beam_jax.generate` R
 times, once before each round of those processes (the JAX model stays loaded). The step, floor and tokens/s columns
@@ -219,8 +220,9 @@ def jax_phase(model, prompts: dict, prefill_prompt, kept_targets, args, timed: b
 
     prompts {B: [B][S] ids}. The serving tau of each kept target calibrated on the largest batch's Top-K generation
     (its decode positions), then at each batch the greedy generations of Top-K and of every BEAM tau, timed when
-    `timed` with their runs interleaved (`serve_jax.time_generate_interleaved`). -> {"taus": {kept: tau}, "stats": {(B, kept): {"step_weight_bytes", "kept_ratio"}} (kept 1.0:
-    Top-K), "mask_router_bytes", "rows" (timed: one per batch and policy), "prefill" ({kept: seconds})}."""
+    `timed` with their runs interleaved (`serve_jax.time_generate_interleaved`). -> {"taus": {kept: tau}, "stats":
+    {(B, kept): {"step_weight_bytes", "kept_ratio"}} (kept 1.0: Top-K), "mask_router_bytes", "rows" (timed: one per
+    batch and policy), "prefill" ({kept: seconds})}."""
     import numpy as np
 
     import beam_jax

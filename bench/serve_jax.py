@@ -389,7 +389,8 @@ def bench_model(name, model, batches, kept_targets, *, prompt_len, new_tokens, b
             rows.append(row)
             print(f"{name:6s} B={B} {policy:4s} tau={'-' if tau is None else f'{tau:.3f}':6s} "
                   f"kept {row['kept_ratio']:.3f}  {row['tokens_per_s']:7.1f} tok/s  step {row['step_ms']:6.1f} ms "
-                  f"(floor {row['floor_ms']:5.1f}, x{row['step_over_floor']:.2f})  speed-up x{row['speedup_vs_topk']:.2f}"
+                  f"(floor {row['floor_ms']:5.1f}, x{row['step_over_floor']:.2f})  "
+                  f"speed-up x{row['speedup_vs_topk']:.2f}"
                   f" step x{row['step_speedup_vs_topk']:.2f} / ideal x{row['ideal_speedup']:.2f}", flush=True)
     return rows
 

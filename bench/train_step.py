@@ -106,7 +106,8 @@ def main():
                                       "auto_training_impl": training_impl(), "shapes": results,
                                       "peak_memory_bytes": peak,
                                       "load_average_1min": [load0, os.getloadavg()[0]],
-                                      "note": "ratios measured side by side in one run (flock -x /tmp/beam-bench.lock); "
+                                      "note": "ratios measured side by side in one run "
+                                              "(flock -x /tmp/beam-bench.lock); "
                                               "'reference' on a 2 x 256 batch; 'none' is the no-expert-compute "
                                               "lower bound, not a model"})
     print(f"wrote {out}")

@@ -129,7 +129,8 @@ def restore_trained(ckpt_dir: Path, step: int, base: Path, meta: dict):
     except (ValueError, KeyError) as e:
         raise ExportError(f"trained parameters in {ckpt_dir / str(step)} do not fit base model {base}: "
                           f"{' '.join(str(e).split())}") from None
-    got = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, trainable_filter(meta.get("trainable", "mask"))))}
+    got = {p: v.get_value()
+           for p, v in nnx.to_flat_state(nnx.state(model, trainable_filter(meta.get("trainable", "mask"))))}
     for p, shape in want.items():
         value = got.get(p)
         if value is None or not hasattr(value, "dtype") or type(value).__name__ == "ShapeDtypeStruct":
@@ -279,7 +280,8 @@ def _rewrite_shard(src: Path, dst: Path, replace: dict[str, np.ndarray], dtype: 
     save_file(tensors, str(dst), metadata=meta)
 
 
-def beam_config(base: Path, cfg, tau: float, renormalize: bool, provenance: dict, dtype: str, source_dtype: str) -> dict:
+def beam_config(base: Path, cfg, tau: float, renormalize: bool, provenance: dict, dtype: str,
+                source_dtype: str) -> dict:
     """The exported config.json: the base's with the BEAM architecture / model_type, `dtype` = the weights written,
     and the `beam` section."""
     from convert import beam_architecture, beam_model_type
@@ -319,7 +321,8 @@ def model_card(out_name: str, config: dict, meta: dict, step: int, report: dict 
         ", dropped (token, expert) pairs are not computed.", "",
         "## Training", "",
         f"- base model: `{base}` (fingerprint {meta['base_model'].get('fingerprint', '?')[:16]})",
-        f"- steps: {step} of {train.get('steps', '?')}; trainable: `{meta.get('trainable', train.get('trainable', 'mask'))}`"
+        f"- steps: {step} of {train.get('steps', '?')}; "
+        f"trainable: `{meta.get('trainable', train.get('trainable', 'mask'))}`"
         f"; lr {train.get('lr', '?')}, batch {data.get('batch_size', '?')} x {data.get('seq_len', '?')} tokens",
         f"- data: `{data.get('train', '?')}`" + (f" (held out: `{data['eval']}`)" if data.get("eval") else ""),
         f"- sparsity: beta {beam.get('beta', '?')}, target kept ratio {beam.get('target_ratio', 0) or 'none'}, "

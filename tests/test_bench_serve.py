@@ -1,6 +1,7 @@
 """bench/serve.py's arithmetic and report, on made-up timings: the decode step from two generations, the choice of
 the fastest round, the rounds' paired ratios and their median, the floors, ideal and speed-ups each row is held to,
-the kept-ratio check and the markdown; and one `--quick` run of every engine on a small model (the full benchmark takes minutes per model, outside CI)."""
+the kept-ratio check and the markdown; and one `--quick` run of every engine on a small model (the full benchmark
+takes minutes per model, outside CI)."""
 
 from __future__ import annotations
 

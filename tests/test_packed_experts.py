@@ -10,7 +10,8 @@ from beam_jax import kernel, packed_experts as pk
 from beam_jax.experts import experts_reference
 
 pytestmark = pytest.mark.skipif(
-    kernel._ffi is None or "beam_masked_moe_packed" not in kernel._ffi.registrations() or jax.default_backend() != "cpu",
+    kernel._ffi is None or "beam_masked_moe_packed" not in kernel._ffi.registrations()
+    or jax.default_backend() != "cpu",
     reason="needs the CPU build of beam_jax._ffi with the beam_masked_moe_packed target")
 
 

@@ -119,7 +119,8 @@ def _bad_requests(vocab):
     rng = np.random.RandomState(1)
     out = []
     for i in range(N_BAD_EACH):
-        out.append(("too long", json.dumps({"model": SERVED, "prompt": rng.randint(3, vocab, size=MAX_MODEL_LEN + 20 + i).tolist(),
+        out.append(("too long", json.dumps({"model": SERVED,
+                                            "prompt": rng.randint(3, vocab, size=MAX_MODEL_LEN + 20 + i).tolist(),
                                             "max_tokens": 4, "temperature": 0})))
         out.append(("negative max_tokens", json.dumps({"model": SERVED, "prompt": [5, 6, 7], "max_tokens": -1 - i,
                                                        "temperature": 0})))

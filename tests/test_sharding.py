@@ -103,7 +103,8 @@ def eight_devices(tmp_path_factory):
 def test_sharded_loading_reads_only_owned_slices(eight_devices):
     r = eight_devices
     assert r["devices"] == 8
-    # every family, 7 of them (Mixtral in the fused expert layout), on both meshes, loads bit for bit into its sharded layout
+    # every family, 7 of them (Mixtral in the fused expert layout), on both meshes, loads bit for bit into its sharded
+    # layout
     assert len(r["load_max_diff"]) == 7 * 2 and all(v == 0.0 for v in r["load_max_diff"].values()), r["load_max_diff"]
     # expert 0's gate [f=24, d=64] on fsdp=8: eight reads, one per device, each 8 columns of d, none whole
     assert sorted(map(tuple, (tuple(map(tuple, w)) for w in r["expert0_gate_windows"]))) == \

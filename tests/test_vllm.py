@@ -146,7 +146,8 @@ def check_config(run):
     from convert.vllm_plugin import BeamServingError, attention_backend
 
     try:
-        c = EngineArgs(model=run["dir"], max_model_len=128, skip_tokenizer_init=True, **run["llm"]).create_engine_config()
+        c = EngineArgs(model=run["dir"], max_model_len=128, skip_tokenizer_init=True,
+                       **run["llm"]).create_engine_config()
     except BeamServingError as e:
         return {"refused": str(e)}
     return {"dtype": str(c.model_config.dtype).removeprefix("torch."), "backend": attention_backend(c)[0]}
@@ -206,7 +207,8 @@ FAMILIES = {
 # DeepSeek-V2's MLA in float32 is served by vLLM's reference CPU_MLA backend, named explicitly: it is what vLLM-CPU
 # picks on a processor without AMX, and the documented way to keep float32 on one with AMX (whose AMX_MLA backend
 # takes bfloat16 only; that path is `test_deepseek_bfloat16_export` / `test_float32_mla_refused_where_amx`)
-FAMILY_LLM = {f: {"dtype": "float32", "attention_config": {"backend": "CPU_MLA"}} for f in ("deepseek_v2", "deepseek_v3")}
+FAMILY_LLM = {f: {"dtype": "float32", "attention_config": {"backend": "CPU_MLA"}}
+              for f in ("deepseek_v2", "deepseek_v3")}
 FAMILY_PROMPTS = [[5, 17, 42, 99, 100, 7, 64, 12], [11, 12, 13]]
 # the bfloat16 comparison: greedy tokens over BF16_STEPS steps, on prompts whose top-2 logit gap (transformers,
 # bfloat16) stays above BF16_MIN_GAP at every step, from a tiny DeepSeek-V2 whose lm_head is scaled by
@@ -472,7 +474,8 @@ def test_serve_openai_completion(exported, vllm_outputs, torch_outputs, tmp_path
             except OSError:
                 pass
             if time.time() > deadline:
-                pytest.fail("vllm serve did not become ready in 300 s:\n" + (tmp_path / "serve.log").read_text()[-3000:])
+                pytest.fail("vllm serve did not become ready in 300 s:\n"
+                            + (tmp_path / "serve.log").read_text()[-3000:])
             time.sleep(1)
         body = json.dumps({"model": "beam-tiny", "prompt": TEXT_PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0,
                            "ignore_eos": True, "return_token_ids": True}).encode()
@@ -491,8 +494,9 @@ def test_serve_openai_completion(exported, vllm_outputs, torch_outputs, tmp_path
 
 
 def test_other_families(family_exports, family_outputs):
-    """The plugin's Mixtral, Qwen2-MoE, OLMoE, DeepSeek-V2, DeepSeek-V3 and GLM-4.5 variants in float32, with random mask routers (about
-    half the pairs dropped): the first greedy token and the pairs computed equal transformers' BEAM model's."""
+    """The plugin's Mixtral, Qwen2-MoE, OLMoE, DeepSeek-V2, DeepSeek-V3 and GLM-4.5 variants in float32, with random
+    mask routers (about half the pairs dropped): the first greedy token and the pairs computed equal transformers' BEAM
+    model's."""
     import torch
     import transformers
 

@@ -211,15 +211,15 @@ def test_under_torch_compile_the_mask_runs_when_the_graph_runs(monkeypatch, cpu_
     experts = _RecordingExperts(w13, w2)
     runner = _runner(routing, experts)
     torch._dynamo.reset()
-    step = torch.compile(lambda h, l: runner._apply_quant_method(h, l, None)[1], fullgraph=True, dynamic=True)
+    step = torch.compile(lambda h, lg: runner._apply_quant_method(h, lg, None)[1], fullgraph=True, dynamic=True)
     offered = computed = 0
     for tau, rows in ((0.5, T), (0.5, 4), (1.01, 5), (0.0, 3), (0.7, T), (0.5, 1)):  # traced at the first
         routing.tau = tau
-        h, l = x[:rows], logits[:rows]
+        h, lg = x[:rows], logits[:rows]
         before = beam_moe.OP_CALLS[0]
-        got = step(h, l)
+        got = step(h, lg)
         assert beam_moe.OP_CALLS[0] == before + 1, tau
-        topk_w, topk_i = routing.topk(l)
+        topk_w, topk_i = routing.topk(lg)
         g, masked, _ = beam_mask(h, topk_w, topk_i, routing.mask_router.weight, tau, routing.beam_renormalize, E)
         np.testing.assert_allclose(got.double().numpy(), _dense(h, g, masked, w13, w2).numpy(), atol=1e-5, rtol=0,
                                    err_msg=f"tau {tau}, {rows} rows")

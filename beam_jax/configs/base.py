@@ -12,7 +12,8 @@ def get_config() -> ConfigDict:
     c.model = ConfigDict()
     c.model.path = ""  # Hugging Face checkpoint directory (config.json + safetensors)
     c.model.dtype = "float32"  # compute/parameter dtype of the frozen base model: float32 | bfloat16
-    c.model.impl = "auto"  # expert path: auto (experts.training_impl / eval_impl) | kernel | dense | grouped | reference
+    # expert path: auto (experts.training_impl / eval_impl) | kernel | dense | grouped | reference
+    c.model.impl = "auto"
 
     c.data = ConfigDict()
     c.data.train = ""  # file or directory of training data; "stdlib" = the Python standard library corpus,

