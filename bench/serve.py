@@ -57,24 +57,28 @@ the end of the run, and the floors use the higher of the two: the rate the machi
 ideal speed-up (Top-K bytes / this row's bytes). Timings are the best of `--repeat` runs after one warm-up run of
 each length; within one engine the policies' runs are interleaved at each batch (Top-K, BEAM 0.5, BEAM 0.15,
 Top-K, ...), so a drift of the machine's speed during the run moves them alike and BEAM / Top-K is a same-process,
-same-moment ratio. Against
-native vLLM (another process) the ratio carries this VM's process-to-process spread (10-25% seen): `--vllm-rounds R`
-starts R processes of each, alternating (native, plugin, native, ...); `--jax-rounds R` times `beam_jax.generate` R
-times, once before each round of those processes (the JAX model stays loaded). The step, floor and tokens/s columns
-are, per engine and batch, the run with the fastest Top-K step (all its policies). The ratios are paired per round
-and the median of the rounds taken (`paired_ratio_rounds`): BEAM over the Top-K of its own run; the plugin's and
-JAX's rows over native's process of the same round (started right after JAX's round, right before the plugin's
-process), so the machine's drift over the run moves both sides of each ratio alike; a ratio of the fastest runs
-alone is kept in the JSON (`speedup_vs_native_best`). The median, not the chosen run's ratio: choosing the run by its
-Top-K step picks a lucky Top-K and biases "x own Top-K" down (seen: 2.96x in the chosen round, 3.89x and 3.66x in the
-two others). The MoE share of each engine's
-Top-K decode step: 1 - (its step without expert compute) / (its step), per batch; `beam_jax.generate`: the experts
-replaced by x * sum(weights), no expert GEMMs (`common.register_no_expert_path`); the plugin and transformers: a
-policy at tau 2, which keeps no pair (m_hat < 1), timed with their other policies (`--no-moe-share` leaves it out).
-From it, each BEAM row's expert-scaled step: the step without experts + the Top-K step's expert time x the row's
-expert bytes / Top-K's, i.e. the step if BEAM shrank the expert compute in proportion to the expert bytes read and
-nothing else; the measured step against it says whether the expert kernel keeps its Top-K rate on the fewer, smaller
-calls BEAM makes (the rest of the gap to the ideal is the step's fixed part, which BEAM does not touch).
+same-moment ratio. Native
+vLLM and the plugin are two engines of one worker process, their runs interleaved the same way (native, Top-K,
+BEAM 0.5, BEAM 0.15, native, ...; `_vllm_pair`): in processes of their own (`--vllm-separate`, the default
+until 2026-12-06) the ratio carried this VM's process-to-process spread (10-25% seen, once 2.2x against 3.5x in
+two rounds of one run), a spread that moves both engines of one process alike. `--vllm-rounds R` starts R such
+processes (the engine built first alternating); `--jax-rounds R` times `beam_jax.generate` R times, once before
+each of them (the JAX model stays loaded). The step, floor and tokens/s columns are, per engine and batch, the run
+with the fastest Top-K step (all its policies). The ratios are paired per round and the median of the rounds taken
+(`paired_ratio_rounds`): BEAM over the Top-K of its own run; the plugin's rows over native's in the same process,
+JAX's over native's of the round that starts right after it, so the machine's drift over the run moves both sides
+of each ratio alike; a ratio of the fastest runs alone is kept in the JSON (`speedup_vs_native_best`). The median,
+not the chosen run's ratio: choosing the run by its Top-K step picks a lucky Top-K and biases "x own Top-K" down
+(seen: 2.96x in the chosen round, 3.89x and 3.66x in the two others). A model whose weights, four times over, do not
+fit in the memory available falls back to one process per engine (`pair_fits`; the Mixtral-shaped one: vLLM peaks at
+11.7 GiB serving it). The MoE share of each engine's Top-K decode step: 1 - (its step without expert compute) / (its
+step), per batch; `beam_jax.generate`: the experts replaced by x * sum(weights), no expert GEMMs
+(`common.register_no_expert_path`); the plugin and transformers: a policy at tau 2, which keeps no pair (m_hat < 1),
+timed with their other policies (`--no-moe-share` leaves it out). From it, each BEAM row's expert-scaled step: the
+step without experts + the Top-K step's expert time x the row's expert bytes / Top-K's, i.e. the step if BEAM shrank
+the expert compute in proportion to the expert bytes read and nothing else; the measured step against it says
+whether the expert kernel keeps its Top-K rate on the fewer, smaller calls BEAM makes (the rest of the gap to the
+ideal is the step's fixed part, which BEAM does not touch).
 
 Memory (measured 2026-12-03 on the 2-core AMD EPYC, 24 GiB): making the 2-layer Mixtral peaks at 9.5 GiB, loading it
 in JAX at 13.1 GiB (6.1 GiB once loaded; back to 0.6 GiB after it is freed, before the subprocess engines start),
@@ -107,6 +111,8 @@ ENGINES = ("jax", "vllm", "vllm_native", "torch")
 MODELS = ("qwen3", "mixtral", "tiny")
 # the BEAM classes' policy that keeps no pair (sigmoid < 1 <= tau): its step is the step without expert compute
 NO_EXPERTS = {"policy": "no_experts", "tau": 2.0, "kept_target": 0.0}
+# vLLM's own model on the base checkpoint, as a policy of the one-process worker (`vllm_pair`)
+NATIVE = {"policy": "topk", "tau": None, "kept_target": 1.0, "engine": "vllm_native"}
 ENGINE_LABEL = {"jax": "beam_jax.generate", "vllm": "vLLM + plugin", "vllm_native": "vLLM native",
                 "torch": "transformers"}
 
@@ -398,9 +404,12 @@ def run_worker(engine: str, spec: dict, log_dir: Path, timeout: float) -> dict:
 
 def _vllm_worker(spec: dict) -> dict:
     """In the worker process: vLLM on spec["dir"] (plugin, or native on the base dir), every policy and batch: one
-    engine for all policies, or one per policy (`engine_per_tau`)."""
+    engine for all policies, or one per policy (`engine_per_tau`); `vllm_pair`: native and the plugin in this one
+    process (`_vllm_pair`)."""
     from vllm.distributed import cleanup_dist_env_and_memory
 
+    if spec["engine"] == "vllm_pair":
+        return _vllm_pair(spec)
     native = spec["engine"] == "vllm_native"
     policies = spec["policies"]
     groups = [policies] if native or not spec["engine_per_tau"] else [[p] for p in policies]
@@ -445,6 +454,53 @@ def _vllm_engine(spec: dict, group: list[dict], native: bool, out: dict):
         from convert.vllm_plugin import linear
 
         out["packed_calls"] = linear.CALLS[0]
+
+
+def _vllm_pair(spec: dict) -> dict:
+    """Native vLLM (on spec["base_dir"]) and the plugin (on spec["dir"]) as two engines of this one process, built
+    in the order spec["native_first"] says, their runs interleaved at each batch with the plugin's policies
+    (native, Top-K, BEAM ..., native, ...: `_measure`), so "x native" is a same-process, same-moment ratio like "x
+    own Top-K". Rows and prefill times carry each one's engine name ("vllm_native", "vllm")."""
+    import torch
+    from vllm import LLM, SamplingParams
+
+    out = {"rows": [], "prefill_by_engine": {"vllm_native": {}, "vllm": {}}, "engine_start_s": [],
+           "tau_checks": []}
+    llms = {}
+    kw = dict(dtype=spec["dtype"], max_model_len=spec["max_model_len"], seed=0, enforce_eager=not spec["compile"],
+              skip_tokenizer_init=True, enable_prefix_caching=False, max_num_seqs=max(spec["batches"]),
+              max_num_batched_tokens=spec["max_num_batched_tokens"])
+    for engine in (("vllm_native", "vllm") if spec["native_first"] else ("vllm", "vllm_native")):
+        t0 = time.perf_counter()
+        llms[engine] = (LLM(model=spec["base_dir"], **kw) if engine == "vllm_native" else
+                        LLM(model=spec["dir"], hf_overrides={"beam_tau": spec["policies"][0]["tau"]}, **kw))
+        out["engine_start_s"].append(time.perf_counter() - t0)
+    out["torch_threads"] = torch.get_num_threads()
+    plugin, current = llms["vllm"], {}
+
+    def set_policy(pol):
+        current["engine"] = pol.get("engine", "vllm")
+        if current["engine"] == "vllm":
+            plugin.apply_model(lambda m, t=pol["tau"]: m.set_beam_tau(t))
+
+    def gen(prompts, n):
+        e = current["engine"]
+        return _vllm_generate(llms[e], SamplingParams, prompts, n, counting=e == "vllm")
+
+    for pol in spec["policies"]:
+        set_policy(pol)
+        held = plugin.apply_model(lambda m: sorted({r.beam.tau for r in m._beam_runners()}))[0]
+        out["tau_checks"].append({"want": pol["tau"], "layers": held})
+    spec = dict(spec, engine="vllm")
+    out["rows"] = _measure(spec, [NATIVE] + _with_no_experts(spec, spec["policies"]), set_policy, gen)
+    for pol in [NATIVE] + spec["policies"]:
+        set_policy(pol)
+        out["prefill_by_engine"][current["engine"]][str(pol["kept_target"])] = _best(
+            lambda: gen([spec["prefill_prompt"]], 1), spec["repeat"])[0]
+    from convert.vllm_plugin import linear
+
+    out["packed_calls"] = linear.CALLS[0]
+    return out
 
 
 def _vllm_generate(llm, SamplingParams, prompts, n, counting: bool):
@@ -546,10 +602,20 @@ def _measure(spec, policies, set_policy, gen) -> list[dict]:
             if c_new is not None:
                 offered = c_new["offered"] - c_one["offered"]
                 kept = (c_new["computed"] - c_one["computed"]) / offered if offered else float("nan")
-            rows.append(_row(spec["engine"], B, pol["policy"], pol["tau"], pol["kept_target"], t_new=t_new,
-                             t_one=t_one, kept_ratio=kept, N=N))
+            rows.append(_row(pol.get("engine", spec["engine"]), B, pol["policy"], pol["tau"], pol["kept_target"],
+                             t_new=t_new, t_one=t_one, kept_ratio=kept, N=N))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
+
+
+def pair_fits(model_dir, available: int | None = None) -> bool:
+    """Whether one vLLM process can hold native and the plugin on this model: four times its safetensors bytes (two
+    engines, each peaking near twice its weights while it loads) within `available` bytes (default: MemAvailable)."""
+    weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    if available is None:
+        available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo")
+                         if line.startswith("MemAvailable:"))
+    return 4 * weights <= available
 
 
 def rss_gib(field: str = "VmRSS") -> float:
@@ -609,15 +675,23 @@ def bench_model(prep: dict, args, engines, kept_targets) -> tuple[list[dict], di
             "engine_per_tau": args.vllm_engine_per_tau}
     base["max_num_batched_tokens"] = max(base["max_model_len"], max(args.batch_list) * args.prompt_len)
     base["moe_share"] = not args.no_moe_share
-    # vLLM native and the plugin in alternating processes, `--vllm-rounds` each: one process per engine leaves their
-    # ratio to this VM's process-to-process spread. Per engine and batch the rows of the process with the fastest
-    # Top-K (tau 0) step are kept, all its policies together; the ratios are the median of the rounds' paired ones.
+    # vLLM native and the plugin, `--vllm-rounds` processes: each process holds both engines and interleaves their
+    # runs (`_vllm_pair`, the one built first alternating from round to round), so "x native" does not carry this
+    # VM's process-to-process spread (10-25%, more at times; `--vllm-separate`: one process per engine, alternating,
+    # as before). Per engine and batch the rows of the round with the fastest Top-K (tau 0) step are kept, all its
+    # policies together; the ratios are the median of the rounds' paired ones.
     # `--jax-rounds R`: JAX's decode timing again after each of the first R - 1 rounds of vLLM processes (the rest at
     # the end), so JAX's round i ends right before native's process i and samples the machine's speed over the run
     # as vLLM's processes do.
     pair = [e for e in ("vllm_native", "vllm") if e in engines]
-    order = pair * args.vllm_rounds
-    jax_after = {len(pair) * (i + 1) - 1 for i in range(min(extra_jax, args.vllm_rounds))} if pair else set()
+    together = len(pair) == 2 and not (args.vllm_separate or args.vllm_engine_per_tau)
+    if together and not pair_fits(prep["dir"]):
+        together = False
+        notes.append(f"{name}: native vLLM and the plugin in processes of their own (the weights, four times over, "
+                     f"exceed the memory available)")
+    units = ["vllm_pair"] if together else pair
+    order = units * args.vllm_rounds
+    jax_after = {len(units) * (i + 1) - 1 for i in range(min(extra_jax, args.vllm_rounds))} if units else set()
     order += ["torch"] if "torch" in engines else []
     results, rounds = {}, []
 
@@ -627,24 +701,30 @@ def bench_model(prep: dict, args, engines, kept_targets) -> tuple[list[dict], di
 
     for i, engine in enumerate(order):
         spec = dict(base, dir=str(prep["base_dir"] if engine == "vllm_native" else prep["dir"]),
+                    base_dir=str(prep["base_dir"]), native_first=(i // len(units)) % 2 == 0 if units else True,
                     policies=[{"policy": "topk", "tau": None, "kept_target": 1.0}] if engine == "vllm_native"
                     else policies)
-        print(f"-- {name}: {ENGINE_LABEL[engine]} (subprocess {i + 1} of {len(order)})", flush=True)
+        label = "vLLM native and vLLM + plugin, one process" if engine == "vllm_pair" else ENGINE_LABEL[engine]
+        print(f"-- {name}: {label} (subprocess {i + 1} of {len(order)})", flush=True)
         try:
             res = run_worker(engine, spec, Path(args.work_dir) / "logs", args.worker_timeout)
         except RuntimeError as e:
             notes.append(f"{name} / {engine}: failed: {e}")
             print(f"   FAILED: {e}", flush=True)
             continue
+        by_engine = {}  # a `vllm_pair` process returns the rows of two engines
         for r in res["rows"]:
             _log(r)
-        results.setdefault(engine, []).append(res["rows"])
-        if engine != "torch":
-            rounds.append({"engine": engine, "step_ms": {f"{r['batch']}/{r['policy']}/{r['tau']}": r["step_ms"]
-                                                        for r in res["rows"]}})
-        for k, s in res["prefill"].items():
-            prefill[(engine, float(k))] = min(s, prefill.get((engine, float(k)), float("inf")))
-        info["workers"][engine] = {k: v for k, v in res.items() if k not in ("rows", "prefill")}
+            by_engine.setdefault(r["engine"], []).append(r)
+        for e, e_rows in by_engine.items():
+            results.setdefault(e, []).append(e_rows)
+            if e != "torch":
+                rounds.append({"engine": e, "process": i, "step_ms": {
+                    f"{r['batch']}/{r['policy']}/{r['tau']}": r["step_ms"] for r in e_rows}})
+        for e, times in (res.get("prefill_by_engine") or {engine: res["prefill"]}).items():
+            for k, s in times.items():
+                prefill[(e, float(k))] = min(s, prefill.get((e, float(k)), float("inf")))
+        info["workers"][engine] = {k: v for k, v in res.items() if k not in ("rows", "prefill", "prefill_by_engine")}
         for chk in res.get("tau_checks", []):
             if len(chk["layers"]) != 1 or abs(chk["layers"][0] - chk["want"]) > 1e-9:
                 notes.append(f"{name} / {engine}: tau {chk['want']} asked, the MoE layers hold {chk['layers']}")
@@ -786,9 +866,11 @@ def markdown(result: dict) -> str:
            + (f", decode attention {'FFI kernel' if result['jax_decode_attention'] else 'XLA'}"
               if "jax_decode_attention" in result else "")
            + (" | vLLM: torch.compile (its default)" if result.get("vllm_compile") else " | vLLM: enforce_eager")
-           + (f" | vLLM: {result['vllm_rounds']} processes per engine, native and plugin alternating, per batch the "
-              f"one with the fastest Top-K step, ratios the median of the rounds'" if result.get("vllm_rounds", 1) > 1
-              else "")
+           + (" | vLLM: native and the plugin in one process, runs interleaved"
+              if result.get("vllm_processes") == "native and plugin in one"
+              else " | vLLM: native and the plugin in processes of their own, alternating")
+           + (f" | vLLM: {result['vllm_rounds']} rounds, per batch the one with the fastest Top-K step, ratios the "
+              f"median of the rounds'" if result.get("vllm_rounds", 1) > 1 else "")
            + (f" | beam_jax.generate: {result['jax_rounds']} timing rounds between them, per batch the one with the "
               f"fastest Top-K step, ratios the median of the rounds'" if result.get("jax_rounds", 1) > 1 else ""),
            "", f"`{result['command']}`", "",
@@ -922,8 +1004,12 @@ def parse_args(argv=None):
     ap.add_argument("--vllm-engine-per-tau", action="store_true",
                     help="start one vLLM engine per tau (default: one engine, tau changed in place)")
     ap.add_argument("--vllm-rounds", type=int, default=1,
-                    help="vLLM native and plugin processes, alternating, this many each; each row the fastest of "
-                         "them, ratios the median of the rounds'")
+                    help="this many vLLM processes, each holding native and the plugin, their runs interleaved "
+                         "(--vllm-separate: this many of each, alternating); each row the round with the fastest "
+                         "Top-K, ratios the median of the rounds'")
+    ap.add_argument("--vllm-separate", action="store_true",
+                    help="native vLLM and the plugin in processes of their own (default: both in one process; "
+                         "a model too large to hold twice, or --vllm-engine-per-tau, needs this)")
     ap.add_argument("--jax-rounds", type=int, default=1,
                     help="beam_jax.generate's decode timing this many times, one after each round of vLLM processes "
                          "(the JAX model stays loaded meanwhile); ratios the median of the rounds'")
@@ -994,6 +1080,8 @@ def main(argv=None) -> dict | int:
               "vllm_rounds": args.vllm_rounds, "jax_rounds": args.jax_rounds, "jax_packed_projections": _packing(),
               "jax_decode_attention": _decode_attention(),
               "vllm_tau": "one engine per tau" if args.vllm_engine_per_tau else "one engine, tau set in place",
+              "vllm_processes": "one per engine" if args.vllm_separate or args.vllm_engine_per_tau
+              else "native and plugin in one",
               "wall_s": time.time() - t_start,
               "max_rss_gib": {"main": peak_rss_gib(), "largest_worker": max(
                   [w["max_rss_gib"] for m in models.values() for w in m["workers"].values()] or [0.0])},

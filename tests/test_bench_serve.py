@@ -127,7 +127,8 @@ def test_markdown_has_every_row_and_the_notes():
     sv._derive(rows, _jx(), bandwidth=40e9, read_bandwidth=50e9)
     result = {"machine": "cpu:test", "date": "2026-12-06", "copy_bandwidth_GBps": [40.0, 41.0],
               "read_bandwidth_GBps": [50.0, 51.0], "prompt_len": 16, "new_tokens": N, "threads": 2,
-              "vllm_compile": True, "vllm_rounds": 3, "jax_rounds": 2, "command": "python bench/serve.py x",
+              "vllm_compile": True, "vllm_rounds": 3, "vllm_processes": "native and plugin in one", "jax_rounds": 2,
+              "command": "python bench/serve.py x",
               "prefill_len": 512, "notes": ["a note"],
               "models": {"m": {"dir": "/tmp/m", "dtype": "bfloat16", "taus": {"0.15": 0.7},
                                "prefill": [{"engine": "jax", "kept_target": 1.0, "prefill_tokens_per_s": 1000.0}]}},
@@ -137,7 +138,10 @@ def test_markdown_has_every_row_and_the_notes():
     assert len(table) == 3
     assert "| 1 | beam_jax.generate | beam | 0.700 | 0.150 | 25.0 | 40.00 | 25.00 | 1.60 | 2.00 | 2.00x | 2.50x | " \
            "4.00x | 62% | - |" in md, md
-    assert "3 processes per engine" in md and "2 timing rounds" in md and "- a note" in md
+    assert "3 rounds" in md and "2 timing rounds" in md and "- a note" in md
+    assert "native and the plugin in one process, runs interleaved" in md
+    md = sv.markdown(dict(result, vllm_processes="one per engine"))
+    assert "native and the plugin in processes of their own, alternating" in md
     assert "| beam_jax.generate | 1.0 | 1000 |" in md
 
 
@@ -205,6 +209,12 @@ def test_quick_run_of_every_engine(tmp_path):
                 assert r["expert_scaled_step_ms"] > 0 and r["fraction_of_ideal"] is not None, r
     info = result["models"]["qwen3"]
     assert len(info["jax_rounds"]) == 2
+    # native vLLM and the plugin in one process (the default): one worker, rows and prefill for both engines
+    assert result["vllm_processes"] == "native and plugin in one" and "vllm_pair" in info["workers"], info["workers"]
+    assert len(info["workers"]["vllm_pair"]["engine_start_s"]) == 2
+    assert {p["engine"] for p in info["prefill"]} >= {"vllm", "vllm_native"}, info["prefill"]
+    assert sorted(v["engine"] for v in info["vllm_rounds"]) == ["vllm", "vllm_native"]
+    assert len({v["process"] for v in info["vllm_rounds"]}) == 1
     for r in rows:  # JAX: two rounds, each paired with its own Top-K, the first also with native's one process
         if r["engine"] == "jax":
             assert len(r["own_topk_ratio_rounds"]) == 2 and len(r["native_ratio_rounds"]) == 1, r
@@ -216,3 +226,12 @@ def test_quick_run_of_every_engine(tmp_path):
     md = (out / "serve_cpu.md").read_text()
     assert "| 1 | vLLM + plugin | beam |" in md and "MoE share of the Top-K decode step" in md
     assert (out / "serve_cpu.png").stat().st_size > 0
+
+
+def test_pair_fits_counts_four_copies_of_the_weights(tmp_path):
+    (tmp_path / "model-00001.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / "model-00002.safetensors").write_bytes(b"x" * 500)
+    (tmp_path / "config.json").write_text("{}" * 10_000)  # not weights
+    assert sv.pair_fits(tmp_path, available=6000)
+    assert not sv.pair_fits(tmp_path, available=5999)
+    assert sv.pair_fits(tmp_path)  # 6 kB within this machine's MemAvailable
