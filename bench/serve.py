@@ -866,9 +866,9 @@ def markdown(result: dict) -> str:
            + (f", decode attention {'FFI kernel' if result['jax_decode_attention'] else 'XLA'}"
               if "jax_decode_attention" in result else "")
            + (" | vLLM: torch.compile (its default)" if result.get("vllm_compile") else " | vLLM: enforce_eager")
-           + (" | vLLM: native and the plugin in one process, runs interleaved"
-              if result.get("vllm_processes") == "native and plugin in one"
-              else " | vLLM: native and the plugin in processes of their own, alternating")
+           + {"native and plugin in one": " | vLLM: native and the plugin in one process, runs interleaved",
+              "one per engine": " | vLLM: native and the plugin in processes of their own, alternating"}.get(
+                  result.get("vllm_processes"), "")
            + (f" | vLLM: {result['vllm_rounds']} rounds, per batch the one with the fastest Top-K step, ratios the "
               f"median of the rounds'" if result.get("vllm_rounds", 1) > 1 else "")
            + (f" | beam_jax.generate: {result['jax_rounds']} timing rounds between them, per batch the one with the "
@@ -1080,8 +1080,8 @@ def main(argv=None) -> dict | int:
               "vllm_rounds": args.vllm_rounds, "jax_rounds": args.jax_rounds, "jax_packed_projections": _packing(),
               "jax_decode_attention": _decode_attention(),
               "vllm_tau": "one engine per tau" if args.vllm_engine_per_tau else "one engine, tau set in place",
-              "vllm_processes": "one per engine" if args.vllm_separate or args.vllm_engine_per_tau
-              else "native and plugin in one",
+              "vllm_processes": None if not {"vllm", "vllm_native"} <= set(engines) else "one per engine"
+              if args.vllm_separate or args.vllm_engine_per_tau else "native and plugin in one",
               "wall_s": time.time() - t_start,
               "max_rss_gib": {"main": peak_rss_gib(), "largest_worker": max(
                   [w["max_rss_gib"] for m in models.values() for w in m["workers"].values()] or [0.0])},

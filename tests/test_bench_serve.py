@@ -142,6 +142,8 @@ def test_markdown_has_every_row_and_the_notes():
     assert "native and the plugin in one process, runs interleaved" in md
     md = sv.markdown(dict(result, vllm_processes="one per engine"))
     assert "native and the plugin in processes of their own, alternating" in md
+    md = sv.markdown(dict(result, vllm_processes=None))  # a run without both vLLM engines
+    assert "vLLM: native and the plugin" not in md
     assert "| beam_jax.generate | 1.0 | 1000 |" in md
 
 
