@@ -425,35 +425,55 @@ def _vllm_engine(spec: dict, group: list[dict], native: bool, out: dict):
     """One vLLM engine: started at group[0]'s tau (plugin), each policy's tau set in place on the live model
     (`set_beam_tau` through `LLM.apply_model`, checked on every BEAM MoE layer), the policies' runs interleaved
     (`_measure`). Appends to `out`."""
-    import torch
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    t0 = time.perf_counter()
-    llm = LLM(model=spec["dir"], dtype=spec["dtype"], max_model_len=spec["max_model_len"], seed=0,
-              enforce_eager=not spec["compile"], skip_tokenizer_init=True, enable_prefix_caching=False,
-              max_num_seqs=max(spec["batches"]), max_num_batched_tokens=spec["max_num_batched_tokens"],
-              hf_overrides=None if native else {"beam_tau": group[0]["tau"]})
-    out["engine_start_s"].append(time.perf_counter() - t0)
-    out["torch_threads"] = torch.get_num_threads()
+    llm = _start_llm(spec, spec["dir"], None if native else group[0]["tau"], out)
     gen = functools.partial(_vllm_generate, llm, SamplingParams, counting=not native)
 
     def set_policy(pol):  # the tau is set in place on the live model; the first policy's is the engine's own
         if not native:
             llm.apply_model(lambda m, t=pol["tau"]: m.set_beam_tau(t))
 
-    for pol in group:
-        if not native:  # the tau every BEAM MoE layer of the live model holds once set
-            set_policy(pol)
-            held = llm.apply_model(lambda m: sorted({r.beam.tau for r in m._beam_runners()}))[0]
-            out["tau_checks"].append({"want": pol["tau"], "layers": held})
+    if not native:
+        _check_taus(llm, set_policy, group, out)
     out["rows"] += _measure(spec, group if native else _with_no_experts(spec, group), set_policy, gen)
     for pol in group:
         set_policy(pol)
         out["prefill"][str(pol["kept_target"])] = _best(lambda: gen([spec["prefill_prompt"]], 1), spec["repeat"])[0]
-    if not native:  # products of the plugin's packed dense layers so far in this process (0: vLLM's oneDNN only)
-        from convert.vllm_plugin import linear
+    if not native:
+        _count_packed(out)
 
-        out["packed_calls"] = linear.CALLS[0]
+
+def _start_llm(spec: dict, path: str, tau: float | None, out: dict):
+    """A vLLM engine on `path` with the run's settings, the plugin's at `tau` (None: native vLLM); its start time
+    appended to out["engine_start_s"], torch's thread count to out["torch_threads"]."""
+    import torch
+    from vllm import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(model=path, dtype=spec["dtype"], max_model_len=spec["max_model_len"], seed=0,
+              enforce_eager=not spec["compile"], skip_tokenizer_init=True, enable_prefix_caching=False,
+              max_num_seqs=max(spec["batches"]), max_num_batched_tokens=spec["max_num_batched_tokens"],
+              hf_overrides=None if tau is None else {"beam_tau": tau})
+    out["engine_start_s"].append(time.perf_counter() - t0)
+    out["torch_threads"] = torch.get_num_threads()
+    return llm
+
+
+def _check_taus(plugin, set_policy, policies: list[dict], out: dict):
+    """Each policy's tau set on the plugin's live model and the tau every BEAM MoE layer then holds, into
+    out["tau_checks"]."""
+    for pol in policies:
+        set_policy(pol)
+        held = plugin.apply_model(lambda m: sorted({r.beam.tau for r in m._beam_runners()}))[0]
+        out["tau_checks"].append({"want": pol["tau"], "layers": held})
+
+
+def _count_packed(out: dict):
+    """Products of the plugin's packed dense layers so far in this process (0: vLLM's oneDNN only)."""
+    from convert.vllm_plugin import linear
+
+    out["packed_calls"] = linear.CALLS[0]
 
 
 def _vllm_pair(spec: dict) -> dict:
@@ -461,21 +481,14 @@ def _vllm_pair(spec: dict) -> dict:
     in the order spec["native_first"] says, their runs interleaved at each batch with the plugin's policies
     (native, Top-K, BEAM ..., native, ...: `_measure`), so "x native" is a same-process, same-moment ratio like "x
     own Top-K". Rows and prefill times carry each one's engine name ("vllm_native", "vllm")."""
-    import torch
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     out = {"rows": [], "prefill_by_engine": {"vllm_native": {}, "vllm": {}}, "engine_start_s": [],
            "tau_checks": []}
     llms = {}
-    kw = dict(dtype=spec["dtype"], max_model_len=spec["max_model_len"], seed=0, enforce_eager=not spec["compile"],
-              skip_tokenizer_init=True, enable_prefix_caching=False, max_num_seqs=max(spec["batches"]),
-              max_num_batched_tokens=spec["max_num_batched_tokens"])
     for engine in (("vllm_native", "vllm") if spec["native_first"] else ("vllm", "vllm_native")):
-        t0 = time.perf_counter()
-        llms[engine] = (LLM(model=spec["base_dir"], **kw) if engine == "vllm_native" else
-                        LLM(model=spec["dir"], hf_overrides={"beam_tau": spec["policies"][0]["tau"]}, **kw))
-        out["engine_start_s"].append(time.perf_counter() - t0)
-    out["torch_threads"] = torch.get_num_threads()
+        llms[engine] = (_start_llm(spec, spec["base_dir"], None, out) if engine == "vllm_native" else
+                        _start_llm(spec, spec["dir"], spec["policies"][0]["tau"], out))
     plugin, current = llms["vllm"], {}
 
     def set_policy(pol):
@@ -487,19 +500,14 @@ def _vllm_pair(spec: dict) -> dict:
         e = current["engine"]
         return _vllm_generate(llms[e], SamplingParams, prompts, n, counting=e == "vllm")
 
-    for pol in spec["policies"]:
-        set_policy(pol)
-        held = plugin.apply_model(lambda m: sorted({r.beam.tau for r in m._beam_runners()}))[0]
-        out["tau_checks"].append({"want": pol["tau"], "layers": held})
+    _check_taus(plugin, set_policy, spec["policies"], out)
     spec = dict(spec, engine="vllm")
     out["rows"] = _measure(spec, [NATIVE] + _with_no_experts(spec, spec["policies"]), set_policy, gen)
     for pol in [NATIVE] + spec["policies"]:
         set_policy(pol)
         out["prefill_by_engine"][current["engine"]][str(pol["kept_target"])] = _best(
             lambda: gen([spec["prefill_prompt"]], 1), spec["repeat"])[0]
-    from convert.vllm_plugin import linear
-
-    out["packed_calls"] = linear.CALLS[0]
+    _count_packed(out)
     return out
 
 

@@ -237,3 +237,27 @@ def test_pair_fits_counts_four_copies_of_the_weights(tmp_path):
     assert sv.pair_fits(tmp_path, available=6000)
     assert not sv.pair_fits(tmp_path, available=5999)
     assert sv.pair_fits(tmp_path)  # 6 kB within this machine's MemAvailable
+
+
+def test_quick_run_with_the_engines_in_processes_of_their_own(tmp_path):
+    """`--vllm-separate`: native vLLM and the plugin each in a worker of its own (the pairing before 2026-12-07,
+    and the fallback for a model too large to hold twice): both engines' rows, one worker each."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("vllm", reason="the vLLM engines need the `serve` extra")
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "bench" / "serve.py"), "--quick", "--models", "qwen3", "--batches", "1",
+           "--engines", "vllm,vllm_native", "--kept", "0.15", "--repeat", "1", "--vllm-eager", "--vllm-separate",
+           "--no-moe-share", "--out-dir", str(out), "--work-dir", str(tmp_path / "work")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    result = json.loads((out / "serve_cpu.json").read_text())
+    assert result["notes"] == [] and result["vllm_processes"] == "one per engine", result["notes"]
+    info = result["models"]["qwen3"]
+    assert set(info["workers"]) == {"vllm", "vllm_native"}, info["workers"]
+    assert sorted(v["process"] for v in info["vllm_rounds"]) == [0, 1]
+    rows = {(r["engine"], r["policy"]) for r in result["rows"]}
+    assert rows == {("vllm", "topk"), ("vllm", "beam"), ("vllm_native", "topk")}, rows
+    assert all(r["speedup_vs_native"] for r in result["rows"] if r["engine"] == "vllm"), result["rows"]
