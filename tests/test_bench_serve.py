@@ -5,6 +5,7 @@ takes minutes per model, outside CI)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -208,7 +209,9 @@ def test_quick_run_of_every_engine(tmp_path):
         assert kept[1.0] == 1.0 and 0 < kept[0.15] < kept[0.5] < 1, (engine, kept)
         for r in rows:
             if r["engine"] == engine and r["policy"] == "beam":
-                assert r["expert_scaled_step_ms"] > 0 and r["fraction_of_ideal"] is not None, r
+                # a figure, not a timing: on --quick's small model a step is (t(8 new) - t(1 new)) / 7 of
+                # sub-millisecond runs, and the noise can make the no-expert step, and so this, negative
+                assert math.isfinite(r["expert_scaled_step_ms"]) and r["fraction_of_ideal"] is not None, r
     info = result["models"]["qwen3"]
     assert len(info["jax_rounds"]) == 2
     # native vLLM and the plugin in one process (the default): one worker, rows and prefill for both engines
