@@ -9,10 +9,10 @@ compiled function and only read), and one jitted function runs the prefill and t
 (`lax.while_loop`, stopping early when every sequence has ended). So a generation costs one dispatch, no host
 round trip per token, and no copy or write-back of the model's state. On the CPU (AVX512-BF16 and AMX builds) the
 bf16 dense layers' kernels are also passed packed (`decode_packs`: made once per model, kept while it lives) for the
-decode steps' products, on the AMX build the bf16 experts too (`packed_experts`, impl="kernel"), and the decode
-steps' attention runs on the decode-attention kernel (`beam_jax.decode_attention`, `attention.decode_kernels`). The
-model's large arrays and the packed copies are moved onto 2 MiB pages once (`beam_jax.hugepages`: a step streams
-them, faster over huge pages). The KV cache length is bucketed
+decode steps' products, as are the bf16 experts (`packed_experts`, impl="kernel"); the decode steps' attention runs
+on the decode-attention kernel (`beam_jax.decode_attention`, `attention.decode_kernels`). The model's large arrays
+and the packed copies are moved onto 2 MiB pages once (`beam_jax.hugepages`: a step streams them, faster over huge
+pages). The KV cache length is bucketed
 (`cache_bucket`), and `max_new_tokens`, the pad token and a hook's knobs (BEAM's tau) are traced, so changing
 them within a bucket does not recompile. `generate_reference` is the plain step-by-step loop (one forward per
 token, a host round trip each) that the tests hold the compiled path to.
@@ -187,8 +187,8 @@ def decode_packs(model) -> dict:
     (`rows_matmul.packing_available`: the AVX512-BF16 and AMX CPU builds; ``BEAM_JAX_PACKED=0``):
     - every bfloat16 `nnx.Linear` (attention projections, dense MLPs, the LM head, routers held in bfloat16): a
       `rows_matmul.PackedWeight` (for Qwen3-30B-A3B about 4% of the model);
-    - on the AMX build, every bfloat16 `moe.Experts`: a `packed_experts.PackedExperts` (as large as the experts;
-      only where that copy leaves half of the available memory, `packed_experts.fits_in_memory`;
+    - every bfloat16 `moe.Experts` (`packed_experts.packing_available`): a `packed_experts.PackedExperts` (as large
+      as the experts; only where that copy leaves half of the available memory, `packed_experts.fits_in_memory`;
       ``BEAM_JAX_PACKED_EXPERTS=0`` turns it off). Elsewhere the expert kernel reads the experts in place;
     - every BEAM `moe.MaskRouter`: its kernel transposed, [E, d] float32 (`MaskRouter.at` reads the rows of a decode
       step's candidates alone).

@@ -77,12 +77,12 @@ class Experts(nnx.Module):
 
     def __call__(self, x, ids, weights, keep=None, impl: str = "reference"):
         """impl: an `experts.EXPERT_PATHS` name, or "kernel" for `beam_jax.masked_moe` (the FFI kernel where it
-        is built: dropped pairs cost nothing, forward and, on CPU, backward; within `beam_jax.generate` on the AMX
-        build, bfloat16, `packed_experts.masked_moe_packed` on the copy `generate.decode_packs` made)."""
+        is built: dropped pairs cost nothing, forward and, on CPU, backward; within `beam_jax.generate` on the AMX and
+        AVX512-BF16 builds, bfloat16, `packed_experts.masked_moe_packed` on the copy `generate.decode_packs` made)."""
         if impl == "kernel" and x.dtype == jnp.bfloat16:
             from .packed_experts import PackedExperts, masked_moe_packed
 
-            packed = packed_for(self)  # inside beam_jax.generate on the AMX build: the experts packed once
+            packed = packed_for(self)  # inside beam_jax.generate (AMX, AVX512-BF16): the experts packed once
             if isinstance(packed, PackedExperts):
                 return masked_moe_packed(x, packed, ids, weights.astype(jnp.float32), keep)
         wg, wu, wd = (p[...].astype(x.dtype) for p in (self.w_gate, self.w_up, self.w_down))

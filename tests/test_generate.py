@@ -210,9 +210,9 @@ def test_matmul_fast_path_equals_float32_product(rows, transpose_w):
 
 
 def test_decode_packs_cover_the_dense_bf16_layers_once(tmp_path):
-    """`generate` packs every bfloat16 dense projection (and, on the AMX build, the experts; every mask router
-    transposed) once per model, again when a kernel changes; its decode steps (and on the AMX build its prefill)
-    multiply through the packed target, with the tokens of the unpacked step loop."""
+    """`generate` packs every bfloat16 dense projection and the experts (every mask router transposed) once per
+    model, again when a kernel changes; its decode steps (and its prefill's experts, and on the AMX build its prefill's
+    projections) multiply through the packed targets, with the tokens of the unpacked step loop."""
     from beam_jax import attention, packed_experts as pk, rows_matmul as rm
     from beam_jax.generate import decode_packs
 
@@ -263,7 +263,7 @@ def test_decode_packs_cover_the_dense_bf16_layers_once(tmp_path):
         pk.masked_moe_packed = real_experts
     assert 3 in calls  # the decode step's rows
     assert (36 in calls) == (rm.packed_rows_max() >= 36)  # the prefill's 3 x 12 rows: on the AMX build's tiles only
-    # the experts of prefill (36 tokens) and decode steps (3) run packed on the AMX build, in every layer
+    # the experts of prefill (36 tokens) and decode steps (3) run packed in every layer
     want = sorted([36] * L + [3] * L) if pk.packing_available() else []
     assert sorted(expert_calls) == want, expert_calls
     np.testing.assert_array_equal(ours, np.asarray(generate_reference(model, prompt, **kw)))
@@ -276,7 +276,8 @@ def test_experts_packed_only_where_the_copy_fits(tmp_path, monkeypatch):
     from beam_jax.generate import decode_packs
 
     if not pk.packing_available():
-        pytest.skip("the experts are packed on the AMX build of beam_jax._ffi only (this processor runs another)")
+        pytest.skip("the experts are packed on the AVX512-BF16 and AMX builds of beam_jax._ffi only (this processor "
+                    "runs another)")
     model = _model(tmp_path, dtype="bfloat16")
     fits = {"now": False}
     monkeypatch.setattr(pk, "fits_in_memory", lambda nbytes: fits["now"])
