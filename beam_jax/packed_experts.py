@@ -61,7 +61,7 @@ def packing_available() -> bool:
     build (the packed dense projections are on, `rows_matmul.packing_available`), unless
     ``BEAM_JAX_PACKED_EXPERTS=0`` (read when called). Measured with `bench/moe_vs_vllm.py` (Qwen3-30B-A3B's layer):
     on the 2-core Xeon's AMX tiles the packed experts take 0.97x the row-major kernel's time at 1 token, 0.92x at
-    8, 0.81x at 32, 0.61-0.62x at 128 and 512; on the 2-core AMD EPYC (Zen 4, AVX512-BF16, no AMX) 0.82-0.96x at
+    8, 0.81x at 32, 0.61-0.62x at 128 and 512; on the 2-core AMD EPYC (Zen 4, AVX512-BF16, no AMX) 0.83-0.96x at
     1-32 tokens and 0.67-0.90x at 128-512 (`bench/results/moe_vs_vllm_cpu_amd_packed.json`). The one case
     measured against it, the AVX512-BF16 build forced on that Xeon (`BEAM_JAX_CPU_ISA=avx512bf16`; its own build
     is AMX), lost 5-7% at 1-32 tokens there; the portable and AVX2 builds have no fast path for the layout."""

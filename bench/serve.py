@@ -835,6 +835,13 @@ def _packing() -> bool:
     return packing_available()
 
 
+def _packing_experts() -> bool:
+    """Whether `beam_jax.generate` packs a bfloat16 model's experts here (where the copy fits in memory)."""
+    from beam_jax.packed_experts import packing_available
+
+    return packing_available()
+
+
 def _decode_attention() -> bool:
     """Whether `beam_jax.generate`'s decode steps attend through the FFI decode-attention kernel here."""
     import jax.numpy as jnp
@@ -871,6 +878,8 @@ def markdown(result: dict) -> str:
            f"threads {result['threads']}"
            + (f" | beam_jax.generate: dense projections packed {'on' if result['jax_packed_projections'] else 'off'}"
               if "jax_packed_projections" in result else "")
+           + (f", experts packed {'on' if result['jax_packed_experts'] else 'off'} (bf16, where the copy fits)"
+              if "jax_packed_experts" in result else "")
            + (f", decode attention {'FFI kernel' if result['jax_decode_attention'] else 'XLA'}"
               if "jax_decode_attention" in result else "")
            + (" | vLLM: torch.compile (its default)" if result.get("vllm_compile") else " | vLLM: enforce_eager")
@@ -1086,6 +1095,7 @@ def main(argv=None) -> dict | int:
               "repeat": args.repeat, "threads": args.threads, "quick": args.quick,
               "vllm_compile": not args.vllm_eager,
               "vllm_rounds": args.vllm_rounds, "jax_rounds": args.jax_rounds, "jax_packed_projections": _packing(),
+              "jax_packed_experts": _packing_experts(),
               "jax_decode_attention": _decode_attention(),
               "vllm_tau": "one engine per tau" if args.vllm_engine_per_tau else "one engine, tau set in place",
               "vllm_processes": None if not {"vllm", "vllm_native"} <= set(engines) else "one per engine"

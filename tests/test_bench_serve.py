@@ -146,6 +146,9 @@ def test_markdown_has_every_row_and_the_notes():
     md = sv.markdown(dict(result, vllm_processes=None))  # a run without both vLLM engines
     assert "vLLM: native and the plugin" not in md
     assert "| beam_jax.generate | 1.0 | 1000 |" in md
+    assert "experts packed" not in md  # an older result without the key
+    md = sv.markdown(dict(result, jax_packed_projections=True, jax_packed_experts=False))
+    assert "dense projections packed on, experts packed off" in md
 
 
 def test_moe_share_and_expert_scaled_steps():
@@ -230,6 +233,9 @@ def test_quick_run_of_every_engine(tmp_path):
     assert all(s["step_ms_no_experts"] > 0 and s["step_ms_topk"] > 0 for s in shares), shares
     md = (out / "serve_cpu.md").read_text()
     assert "| 1 | vLLM + plugin | beam |" in md and "MoE share of the Top-K decode step" in md
+    from beam_jax import packed_experts
+
+    assert result["jax_packed_experts"] == packed_experts.packing_available()
     assert (out / "serve_cpu.png").stat().st_size > 0
 
 
