@@ -10,6 +10,8 @@
 //   set_cpu_isa(name)     -> select a build (capped at the best); returns the one now selected
 //   packed_rows_matmul(...) the packed-weight projection on raw pointers, for the vLLM plugin's dense
 //                            layers (convert/vllm_plugin/linear.py), on `threads` OpenMP threads
+//   masked_moe_packed(...)  the masked-expert MoE on packed experts (beam_masked_moe_packed's kernel) on raw
+//                            pointers, for the vLLM plugin's BEAM experts (convert/vllm_plugin/moe.py)
 // A target has the same name on both platforms, so one ffi_call lowers on either; the backward
 // targets (beam_masked_moe_bwd, beam_masked_moe_bwd_full) exist on both, beam_rows_matmul,
 // beam_packed_rows_matmul, beam_decode_attention and beam_cache_update on CPU only. beam_jax.kernel reads which
@@ -115,6 +117,28 @@ PYBIND11_MODULE(_ffi, m) {
         p.wp = reinterpret_cast<const void*>(wp);
         p.y = reinterpret_cast<void*>(y);
         if (M > 0 && N > 0) beam::CpuPackedRowsMatmul(p, PythonRunner(threads));
+      },
+      py::call_guard<py::gil_scoped_release>());
+  // y [T, d] bf16 = the masked MoE of x [T, d] bf16 (d even) over the packed experts (w_gate, w_up
+  // [E, ceil(f / 32), d / 2, 32, 2], w_down [E, ceil(d / 32), f / 2, 32, 2] bf16, f even), routing ids [T, K] int32,
+  // weights [T, K] f32, keep [T, K] bool; all contiguous. The caller (convert/vllm_plugin/moe.py) checks them.
+  m.def(
+      "masked_moe_packed",
+      [](uintptr_t x, int64_t T, int64_t d, int64_t f, int64_t E, int64_t K, uintptr_t w_gate, uintptr_t w_up,
+         uintptr_t w_down, uintptr_t ids, uintptr_t weights, uintptr_t keep, uintptr_t y, int threads) {
+        beam::Problem p;
+        p.T = T; p.K = K; p.E = E; p.d = d; p.f = f;
+        p.type = beam::ElemType::kBF16;
+        p.packed = true;
+        p.x = reinterpret_cast<const void*>(x);
+        p.w_gate = reinterpret_cast<const void*>(w_gate);
+        p.w_up = reinterpret_cast<const void*>(w_up);
+        p.w_down = reinterpret_cast<const void*>(w_down);
+        p.expert_ids = reinterpret_cast<const int32_t*>(ids);
+        p.weights = reinterpret_cast<const float*>(weights);
+        p.keep = reinterpret_cast<const bool*>(keep);
+        p.y = reinterpret_cast<void*>(y);
+        if (T > 0 && d > 0) beam::CpuMaskedMoe(p, PythonRunner(threads));
       },
       py::call_guard<py::gil_scoped_release>());
   m.def("cpu_isa", []() { return beam::CpuIsaName(beam::SelectedCpuIsa()); });

@@ -91,7 +91,7 @@ def _runner(routing, experts):
     """A BeamMoERunner without vLLM's layer machinery: the attributes `_apply_quant_method` reads."""
     r = beam_moe.BeamMoERunner.__new__(beam_moe.BeamMoERunner)
     torch.nn.Module.__init__(r)
-    r.beam, r.offered, r.computed, r._beam_expert_map = routing, None, None, None
+    r.beam, r.offered, r.computed, r._beam_expert_map, r.beam_packed = routing, None, None, None, None
     r._direct = False  # the recording experts stand in for vLLM's kernel: never called around them
     routing.mask_in_runner = not beam_moe.current_platform.is_cuda_alike()  # as BeamMoERunner.__init__ sets it
     r._shared_experts, r.layer_name = None, "model.layers.0.mlp.experts"
@@ -296,6 +296,102 @@ def test_cpu_direct_path_equals_the_general_path(monkeypatch, dtype, atol):
             np.testing.assert_allclose(got.double().numpy(), general.double().numpy(), atol=atol / 4, rtol=0)
             assert runner._experts_direct(xr, wr, ir.long()) is None  # int64 ids: not the kernel's, general path
     assert 0 < computed < offered
+
+
+def _packed_or_skip():
+    if not beam_moe.packed_experts_available():
+        pytest.skip("the packed experts need the extension's AVX512-BF16 or AMX build (this processor runs "
+                    f"{beam_moe._ffi().cpu_isa() if beam_moe._ffi() else 'no extension'})")
+
+
+def test_pack_experts_is_beam_jax_layout():
+    """The plugin's packed copy of vLLM's w13 [E, 2f, d] / w2 [E, d, f] is `beam_jax.packed_experts.pack_experts` of
+    the same experts in beam_jax's layout (w_gate, w_up [E, d, f], w_down [E, f, d]), column tails included."""
+    jnp = pytest.importorskip("jax.numpy")
+    from beam_jax import packed_experts as pk
+
+    g = torch.Generator().manual_seed(31)
+    En, Dn, Fn = 3, 48, 40  # 40 and 48: neither a multiple of 32
+    w13 = torch.randn(En, 2 * Fn, Dn, generator=g).to(torch.bfloat16)
+    w2 = torch.randn(En, Dn, Fn, generator=g).to(torch.bfloat16)
+    got = beam_moe.pack_experts(w13, w2)
+    as_jax = [jnp.asarray(t.float().numpy(), jnp.bfloat16)
+              for t in (w13[:, :Fn].transpose(1, 2), w13[:, Fn:].transpose(1, 2), w2.transpose(1, 2))]
+    want = pk.pack_experts(*as_jax)
+    for name, a, b in zip(("w_gate", "w_up", "w_down"), got, (want.w_gate, want.w_up, want.w_down)):
+        np.testing.assert_array_equal(a.float().numpy(), np.asarray(b, np.float32), err_msg=name)
+    with pytest.raises(ValueError, match="w13 .*w2"):
+        beam_moe.pack_experts(w13.float(), w2)
+    with pytest.raises(ValueError, match="even"):
+        beam_moe.pack_experts(w13[:, :, :47], w2[:, :47])
+
+
+def test_cpu_direct_path_on_packed_experts(monkeypatch):
+    """With the experts packed (`pack_weights`), a call that drops pairs runs on the extension's packed kernel, one
+    that keeps every pair on vLLM's: both equal the dense masked sum in bfloat16, and equal what vLLM's kernel gives
+    for the same rows; one token (its [1, n] call) and many (rows of a top_k=1 call, summed back)."""
+    monkeypatch.setattr(beam_moe.current_platform, "is_cuda_alike", lambda: False)
+    _packed_or_skip()
+    Dn, Fn, En, Kn, Tn = 64, 96, 8, 3, 11
+    g = torch.Generator().manual_seed(22)
+    w13 = torch.randn(En, 2 * Fn, Dn, generator=g) / Dn ** 0.5
+    w2 = torch.randn(En, Dn, Fn, generator=g) / Fn ** 0.5
+    routing = beam_moe.BeamRouting(num_experts=En, top_k=Kn, renormalize=True)
+    routing.mask_router = torch.nn.Linear(Dn, En, bias=False)
+    with torch.no_grad():
+        routing.mask_router.weight.copy_(torch.randn(En, Dn, generator=g) * 3 / Dn ** 0.5)
+    x = torch.randn(Tn, Dn, generator=g).to(torch.bfloat16)
+    weights, ids = routing.topk(torch.randn(Tn, En, generator=g) * 3)
+    ids = ids.to(torch.int32)
+    runner = _direct_runner(routing, w13, w2, torch.bfloat16)
+    plain = _direct_runner(routing, w13, w2, torch.bfloat16)  # the same, on vLLM's kernel only
+    runner.beam_packed = beam_moe.pack_experts(w13.to(torch.bfloat16), w2.to(torch.bfloat16))  # as loaded
+    w13r, w2r = w13.to(torch.bfloat16).double(), w2.to(torch.bfloat16).double()
+    seen = set()
+    for tau in (0.0, 0.5, 0.7, 1.01):
+        routing.tau = tau
+        for rows in (slice(None), slice(4, 5), slice(2, 9)):
+            xr, wr, ir = x[rows].contiguous(), weights[rows].contiguous(), ids[rows].contiguous()
+            packed_before, direct_before = beam_moe.PACKED_CALLS[0], beam_moe.DIRECT_CALLS[0]
+            got = runner._experts_direct(xr, wr, ir)
+            g_, masked, _ = beam_moe.beam_mask(xr.float(), wr, ir.long(), routing.mask_router.weight, tau, False, En)
+            n = int((masked < En).sum())
+            dropped = 0 < n < ir.numel()
+            seen.add((dropped, xr.shape[0] == 1))
+            assert beam_moe.PACKED_CALLS[0] == packed_before + dropped, (tau, rows)
+            assert beam_moe.DIRECT_CALLS[0] == direct_before + (n == ir.numel()), (tau, rows)
+            want = torch.zeros(xr.shape, dtype=torch.float64)
+            for t, k in (masked < En).nonzero().tolist():
+                want[t] += float(g_[t, k]) * _expert(w13r, w2r, int(masked[t, k]), xr[t:t + 1].double())[0]
+            np.testing.assert_allclose(got.double().numpy(), want.numpy(), atol=6e-2, rtol=0,
+                                       err_msg=f"tau {tau}, rows {rows}")
+            vllm_kernel = plain._experts_direct(xr, wr, ir)
+            np.testing.assert_allclose(got.double().numpy(), vllm_kernel.double().numpy(), atol=6e-2, rtol=0)
+    assert {(True, True), (True, False)} <= seen, seen  # dropped pairs at one token and at many
+
+
+def test_pack_runners_only_where_the_copies_fit(monkeypatch):
+    """`pack_runners` packs every packable runner or none: none where the copies would take more than half of the
+    available memory, none with BEAM_JAX_PACKED_EXPERTS=0, none for float32 experts."""
+    monkeypatch.setattr(beam_moe.current_platform, "is_cuda_alike", lambda: False)
+    _packed_or_skip()
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+    routing = beam_moe.BeamRouting(num_experts=E, top_k=K, renormalize=True)
+    w13, w2 = (w.to(torch.bfloat16) for w in _experts())
+    runners = [_runner(routing, types.SimpleNamespace(w13_weight=w13, w2_weight=w2, activation=MoEActivation.SILU))
+               for _ in range(2)]
+    nbytes = 2 * 2 * E * (2 * 32 * D + 32 * F)  # two runners' copies: F = 8 and D = 16 columns padded to 32
+    assert beam_moe.packed_nbytes(w13, w2) == nbytes // 2
+    monkeypatch.setattr(beam_moe, "_available_memory_bytes", lambda: 2 * nbytes - 1)
+    assert beam_moe.pack_runners(runners) == 0 and all(r.beam_packed is None for r in runners)
+    monkeypatch.setattr(beam_moe, "_available_memory_bytes", lambda: 2 * nbytes)
+    monkeypatch.setenv("BEAM_JAX_PACKED_EXPERTS", "0")
+    assert beam_moe.pack_runners(runners) == 0
+    monkeypatch.delenv("BEAM_JAX_PACKED_EXPERTS")
+    assert beam_moe.pack_runners(runners) == nbytes and all(r.beam_packed is not None for r in runners)
+    runners[0].routed_experts.w13_weight = w13.float()
+    assert runners[0].packable_experts() is None
 
 
 def test_compact_pairs_rows():

@@ -1,7 +1,8 @@
 """vLLM BEAM models: each is vLLM's own model class for the family, built with BEAM MoE layers
 (`moe.beam_moe_factory`) and a float32 `mask_router` (`nn.Linear(d, E, bias=False)`) in every MoE block, loaded
 from the checkpoint's `<moe block>.mask_router.weight` by the family's weight loader. On CPU their bfloat16 dense
-layers multiply decode-sized batches by packed weights (`linear.use_packed_linears`).
+layers multiply decode-sized batches by packed weights (`linear.use_packed_linears`), and their experts get a
+packed copy for the extension's kernel, which runs the calls that drop pairs (`moe.pack_runners`).
 
 tau comes from the config's `beam.tau`, overridable at load time:
 `LLM(model=DIR, hf_overrides={"beam_tau": 0.9})` (or `{"beam": {"tau": 0.9}}`).
@@ -21,7 +22,7 @@ from convert import BASE_ARCHITECTURES
 from convert.modeling_beam import BEAM_DEFAULTS
 
 from .linear import use_packed_linears
-from .moe import BeamMoERunner, beam_moe_factory
+from .moe import BeamMoERunner, beam_moe_factory, pack_runners
 
 
 def beam_settings(hf_config) -> dict:
@@ -54,6 +55,14 @@ class BeamModelMixin:
                 routing.beam_renormalize = settings["renormalize"]
         # CPU, bfloat16, AVX512-BF16: decode-sized products of the dense layers through packed weights (linear.py)
         self.beam_packed_linears = use_packed_linears(self, vllm_config.model_config.dtype)
+
+    def load_weights(self, weights):
+        """The family's loader, then (CPU, bfloat16, the extension's AVX512-BF16 or AMX build) the experts packed
+        for the extension's kernel (`moe.pack_runners`) while they still have the checkpoint's layout: vLLM prepacks
+        its own copy after this returns."""
+        loaded = super().load_weights(weights)
+        self.beam_packed_expert_bytes = pack_runners(self._beam_runners())
+        return loaded
 
     def _beam_runners(self) -> list[BeamMoERunner]:
         return [m for m in self.modules() if isinstance(m, BeamMoERunner)]

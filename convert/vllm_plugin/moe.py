@@ -23,6 +23,12 @@ Three pieces, all installed while a BEAM model is being built (`beam_moe_factory
   modular kernel passes: its Python cost about as much as a small model's expert compute. There
   (`_experts_direct`) the kept rows go through buffers reused between layer calls and the counters are plain
   attributes: the general path's per-call allocations and checks cost a tiny model more than its expert compute.
+  On the extension's AVX512-BF16 and AMX builds a bfloat16 model's experts also get a packed copy at load
+  (`pack_experts`, the layout of `beam_jax.packed_experts`, made from the checkpoint's weights before vLLM prepacks
+  its own; only where it leaves half of the available memory; ``BEAM_JAX_PACKED_EXPERTS=0`` turns it off), and the
+  kept rows of a call that drops pairs go to the project's packed kernel (`beam_jax._ffi.masked_moe_packed`, the
+  kernel `beam_jax.generate` runs) instead of vLLM's: its rate on BEAM's few rows per expert is higher. A call that
+  keeps every pair stays vLLM's own, as in vLLM's model.
   CUDA: vLLM's expert-parallel mechanism, which its Triton experts document and test. `beam_kernel_args` keeps
   the ids [T, K] (static shapes: CUDA-graph safe) and passes `expert_map` = [0 .. E-1 (or the EP map), -1] with
   `global_num_experts = E + 1`, so the BEAM id E maps to -1. vLLM 0.32's `TritonExperts.apply` then aligns
@@ -65,6 +71,7 @@ from convert.vllm_plugin.ops import register_cpu_op
 _RUNNERS: "weakref.WeakSet[BeamMoERunner]" = weakref.WeakSet()
 _RUNNER_IDS: list = []  # runner id -> weakref to the runner: `masked_experts`' way back to it
 DIRECT_CALLS = [0]  # expert calls made straight to vLLM's CPU kernel in this process (the tests read it)
+PACKED_CALLS = [0]  # expert calls made to the extension's packed kernel in this process (the tests read it)
 OP_CALLS = [0]  # `beam_jax::masked_experts` calls (compiled graphs) in this process (the tests read it)
 
 
@@ -250,6 +257,67 @@ def _direct_experts(direct, x, weights, ids):
     return out
 
 
+def packed_experts_available() -> bool:
+    """Whether the BEAM models pack their bfloat16 experts here: the extension has `masked_moe_packed` and runs its
+    AVX512-BF16 or AMX build, unless ``BEAM_JAX_PACKED_EXPERTS=0`` (read when the weights are loaded)."""
+    import os
+
+    from beam_jax.cpu_isas import DP_ISAS
+
+    ext = _ffi()
+    return (os.environ.get("BEAM_JAX_PACKED_EXPERTS") != "0" and ext is not None
+            and hasattr(ext, "masked_moe_packed") and ext.cpu_isa() in DP_ISAS)
+
+
+def pack_experts(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """vLLM's unquantized experts as loaded, w13 [E, 2f, d] (the gate's f rows, then the up projection's) and w2
+    [E, d, f], bfloat16, d and f even -> (w_gate, w_up [E, ceil(f / 32), d / 2, 32, 2], w_down [E, ceil(d / 32),
+    f / 2, 32, 2]) bfloat16 contiguous: each expert's matrices as `linear.pack_weight` packs a weight, the layout
+    of `beam_jax.packed_experts.pack_experts` (w_gate[e] = pack of w13[e, :f], w_up[e] of w13[e, f:], w_down[e]
+    of w2[e]). Packed one expert at a time (no full-size temporary)."""
+    from convert.vllm_plugin.linear import pack_weight
+
+    if (w13.dim() != 3 or w2.dim() != 3 or w13.dtype != torch.bfloat16 or w2.dtype != torch.bfloat16
+            or w13.shape[1] % 2 or w2.shape[0] != w13.shape[0] or w2.shape[1] != w13.shape[2]
+            or 2 * w2.shape[2] != w13.shape[1] or w13.shape[2] % 2 or w2.shape[2] % 2):
+        raise ValueError(f"pack_experts: want w13 [E, 2f, d] and w2 [E, d, f] bfloat16 with d and f even, got "
+                         f"w13 {w13.dtype} {tuple(w13.shape)} and w2 {w2.dtype} {tuple(w2.shape)}")
+    E, f2, d = w13.shape
+    f = f2 // 2
+    outs = [torch.empty((E, -(-n // 32), k // 2, 32, 2), dtype=torch.bfloat16) for n, k in ((f, d), (f, d), (d, f))]
+    with torch.no_grad():
+        for e in range(E):
+            outs[0][e] = pack_weight(w13[e, :f])
+            outs[1][e] = pack_weight(w13[e, f:])
+            outs[2][e] = pack_weight(w2[e])
+    return tuple(outs)
+
+
+def packed_nbytes(w13: torch.Tensor, w2: torch.Tensor) -> int:
+    """Bytes of `pack_experts(w13, w2)` (bfloat16; columns padded to blocks of 32)."""
+    E, f2, d = w13.shape
+    f = f2 // 2
+    return 2 * E * (2 * -(-f // 32) * 32 * d + -(-d // 32) * 32 * f)
+
+
+_KEEP_ONES: list = [torch.ones(0, dtype=torch.bool)]  # all-True keep flags, grown to the largest call
+
+
+def _packed_experts_call(packed, x, weights, ids):
+    """The extension's packed kernel: x [N, d] bfloat16, weights [N, k] float32, ids [N, k] int32, contiguous, every
+    pair kept -> [N, d] bfloat16 (per row the weighted sum of its k experts' outputs)."""
+    w_gate, w_up, w_down = packed
+    N, k = ids.shape
+    if _KEEP_ONES[0].numel() < N * k:
+        _KEEP_ONES[0] = torch.ones(max(N * k, 2 * _KEEP_ONES[0].numel()), dtype=torch.bool)
+    out = torch.empty_like(x)
+    _ffi().masked_moe_packed(x.data_ptr(), N, x.shape[1], 2 * w_down.shape[2], w_gate.shape[0], k,
+                             w_gate.data_ptr(), w_up.data_ptr(), w_down.data_ptr(), ids.data_ptr(),
+                             weights.data_ptr(), _KEEP_ONES[0].data_ptr(), out.data_ptr(), torch.get_num_threads())
+    PACKED_CALLS[0] += 1
+    return out
+
+
 @functools.cache
 def _ffi():
     """beam_jax's C++ extension when it has the plugin's CPU helpers (an older build does not), else None."""
@@ -297,6 +365,7 @@ class BeamMoERunner(MoERunner):
         self.computed = None
         self._beam_expert_map = None
         self._direct = None  # (experts, routed experts) or False, found on the first CPU expert call
+        self.beam_packed = None  # (w_gate, w_up, w_down) packed by `pack_weights`, or None
         self._register()
         # Off CUDA the runner applies the mask together with the compaction (`mask_and_compact`); the routing hands
         # it the Top-K. On CUDA the routing applies it (ids stay [T, K], dropped pairs id E).
@@ -327,6 +396,32 @@ class BeamMoERunner(MoERunner):
             return op(*args) if torch.compiler.is_compiling() else direct(*args)
 
         return forward
+
+    def packable_experts(self):
+        """(w13, w2) of the routed experts when `pack_weights` may pack them: CPU, bfloat16 as loaded (not yet
+        prepacked by vLLM), SiLU-gated, no biases, no expert map, no shared experts for the kernel, d and f even,
+        `packed_experts_available()`. Else None."""
+        re = self.routed_experts
+        w13, w2 = getattr(re, "w13_weight", None), getattr(re, "w2_weight", None)
+        act = getattr(getattr(re, "activation", None), "value", None)
+        if (current_platform.is_cuda_alike() or not isinstance(w13, torch.Tensor) or not isinstance(w2, torch.Tensor)
+                or w13.device.type != "cpu" or self._shared_experts is not None or act != "silu"
+                or getattr(re, "expert_map", None) is not None or getattr(re, "w13_bias", None) is not None
+                or not packed_experts_available()):
+            return None
+        ok = (w13.dtype == w2.dtype == torch.bfloat16 and w13.dim() == w2.dim() == 3 and w13.shape[0] == w2.shape[0]
+              and w13.shape[1] == 2 * w2.shape[2] and w13.shape[2] == w2.shape[1] and w13.shape[2] % 2 == 0
+              and w2.shape[2] % 2 == 0)
+        return (w13, w2) if ok else None
+
+    def pack_weights(self):
+        """Pack the routed experts for the extension's kernel (`pack_experts`), where `packable_experts` allows;
+        called by the BEAM model after its weights are loaded and before vLLM prepacks them. -> bytes packed."""
+        ws = self.packable_experts()
+        if ws is None:
+            return 0
+        self.beam_packed = pack_experts(*ws)
+        return sum(t.numel() * t.element_size() for t in self.beam_packed)
 
     def _count(self, offered: int, computed, device):
         """Add to the counters: offered (T * K) and computed (rows handed to the expert GEMMs, int or int64 scalar
@@ -417,9 +512,10 @@ class BeamMoERunner(MoERunner):
         int32, all contiguous, the mask router's weight float32 contiguous. -> [T, d], or None where those do not
         hold (the general path then runs). The same decisions and the same kernel calls as the general path: tau
         <= 0 or nothing dropped: the [T, K] call; one token: its n kept pairs as one [1, n] call; else the kept
-        pairs as the rows of a top_k=1 call and `sum_rows`. The rows go through buffers kept between calls
-        (`_row_scratch`): on a small model the per-call allocations and argument checks of the general path cost as
-        much as the expert compute the mask saves."""
+        pairs as the rows of a top_k=1 call and `sum_rows`; where the experts are packed (`pack_weights`), a call
+        that drops pairs runs on the extension's packed kernel instead of vLLM's. The rows go through buffers kept
+        between calls (`_row_scratch`): on a small model the per-call allocations and argument checks of the general
+        path cost as much as the expert compute the mask saves."""
         direct = self._cpu_kernel()
         ffi = _ffi()
         if not direct or ffi is None:
@@ -457,7 +553,10 @@ class BeamMoERunner(MoERunner):
             rows_x, rows_w, rows_id = x, rows_w[:n].view(1, n), rows_id[:n].view(1, n)
         else:
             rows_x, rows_w, rows_id = rows_x[:n], rows_w[:n], rows_id[:n]
-        out = _direct_experts(direct, rows_x, rows_w, rows_id)
+        if n < T * K and self.beam_packed is not None and dtype == torch.bfloat16:  # pairs dropped: packed kernel
+            out = _packed_experts_call(self.beam_packed, rows_x, rows_w, rows_id)
+        else:
+            out = _direct_experts(direct, rows_x, rows_w, rows_id)
         if rows_x is x or T == 1:
             return out
         summed = torch.empty_like(x)
@@ -579,6 +678,30 @@ def beam_moe_factory(module):
         yield
     finally:
         module.FusedMoEFactory = original
+
+
+def _available_memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def pack_runners(runners) -> int:
+    """`BeamMoERunner.pack_weights` for every runner that can pack, if the packed copies together leave half of
+    the memory available now (/proc/meminfo's MemAvailable; the rule of `beam_jax.packed_experts.fits_in_memory`,
+    which `beam_jax.generate` applies to its own copy; that module imports jax, this process need not), else
+    none. -> bytes packed."""
+    sizes = [(r, ws) for r in runners for ws in [r.packable_experts()] if ws is not None]
+    nbytes = sum(packed_nbytes(*ws) for _, ws in sizes)
+    avail = _available_memory_bytes()
+    if not sizes or avail is not None and nbytes > avail // 2:
+        return 0
+    return sum(r.pack_weights() for r, _ in sizes)
 
 
 def pair_counts() -> dict:
