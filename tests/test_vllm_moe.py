@@ -327,9 +327,9 @@ def test_pack_experts_is_beam_jax_layout():
 
 
 def test_cpu_direct_path_on_packed_experts(monkeypatch):
-    """With the experts packed (`pack_weights`), a call that drops pairs runs on the extension's packed kernel, one
-    that keeps every pair on vLLM's: both equal the dense masked sum in bfloat16, and equal what vLLM's kernel gives
-    for the same rows; one token (its [1, n] call) and many (rows of a top_k=1 call, summed back)."""
+    """With the experts packed (`pack_weights`), every expert call runs on the extension's packed kernel (Top-K's
+    [T, K] call, one token's [1, n] call, many tokens' kept pairs as rows of a top_k=1 call summed back), none on
+    vLLM's, and each equals the dense masked sum in bfloat16 and what vLLM's kernel gives for the same pairs."""
     monkeypatch.setattr(beam_moe.current_platform, "is_cuda_alike", lambda: False)
     _packed_or_skip()
     Dn, Fn, En, Kn, Tn = 64, 96, 8, 3, 11
@@ -358,8 +358,8 @@ def test_cpu_direct_path_on_packed_experts(monkeypatch):
             n = int((masked < En).sum())
             dropped = 0 < n < ir.numel()
             seen.add((dropped, xr.shape[0] == 1))
-            assert beam_moe.PACKED_CALLS[0] == packed_before + dropped, (tau, rows)
-            assert beam_moe.DIRECT_CALLS[0] == direct_before + (n == ir.numel()), (tau, rows)
+            assert beam_moe.PACKED_CALLS[0] == packed_before + (n > 0), (tau, rows)
+            assert beam_moe.DIRECT_CALLS[0] == direct_before, (tau, rows)
             want = torch.zeros(xr.shape, dtype=torch.float64)
             for t, k in (masked < En).nonzero().tolist():
                 want[t] += float(g_[t, k]) * _expert(w13r, w2r, int(masked[t, k]), xr[t:t + 1].double())[0]
@@ -367,7 +367,7 @@ def test_cpu_direct_path_on_packed_experts(monkeypatch):
                                        err_msg=f"tau {tau}, rows {rows}")
             vllm_kernel = plain._experts_direct(xr, wr, ir)
             np.testing.assert_allclose(got.double().numpy(), vllm_kernel.double().numpy(), atol=6e-2, rtol=0)
-    assert {(True, True), (True, False)} <= seen, seen  # dropped pairs at one token and at many
+    assert {(True, True), (True, False), (False, False)} <= seen, seen  # dropped pairs at one token and many; none
 
 
 def test_pack_runners_only_where_the_copies_fit(monkeypatch):

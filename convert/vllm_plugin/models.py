@@ -2,7 +2,7 @@
 (`moe.beam_moe_factory`) and a float32 `mask_router` (`nn.Linear(d, E, bias=False)`) in every MoE block, loaded
 from the checkpoint's `<moe block>.mask_router.weight` by the family's weight loader. On CPU their bfloat16 dense
 layers multiply decode-sized batches by packed weights (`linear.use_packed_linears`), and their experts get a
-packed copy for the extension's kernel, which runs the calls that drop pairs (`moe.pack_runners`).
+packed copy for the extension's kernel, which then runs their expert calls (`moe.pack_runners`).
 
 tau comes from the config's `beam.tau`, overridable at load time:
 `LLM(model=DIR, hf_overrides={"beam_tau": 0.9})` (or `{"beam": {"tau": 0.9}}`).

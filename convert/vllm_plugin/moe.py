@@ -26,9 +26,9 @@ Three pieces, all installed while a BEAM model is being built (`beam_moe_factory
   On the extension's AVX512-BF16 and AMX builds a bfloat16 model's experts also get a packed copy at load
   (`pack_experts`, the layout of `beam_jax.packed_experts`, made from the checkpoint's weights before vLLM prepacks
   its own; only where it leaves half of the available memory; ``BEAM_JAX_PACKED_EXPERTS=0`` turns it off), and the
-  kept rows of a call that drops pairs go to the project's packed kernel (`beam_jax._ffi.masked_moe_packed`, the
-  kernel `beam_jax.generate` runs) instead of vLLM's: its rate on BEAM's few rows per expert is higher. A call that
-  keeps every pair stays vLLM's own, as in vLLM's model.
+  expert calls go to the project's packed kernel (`beam_jax._ffi.masked_moe_packed`, the kernel `beam_jax.generate`
+  runs) instead of vLLM's `cpu_fused_moe`: the [T, K] call of a step that keeps every pair as well as BEAM's
+  compacted rows, so the plugin's Top-K and its BEAM run on one kernel.
   CUDA: vLLM's expert-parallel mechanism, which its Triton experts document and test. `beam_kernel_args` keeps
   the ids [T, K] (static shapes: CUDA-graph safe) and passes `expert_map` = [0 .. E-1 (or the EP map), -1] with
   `global_num_experts = E + 1`, so the BEAM id E maps to -1. vLLM 0.32's `TritonExperts.apply` then aligns
@@ -512,8 +512,8 @@ class BeamMoERunner(MoERunner):
         int32, all contiguous, the mask router's weight float32 contiguous. -> [T, d], or None where those do not
         hold (the general path then runs). The same decisions and the same kernel calls as the general path: tau
         <= 0 or nothing dropped: the [T, K] call; one token: its n kept pairs as one [1, n] call; else the kept
-        pairs as the rows of a top_k=1 call and `sum_rows`; where the experts are packed (`pack_weights`), a call
-        that drops pairs runs on the extension's packed kernel instead of vLLM's. The rows go through buffers kept
+        pairs as the rows of a top_k=1 call and `sum_rows`; where the experts are packed (`pack_weights`), each of
+        those calls runs on the extension's packed kernel instead of vLLM's. The rows go through buffers kept
         between calls (`_row_scratch`): on a small model the per-call allocations and argument checks of the general
         path cost as much as the expert compute the mask saves."""
         direct = self._cpu_kernel()
@@ -553,7 +553,7 @@ class BeamMoERunner(MoERunner):
             rows_x, rows_w, rows_id = x, rows_w[:n].view(1, n), rows_id[:n].view(1, n)
         else:
             rows_x, rows_w, rows_id = rows_x[:n], rows_w[:n], rows_id[:n]
-        if n < T * K and self.beam_packed is not None and dtype == torch.bfloat16:  # pairs dropped: packed kernel
+        if self.beam_packed is not None and dtype == torch.bfloat16:  # the experts packed: the extension's kernel
             out = _packed_experts_call(self.beam_packed, rows_x, rows_w, rows_id)
         else:
             out = _direct_experts(direct, rows_x, rows_w, rows_id)
