@@ -300,8 +300,10 @@ def test_cpu_direct_path_equals_the_general_path(monkeypatch, dtype, atol):
 
 def _packed_or_skip():
     if not beam_moe.packed_experts_available():
-        pytest.skip("the packed experts need the extension's AVX512-BF16 or AMX build (this processor runs "
-                    f"{beam_moe._ffi().cpu_isa() if beam_moe._ffi() else 'no extension'})")
+        pytest.skip("the plugin packs its experts only under the extension's AVX512-BF16 or AMX build where vLLM's "
+                    "experts have no AMX tiles (here: extension "
+                    f"{beam_moe._ffi().cpu_isa() if beam_moe._ffi() else 'missing'}, vLLM AMX "
+                    f"{torch.cpu._is_amx_tile_supported()})")
 
 
 def test_pack_experts_is_beam_jax_layout():

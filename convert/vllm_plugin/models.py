@@ -57,7 +57,7 @@ class BeamModelMixin:
         self.beam_packed_linears = use_packed_linears(self, vllm_config.model_config.dtype)
 
     def load_weights(self, weights):
-        """The family's loader, then (CPU, bfloat16, the extension's AVX512-BF16 or AMX build) the experts packed
+        """The family's loader, then (CPU, bfloat16, `moe.packed_experts_available`) the experts packed
         for the extension's kernel (`moe.pack_runners`) while they still have the checkpoint's layout: vLLM prepacks
         its own copy after this returns."""
         loaded = super().load_weights(weights)

@@ -23,7 +23,8 @@ Three pieces, all installed while a BEAM model is being built (`beam_moe_factory
   modular kernel passes: its Python cost about as much as a small model's expert compute. There
   (`_experts_direct`) the kept rows go through buffers reused between layer calls and the counters are plain
   attributes: the general path's per-call allocations and checks cost a tiny model more than its expert compute.
-  On the extension's AVX512-BF16 and AMX builds a bfloat16 model's experts also get a packed copy at load
+  On the extension's AVX512-BF16 build, where vLLM has no AMX, a bfloat16 model's experts also get a packed copy at
+  load
   (`pack_experts`, the layout of `beam_jax.packed_experts`, made from the checkpoint's weights before vLLM prepacks
   its own; only where it leaves half of the available memory; ``BEAM_JAX_PACKED_EXPERTS=0`` turns it off), and the
   expert calls go to the project's packed kernel (`beam_jax._ffi.masked_moe_packed`, the kernel `beam_jax.generate`
@@ -259,14 +260,20 @@ def _direct_experts(direct, x, weights, ids):
 
 def packed_experts_available() -> bool:
     """Whether the BEAM models pack their bfloat16 experts here: the extension has `masked_moe_packed` and runs its
-    AVX512-BF16 or AMX build, unless ``BEAM_JAX_PACKED_EXPERTS=0`` (read when the weights are loaded)."""
+    AVX512-BF16 or AMX build, vLLM's experts do not run on AMX tiles (`torch.cpu._is_amx_tile_supported`, vLLM's own
+    check), and ``BEAM_JAX_PACKED_EXPERTS`` is not "0" (read when the weights are loaded). Where vLLM has AMX its
+    `cpu_fused_moe` is the faster one: 1.06-1.27x the packed kernel's speed on the AMX build at 1-512 tokens of a
+    Qwen3-30B-A3B layer on the 2-core Xeon (README, "Decoding on CPU"); on the 2-core AMD EPYC (Zen 4, no AMX) the
+    packed kernel is 0.87-1.93x vLLM's, and a serving step at 0.15 kept 1.6 ms per layer against 2.6
+    (`bench/results/moe_vs_vllm_cpu_amd_packed.json`; README, "Serving speed")."""
     import os
 
     from beam_jax.cpu_isas import DP_ISAS
 
     ext = _ffi()
     return (os.environ.get("BEAM_JAX_PACKED_EXPERTS") != "0" and ext is not None
-            and hasattr(ext, "masked_moe_packed") and ext.cpu_isa() in DP_ISAS)
+            and hasattr(ext, "masked_moe_packed") and ext.cpu_isa() in DP_ISAS
+            and not torch.cpu._is_amx_tile_supported())
 
 
 def pack_experts(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
