@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from beam_jax import kernel, rows_matmul
+from beam_jax.memory import available_memory_bytes as _available_memory_bytes
 
 __all__ = ["PackedExperts", "pack_experts", "masked_moe_packed", "packing_available", "fits_in_memory"]
 
@@ -67,17 +68,6 @@ def packing_available() -> bool:
     is AMX), lost 5-7% at 1-32 tokens there; the portable and AVX2 builds have no fast path for the layout."""
     return (os.environ.get("BEAM_JAX_PACKED_EXPERTS") != "0" and rows_matmul.packing_available()
             and _TARGET in kernel._ffi.registrations())
-
-
-def _available_memory_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def fits_in_memory(nbytes: int) -> bool:

@@ -249,6 +249,21 @@ def _direct_runner(routing, w13, w2, dtype):
     return runner
 
 
+def _direct_case(seed, Dn, Fn, En, Kn, Tn, dtype):
+    """Random experts and Top-K routing with a random mask router for `_experts_direct`: -> (w13 [En, 2 Fn, Dn],
+    w2 [En, Dn, Fn] float32, routing, x [Tn, Dn] in dtype, weights [Tn, Kn] float32, ids [Tn, Kn] int32)."""
+    g = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(En, 2 * Fn, Dn, generator=g) / Dn ** 0.5
+    w2 = torch.randn(En, Dn, Fn, generator=g) / Fn ** 0.5
+    routing = beam_moe.BeamRouting(num_experts=En, top_k=Kn, renormalize=True)
+    routing.mask_router = torch.nn.Linear(Dn, En, bias=False)
+    with torch.no_grad():
+        routing.mask_router.weight.copy_(torch.randn(En, Dn, generator=g) * 3 / Dn ** 0.5)
+    x = torch.randn(Tn, Dn, generator=g).to(dtype)
+    weights, ids = routing.topk(torch.randn(Tn, En, generator=g) * 3)
+    return w13, w2, routing, x, weights, ids.to(torch.int32)
+
+
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.bfloat16, 6e-2)])
 def test_cpu_direct_path_equals_the_general_path(monkeypatch, dtype, atol):
     """`_experts_direct` (reused row buffers, one extension call for the mask and compaction, vLLM's kernel called
@@ -259,16 +274,7 @@ def test_cpu_direct_path_equals_the_general_path(monkeypatch, dtype, atol):
     monkeypatch.setattr(beam_moe.current_platform, "is_cuda_alike", lambda: False)
     assert beam_moe._ffi() is not None, "beam_jax._ffi lacks select_pairs / sum_rows: rebuild the extension"
     Dn, Fn, En, Kn, Tn = 64, 32, 8, 3, 11
-    g = torch.Generator().manual_seed(21)
-    w13 = torch.randn(En, 2 * Fn, Dn, generator=g) / Dn ** 0.5
-    w2 = torch.randn(En, Dn, Fn, generator=g) / Fn ** 0.5
-    routing = beam_moe.BeamRouting(num_experts=En, top_k=Kn, renormalize=True)
-    routing.mask_router = torch.nn.Linear(Dn, En, bias=False)
-    with torch.no_grad():
-        routing.mask_router.weight.copy_(torch.randn(En, Dn, generator=g) * 3 / Dn ** 0.5)
-    x = torch.randn(Tn, Dn, generator=g).to(dtype)
-    weights, ids = routing.topk(torch.randn(Tn, En, generator=g) * 3)
-    ids = ids.to(torch.int32)
+    w13, w2, routing, x, weights, ids = _direct_case(21, Dn, Fn, En, Kn, Tn, dtype)
     runner = _direct_runner(routing, w13, w2, dtype)
     w13r, w2r = w13.to(dtype).double(), w2.to(dtype).double()
     offered = computed = 0
@@ -335,16 +341,7 @@ def test_cpu_direct_path_on_packed_experts(monkeypatch):
     monkeypatch.setattr(beam_moe.current_platform, "is_cuda_alike", lambda: False)
     _packed_or_skip()
     Dn, Fn, En, Kn, Tn = 64, 96, 8, 3, 11
-    g = torch.Generator().manual_seed(22)
-    w13 = torch.randn(En, 2 * Fn, Dn, generator=g) / Dn ** 0.5
-    w2 = torch.randn(En, Dn, Fn, generator=g) / Fn ** 0.5
-    routing = beam_moe.BeamRouting(num_experts=En, top_k=Kn, renormalize=True)
-    routing.mask_router = torch.nn.Linear(Dn, En, bias=False)
-    with torch.no_grad():
-        routing.mask_router.weight.copy_(torch.randn(En, Dn, generator=g) * 3 / Dn ** 0.5)
-    x = torch.randn(Tn, Dn, generator=g).to(torch.bfloat16)
-    weights, ids = routing.topk(torch.randn(Tn, En, generator=g) * 3)
-    ids = ids.to(torch.int32)
+    w13, w2, routing, x, weights, ids = _direct_case(22, Dn, Fn, En, Kn, Tn, torch.bfloat16)
     runner = _direct_runner(routing, w13, w2, torch.bfloat16)
     plain = _direct_runner(routing, w13, w2, torch.bfloat16)  # the same, on vLLM's kernel only
     runner.beam_packed = beam_moe.pack_experts(w13.to(torch.bfloat16), w2.to(torch.bfloat16))  # as loaded

@@ -67,6 +67,7 @@ from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 from vllm.platforms import current_platform
 
 from convert.modeling_beam import BEAM_DEFAULTS, MASK_EPS, beam_mask, kept_pairs
+from beam_jax.memory import available_memory_bytes as _available_memory_bytes
 from convert.vllm_plugin.ops import register_cpu_op
 
 _RUNNERS: "weakref.WeakSet[BeamMoERunner]" = weakref.WeakSet()
@@ -687,21 +688,10 @@ def beam_moe_factory(module):
         module.FusedMoEFactory = original
 
 
-def _available_memory_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def pack_runners(runners) -> int:
     """`BeamMoERunner.pack_weights` for every runner that can pack, if the packed copies together leave half of
     the memory available now (/proc/meminfo's MemAvailable; the rule of `beam_jax.packed_experts.fits_in_memory`,
-    which `beam_jax.generate` applies to its own copy; that module imports jax, this process need not), else
+    which `beam_jax.generate` applies to its own copy; `beam_jax.memory` reads it without jax), else
     none. -> bytes packed."""
     sizes = [(r, ws) for r in runners for ws in [r.packable_experts()] if ws is not None]
     nbytes = sum(packed_nbytes(*ws) for _, ws in sizes)
