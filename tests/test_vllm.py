@@ -116,21 +116,30 @@ def generate(run, prompts):
     from vllm.distributed import cleanup_dist_env_and_memory
     from convert.vllm_plugin import BeamServingError, attention_backend, pair_counts, reset_pair_counts
 
+    from convert.vllm_plugin import moe
+    import weakref
+    earlier = weakref.WeakSet(moe._RUNNERS)  # the runners of earlier engines, if any survive
     try:
         llm = LLM(**{"model": run["dir"], "max_model_len": 128, "seed": 0, "enforce_eager": True,
                      "skip_tokenizer_init": True, **run["llm"]})
     except BeamServingError as e:
         return {"refused": str(e)}
     backend = attention_backend(llm.llm_engine.vllm_config)[0]
-    from convert.vllm_plugin import linear, moe
+    from convert.vllm_plugin import linear
     reset_pair_counts()
-    calls, direct, op_calls = linear.CALLS[0], moe.DIRECT_CALLS[0], moe.OP_CALLS[0]
+    calls, direct, op_calls, packed = linear.CALLS[0], moe.DIRECT_CALLS[0], moe.OP_CALLS[0], moe.PACKED_CALLS[0]
+    runners = [r for r in moe._RUNNERS if r not in earlier]  # this engine's
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=run["max_tokens"], ignore_eos=True, logprobs=0))
     res = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "counts": pair_counts(), "backend": backend,
            "packed": {"enabled": linear.packing_enabled(), "calls": linear.CALLS[0] - calls,
                       "rows_max": linear.ROWS_MAX},
            "direct_expert_calls": moe.DIRECT_CALLS[0] - direct, "masked_expert_ops": moe.OP_CALLS[0] - op_calls,
+           "packed_expert_calls": moe.PACKED_CALLS[0] - packed,
+           "experts": {"available": moe.packed_experts_available(), "runners": len(runners),
+                       "packed": sum(r.beam_packed is not None for r in runners),
+                       "vllm_copy_empty": sum(r.routed_experts.w13_weight.numel() == 0
+                                              and r.routed_experts.w2_weight.numel() == 0 for r in runners)},
            "shared_experts": any(r._shared_experts is not None for r in moe._RUNNERS),
            "logprobs": [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
                         for o in outs]}
@@ -237,23 +246,64 @@ def _greedy_with_gap(model, prompt, n):
     return tokens, min(gaps)
 
 
-@pytest.fixture(scope="module")
-def deepseek_exports(tmp_path_factory):
-    """A tiny DeepSeek-V2 (MLA) with well-separated logits, one fake BEAM run, exported twice: the base's float32
-    and `--dtype bfloat16`. -> {"float32": dir, "bfloat16": dir}."""
+def _scaled_export(family, root, overrides, dtypes):
+    """A tiny `family` model with well-separated logits (lm_head scaled by BF16_LOGIT_SCALE), one fake BEAM run,
+    exported in each of `dtypes` (None: the base's float32). -> {dtype or "float32": dir}."""
     import torch
     from convert.to_vllm import export
     from hf_tiny import make_tiny
     from test_convert import fake_run
 
-    root = tmp_path_factory.mktemp("deepseek")
-    model = make_tiny("deepseek_v2", root / "base", **DEEPSEEK_MLA)
+    model = make_tiny(family, root / "base", **overrides)
     with torch.no_grad():
         model.lm_head.weight.mul_(BF16_LOGIT_SCALE)
     model.save_pretrained(root / "base")
     fake_run(root / "base", root / "run", seed=2)
-    return {"float32": export(root / "run" / "ckpt", root / "float32"),
-            "bfloat16": export(root / "run" / "ckpt", root / "bfloat16", dtype="bfloat16")}
+    return {dtype or "float32": export(root / "run" / "ckpt", root / (dtype or "float32"), dtype=dtype)
+            for dtype in dtypes}
+
+
+def _bf16_reference(export_dir):
+    """transformers' BEAM class in bfloat16 on a bf16 export: the prompts with a clear argmax at every step, their
+    greedy tokens, and the pairs computed."""
+    import torch
+    import transformers
+
+    import convert
+
+    convert.register()
+    model = transformers.AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.bfloat16).eval()
+    assert model.model.layers[1].mlp.mask_router.weight.dtype == torch.float32
+    rng = np.random.RandomState(0)
+    candidates = [rng.randint(3, 160, size=n).tolist() for n in (8, 3, 11, 5, 9, 6, 12, 4, 10, 7, 8, 5)]
+    runs = [(p, *_greedy_with_gap(model, p, BF16_STEPS)) for p in candidates]
+    chosen = [(p, t) for p, t, gap in runs if gap >= BF16_MIN_GAP]
+    assert len(chosen) >= 3, f"only {len(chosen)} prompts with a top-2 gap >= {BF16_MIN_GAP}: {[r[2] for r in runs]}"
+    model.reset_beam_counts()
+    for p, _ in chosen:
+        _greedy_with_gap(model, p, BF16_STEPS)
+    return {"prompts": [p for p, _ in chosen], "tokens": [t for _, t in chosen], "counts": model.beam_pair_counts()}
+
+
+@pytest.fixture(scope="module")
+def deepseek_exports(tmp_path_factory):
+    """A tiny DeepSeek-V2 (MLA) with well-separated logits, one fake BEAM run, exported twice: the base's float32
+    and `--dtype bfloat16`. -> {"float32": dir, "bfloat16": dir}."""
+    return _scaled_export("deepseek_v2", tmp_path_factory.mktemp("deepseek"), DEEPSEEK_MLA, (None, "bfloat16"))
+
+
+@pytest.fixture(scope="module")
+def mixtral_bf16(tmp_path_factory):
+    """A tiny Mixtral (no shared experts: the experts the plugin packs) with well-separated logits, exported with
+    `--dtype bfloat16`, and transformers' bfloat16 reference on it. -> (dir, reference)."""
+    d = _scaled_export("mixtral", tmp_path_factory.mktemp("mixtral_bf16"), {}, ("bfloat16",))["bfloat16"]
+    return d, _bf16_reference(d)
+
+
+@pytest.fixture(scope="module")
+def bf16_reference(deepseek_exports):
+    """transformers' BEAM class in bfloat16 on the DeepSeek-V2 bf16 export (`_bf16_reference`)."""
+    return _bf16_reference(deepseek_exports["bfloat16"])
 
 
 @pytest.fixture(scope="module")
@@ -273,30 +323,7 @@ def family_exports(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bf16_reference(deepseek_exports):
-    """transformers' BEAM class in bfloat16 on the bf16 export: the prompts with a clear argmax at every step,
-    their greedy tokens, and the pairs computed."""
-    import torch
-    import transformers
-
-    import convert
-
-    convert.register()
-    model = transformers.AutoModelForCausalLM.from_pretrained(deepseek_exports["bfloat16"], dtype=torch.bfloat16).eval()
-    assert model.model.layers[1].mlp.mask_router.weight.dtype == torch.float32
-    rng = np.random.RandomState(0)
-    candidates = [rng.randint(3, 160, size=n).tolist() for n in (8, 3, 11, 5, 9, 6, 12, 4, 10, 7, 8, 5)]
-    runs = [(p, *_greedy_with_gap(model, p, BF16_STEPS)) for p in candidates]
-    chosen = [(p, t) for p, t, gap in runs if gap >= BF16_MIN_GAP]
-    assert len(chosen) >= 3, f"only {len(chosen)} prompts with a top-2 gap >= {BF16_MIN_GAP}: {[r[2] for r in runs]}"
-    model.reset_beam_counts()
-    for p, _ in chosen:
-        _greedy_with_gap(model, p, BF16_STEPS)
-    return {"prompts": [p for p, _ in chosen], "tokens": [t for _, t in chosen], "counts": model.beam_pair_counts()}
-
-
-@pytest.fixture(scope="module")
-def family_outputs(family_exports, deepseek_exports, bf16_reference, tmp_path_factory):
+def family_outputs(family_exports, deepseek_exports, bf16_reference, mixtral_bf16, tmp_path_factory):
     """One vLLM subprocess: every family in float32, the bf16 DeepSeek-V2 export with vLLM's own backend choice,
     then the DeepSeek-V2 configs (float32 / bfloat16 / float32 with CPU_MLA) on this processor and as one with AMX
     would see them."""
@@ -313,6 +340,10 @@ def family_outputs(family_exports, deepseek_exports, bf16_reference, tmp_path_fa
     # a family without shared experts under torch.compile: traced up to the opaque beam_jax::masked_experts
     runs["mixtral_compiled"] = {"dir": str(family_exports["mixtral"]), "max_tokens": COMPILED_STEPS,
                                 "llm": {"dtype": "float32", "enforce_eager": False}}
+    # bfloat16 experts without shared ones: packed for the extension's kernel where `packed_experts_available`
+    runs["mixtral_bf16"] = {"dir": str(mixtral_bf16[0]), "llm": {"dtype": "auto"}, "max_tokens": BF16_STEPS,
+                            "prompts": mixtral_bf16[1]["prompts"]}
+    runs["mixtral_bf16_compiled"] = dict(runs["mixtral_bf16"], llm={"dtype": "auto", "enforce_eager": False})
     ds32, ds16 = str(deepseek_exports["float32"]), str(deepseek_exports["bfloat16"])
     checks = {"float32": {"dir": ds32, "llm": {"dtype": "float32"}},
               "float32_auto": {"dir": ds32, "llm": {"dtype": "auto"}},
@@ -570,6 +601,30 @@ def test_deepseek_bfloat16_export(deepseek_exports, bf16_reference, family_outpu
     print(f"\nbf16 DeepSeek-V2 ({run}) on {v['backend']}: {len(v['tokens'])} prompts x {BF16_STEPS} tokens equal; "
           f"pairs "
           f"computed vLLM {v['counts']['computed']}, transformers {ref['computed']} of {ref['offered']}")
+
+
+@pytest.mark.parametrize("run", ["mixtral_bf16", "mixtral_bf16_compiled"])
+def test_bfloat16_experts_packed_in_place_of_vllm_copy(mixtral_bf16, family_outputs, run):
+    """A `--dtype bfloat16` Mixtral export (no shared experts), eager and compiled: the same greedy tokens as
+    transformers' BEAM class in bfloat16 on prompts with a clear argmax at every step; where the plugin packs experts
+    (`moe.packed_experts_available`: the extension's AVX512-BF16 build, vLLM without AMX) every MoE layer is packed,
+    vLLM's copy of its experts is empty and every expert call ran on the packed kernel; elsewhere none is packed and
+    vLLM's kernel ran them."""
+    ref = mixtral_bf16[1]
+    v = family_outputs["runs"][run]
+    assert "refused" not in v, v
+    assert v["tokens"] == ref["tokens"], (v["tokens"], ref["tokens"])
+    assert v["counts"]["offered"] == ref["counts"]["offered"] > 0
+    assert abs(v["counts"]["computed"] - ref["counts"]["computed"]) <= 0.05 * ref["counts"]["offered"], v["counts"]
+    e = v["experts"]
+    assert e["runners"] == 2, e  # the tiny Mixtral's two MoE layers
+    if e["available"]:
+        assert e["packed"] == e["vllm_copy_empty"] == e["runners"], e
+        assert v["packed_expert_calls"] > 0 and v["direct_expert_calls"] == 0, v
+    else:
+        assert e["packed"] == e["vllm_copy_empty"] == 0 and v["packed_expert_calls"] == 0, v
+    print(f"\nbf16 Mixtral ({run}): packed experts {e}, packed expert calls {v['packed_expert_calls']}, "
+          f"vLLM kernel calls {v['direct_expert_calls']}")
 
 
 def test_float32_mla_refused_where_amx(deepseek_exports, family_outputs):

@@ -369,28 +369,70 @@ def test_cpu_direct_path_on_packed_experts(monkeypatch):
     assert {(True, True), (True, False), (False, False)} <= seen, seen  # dropped pairs at one token and many; none
 
 
-def test_pack_runners_only_where_the_copies_fit(monkeypatch):
-    """`pack_runners` packs every packable runner or none: none where the copies would take more than half of the
-    available memory, none with BEAM_JAX_PACKED_EXPERTS=0, none for float32 experts."""
+class _PrepackingMethod:
+    """Stands in for vLLM's unquantized MoE method: `process_weights_after_loading` replaces the layer's w13 / w2 by a
+    new "prepacked" copy (here: 2x the weights) and records what it saw."""
+
+    def __init__(self):
+        self.seen = []
+
+    def process_weights_after_loading(self, layer):
+        self.seen.append((layer.w13_weight.clone(), layer.w2_weight.clone()))
+        layer.w13_weight = torch.nn.Parameter(2 * layer.w13_weight, requires_grad=False)
+        layer.w2_weight = torch.nn.Parameter(2 * layer.w2_weight, requires_grad=False)
+
+
+def test_pack_runners_packs_each_layer_as_vllm_processes_it_and_drops_vllm_copy(monkeypatch):
+    """`pack_runners` arms every packable runner (none with BEAM_JAX_PACKED_EXPERTS=0, none for float32 experts);
+    vLLM's post-load processing of the layer then packs the checkpoint-layout experts, runs vLLM's own processing
+    once, and leaves vLLM's w13 / w2 empty; the packed runner's expert calls equal those of a runner that kept
+    vLLM's copy, operands of other types are converted, and a call that would need vLLM's copy is refused by name."""
     monkeypatch.setattr(beam_moe.current_platform, "is_cuda_alike", lambda: False)
     _packed_or_skip()
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
-    routing = beam_moe.BeamRouting(num_experts=E, top_k=K, renormalize=True)
-    w13, w2 = (w.to(torch.bfloat16) for w in _experts())
-    runners = [_runner(routing, types.SimpleNamespace(w13_weight=w13, w2_weight=w2, activation=MoEActivation.SILU))
-               for _ in range(2)]
-    nbytes = 2 * 2 * E * (2 * 32 * D + 32 * F)  # two runners' copies: F = 8 and D = 16 columns padded to 32
-    assert beam_moe.packed_nbytes(w13, w2) == nbytes // 2
-    monkeypatch.setattr(beam_moe, "_available_memory_bytes", lambda: 2 * nbytes - 1)
-    assert beam_moe.pack_runners(runners) == 0 and all(r.beam_packed is None for r in runners)
-    monkeypatch.setattr(beam_moe, "_available_memory_bytes", lambda: 2 * nbytes)
+    Dn, Fn, En, Kn, Tn = 64, 96, 8, 3, 11
+    w13, w2, routing, x, weights, ids = _direct_case(23, Dn, Fn, En, Kn, Tn, torch.bfloat16)
+    w13, w2 = w13.to(torch.bfloat16), w2.to(torch.bfloat16)
+
+    def runner():
+        re = torch.nn.Module()
+        re.w13_weight = torch.nn.Parameter(w13.clone(), requires_grad=False)
+        re.w2_weight = torch.nn.Parameter(w2.clone(), requires_grad=False)
+        re.activation, re.quant_method = MoEActivation.SILU, _PrepackingMethod()
+        return _runner(routing, re)
+
     monkeypatch.setenv("BEAM_JAX_PACKED_EXPERTS", "0")
-    assert beam_moe.pack_runners(runners) == 0
+    assert beam_moe.pack_runners([runner()]) == 0
     monkeypatch.delenv("BEAM_JAX_PACKED_EXPERTS")
-    assert beam_moe.pack_runners(runners) == nbytes and all(r.beam_packed is not None for r in runners)
-    runners[0].routed_experts.w13_weight = w13.float()
-    assert runners[0].packable_experts() is None
+    float32 = runner()
+    float32.routed_experts.w13_weight = torch.nn.Parameter(w13.float(), requires_grad=False)
+    assert beam_moe.pack_runners([float32]) == 0 and "process_weights_after_loading" not in vars(
+        float32.routed_experts.quant_method)
+    runners = [runner(), runner()]
+    assert beam_moe.pack_runners(runners) == 2
+    for r in runners:  # as vLLM's loader does, layer by layer
+        qm = r.routed_experts.quant_method
+        qm.process_weights_after_loading(r.routed_experts)
+        assert "process_weights_after_loading" not in vars(qm)  # once: the next call is vLLM's own
+        assert len(qm.seen) == 1 and torch.equal(qm.seen[0][0], w13) and torch.equal(qm.seen[0][1], w2)
+        assert r.routed_experts.w13_weight.shape == (En, 0, 0) and r.routed_experts.w2_weight.shape == (En, 0, 0)
+        want = beam_moe.pack_experts(w13, w2)
+        assert all(torch.equal(a, b) for a, b in zip(r.beam_packed, want))
+    kept = _runner(routing, types.SimpleNamespace())  # packed, vLLM's copy kept: the reference
+    kept.beam_packed = beam_moe.pack_experts(w13, w2)
+    routing.tau = 0.6
+    for rows in (slice(None), slice(4, 5)):
+        xr, wr, ir = x[rows].contiguous(), weights[rows].contiguous(), ids[rows].contiguous()
+        want = kept._experts_direct(xr, wr, ir)
+        assert torch.equal(runners[0]._experts_compacted(xr, wr, ir, None), want)
+        got = runners[0]._experts_compacted(xr.float(), wr.double(), ir.long(), None)  # converted operands
+        assert got.dtype == torch.float32
+        np.testing.assert_array_equal(got.numpy(), want.float().numpy())
+    with pytest.raises(RuntimeError, match=r"model.layers.0.mlp.experts: vLLM's copy of the experts was released"):
+        runners[0]._forward_modular(x, weights, ids, None)
+    with pytest.raises(RuntimeError, match=r"model.layers.0.mlp.experts: packed experts got x \(11, 32\)"):
+        runners[0]._experts_compacted(x[:, :32].float(), weights, ids, None)
 
 
 def test_compact_pairs_rows():

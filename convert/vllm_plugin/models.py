@@ -1,8 +1,8 @@
 """vLLM BEAM models: each is vLLM's own model class for the family, built with BEAM MoE layers
 (`moe.beam_moe_factory`) and a float32 `mask_router` (`nn.Linear(d, E, bias=False)`) in every MoE block, loaded
 from the checkpoint's `<moe block>.mask_router.weight` by the family's weight loader. On CPU their bfloat16 dense
-layers multiply decode-sized batches by packed weights (`linear.use_packed_linears`), and their experts get a
-packed copy for the extension's kernel, which then runs their expert calls (`moe.pack_runners`).
+layers multiply decode-sized batches by packed weights (`linear.use_packed_linears`), and their experts are packed
+for the extension's kernel, which then runs their expert calls, in place of vLLM's copy (`moe.pack_runners`).
 
 tau comes from the config's `beam.tau`, overridable at load time:
 `LLM(model=DIR, hf_overrides={"beam_tau": 0.9})` (or `{"beam": {"tau": 0.9}}`).
@@ -57,11 +57,11 @@ class BeamModelMixin:
         self.beam_packed_linears = use_packed_linears(self, vllm_config.model_config.dtype)
 
     def load_weights(self, weights):
-        """The family's loader, then (CPU, bfloat16, `moe.packed_experts_available`) the experts packed
-        for the extension's kernel (`moe.pack_runners`) while they still have the checkpoint's layout: vLLM prepacks
-        its own copy after this returns."""
+        """The family's loader, then (CPU, bfloat16, `moe.packed_experts_available`) each MoE layer armed to pack
+        its experts for the extension's kernel when vLLM post-processes it, after this returns, and to drop vLLM's
+        copy (`moe.pack_runners`)."""
         loaded = super().load_weights(weights)
-        self.beam_packed_expert_bytes = pack_runners(self._beam_runners())
+        self.beam_packed_runners = pack_runners(self._beam_runners())
         return loaded
 
     def _beam_runners(self) -> list[BeamMoERunner]:

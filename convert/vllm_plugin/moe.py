@@ -23,11 +23,10 @@ Three pieces, all installed while a BEAM model is being built (`beam_moe_factory
   modular kernel passes: its Python cost about as much as a small model's expert compute. There
   (`_experts_direct`) the kept rows go through buffers reused between layer calls and the counters are plain
   attributes: the general path's per-call allocations and checks cost a tiny model more than its expert compute.
-  On the extension's AVX512-BF16 build, where vLLM has no AMX, a bfloat16 model's experts also get a packed copy at
-  load
-  (`pack_experts`, the layout of `beam_jax.packed_experts`, made from the checkpoint's weights before vLLM prepacks
-  its own; only where it leaves half of the available memory; ``BEAM_JAX_PACKED_EXPERTS=0`` turns it off), and the
-  expert calls go to the project's packed kernel (`beam_jax._ffi.masked_moe_packed`, the kernel `beam_jax.generate`
+  On the extension's AVX512-BF16 build, where vLLM has no AMX, a bfloat16 model's experts are packed at load
+  (`pack_experts`, the layout of `beam_jax.packed_experts`, made layer by layer from the checkpoint's weights as
+  vLLM post-processes the layer, whose own copy is then dropped: `BeamMoERunner.arm_packing`;
+  ``BEAM_JAX_PACKED_EXPERTS=0`` turns it off), and every expert call goes to the project's packed kernel (`beam_jax._ffi.masked_moe_packed`, the kernel `beam_jax.generate`
   runs) instead of vLLM's `cpu_fused_moe`: the [T, K] call of a step that keeps every pair as well as BEAM's
   compacted rows, so the plugin's Top-K and its BEAM run on one kernel.
   CUDA: vLLM's expert-parallel mechanism, which its Triton experts document and test. `beam_kernel_args` keeps
@@ -67,7 +66,6 @@ from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 from vllm.platforms import current_platform
 
 from convert.modeling_beam import BEAM_DEFAULTS, MASK_EPS, beam_mask, kept_pairs
-from beam_jax.memory import available_memory_bytes as _available_memory_bytes
 from convert.vllm_plugin.ops import register_cpu_op
 
 _RUNNERS: "weakref.WeakSet[BeamMoERunner]" = weakref.WeakSet()
@@ -301,13 +299,6 @@ def pack_experts(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, tor
     return tuple(outs)
 
 
-def packed_nbytes(w13: torch.Tensor, w2: torch.Tensor) -> int:
-    """Bytes of `pack_experts(w13, w2)` (bfloat16; columns padded to blocks of 32)."""
-    E, f2, d = w13.shape
-    f = f2 // 2
-    return 2 * E * (2 * -(-f // 32) * 32 * d + -(-d // 32) * 32 * f)
-
-
 _KEEP_ONES: list = [torch.ones(0, dtype=torch.bool)]  # all-True keep flags, grown to the largest call
 
 
@@ -424,12 +415,51 @@ class BeamMoERunner(MoERunner):
 
     def pack_weights(self):
         """Pack the routed experts for the extension's kernel (`pack_experts`), where `packable_experts` allows;
-        called by the BEAM model after its weights are loaded and before vLLM prepacks them. -> bytes packed."""
+        from the checkpoint's layout, before vLLM prepacks them (`arm_packing`). -> bytes packed."""
         ws = self.packable_experts()
         if ws is None:
             return 0
         self.beam_packed = pack_experts(*ws)
         return sum(t.numel() * t.element_size() for t in self.beam_packed)
+
+    def arm_packing(self) -> bool:
+        """Have vLLM's post-load processing of this layer pack its experts: the routed experts' quant method's
+        `process_weights_after_loading` (which vLLM's loader calls once per layer, after the model's `load_weights`)
+        is wrapped, for this layer and once, so that it packs the checkpoint-layout w13 / w2 (`pack_weights`), runs
+        vLLM's own processing (its kernel set-up, its prepacked copy), then drops vLLM's copy
+        (`release_vllm_experts`): the experts take their memory once, and at the peak one layer's copies more.
+        -> whether armed (`packable_experts`)."""
+        if self.packable_experts() is None:
+            return False
+        qm = self.routed_experts.quant_method
+        original = qm.process_weights_after_loading
+        runner = weakref.ref(self)
+
+        def process_weights_after_loading(layer):
+            del qm.process_weights_after_loading  # once: a later call is vLLM's own
+            r = runner()
+            packed = r is not None and layer is r.routed_experts and r.pack_weights() > 0
+            original(layer)
+            if packed:
+                r.release_vllm_experts()
+
+        qm.process_weights_after_loading = process_weights_after_loading
+        return True
+
+    def release_vllm_experts(self):
+        """Replace vLLM's w13_weight / w2_weight of the routed experts by empty [E, 0, 0] tensors, once they are
+        packed (`beam_packed`): every expert call of this runner then runs on the packed copy (`_experts_direct`);
+        a path that would need vLLM's copy raises instead (`_forward_modular`). Reloading the weights in place is
+        not supported afterwards (serve with BEAM_JAX_PACKED_EXPERTS=0 for that)."""
+        from vllm.model_executor.utils import replace_parameter
+
+        if self.beam_packed is None:
+            raise RuntimeError(f"{self.layer_name}: vLLM's experts released before they were packed")
+        re = self.routed_experts
+        for name in ("w13_weight", "w2_weight"):
+            w = getattr(re, name)
+            replace_parameter(re, name, w.new_empty((w.shape[0], 0, 0)))
+        self.beam_released = True
 
     def _count(self, offered: int, computed, device):
         """Add to the counters: offered (T * K) and computed (rows handed to the expert GEMMs, int or int64 scalar
@@ -524,17 +554,19 @@ class BeamMoERunner(MoERunner):
         those calls runs on the extension's packed kernel instead of vLLM's. The rows go through buffers kept
         between calls (`_row_scratch`): on a small model the per-call allocations and argument checks of the general
         path cost as much as the expert compute the mask saves."""
-        direct = self._cpu_kernel()
+        packed = self.beam_packed
+        direct = self._cpu_kernel() if packed is None else None
         ffi = _ffi()
-        if not direct or ffi is None:
+        if (packed is None and not direct) or ffi is None:
             return None
         mw = self.beam.mask_router.weight
         dtype = x.dtype
         if (ids.dtype != torch.int32 or weights.dtype != torch.float32 or dtype not in _ROW_DTYPES or x.dim() != 2
                 or mw.dtype != torch.float32 or not (x.is_contiguous() and weights.is_contiguous()
                                                      and ids.is_contiguous() and mw.is_contiguous())
-                or x.device.type != "cpu" or x.shape[1] < mw.shape[1]):
-            return None
+                or x.device.type != "cpu" or x.shape[1] < mw.shape[1] or mw.shape[0] != self.beam.num_experts
+                or (packed is not None and dtype != torch.bfloat16)):
+            return None if packed is None else self._experts_packed_converted(x, weights, ids)
         beam = self.beam
         T, K = ids.shape
         counts = self.__dict__  # the counters as plain entries: nn.Module.__setattr__ costs microseconds per call
@@ -542,8 +574,6 @@ class BeamMoERunner(MoERunner):
         n = T * K
         if tau > 0:
             E = beam.num_experts
-            if mw.shape[0] != E:
-                return None
             d = x.shape[1]
             token, rows_x, rows_w, rows_id = _row_scratch(n, d, dtype)
             n = ffi.select_pairs(x.data_ptr(), dtype == torch.bfloat16, d * x.element_size(), d * x.element_size(),
@@ -561,8 +591,8 @@ class BeamMoERunner(MoERunner):
             rows_x, rows_w, rows_id = x, rows_w[:n].view(1, n), rows_id[:n].view(1, n)
         else:
             rows_x, rows_w, rows_id = rows_x[:n], rows_w[:n], rows_id[:n]
-        if self.beam_packed is not None and dtype == torch.bfloat16:  # the experts packed: the extension's kernel
-            out = _packed_experts_call(self.beam_packed, rows_x, rows_w, rows_id)
+        if packed is not None:  # the experts packed: the extension's kernel
+            out = _packed_experts_call(packed, rows_x, rows_w, rows_id)
         else:
             out = _direct_experts(direct, rows_x, rows_w, rows_id)
         if rows_x is x or T == 1:
@@ -570,6 +600,23 @@ class BeamMoERunner(MoERunner):
         summed = torch.empty_like(x)
         ffi.sum_rows(out.data_ptr(), n, token.data_ptr(), T, x.shape[1], dtype == torch.bfloat16, summed.data_ptr())
         return summed
+
+    def _experts_packed_converted(self, x, weights, ids):
+        """`_experts_direct` on packed experts for operands of other types or layouts (the packed experts run every
+        call: vLLM's copy may be gone, `release_vllm_experts`): x as bfloat16, weights float32, ids int32, the mask
+        router's weight float32 contiguous (as `BeamModelMixin` makes it); the output in x's dtype.
+        x [T, d] -> [T, d]."""
+        mw = self.beam.mask_router.weight
+        if (x.dim() != 2 or x.device.type != "cpu" or x.shape[1] < mw.shape[1] or mw.shape[0] != self.beam.num_experts
+                or ids.shape != weights.shape or ids.shape[0] != x.shape[0] or mw.dtype != torch.float32
+                or not mw.is_contiguous()):
+            raise RuntimeError(f"{self.layer_name}: packed experts got x {tuple(x.shape)} on {x.device}, weights "
+                               f"{tuple(weights.shape)}, ids {tuple(ids.shape)} and a mask router weight "
+                               f"{mw.dtype} {tuple(mw.shape)}: want x [T, d >= d_m] on the CPU, weights and ids "
+                               f"[T, K], the mask router weight [{self.beam.num_experts}, d_m] float32 contiguous")
+        out = self._experts_direct(x.to(torch.bfloat16).contiguous(), weights.float().contiguous(),
+                                   ids.to(torch.int32).contiguous())
+        return out.to(x.dtype)
 
     def _cpu_kernel(self):
         """(vLLM's unquantized CPU experts, the routed experts) when the expert call may go straight to their kernel
@@ -591,6 +638,10 @@ class BeamMoERunner(MoERunner):
         """vLLM's expert call on x [N, d], weights / ids [N, k] -> [N, d]: on CPU straight to its kernel where
         `_cpu_kernel` allows (the modular kernel's prepare, workspace and finalize are no-ops there, but their Python
         costs about as much as a small model's expert compute), else through the modular kernel."""
+        if getattr(self, "beam_released", False):
+            raise RuntimeError(f"{self.layer_name}: vLLM's copy of the experts was released for the packed one, but "
+                               f"this call (x {x.dtype} {tuple(x.shape)}, ids {tuple(ids.shape)}) would need it; "
+                               f"serve with BEAM_JAX_PACKED_EXPERTS=0")
         direct = self._cpu_kernel() if x.device.type == "cpu" else None
         if (direct is not None and weights.dtype == torch.float32 and ids.dtype == torch.int32
                 and x.is_contiguous() and weights.is_contiguous() and ids.is_contiguous()):
@@ -689,16 +740,9 @@ def beam_moe_factory(module):
 
 
 def pack_runners(runners) -> int:
-    """`BeamMoERunner.pack_weights` for every runner that can pack, if the packed copies together leave half of
-    the memory available now (/proc/meminfo's MemAvailable; the rule of `beam_jax.packed_experts.fits_in_memory`,
-    which `beam_jax.generate` applies to its own copy; `beam_jax.memory` reads it without jax), else
-    none. -> bytes packed."""
-    sizes = [(r, ws) for r in runners for ws in [r.packable_experts()] if ws is not None]
-    nbytes = sum(packed_nbytes(*ws) for _, ws in sizes)
-    avail = _available_memory_bytes()
-    if not sizes or avail is not None and nbytes > avail // 2:
-        return 0
-    return sum(r.pack_weights() for r, _ in sizes)
+    """`BeamMoERunner.arm_packing` for every runner: each that can pack (`packable_experts`) packs its experts
+    when vLLM post-processes its layer, and drops vLLM's copy. -> the number of runners armed."""
+    return sum(r.arm_packing() for r in runners)
 
 
 def pair_counts() -> dict:
