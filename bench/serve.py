@@ -618,8 +618,8 @@ def _measure(spec, policies, set_policy, gen) -> list[dict]:
 
 def pair_fits(model_dir, available: int | None = None) -> bool:
     """Whether one vLLM process can hold native and the plugin on this model: five times its safetensors bytes (two
-    engines, each peaking near twice its weights while it loads, and the plugin's packed copy of the experts,
-    `convert/vllm_plugin/moe.py`) within `available` bytes (default: MemAvailable)."""
+    engines, each peaking near 2.25 times its weights while it loads, `bench/plugin_memory.py`; the plugin's packed
+    experts replace vLLM's copy) within `available` bytes (default: MemAvailable)."""
     weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
     if available is None:
         available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo")

@@ -411,6 +411,7 @@ def test_pack_runners_packs_each_layer_as_vllm_processes_it_and_drops_vllm_copy(
         float32.routed_experts.quant_method)
     runners = [runner(), runner()]
     assert beam_moe.pack_runners(runners) == 2
+    assert beam_moe.pack_runners(runners[:1]) == 1  # armed again (a second load_weights): still one packing
     for r in runners:  # as vLLM's loader does, layer by layer
         qm = r.routed_experts.quant_method
         qm.process_weights_after_loading(r.routed_experts)
@@ -419,6 +420,7 @@ def test_pack_runners_packs_each_layer_as_vllm_processes_it_and_drops_vllm_copy(
         assert r.routed_experts.w13_weight.shape == (En, 0, 0) and r.routed_experts.w2_weight.shape == (En, 0, 0)
         want = beam_moe.pack_experts(w13, w2)
         assert all(torch.equal(a, b) for a, b in zip(r.beam_packed, want))
+        assert r.packable_experts() is None and beam_moe.pack_runners([r]) == 0  # released: nothing to pack again
     kept = _runner(routing, types.SimpleNamespace())  # packed, vLLM's copy kept: the reference
     kept.beam_packed = beam_moe.pack_experts(w13, w2)
     routing.tau = 0.6

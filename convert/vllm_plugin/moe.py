@@ -399,7 +399,7 @@ class BeamMoERunner(MoERunner):
     def packable_experts(self):
         """(w13, w2) of the routed experts when `pack_weights` may pack them: CPU, bfloat16 as loaded (not yet
         prepacked by vLLM), SiLU-gated, no biases, no expert map, no shared experts for the kernel, d and f even,
-        `packed_experts_available()`. Else None."""
+        `packed_experts_available()`, not yet released (`release_vllm_experts`). Else None."""
         re = self.routed_experts
         w13, w2 = getattr(re, "w13_weight", None), getattr(re, "w2_weight", None)
         act = getattr(getattr(re, "activation", None), "value", None)
@@ -408,9 +408,9 @@ class BeamMoERunner(MoERunner):
                 or getattr(re, "expert_map", None) is not None or getattr(re, "w13_bias", None) is not None
                 or not packed_experts_available()):
             return None
-        ok = (w13.dtype == w2.dtype == torch.bfloat16 and w13.dim() == w2.dim() == 3 and w13.shape[0] == w2.shape[0]
-              and w13.shape[1] == 2 * w2.shape[2] and w13.shape[2] == w2.shape[1] and w13.shape[2] % 2 == 0
-              and w2.shape[2] % 2 == 0)
+        ok = (w13.dtype == w2.dtype == torch.bfloat16 and w13.dim() == w2.dim() == 3 and w13.numel() > 0
+              and w13.shape[0] == w2.shape[0] and w13.shape[1] == 2 * w2.shape[2] and w13.shape[2] == w2.shape[1]
+              and w13.shape[2] % 2 == 0 and w2.shape[2] % 2 == 0)
         return (w13, w2) if ok else None
 
     def pack_weights(self):
@@ -432,6 +432,8 @@ class BeamMoERunner(MoERunner):
         if self.packable_experts() is None:
             return False
         qm = self.routed_experts.quant_method
+        if "process_weights_after_loading" in vars(qm):
+            return True  # armed already
         original = qm.process_weights_after_loading
         runner = weakref.ref(self)
 
