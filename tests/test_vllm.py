@@ -546,8 +546,9 @@ def test_other_families(family_exports, family_outputs):
         assert [t[0] for t in v["tokens"]] == [r[0][0] for r in ref], family
         np.testing.assert_allclose([lp[0] for lp in v["logprobs"]], [r[1][0] for r in ref],
                                    atol=FAMILIES[family][1], rtol=0, err_msg=family)
-        # the expert calls went straight to vLLM's CPU kernel unless the kernel runs shared experts too
-        assert (v["direct_expert_calls"] == 0) if v["shared_experts"] else (v["direct_expert_calls"] > 0), (family, v)
+        # the expert calls went straight to vLLM's CPU kernel (float32: not packed), with shared experts too: vLLM-CPU
+        # runs them before the routed call, never inside the kernel
+        assert v["direct_expert_calls"] > 0 and v["packed_expert_calls"] == 0, (family, v)
     assert family_outputs["runs"]["deepseek_v2"]["backend"] == "CPU_MLA"
 
 
@@ -590,6 +591,15 @@ def test_deepseek_bfloat16_export(deepseek_exports, bf16_reference, family_outpu
     # limit (convert/vllm_plugin/linear.py: 1 with AMX, 32 elsewhere), and vLLM's own otherwise
     p = v["packed"]
     assert p["calls"] > 0 if p["enabled"] and n <= p["rows_max"] else p["calls"] == 0, p
+    # its routed experts (shared experts beside them, which vLLM-CPU runs before the routed call) packed where the
+    # plugin packs, vLLM's copy then empty and its kernel not called
+    e = v["experts"]
+    assert e["runners"] > 0 and v["shared_experts"], v
+    if e["available"]:
+        assert e["packed"] == e["vllm_copy_empty"] == e["runners"] and v["packed_expert_calls"] > 0, v
+        assert v["direct_expert_calls"] == 0, v
+    else:
+        assert e["packed"] == 0 and v["packed_expert_calls"] == 0, v
     if n != len(bf16_reference["tokens"]):
         return  # the reference counts are over every prompt
     # the pairs offered are the same tokens x K x MoE layers; which are kept may differ where a mask score sits

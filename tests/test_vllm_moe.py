@@ -304,6 +304,47 @@ def test_cpu_direct_path_equals_the_general_path(monkeypatch, dtype, atol):
     assert 0 < computed < offered
 
 
+class _SharedExperts:
+    """Stands in for vLLM's SharedExperts: only the order vLLM gives them."""
+
+    def __init__(self, order):
+        self.order = order
+
+    def _determine_shared_experts_order(self, hidden_states):
+        return self.order
+
+
+def test_shared_experts_outside_the_call_take_the_direct_path(monkeypatch):
+    """A layer with shared experts in vLLM-CPU's order (NO_OVERLAP: run before the routed call) takes the direct path
+    like a layer without them, with the same output; where the kernel would run them (MK_INTERNAL_OVERLAPPED) the
+    call goes through vLLM's modular kernel, never straight to `cpu_fused_moe`."""
+    from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExpertsOrder
+
+    monkeypatch.setattr(beam_moe.current_platform, "is_cuda_alike", lambda: False)
+    Dn, Fn, En, Kn, Tn = 64, 32, E, 3, 11  # E: `_RecordingExperts`' bound
+    w13, w2, routing, x, weights, ids = _direct_case(24, Dn, Fn, En, Kn, Tn, torch.float32)
+    routing.tau = 0.6
+    alone = _direct_runner(routing, w13, w2, torch.float32)
+    outside = _direct_runner(routing, w13, w2, torch.float32)
+    outside._shared_experts = _SharedExperts(SharedExpertsOrder.NO_OVERLAP)
+    for rows in (slice(None), slice(4, 5)):
+        xr, wr, ir = x[rows].contiguous(), weights[rows].contiguous(), ids[rows].contiguous()
+        before = beam_moe.DIRECT_CALLS[0]
+        got = outside._experts_compacted(xr, wr, ir, xr)
+        assert beam_moe.DIRECT_CALLS[0] == before + 1
+        assert torch.equal(got, alone._experts_compacted(xr, wr, ir, None))
+    experts = _RecordingExperts(w13, w2)
+    inside = _runner(routing, experts)
+    inside._direct = None  # as found on a real layer; the shared experts' order rules it out
+    inside._shared_experts = _SharedExperts(SharedExpertsOrder.MK_INTERNAL_OVERLAPPED)
+    kernel = alone._cpu_kernel()  # vLLM's kernel there to be called: the order alone must keep the call off it
+    monkeypatch.setattr(beam_moe.BeamMoERunner, "_cpu_kernel", lambda self: kernel)
+    before = beam_moe.DIRECT_CALLS[0]
+    got = inside._experts_compacted(x, weights, ids, x)
+    assert beam_moe.DIRECT_CALLS[0] == before and len(experts.rows) == 1, experts.rows
+    np.testing.assert_allclose(got.numpy(), alone._experts_compacted(x, weights, ids, None).numpy(), atol=2e-5)
+
+
 def _packed_or_skip():
     if not beam_moe.packed_experts_available():
         pytest.skip("the plugin packs its experts only under the extension's AVX512-BF16 or AMX build where vLLM's "

@@ -19,7 +19,8 @@ Three pieces, all installed while a BEAM model is being built (`beam_moe_factory
   token's MoE sum. When every pair is kept (tau 0, or a batch whose mask drops nothing) the [T, K] routing goes
   to vLLM's call unchanged, as vLLM's own model does it, and at tau <= 0 the mask router is not even run
   (sigmoid >= 0 keeps everything). Where vLLM's modular kernel would only wrap its unquantized CPU kernel (no
-  shared experts, expert map or zentorch), the call goes to `cpu_fused_moe` directly, with the arguments the
+  expert map or zentorch; shared experts, if any, outside the call: vLLM-CPU runs them before it), the call goes to
+  `cpu_fused_moe` directly, with the arguments the
   modular kernel passes: its Python cost about as much as a small model's expert compute. There
   (`_experts_direct`) the kept rows go through buffers reused between layer calls and the counters are plain
   attributes: the general path's per-call allocations and checks cost a tiny model more than its expert compute.
@@ -398,13 +399,13 @@ class BeamMoERunner(MoERunner):
 
     def packable_experts(self):
         """(w13, w2) of the routed experts when `pack_weights` may pack them: CPU, bfloat16 as loaded (not yet
-        prepacked by vLLM), SiLU-gated, no biases, no expert map, no shared experts for the kernel, d and f even,
+        prepacked by vLLM), SiLU-gated, no biases, no expert map, d and f even,
         `packed_experts_available()`, not yet released (`release_vllm_experts`). Else None."""
         re = self.routed_experts
         w13, w2 = getattr(re, "w13_weight", None), getattr(re, "w2_weight", None)
         act = getattr(getattr(re, "activation", None), "value", None)
         if (current_platform.is_cuda_alike() or not isinstance(w13, torch.Tensor) or not isinstance(w2, torch.Tensor)
-                or w13.device.type != "cpu" or self._shared_experts is not None or act != "silu"
+                or w13.device.type != "cpu" or act != "silu"
                 or getattr(re, "expert_map", None) is not None or getattr(re, "w13_bias", None) is not None
                 or not packed_experts_available()):
             return None
@@ -427,7 +428,9 @@ class BeamMoERunner(MoERunner):
         `process_weights_after_loading` (which vLLM's loader calls once per layer, after the model's `load_weights`)
         is wrapped, for this layer and once, so that it packs the checkpoint-layout w13 / w2 (`pack_weights`), runs
         vLLM's own processing (its kernel set-up, its prepacked copy), then drops vLLM's copy
-        (`release_vllm_experts`): the experts take their memory once, and at the peak one layer's copies more.
+        (`release_vllm_experts`): the experts take their memory once, and at the peak one layer's copies more. Where
+        vLLM's kernel turns out to run the layer's shared experts itself (`_kernel_runs_shared`; not on vLLM-CPU,
+        which runs them before the routed call) the packed copy is dropped instead and vLLM's kept.
         -> whether armed (`packable_experts`)."""
         if self.packable_experts() is None:
             return False
@@ -442,7 +445,9 @@ class BeamMoERunner(MoERunner):
             r = runner()
             packed = r is not None and layer is r.routed_experts and r.pack_weights() > 0
             original(layer)
-            if packed:
+            if packed and r._kernel_runs_shared(torch.empty(0)):
+                r.beam_packed = None  # vLLM's kernel must run the shared experts: its call, its copy
+            elif packed:
                 r.release_vllm_experts()
 
         qm.process_weights_after_loading = process_weights_after_loading
@@ -514,7 +519,8 @@ class BeamMoERunner(MoERunner):
         beam = self.beam
         if not beam.mask_in_runner:
             raise RuntimeError(f"{self.layer_name}: the routing applied BEAM's mask; off CUDA the runner applies it")
-        if shared_experts_input is None:
+        mk_shared = self._kernel_runs_shared(shared_experts_input)
+        if not mk_shared:
             out = self._experts_direct(x, weights, ids)
             if out is not None:
                 return out
@@ -531,9 +537,6 @@ class BeamMoERunner(MoERunner):
         if one and n:
             self._count(ids.numel(), n, ids.device)
             return self._forward_modular(x, rows_w.view(1, n), rows_id.view(1, n), shared_experts_input)
-        mk_shared = (self._shared_experts is not None
-                     and self._shared_experts._determine_shared_experts_order(shared_experts_input)
-                     == _mk_internal())
         if n == 0 and not mk_shared:
             self._count(ids.numel(), 0, ids.device)
             return torch.zeros_like(x)  # every pair dropped: no expert GEMM at all
@@ -545,6 +548,14 @@ class BeamMoERunner(MoERunner):
         self._count(ids.numel(), rows_x.shape[0], ids.device)
         rows = self._forward_modular(rows_x, rows_w, rows_id, shared_experts_input)
         return sum_rows(rows.to(x.dtype), token, x.shape[0])
+
+    def _kernel_runs_shared(self, shared_experts_input) -> bool:
+        """Whether vLLM's modular kernel runs this layer's shared experts inside the expert call (their order
+        MK_INTERNAL_OVERLAPPED), so that the call must go through it. Not without shared experts, nor with the order
+        vLLM-CPU gives them, NO_OVERLAP: they ran before the routed experts (`_apply_quant_method`), whose call then
+        may go to the kernel directly (`_experts_direct`)."""
+        se = self._shared_experts
+        return se is not None and se._determine_shared_experts_order(shared_experts_input) == _mk_internal()
 
     def _experts_direct(self, x, weights, ids):
         """`_experts_compacted` in as few host operations as it takes, where vLLM's CPU kernel is called directly
@@ -623,7 +634,8 @@ class BeamMoERunner(MoERunner):
     def _cpu_kernel(self):
         """(vLLM's unquantized CPU experts, the routed experts) when the expert call may go straight to their kernel
         `cpu_fused_moe` as vLLM's modular kernel would call it: vLLM's own `CPUUnquantizedExperts.apply` (not zentorch),
-        no shared experts for the kernel to run, no expert map, router weights applied to the output. Else None."""
+        no expert map, router weights applied to the output. Else None. The callers check that the kernel runs no
+        shared experts (`_kernel_runs_shared`)."""
         if self._direct is None:
             from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
 
@@ -631,7 +643,7 @@ class BeamMoERunner(MoERunner):
             experts = getattr(getattr(re.quant_method, "moe_kernel", None), "fused_experts", None)
             self._direct = (isinstance(experts, CPUUnquantizedExperts)
                             and type(experts).apply is CPUUnquantizedExperts.apply
-                            and not getattr(experts, "_use_zentorch", True) and self._shared_experts is None
+                            and not getattr(experts, "_use_zentorch", True)
                             and getattr(re, "expert_map", None) is None
                             and not getattr(re, "apply_router_weight_on_input", True)) and (experts, re)
         return self._direct or None
@@ -644,7 +656,8 @@ class BeamMoERunner(MoERunner):
             raise RuntimeError(f"{self.layer_name}: vLLM's copy of the experts was released for the packed one, but "
                                f"this call (x {x.dtype} {tuple(x.shape)}, ids {tuple(ids.shape)}) would need it; "
                                f"serve with BEAM_JAX_PACKED_EXPERTS=0")
-        direct = self._cpu_kernel() if x.device.type == "cpu" else None
+        direct = (self._cpu_kernel() if x.device.type == "cpu" and not self._kernel_runs_shared(shared_experts_input)
+                  else None)
         if (direct is not None and weights.dtype == torch.float32 and ids.dtype == torch.int32
                 and x.is_contiguous() and weights.is_contiguous() and ids.is_contiguous()):
             return _direct_experts(direct, x, weights, ids)
