@@ -6,7 +6,11 @@
 One engine per process (as bench/serve.py runs them), on the Qwen3-30B-A3B-shaped 2-layer model of
 bench/serve.py (`/tmp/beam_bench/qwen3-30b-a3b-shaped-2l`, `-base` for native vLLM; with
 `PROFILE_MODEL=/tmp/beam_bench/tiny-beam` the tiny model, in its own dtype), enforce_eager (`PROFILE_EAGER=0`:
-compiled, vLLM's default, as bench/serve.py runs it), torch threads =
+compiled, vLLM's default, as bench/serve.py runs it; a model with shared experts, DeepSeek-V2-Lite-shaped:
+`python -c "import sys; sys.path[:0] = ['bench']; import serve, serve_jax; p = serve_jax.make_deepseek_v2_lite_shaped(
+'/tmp/beam_bench/deepseek-v2-lite-shaped-2l'); serve.make_base_dir(p)"`, then
+`PROFILE_MODEL=/tmp/beam_bench/deepseek-v2-lite-shaped-2l`; BEAM_JAX_PACKED_EXPERTS=0: the plugin on vLLM's
+expert kernel), torch threads =
 the cores; the plugin serves at TAU (default 0: Top-K; 0.74 keeps about 0.15 of the pairs with bench/serve.py's
 random mask routers). Prints the steady decode step (best of 3, (t(33 new) - t(1 new)) / 32), then a profile of one
 more generation: `torch` = torch.profiler's table by self CPU time over 33 new tokens (the expert kernel is
@@ -56,8 +60,17 @@ def main(engine: str, batch: int, tool: str, tau: float = 0.0):
     gen(33), gen(1)
     best = {n: min(gen(n) for _ in range(3)) for n in (1, 33)}
     label = f"{engine} tau {tau}" if engine == "plugin" else engine
+    kept = ""
+    if engine == "plugin":
+        from convert.vllm_plugin import moe
+
+        moe.reset_pair_counts()
+        gen(33)
+        c = moe.pair_counts()
+        kept = (f", kept {c['computed'] / c['offered']:.3f} of the pairs (prefill included), expert calls packed "
+                f"{moe.PACKED_CALLS[0]} / vLLM's {moe.DIRECT_CALLS[0]} so far")
     print(f"{label} batch {batch}: decode step {(best[33] - best[1]) / 32 * 1e3:.2f} ms, torch threads "
-          f"{torch.get_num_threads()}", flush=True)
+          f"{torch.get_num_threads()}{kept}", flush=True)
     if tool == "torch":
         from torch.profiler import ProfilerActivity, profile
 

@@ -58,6 +58,29 @@ def make_qwen3_shaped(path, *, num_layers: int = 2, vocab_size: int = 8192, seed
     return make_random_moe(path, cfg, seed=seed, mask_std=mask_std, tau=tau, overwrite=overwrite)
 
 
+# DeepSeek-V2-Lite's layer shapes (d 2048, 64 routed experts of width 1408, K 6, 2 shared experts, MLA with a 512
+# latent, 16 heads), every layer MoE (first_k_dense_replace 0)
+DEEPSEEK_V2_LITE_SHAPES = dict(hidden_size=2048, moe_intermediate_size=1408, n_routed_experts=64, n_shared_experts=2,
+                               num_experts_per_tok=6, num_attention_heads=16, num_key_value_heads=16,
+                               kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                               v_head_dim=128, first_k_dense_replace=0, moe_layer_freq=1, norm_topk_prob=False,
+                               topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
+                               intermediate_size=10944,
+                               rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=4096,
+                               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def make_deepseek_v2_lite_shaped(path, *, num_layers: int = 2, vocab_size: int = 8192, seed: int = 0,
+                                 tau: float = 0.738, overwrite: bool = False, **shapes) -> Path:
+    """Save a random bfloat16 DeepSeek-V2 with DeepSeek-V2-Lite layer shapes (`DEEPSEEK_V2_LITE_SHAPES`: routed
+    and shared experts) to `path` in the BEAM export layout (`make_random_moe`)."""
+    import transformers
+
+    cfg = transformers.DeepseekV2Config(vocab_size=vocab_size, num_hidden_layers=num_layers,
+                                        **{**DEEPSEEK_V2_LITE_SHAPES, **shapes})
+    return make_random_moe(path, cfg, seed=seed, tau=tau, overwrite=overwrite)
+
+
 def make_random_moe(path, cfg, *, seed: int = 0, mask_std: float | None = None, tau: float = 0.738,
                     overwrite: bool = False) -> Path:
     """Save a random bfloat16 model of the transformers MoE config `cfg` to `path` in the BEAM export layout.
@@ -94,7 +117,7 @@ def make_random_moe(path, cfg, *, seed: int = 0, mask_std: float | None = None, 
     if lone.is_file():  # as convert.to_vllm does: transformers reads a lone model.safetensors, ignoring the index
         lone.rename(path / "model-00001-of-00001.safetensors")
     d = cfg.hidden_size
-    E = getattr(cfg, "num_experts", None) or cfg.num_local_experts
+    E = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or cfg.n_routed_experts
     std = 1.0 / np.sqrt(d) if mask_std is None else mask_std
     rs = np.random.RandomState(seed + 1)
     blocks = _moe_blocks(path)
