@@ -271,3 +271,31 @@ def test_quick_run_with_the_engines_in_processes_of_their_own(tmp_path):
     rows = {(r["engine"], r["policy"]) for r in result["rows"]}
     assert rows == {("vllm", "topk"), ("vllm", "beam"), ("vllm_native", "topk")}, rows
     assert all(r["speedup_vs_native"] for r in result["rows"] if r["engine"] == "vllm"), result["rows"]
+
+
+def test_deepseek_v2_lite_shaped_model_is_a_beam_export(tmp_path):
+    """`serve_jax.make_deepseek_v2_lite_shaped` (shapes scaled down here) writes a BEAM export with routed and shared
+    experts: the beam section names every layer, E and K of the routed experts, one float32 mask router [E, d] per
+    layer, and beam_jax loads it with those mask routers."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    import beam_jax
+
+    sj = bench_scripts.load("serve_jax", "bench_serve_jax")
+    path = sj.make_deepseek_v2_lite_shaped(
+        tmp_path / "ds", vocab_size=128, hidden_size=64, moe_intermediate_size=32, n_routed_experts=6,
+        num_experts_per_tok=2, n_shared_experts=1, num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16,
+        qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, intermediate_size=64)
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["architectures"] == ["BeamDeepseekV2ForCausalLM"] and cfg["n_shared_experts"] == 1
+    assert (cfg["beam"]["layers"], cfg["beam"]["num_experts"], cfg["beam"]["top_k"]) == ([0, 1], 6, 2)
+    mask = load_file(str(path / "mask_router.safetensors"))
+    assert sorted(mask) == [f"model.layers.{i}.mlp.mask_router.weight" for i in (0, 1)]
+    assert all(m.shape == (6, 64) and m.dtype == np.float32 and m.std() > 0 for m in mask.values())
+    model = beam_jax.load_pretrained(path)
+    for i in (0, 1):  # the Flax kernel is W_m^T
+        got = np.asarray(model.layers[i].mlp.mask_router.kernel.get_value(), np.float32)
+        np.testing.assert_array_equal(got.T, mask[f"model.layers.{i}.mlp.mask_router.weight"])
