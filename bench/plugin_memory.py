@@ -81,8 +81,9 @@ def main():
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, r in rows.items():
         print(f"| {name} | {r['packed_runners']}/{r['runners']} | {r['vllm_expert_bytes'] / gib:.2f} / "
-              f"{r['packed_expert_bytes'] / gib:.2f} | {r['rss_built'] / gib:.2f} | {r['rss_after_generate'] / gib:.2f} "
-              f"| {r['peak'] / gib:.2f} | {r['packed_expert_calls']} / {r['vllm_expert_calls']} |")
+              f"{r['packed_expert_bytes'] / gib:.2f} | {r['rss_built'] / gib:.2f} | "
+              f"{r['rss_after_generate'] / gib:.2f} | {r['peak'] / gib:.2f} | {r['packed_expert_calls']} / "
+              f"{r['vllm_expert_calls']} |")
     if args.out:
         sys.path[:0] = [str(ROOT)]
         from bench.common import write_result

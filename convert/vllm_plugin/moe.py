@@ -27,9 +27,10 @@ Three pieces, all installed while a BEAM model is being built (`beam_moe_factory
   On the extension's AVX512-BF16 build, where vLLM has no AMX, a bfloat16 model's experts are packed at load
   (`pack_experts`, the layout of `beam_jax.packed_experts`, made layer by layer from the checkpoint's weights as
   vLLM post-processes the layer, whose own copy is then dropped: `BeamMoERunner.arm_packing`;
-  ``BEAM_JAX_PACKED_EXPERTS=0`` turns it off), and every expert call goes to the project's packed kernel (`beam_jax._ffi.masked_moe_packed`, the kernel `beam_jax.generate`
-  runs) instead of vLLM's `cpu_fused_moe`: the [T, K] call of a step that keeps every pair as well as BEAM's
-  compacted rows, so the plugin's Top-K and its BEAM run on one kernel.
+  ``BEAM_JAX_PACKED_EXPERTS=0`` turns it off), and every expert call goes to the project's packed kernel
+  (`beam_jax._ffi.masked_moe_packed`, the kernel `beam_jax.generate` runs) instead of vLLM's `cpu_fused_moe`:
+  the [T, K] call of a step that keeps every pair as well as BEAM's compacted rows, so the plugin's Top-K and its
+  BEAM run on one kernel.
   CUDA: vLLM's expert-parallel mechanism, which its Triton experts document and test. `beam_kernel_args` keeps
   the ids [T, K] (static shapes: CUDA-graph safe) and passes `expert_map` = [0 .. E-1 (or the EP map), -1] with
   `global_num_experts = E + 1`, so the BEAM id E maps to -1. vLLM 0.32's `TritonExperts.apply` then aligns
