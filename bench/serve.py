@@ -31,6 +31,9 @@ Models (`--models`):
 - ``mixtral``: a random bfloat16 Mixtral with Mixtral-8x7B layer shapes (d 4096, expert width 14336, 8 experts,
   K 2, GQA 32/8 heads of 128), `--mixtral-layers` layers (default 2: 2 x 2.8 GB of experts, 5.9 GB in all; each
   engine holds one copy, and the JAX model is freed before the others start).
+- ``deepseek``: a random bfloat16 DeepSeek-V2 with DeepSeek-V2-Lite layer shapes (d 2048, 64 routed experts of
+  width 1408, K 6, 2 shared experts, MLA with a 512 latent, 16 heads), 2 layers, every layer MoE
+  (`serve_jax.make_deepseek_v2_lite_shaped`): a family with shared experts, read every step by every policy.
 - ``tiny``: the shipped ``beam_jax/assets/tiny-moe`` with what a trained ``tiny.py`` run trained (``--run``: the
   mask routers, and every weight when it fine-tuned the whole model; exported again by `convert.to_vllm` on every
   call for vLLM and transformers), float32; skipped with a note when the run is absent.
@@ -108,7 +111,7 @@ ROOT = HERE.parent
 RESULT = "SERVE_RESULT "  # a worker's one result line on stdout
 
 ENGINES = ("jax", "vllm", "vllm_native", "torch")
-MODELS = ("qwen3", "mixtral", "tiny")
+MODELS = ("qwen3", "mixtral", "deepseek", "tiny")
 # the BEAM classes' policy that keeps no pair (sigmoid < 1 <= tau): its step is the step without expert compute
 NO_EXPERTS = {"policy": "no_experts", "tau": 2.0, "kept_target": 0.0}
 # vLLM's own model on the base checkpoint, as a policy of the one-process worker (`vllm_pair`)
@@ -126,6 +129,8 @@ QUICK_QWEN3 = dict(hidden_size=256, num_experts=32, num_experts_per_tok=8, moe_i
                    num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=512)
 QUICK_MIXTRAL = dict(hidden_size=256, intermediate_size=512, num_local_experts=8, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=64)
+QUICK_DEEPSEEK = dict(hidden_size=256, moe_intermediate_size=128, n_routed_experts=16, num_attention_heads=4,
+                      num_key_value_heads=4, intermediate_size=512)
 QUICK_VOCAB = 1024
 
 
@@ -193,6 +198,11 @@ def prepare_model(name: str, args) -> dict | None:
         path = work / f"mixtral-8x7b-shaped-{args.mixtral_layers}l{tag}"
         shapes = dict(QUICK_MIXTRAL, vocab_size=QUICK_VOCAB) if args.quick else {}
         make_mixtral_shaped(path, num_layers=args.mixtral_layers, **shapes)
+        out = {"dir": path, "dtype": "bfloat16", "load_jax": lambda: beam_jax.load_pretrained(path)}
+    elif name == "deepseek":
+        path = work / f"deepseek-v2-lite-shaped-2l{tag}"
+        shapes = dict(QUICK_DEEPSEEK, vocab_size=QUICK_VOCAB) if args.quick else {}
+        serve_jax.make_deepseek_v2_lite_shaped(path, **shapes)
         out = {"dir": path, "dtype": "bfloat16", "load_jax": lambda: beam_jax.load_pretrained(path)}
     elif name == "tiny":
         run = Path(args.run)
