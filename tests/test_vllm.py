@@ -140,7 +140,7 @@ def generate(run, prompts):
                        "packed": sum(r.beam_packed is not None for r in runners),
                        "vllm_copy_empty": sum(r.routed_experts.w13_weight.numel() == 0
                                               and r.routed_experts.w2_weight.numel() == 0 for r in runners)},
-           "shared_experts": any(r._shared_experts is not None for r in moe._RUNNERS),
+           "shared_experts": any(r._shared_experts is not None for r in runners),
            "logprobs": [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
                         for o in outs]}
     del llm
