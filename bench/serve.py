@@ -43,9 +43,10 @@ head (151936 x 2048 x 2 bytes = 0.62 GB for Qwen3) would be read every step and 
 (2 layers x 8 experts x 9.4 MB = 0.15 GB at batch 1), so the measured speed-ups would mostly show the LM head.
 At 8192 the head is 34 MB (Qwen3) / 67 MB (Mixtral), and the step is dominated by attention + experts as in the
 full 48 / 32-layer models. Weights are random (normal(0, 0.02)): speed does not depend on their values, and
-serving tau is calibrated per model on a Top-K generation so that BEAM keeps `--kept` (0.5, 0.15) of the Top-K
-pairs; the kept ratio each engine actually realised is measured from the pairs handed to its expert GEMMs
-(the plugin's and the PyTorch classes' pair counters, the JAX routing of the generated tokens).
+serving tau is calibrated per model on a Top-K generation (32 prompts of its own, whatever `--batches` lists) so
+that BEAM keeps `--kept` (0.5, 0.15) of the Top-K pairs; the kept ratio each engine actually realised is measured
+from the pairs handed to its expert GEMMs (the plugin's and the PyTorch classes' pair counters, the JAX routing of
+the generated tokens).
 
 Per (model, engine, batch, policy): decode tokens/s (prompt 16, 64 new tokens, greedy, ignore_eos; decode-only,
 B / step with step = (t(64 new) - t(1 new)) / 63, the same estimate in every engine), end-to-end tokens/s
@@ -114,6 +115,8 @@ ENGINES = ("jax", "vllm", "vllm_native", "torch")
 MODELS = ("qwen3", "mixtral", "deepseek", "tiny")
 # the BEAM classes' policy that keeps no pair (sigmoid < 1 <= tau): its step is the step without expert compute
 NO_EXPERTS = {"policy": "no_experts", "tau": 2.0, "kept_target": 0.0}
+# serving taus are calibrated on this many prompts of their own (seed 1; the timed ones: seed 0)
+CALIB_BATCH = 32
 # vLLM's own model on the base checkpoint, as a policy of the one-process worker (`vllm_pair`)
 NATIVE = {"policy": "topk", "tau": None, "kept_target": 1.0, "engine": "vllm_native"}
 ENGINE_LABEL = {"jax": "beam_jax.generate", "vllm": "vLLM + plugin", "vllm_native": "vLLM native",
@@ -189,20 +192,16 @@ def prepare_model(name: str, args) -> dict | None:
 
     work = Path(args.work_dir)
     tag = "-quick" if args.quick else ""
-    if name == "qwen3":
-        path = work / f"qwen3-30b-a3b-shaped-2l{tag}"
-        shapes = dict(QUICK_QWEN3, vocab_size=QUICK_VOCAB) if args.quick else {}
-        serve_jax.make_qwen3_shaped(path, **shapes)
-        out = {"dir": path, "dtype": "bfloat16", "load_jax": lambda: beam_jax.load_pretrained(path)}
-    elif name == "mixtral":
-        path = work / f"mixtral-8x7b-shaped-{args.mixtral_layers}l{tag}"
-        shapes = dict(QUICK_MIXTRAL, vocab_size=QUICK_VOCAB) if args.quick else {}
-        make_mixtral_shaped(path, num_layers=args.mixtral_layers, **shapes)
-        out = {"dir": path, "dtype": "bfloat16", "load_jax": lambda: beam_jax.load_pretrained(path)}
-    elif name == "deepseek":
-        path = work / f"deepseek-v2-lite-shaped-2l{tag}"
-        shapes = dict(QUICK_DEEPSEEK, vocab_size=QUICK_VOCAB) if args.quick else {}
-        serve_jax.make_deepseek_v2_lite_shaped(path, **shapes)
+    shaped = {  # name -> (directory, maker, its --quick shapes)
+        "qwen3": (f"qwen3-30b-a3b-shaped-2l{tag}", serve_jax.make_qwen3_shaped, QUICK_QWEN3),
+        "mixtral": (f"mixtral-8x7b-shaped-{args.mixtral_layers}l{tag}",
+                    lambda p, **kw: make_mixtral_shaped(p, num_layers=args.mixtral_layers, **kw), QUICK_MIXTRAL),
+        "deepseek": (f"deepseek-v2-lite-shaped-2l{tag}", serve_jax.make_deepseek_v2_lite_shaped, QUICK_DEEPSEEK),
+    }
+    if name in shaped:
+        dirname, make, quick = shaped[name]
+        path = work / dirname
+        make(path, **(dict(quick, vocab_size=QUICK_VOCAB) if args.quick else {}))
         out = {"dir": path, "dtype": "bfloat16", "load_jax": lambda: beam_jax.load_pretrained(path)}
     elif name == "tiny":
         run = Path(args.run)
@@ -231,12 +230,13 @@ def prompt_tokens(vocab_size: int, batch: int, length: int, seed: int = 0) -> li
 
 # ---- the JAX phase: serving taus, routing statistics (bytes per step), beam_jax.generate timings -----------------
 
-def jax_phase(model, prompts: dict, prefill_prompt, kept_targets, args, timed: bool) -> dict:
+def jax_phase(model, prompts: dict, calib_prompt, prefill_prompt, kept_targets, args, timed: bool) -> dict:
     """Everything that needs the Flax model, in this process.
 
-    prompts {B: [B][S] ids}. The serving tau of each kept target calibrated on the largest batch's Top-K generation
-    (its decode positions), then at each batch the greedy generations of Top-K and of every BEAM tau, timed when
-    `timed` with their runs interleaved (`serve_jax.time_generate_interleaved`). -> {"taus": {kept: tau}, "stats":
+    prompts {B: [B][S] ids}; calib_prompt [CALIB_BATCH][S] ids. The serving tau of each kept target calibrated on
+    calib_prompt's Top-K generation (its decode positions: the same taus whatever --batches lists), then at each
+    batch the greedy generations of Top-K and of every BEAM tau, timed when `timed` with their runs interleaved
+    (`serve_jax.time_generate_interleaved`). -> {"taus": {kept: tau}, "stats":
     {(B, kept): {"step_weight_bytes", "kept_ratio"}} (kept 1.0: Top-K), "mask_router_bytes", "rows" (timed: one per
     batch and policy), "prefill" ({kept: seconds})}."""
     import numpy as np
@@ -252,8 +252,9 @@ def jax_phase(model, prompts: dict, prefill_prompt, kept_targets, args, timed: b
         return np.asarray(beam_jax.generate(model, np.asarray(prompts[B], np.int32), max_new_tokens=N,
                                             eos_token_id=(), mask_hook=hook))
 
-    # the serving taus, calibrated on the largest batch's Top-K generation (its decode positions)
-    calib = generate(max(prompts), TopKHook())
+    # the serving taus, calibrated on the Top-K generation of prompts of their own (its decode positions)
+    calib = np.asarray(beam_jax.generate(model, np.asarray(calib_prompt, np.int32), max_new_tokens=N,
+                                         eos_token_id=(), mask_hook=TopKHook()))
     taus = {k: serve_jax.calibrate_tau(model, calib, k, S, -1) for k in kept_targets}
     print("serving taus: " + ", ".join(f"kept {k} -> tau {t:.4f}" for k, t in taus.items()), flush=True)
     hooks = jax_hooks(taus)
@@ -671,8 +672,9 @@ def bench_model(prep: dict, args, engines, kept_targets) -> tuple[list[dict], di
     V = model.cfg.vocab_size
     prompts = {B: prompt_tokens(V, B, args.prompt_len) for B in args.batch_list}
     prefill_prompt = prompt_tokens(V, 1, args.prefill_len)[0]
+    calib_prompt = prompt_tokens(V, CALIB_BATCH, args.prompt_len, seed=1)  # none of the timed prompts
     print(f"== {name}: {prep['dir']} ({prep['dtype']}), base {prep['base_dir']}", flush=True)
-    jx = jax_phase(model, prompts, prefill_prompt, kept_targets, args, timed="jax" in engines)
+    jx = jax_phase(model, prompts, calib_prompt, prefill_prompt, kept_targets, args, timed="jax" in engines)
     jax_runs = [jx["rows"]]
     extra_jax = args.jax_rounds - 1 if "jax" in engines else 0
     if not extra_jax:  # the model stays loaded only for later JAX rounds (a Mixtral in JAX holds 6 GiB)

@@ -299,3 +299,34 @@ def test_deepseek_v2_lite_shaped_model_is_a_beam_export(tmp_path):
     for i in (0, 1):  # the Flax kernel is W_m^T
         got = np.asarray(model.layers[i].mlp.mask_router.kernel.get_value(), np.float32)
         np.testing.assert_array_equal(got.T, mask[f"model.layers.{i}.mlp.mask_router.weight"])
+
+
+def test_serving_taus_do_not_depend_on_the_batch_list(tmp_path):
+    """`jax_phase` calibrates the serving taus on prompts of their own (`CALIB_BATCH`), so `--batches 1` and
+    `--batches 1,4` serve the same taus, and they keep about the targeted share of the calibration generation's
+    pairs; the per-batch routing statistics are still reported for each listed batch."""
+    import argparse
+
+    import numpy as np
+
+    import beam_jax
+    from beam_jax.routing import TopKHook
+
+    sj = bench_scripts.load("serve_jax", "bench_serve_jax")
+    path = sj.make_qwen3_shaped(tmp_path / "q", num_layers=1, vocab_size=256, hidden_size=64, num_experts=8,
+                                num_experts_per_tok=2, moe_intermediate_size=32, num_attention_heads=2,
+                                num_key_value_heads=1, head_dim=32, intermediate_size=64)
+    model = beam_jax.load_pretrained(path)
+    args = argparse.Namespace(prompt_len=6, new_tokens=5, repeat=1)
+    calib = sv.prompt_tokens(256, sv.CALIB_BATCH, args.prompt_len, seed=1)
+    taus = {}
+    for batches in ((1,), (1, 4)):
+        prompts = {B: sv.prompt_tokens(256, B, args.prompt_len) for B in batches}
+        out = sv.jax_phase(model, prompts, calib, sv.prompt_tokens(256, 1, 8)[0], [0.5], args, timed=False)
+        taus[batches] = out["taus"]
+        assert {B for B, _ in out["stats"]} == set(batches)
+    assert taus[(1,)] == taus[(1, 4)] and 0 < taus[(1,)][0.5] < 1
+    seqs = np.asarray(beam_jax.generate(model, np.asarray(calib, np.int32), max_new_tokens=args.new_tokens,
+                                        eos_token_id=(), mask_hook=TopKHook()))
+    m = sj.beam_scores(model, seqs)[:, :, args.prompt_len:-1]
+    assert abs(float((m >= taus[(1,)][0.5]).mean()) - 0.5) < 0.05

@@ -527,17 +527,17 @@ class BeamMoERunner(MoERunner):
                 return out
         if beam.tau <= 0:  # every pair kept, known without looking: vLLM's own [T, K] call
             self._count(ids.numel(), ids.numel(), ids.device)
-            return self._forward_modular(x, weights, ids, shared_experts_input)
+            return self._forward_modular(x, weights, ids, shared_experts_input, mk_shared)
         one = ids.shape[0] == 1  # one token (decode at batch 1): its kept pairs are one [1, n] call, no sum back
         token, rows_x, rows_w, rows_id = mask_and_compact(x, weights, ids, beam.mask_router.weight, beam.tau,
                                                           beam.beam_renormalize, beam.num_experts, rows=not one)
         n = rows_w.shape[0]  # known on the host: the extension returned it, or the reference's nonzero synced
         if n == ids.numel():  # the mask dropped nothing: the same call (renormalising by 1 changes no weight)
             self._count(ids.numel(), ids.numel(), ids.device)
-            return self._forward_modular(x, weights, ids, shared_experts_input)
+            return self._forward_modular(x, weights, ids, shared_experts_input, mk_shared)
         if one and n:
             self._count(ids.numel(), n, ids.device)
-            return self._forward_modular(x, rows_w.view(1, n), rows_id.view(1, n), shared_experts_input)
+            return self._forward_modular(x, rows_w.view(1, n), rows_id.view(1, n), shared_experts_input, mk_shared)
         if n == 0 and not mk_shared:
             self._count(ids.numel(), 0, ids.device)
             return torch.zeros_like(x)  # every pair dropped: no expert GEMM at all
@@ -547,7 +547,7 @@ class BeamMoERunner(MoERunner):
             rows_w = torch.zeros((1, 1), dtype=weights.dtype, device=x.device)
             rows_id = torch.zeros((1, 1), dtype=ids.dtype, device=x.device)
         self._count(ids.numel(), rows_x.shape[0], ids.device)
-        rows = self._forward_modular(rows_x, rows_w, rows_id, shared_experts_input)
+        rows = self._forward_modular(rows_x, rows_w, rows_id, shared_experts_input, mk_shared)
         return sum_rows(rows.to(x.dtype), token, x.shape[0])
 
     def _kernel_runs_shared(self, shared_experts_input) -> bool:
@@ -649,16 +649,18 @@ class BeamMoERunner(MoERunner):
                             and not getattr(re, "apply_router_weight_on_input", True)) and (experts, re)
         return self._direct or None
 
-    def _forward_modular(self, x, weights, ids, shared_experts_input):
+    def _forward_modular(self, x, weights, ids, shared_experts_input, kernel_runs_shared=None):
         """vLLM's expert call on x [N, d], weights / ids [N, k] -> [N, d]: on CPU straight to its kernel where
         `_cpu_kernel` allows (the modular kernel's prepare, workspace and finalize are no-ops there, but their Python
-        costs about as much as a small model's expert compute), else through the modular kernel."""
+        costs about as much as a small model's expert compute), else through the modular kernel.
+        kernel_runs_shared: `_kernel_runs_shared(shared_experts_input)` where the caller has it (else asked here)."""
         if getattr(self, "beam_released", False):
             raise RuntimeError(f"{self.layer_name}: vLLM's copy of the experts was released for the packed one, but "
                                f"this call (x {x.dtype} {tuple(x.shape)}, ids {tuple(ids.shape)}) would need it; "
                                f"serve with BEAM_JAX_PACKED_EXPERTS=0")
-        direct = (self._cpu_kernel() if x.device.type == "cpu" and not self._kernel_runs_shared(shared_experts_input)
-                  else None)
+        if kernel_runs_shared is None:
+            kernel_runs_shared = self._kernel_runs_shared(shared_experts_input)
+        direct = self._cpu_kernel() if x.device.type == "cpu" and not kernel_runs_shared else None
         if (direct is not None and weights.dtype == torch.float32 and ids.dtype == torch.int32
                 and x.is_contiguous() and weights.is_contiguous() and ids.is_contiguous()):
             return _direct_experts(direct, x, weights, ids)
