@@ -1,12 +1,16 @@
-// Same-process A/B of the CPU weight-streaming loop (StreamRowsCols in ffi/masked_moe_cpu_kernel.h):
-// the header at a base revision (BASE_HEADER) against the working tree's (HEAD_HEADER), both compiled
-// into this one binary under different namespaces, each driven through its own public entry points
-// (MaskedMoe, RowsMatmul) with a two-thread runner, timed in interleaved rounds.
+// Same-process A/B of the CPU weight-streaming loops (StreamRowsCols and the packed products in
+// ffi/masked_moe_cpu_kernel.h): the header at a base revision (BASE_HEADER) against the working tree's
+// (HEAD_HEADER), both compiled into this one binary under different namespaces, each driven through its own
+// public entry points (MaskedMoe, RowsMatmul, PackedRowsMatmul) with a two-thread runner, timed in
+// interleaved rounds.
 // Built and run by bench/stream_ab.py, which writes the JSON this prints.
 //
 //   stream_ab experts T       the expert kernel on T tokens x 8 random experts of Qwen3-30B-A3B's 128
 //                             (d 2048, f 768): a decode step's MoE layer at batch T
+//   stream_ab experts_packed T  the same on packed experts (Problem::packed, what beam_jax.generate and the
+//                             vLLM plugin run)
 //   stream_ab proj K N M      rows_matmul: x [M, K] @ w [K, N]
+//   stream_ab packed K N M    the same product on the packed weight (PackedRowsMatmul; K even)
 //
 // Every round reads weights the rounds just before it did not (64 MB or more of matrices cycled, or fresh
 // random experts), so neither side finds the other's in the last-level cache. bfloat16 weights and activations.
@@ -104,7 +108,7 @@ int main(int argc, char** argv) {
     if (round >= kWarm) total[head] += s, best[head] = std::min(best[head], s);
   };
   double bytes = 0;
-  if (mode == "experts" && argc == 3) {
+  if ((mode == "experts" || mode == "experts_packed") && argc == 3) {
     constexpr int64_t E = 128, d = 2048, f = 768, K = 8;
     const int64_t T = std::atoll(argv[2]);
     if (T < 1 || T > 4096) return 2;
@@ -118,6 +122,7 @@ int main(int argc, char** argv) {
     std::fill(keep.get(), keep.get() + T * K, true);
     beam::Problem p;
     p.T = T, p.K = K, p.E = E, p.d = d, p.f = f, p.type = beam::ElemType::kBF16;
+    p.packed = mode == "experts_packed";  // d and f multiples of 32: the packed buffers are as large
     p.x = x.data(), p.w_gate = wg.data(), p.w_up = wu.data(), p.w_down = wd.data();
     p.expert_ids = ids.data(), p.weights = weights.data(), p.keep = keep.get(), p.y = y.data();
     for (int round = 0; round < kRounds; ++round) {
@@ -137,30 +142,37 @@ int main(int argc, char** argv) {
       if (round >= kWarm) bytes_sum += double(std::count(used.begin(), used.end(), true)) * 3 * d * f * 2;
     }
     bytes = bytes_sum / (kRounds - kWarm);  // mean expert bytes a round reads
-    shape = "\"case\": \"experts\", \"tokens\": " + std::to_string(T) + ", \"K\": 8, \"E\": 128, \"d\": 2048, \"f\": 768";
-  } else if (mode == "proj" && argc == 5) {
+    shape = "\"case\": \"" + mode + "\", \"tokens\": " + std::to_string(T) +
+            ", \"K\": 8, \"E\": 128, \"d\": 2048, \"f\": 768";
+  } else if ((mode == "proj" || mode == "packed") && argc == 5) {
     const int64_t K = std::atoll(argv[2]), N = std::atoll(argv[3]), M = std::atoll(argv[4]);
-    if (K < 1 || N < 1 || M < 1 || M > 4096) return 2;
+    if (K < 1 || N < 1 || M < 1 || M > 4096 || (mode == "packed" && K % 2)) return 2;
+    const bool packed = mode == "packed";
+    const int64_t Np = packed ? (N + beam::kPackedCols - 1) / beam::kPackedCols * beam::kPackedCols : N;
     // Enough distinct matrices that the ones a round reads (64 MB or more) left the 32 MB L3 since.
-    const int64_t kMats = std::max<int64_t>(2, (int64_t(64) << 20) / (K * N * 2) + 1);
-    const auto W = RandomBf16(size_t(kMats * K * N), rng);
+    const int64_t kMats = std::max<int64_t>(2, (int64_t(64) << 20) / (K * Np * 2) + 1);
+    const auto W = RandomBf16(size_t(kMats * K * Np), rng);
     const auto x = RandomBf16(size_t(M * K), rng);
     std::vector<Bits> y(size_t(M * N));
     beam::RowsProblem p;
     p.M = M, p.Kd = K, p.N = N, p.type = beam::ElemType::kBF16, p.x = x.data(), p.y = y.data();
+    beam::PackedRowsProblem pp;
+    pp.M = M, pp.Kd = K, pp.N = N, pp.x = x.data(), pp.y = y.data();
     for (int round = 0; round < kRounds; ++round) {
       const bool head = round & 1;
-      p.w = W.data() + (round % kMats) * K * N;
+      p.w = pp.wp = W.data() + (round % kMats) * K * Np;
       record(round, head, timed([&] {
-        if (head) beam::cpu_head::RowsMatmul(p, pool.runner());
+        if (packed && head) beam::cpu_head::PackedRowsMatmul(pp, pool.runner());
+        else if (packed) beam::cpu_base::PackedRowsMatmul(pp, pool.runner());
+        else if (head) beam::cpu_head::RowsMatmul(p, pool.runner());
         else beam::cpu_base::RowsMatmul(p, pool.runner());
       }));
     }
-    bytes = double(K) * N * 2;
-    shape = "\"case\": \"proj\", \"K\": " + std::to_string(K) + ", \"N\": " + std::to_string(N) +
+    bytes = double(K) * Np * 2;
+    shape = "\"case\": \"" + mode + "\", \"K\": " + std::to_string(K) + ", \"N\": " + std::to_string(N) +
             ", \"rows\": " + std::to_string(M);
   } else {
-    std::fprintf(stderr, "usage: stream_ab experts T | proj K N M\n");
+    std::fprintf(stderr, "usage: stream_ab experts|experts_packed T | proj|packed K N M\n");
     return 2;
   }
   const int n = (kRounds - kWarm) / 2;

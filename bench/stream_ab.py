@@ -1,11 +1,12 @@
 """Same-process A/B of the CPU weight-streaming loop against an earlier revision of it.
 
-    python bench/stream_ab.py [--base REV] [--quick]
+    python bench/stream_ab.py [--base REV] [--quick] [--cases experts,proj,experts_packed,packed] [--out FILE]
 
 Compiles `bench/stream_ab.cc` with two copies of `ffi/masked_moe_cpu_kernel.h` in one binary: the one at git
 revision REV (default HEAD) and the working tree's, under different namespaces, with the flags of the best CPU
 kernel build this processor has (AVX512-BF16 where it has it, else AVX2). Then times both through their public
-entry points (the expert kernel `MaskedMoe`, `RowsMatmul`) with a two-thread runner, bfloat16, in interleaved
+entry points (the expert kernel `MaskedMoe` on row-major and, with AVX512-BF16, on packed experts; `RowsMatmul`
+and `PackedRowsMatmul`, the decode projections' products) with a two-thread runner, bfloat16, in interleaved
 rounds, each round on weights the round before did not read (so neither finds the other's in the last-level
 cache): Qwen3-30B-A3B's MoE layer at decode batches 1, 8 and 64 (8 random experts of 128 per token) and its
 decode projections (q, k/v, o, an LM head of 8192 words) at 1, 8 and 32 rows. Reports best times, GB/s (expert
@@ -75,13 +76,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="HEAD", help="git revision whose streaming loop is the baseline")
     ap.add_argument("--quick", action="store_true", help="one expert case and one projection (smoke check)")
+    ap.add_argument("--cases", default=None,
+                    help="comma list of experts, proj, experts_packed, packed (default: all; the packed ones only "
+                         "where the processor has AVX512-BF16, the only build with a fast packed loop)")
+    ap.add_argument("--out", default=None, help="result JSON (default bench/results/stream_ab_cpu.json)")
     args = ap.parse_args()
     base_rev = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True,
                               text=True).stdout.strip() or args.base
-    cases = [["experts", str(t)] for t in EXPERT_TOKENS]
-    cases += [["proj", str(k), str(n), str(m)] for m in (1, 8, 32) for _, k, n in PROJ_SHAPES]
+    bf16 = "avx512_bf16" in _cpu_flags()
+    families = args.cases.split(",") if args.cases else ["experts", "proj"] + (["experts_packed", "packed"] * bf16)
+    unknown = set(families) - {"experts", "proj", "experts_packed", "packed"}
+    if unknown:
+        raise SystemExit(f"stream_ab: unknown --cases {sorted(unknown)}: experts, proj, experts_packed, packed")
+    cases = [[fam, str(t)] for fam in families if fam.startswith("experts") for t in EXPERT_TOKENS]
+    cases += [[fam, str(k), str(n), str(m)] for fam in families if not fam.startswith("experts")
+              for m in (1, 8, 32) for _, k, n in PROJ_SHAPES]
     if args.quick:
-        cases = [cases[0], ["proj", "2048", "512", "1"]]
+        cases = [cases[0], [cases[-1][0], "2048", "512", "1"]]
     names = {(k, n): name for name, k, n in PROJ_SHAPES}
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,18 +103,19 @@ def main() -> None:
             if r.returncode:
                 raise SystemExit(f"stream_ab: {' '.join(case)} failed ({r.returncode}): {r.stderr.strip()}")
             res = json.loads(r.stdout)
-            if res["case"] == "proj":
+            experts = res["case"].startswith("experts")
+            if not experts:
                 res["shape"] = names.get((res["K"], res["N"]), f"{res['K']}x{res['N']}")
-            label = "experts" if res["case"] == "experts" else res["shape"]
-            rows = res["tokens"] if res["case"] == "experts" else res["rows"]
-            print(f"{label:8s} rows {rows:2d}  base {res['base_best_ms']:8.3f} ms ({res['base_GBps']:5.1f} GB/s)"
+            label = res["case"] if experts else f"{res['case']} {res['shape']}"
+            rows = res["tokens"] if experts else res["rows"]
+            print(f"{label:15s} rows {rows:2d}  base {res['base_best_ms']:8.3f} ms ({res['base_GBps']:5.1f} GB/s)"
                   f"  head {res['head_best_ms']:8.3f} ms ({res['head_GBps']:5.1f} GB/s)"
                   f"  head/base speed-up (mean) x{res['head_speedup_mean']:.2f}", flush=True)
             results.append(res)
     if args.quick:
         return
     out = write_result("stream_ab", {"command": "python bench/stream_ab.py " + " ".join(sys.argv[1:]),
-                                     "base": base_rev, "cpu_isa": isa, "results": results})
+                                     "base": base_rev, "cpu_isa": isa, "results": results}, args.out)
     print(f"wrote {out}")
 
 
