@@ -41,16 +41,40 @@ def register_no_expert_path() -> str:
 
 
 def machine() -> str:
+    """"platform:kind | host <model name> (family F model M: a VM's model name alone may not tell AMD's Zen 4 from
+    Zen 5), N cores | jax <version>"."""
     d = jax.devices()[0]
     cpu = platform.processor() or platform.machine()
+    info = {}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "cpu family", "model") and key.strip() not in info:
+                info[key.strip()] = value.strip()
+            if not line.strip() and info:  # the first processor's block is enough
                 break
     except OSError:
         pass
+    cpu = info.get("model name", cpu)
+    if "cpu family" in info and "model" in info:
+        cpu += f" (family {info['cpu family']} model {info['model']})"
     return f"{d.platform}:{d.device_kind} | host {cpu}, {os.cpu_count()} cores | jax {jax.__version__}"
+
+
+def git_revision() -> str | None:
+    """The repository's short HEAD, with "+changes" where tracked files differ from it; None outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
+        if rev.returncode:
+            return None
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=root, timeout=10).returncode != 0
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev.stdout.strip() + ("+changes" if dirty else "")
 
 
 def write_result(name: str, payload: dict, out: Path | str | None = None) -> Path:

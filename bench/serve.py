@@ -903,7 +903,7 @@ def markdown(result: dict) -> str:
               f"median of the rounds'" if result.get("vllm_rounds", 1) > 1 else "")
            + (f" | beam_jax.generate: {result['jax_rounds']} timing rounds between them, per batch the one with the "
               f"fastest Top-K step, ratios the median of the rounds'" if result.get("jax_rounds", 1) > 1 else ""),
-           "", f"`{result['command']}`", "",
+           "", f"`{result['command']}`" + (f" (at {result['revision']})" if result.get("revision") else ""), "",
            "decode tok/s = B / step, step = (t(N new) - t(1 new)) / (N - 1); floor = weight bytes a decode step "
            "reads / copy bandwidth; /read floor = step over those bytes / read bandwidth (each the higher of start "
            "and end); ideal = Top-K bytes / "
@@ -1070,7 +1070,7 @@ def main(argv=None) -> dict | int:
     import jax
 
     import serve_jax
-    from common import machine
+    from common import git_revision, machine
 
     engines = [e for e in args.engines.split(",") if e]
     bad = [e for e in engines if e not in ENGINES]
@@ -1102,6 +1102,7 @@ def main(argv=None) -> dict | int:
     rows = [row for r, _ in rows for row in r]
     cmd = "flock /tmp/beam-bench.lock python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": cmd.strip(),
+              "revision": git_revision(),
               "jax": jax.__version__, "copy_bandwidth_GBps": [bw / 1e9, bw2 / 1e9],
               "read_bandwidth_GBps": [rbw / 1e9, rbw2 / 1e9], "engines": engines,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "prefill_len": args.prefill_len,

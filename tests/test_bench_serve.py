@@ -238,6 +238,13 @@ def test_quick_run_of_every_engine(tmp_path):
 
     assert result["jax_packed_experts"] == packed_experts.packing_available()
     assert (out / "serve_cpu.png").stat().st_size > 0
+    # provenance: the revision measured (here a checkout: the test command runs in one) and the CPU's family
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert result["revision"].split("+")[0] == head.stdout.strip(), result["revision"]
+        assert f"(at {result['revision']})" in md
+    if "cpu family" in Path("/proc/cpuinfo").read_text():
+        assert " (family " in result["machine"], result["machine"]
 
 
 def test_pair_fits_counts_five_copies_of_the_weights(tmp_path):
