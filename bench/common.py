@@ -41,8 +41,8 @@ def register_no_expert_path() -> str:
 
 
 def machine() -> str:
-    """"platform:kind | host <model name> (family F model M: a VM's model name alone may not tell AMD's Zen 4 from
-    Zen 5), N cores | jax <version>"."""
+    """The device and host, e.g. `cpu:cpu | host AMD EPYC (family 26 model 2), 2 cores | jax 0.10.2`: the CPU's
+    family and model from /proc/cpuinfo where it has them (a VM's model name alone may not tell Zen 4 from Zen 5)."""
     d = jax.devices()[0]
     cpu = platform.processor() or platform.machine()
     info = {}
