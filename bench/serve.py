@@ -248,13 +248,12 @@ def jax_phase(model, prompts: dict, calib_prompt, prefill_prompt, kept_targets, 
     S, N = args.prompt_len, args.new_tokens
     rows, stats, prefill = [], {}, {}
 
-    def generate(B, hook):
-        return np.asarray(beam_jax.generate(model, np.asarray(prompts[B], np.int32), max_new_tokens=N,
+    def generate(ids, hook):  # ids [B][S] -> [B, S + N]
+        return np.asarray(beam_jax.generate(model, np.asarray(ids, np.int32), max_new_tokens=N,
                                             eos_token_id=(), mask_hook=hook))
 
     # the serving taus, calibrated on the Top-K generation of prompts of their own (its decode positions)
-    calib = np.asarray(beam_jax.generate(model, np.asarray(calib_prompt, np.int32), max_new_tokens=N,
-                                         eos_token_id=(), mask_hook=TopKHook()))
+    calib = generate(calib_prompt, TopKHook())
     taus = {k: serve_jax.calibrate_tau(model, calib, k, S, -1) for k in kept_targets}
     print("serving taus: " + ", ".join(f"kept {k} -> tau {t:.4f}" for k, t in taus.items()), flush=True)
     hooks = jax_hooks(taus)
@@ -263,7 +262,7 @@ def jax_phase(model, prompts: dict, calib_prompt, prefill_prompt, kept_targets, 
         if timed:  # every policy at this batch, their runs interleaved: same-process, same-moment ratios
             res = serve_jax.time_generate_interleaved(model, prompt, hooks, N, short=1, repeat=args.repeat)
         for kept, hook in hooks.items():
-            tokens = res[kept]["tokens"] if timed else generate(B, hook)
+            tokens = res[kept]["tokens"] if timed else generate(prompts[B], hook)
             ids, keep = serve_jax.decode_routing(model, tokens, S, hook)
             eb = serve_jax.expert_step_bytes(model, ids, keep)
             stats[B, kept] = {"step_weight_bytes": serve_jax.step_bytes(model, ids, keep, kept < 1.0, experts=eb),

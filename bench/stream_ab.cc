@@ -146,8 +146,8 @@ int main(int argc, char** argv) {
             ", \"K\": 8, \"E\": 128, \"d\": 2048, \"f\": 768";
   } else if ((mode == "proj" || mode == "packed") && argc == 5) {
     const int64_t K = std::atoll(argv[2]), N = std::atoll(argv[3]), M = std::atoll(argv[4]);
-    if (K < 1 || N < 1 || M < 1 || M > 4096 || (mode == "packed" && K % 2)) return 2;
     const bool packed = mode == "packed";
+    if (K < 1 || N < 1 || M < 1 || M > 4096 || (packed && K % 2)) return 2;
     const int64_t Np = packed ? (N + beam::kPackedCols - 1) / beam::kPackedCols * beam::kPackedCols : N;
     // Enough distinct matrices that the ones a round reads (64 MB or more) left the 32 MB L3 since.
     const int64_t kMats = std::max<int64_t>(2, (int64_t(64) << 20) / (K * Np * 2) + 1);
