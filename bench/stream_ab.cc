@@ -1,8 +1,8 @@
 // Same-process A/B of the CPU weight-streaming loops (StreamRowsCols and the packed products in
-// ffi/masked_moe_cpu_kernel.h): the header at a base revision (BASE_HEADER) against the working tree's
-// (HEAD_HEADER), both compiled into this one binary under different namespaces, each driven through its own
-// public entry points (MaskedMoe, RowsMatmul, PackedRowsMatmul) with a two-thread runner, timed in
-// interleaved rounds.
+// ffi/masked_moe_cpu_kernel.h) and of decode attention (ffi/decode_attention_cpu_kernel.h): the headers at a base
+// revision (BASE_HEADER, BASE_ATTN_HEADER) against the working tree's (HEAD_HEADER, HEAD_ATTN_HEADER), compiled
+// into this one binary under different namespaces, each driven through its own public entry points (MaskedMoe,
+// RowsMatmul, PackedRowsMatmul, DecodeAttention) with a two-thread runner, timed in interleaved rounds.
 // Built and run by bench/stream_ab.py, which writes the JSON this prints.
 //
 //   stream_ab experts T       the expert kernel on T tokens x 8 random experts of Qwen3-30B-A3B's 128
@@ -11,15 +11,19 @@
 //                             vLLM plugin run)
 //   stream_ab proj K N M      rows_matmul: x [M, K] @ w [K, N]
 //   stream_ab packed K N M    the same product on the packed weight (PackedRowsMatmul; K even)
+//   stream_ab attention B L N decode attention of Qwen3-30B-A3B's heads (32 query, 4 KV, dim 128) for B
+//                             sequences over a cache of L slots, the first N of them allowed (a decode step's)
 //
 // Every round reads weights the rounds just before it did not (64 MB or more of matrices cycled, or fresh
 // random experts), so neither side finds the other's in the last-level cache. bfloat16 weights and activations.
 
 #define BEAM_CPU_NS cpu_base
 #include BASE_HEADER
+#include BASE_ATTN_HEADER
 #undef BEAM_CPU_NS
 #define BEAM_CPU_NS cpu_head
 #include HEAD_HEADER
+#include HEAD_ATTN_HEADER
 #undef BEAM_CPU_NS
 
 #include <algorithm>
@@ -96,7 +100,7 @@ int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "";
   std::mt19937 rng(7);
   TwoThreadRunner pool;
-  constexpr int kRounds = 40, kWarm = 4;
+  const int kRounds = mode == "attention" ? 400 : 40, kWarm = 4;  // attention: calls of 20-600 us
   double total[2] = {0, 0}, best[2] = {1e30, 1e30}, bytes_sum = 0;
   std::string shape;
   auto timed = [](auto&& call) {
@@ -171,8 +175,34 @@ int main(int argc, char** argv) {
     bytes = double(K) * Np * 2;
     shape = "\"case\": \"" + mode + "\", \"K\": " + std::to_string(K) + ", \"N\": " + std::to_string(N) +
             ", \"rows\": " + std::to_string(M);
+  } else if (mode == "attention" && argc == 5) {
+    constexpr int64_t H = 32, Hkv = 4, D = 128;
+    const int64_t B = std::atoll(argv[2]), L = std::atoll(argv[3]), N = std::atoll(argv[4]);
+    if (B < 1 || L < 1 || N < 1 || N > L || B * L > (int64_t(1) << 20)) return 2;
+    // Enough distinct caches that the ones a round reads (64 MB or more) left the 32 MB L3 since: in a decode
+    // step the weights streamed between two layers' attention evict the cache.
+    const int64_t cache = B * L * Hkv * D, kCaches = std::max<int64_t>(2, (int64_t(32) << 20) / cache + 1);
+    const auto K = RandomBf16(size_t(kCaches * cache), rng), V = RandomBf16(size_t(kCaches * cache), rng);
+    const auto q = RandomBf16(size_t(B * H * D), rng);
+    std::vector<Bits> out(size_t(B * H * D));
+    std::unique_ptr<bool[]> allowed(new bool[size_t(B * L)]);
+    for (int64_t i = 0; i < B * L; ++i) allowed[i] = i % L < N;
+    beam::DecodeAttentionProblem p;
+    p.B = B, p.L = L, p.H = H, p.Hkv = Hkv, p.Dk = p.Dv = D, p.type = beam::ElemType::kBF16;
+    p.scale = 0.088f, p.q = q.data(), p.allowed = allowed.get(), p.out = out.data();
+    for (int round = 0; round < kRounds; ++round) {
+      const bool head = round & 1;
+      p.k = K.data() + (round % kCaches) * cache, p.v = V.data() + (round % kCaches) * cache;
+      record(round, head, timed([&] {
+        if (head) beam::cpu_head::DecodeAttention(p, pool.runner());
+        else beam::cpu_base::DecodeAttention(p, pool.runner());
+      }));
+    }
+    bytes = 2.0 * B * N * Hkv * D * 2;  // the allowed slots' keys and values
+    shape = "\"case\": \"attention\", \"batch\": " + std::to_string(B) + ", \"slots\": " + std::to_string(L) +
+            ", \"allowed\": " + std::to_string(N);
   } else {
-    std::fprintf(stderr, "usage: stream_ab experts|experts_packed T | proj|packed K N M\n");
+    std::fprintf(stderr, "usage: stream_ab experts|experts_packed T | proj|packed K N M | attention B L N\n");
     return 2;
   }
   const int n = (kRounds - kWarm) / 2;

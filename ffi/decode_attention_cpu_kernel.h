@@ -11,10 +11,10 @@
 //      lies by vdpbf16ps, ScoresUnitDp);
 //   2. softmax, units (b, i): over the allowed slots, in f32, rounded to the element type (the reference casts
 //      the probabilities to the value dtype before their product with v, as transformers' eager path does), zero
-//      elsewhere;
+//      at the other slots of the span from the first allowed slot to the last (nothing reads past it);
 //   3. value sums, units (b, chunk): part[b, chunk, i] = sum over the chunk's slots of P[b, i, l] * v[b, l, i / G]
 //      (a bf16 cache under AVX512-BF16: ValuesUnitDp);
-//   4. out[b, i] = the chunks' parts summed in chunk order, rounded once.
+//   4. out[b, i] = the parts of the chunks the span covers summed in chunk order, rounded once.
 // Sums run in a fixed order whatever the thread count. A sequence with no allowed slot gets the reference's
 // answer: every slot at the same (lowest) score, so the mean of all L value rows.
 
@@ -179,6 +179,27 @@ inline __m256 RoundTo(__m256 v) {
   }
 }
 #endif
+
+// dst[0..n) = src[0..n) rounded to T, as FromFloat<T> rounds (bf16 and f32 eight at a time under AVX2; a NaN sends
+// the rest of the row to the scalar loop, which keeps it quiet).
+template <typename T>
+inline void StoreRounded(const float* src, int64_t n, T* dst) {
+  int64_t d = 0;
+#if BEAM_CPU_USE_AVX2
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    for (; d + 8 <= n; d += 8) {
+      const __m256 v = _mm256_loadu_ps(src + d);
+      if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q))) break;
+      const __m256i r = _mm256_srli_epi32(_mm256_castps_si256(RoundTo<bf16_t>(v)), 16);  // 0 .. 0xffff
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + d),
+                       _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+    }
+  } else if constexpr (std::is_same_v<T, float>) {
+    for (; d + 8 <= n; d += 8) _mm256_storeu_ps(dst + d, _mm256_loadu_ps(src + d));
+  }
+#endif
+  for (; d < n; ++d) dst[d] = FromFloat<T>(src[d]);
+}
 
 // Pass 1 for one block of n (<= kAttnBlock) slots: rows holds their keys as f32, [kAttnBlock][Hkv][dk] (zero
 // past n); S_b[i * L + slots[j]] = scale * <qf[i], key j of head i / G>.
@@ -399,7 +420,7 @@ inline void ValuesUnitDp(const bf16_t* v_b, int64_t Hkv, int64_t G, int64_t Dv, 
   thread_local std::vector<uint16_t> pbits;
   if (int64_t(pbits.size()) < H * kAttnChunk) pbits.resize(size_t(H * kAttnChunk));
   for (int64_t i = 0; i < H; ++i)
-    for (int64_t j = 0; j < n; ++j) pbits[i * kAttnChunk + j] = FromFloat<bf16_t>(S_b[i * L + slots[j]]).bits;
+    for (int64_t j = 0; j < n; ++j) pbits[i * kAttnChunk + j] = uint16_t(BitsFromF32(S_b[i * L + slots[j]]) >> 16);
   // The chunk's value rows into L2 first (one hint per 128 bytes): the loop below reads them head by head, every
   // Hkv-th run of the cache.
   for (int64_t j = 0; j < n; ++j)
@@ -455,9 +476,23 @@ void RunDecodeAttention(const DecodeAttentionProblem& p, const Runner& runner) {
   if (shared.size() < n_shared) shared.resize(n_shared);
   float* S = shared.data();
   float* part = S + B * H * L;
+  // Which sequences attend uniformly (no slot allowed), and each one's span of allowed slots [lo, hi) with the
+  // chunks [c_lo, c_hi) that hold it (every slot and chunk where it attends uniformly): passes 2 to 4 work inside
+  // them, as nothing reads a score or a chunk's sum outside (a decode step's span is the filled part of the cache).
   std::vector<char> uniform(B);
-  for (int64_t b = 0; b < B; ++b)
-    uniform[b] = std::none_of(p.allowed + b * L, p.allowed + (b + 1) * L, [](bool a) { return a; });
+  std::vector<int64_t> lo(B), hi(B), c_lo(B), c_hi(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const bool* a = p.allowed + b * L;
+    int64_t first = 0, last = L;
+    while (first < L && !a[first]) ++first;
+    while (last > first && !a[last - 1]) --last;
+    uniform[b] = first == L;
+    lo[b] = uniform[b] ? 0 : first;
+    hi[b] = uniform[b] ? L : last;
+    c_lo[b] = lo[b] / kAttnChunk;
+    c_hi[b] = (hi[b] - 1) / kAttnChunk + 1;
+  }
+  auto in_span = [&](int64_t b, int64_t c) { return c >= c_lo[b] && c < c_hi[b]; };
 
   // The slots of chunk c that sequence b attends to (every slot when it attends uniformly).
   auto chunk_slots = [&](int64_t b, int64_t c, int64_t* slots) {
@@ -470,7 +505,7 @@ void RunDecodeAttention(const DecodeAttentionProblem& p, const Runner& runner) {
   // 1. Scores.
   ParallelFor(runner, B * chunks, [&](int64_t unit) {
     const int64_t b = unit / chunks, c = unit % chunks;
-    if (uniform[b]) return;
+    if (uniform[b] || !in_span(b, c)) return;
     int64_t slots[kAttnChunk];
     const int64_t n = chunk_slots(b, c, slots);
     if (n == 0) return;
@@ -493,12 +528,13 @@ void RunDecodeAttention(const DecodeAttentionProblem& p, const Runner& runner) {
   // 2. Softmax per (sequence, query head).
   ParallelFor(runner, B * H, [&](int64_t unit) {
     const int64_t b = unit / H;
-    SoftmaxRow<T>(S + unit * L, p.allowed + b * L, L, uniform[b]);
+    SoftmaxRow<T>(S + unit * L + lo[b], p.allowed + b * L + lo[b], hi[b] - lo[b], uniform[b]);
   });
 
   // 3. Value sums per (sequence, chunk).
   ParallelFor(runner, B * chunks, [&](int64_t unit) {
     const int64_t b = unit / chunks, c = unit % chunks;
+    if (!in_span(b, c)) return;
     float* acc = part + unit * H * dv;
     std::fill(acc, acc + H * dv, 0.0f);
     int64_t slots[kAttnChunk];
@@ -524,13 +560,12 @@ void RunDecodeAttention(const DecodeAttentionProblem& p, const Runner& runner) {
   // 4. The chunks' sums in chunk order, rounded into out.
   ParallelFor(runner, B * H, [&](int64_t unit) {
     const int64_t b = unit / H, i = unit % H;
-    float* sum = part + (b * chunks * H + i) * dv;  // chunk 0's part, then the running sum
-    for (int64_t c = 1; c < chunks; ++c) {
+    float* sum = part + ((b * chunks + c_lo[b]) * H + i) * dv;  // the span's first chunk's part, then the running sum
+    for (int64_t c = c_lo[b] + 1; c < c_hi[b]; ++c) {
       const float* __restrict pc = part + ((b * chunks + c) * H + i) * dv;
       for (int64_t d = 0; d < Dv; ++d) sum[d] += pc[d];
     }
-    T* o = out + unit * Dv;
-    for (int64_t d = 0; d < Dv; ++d) o[d] = FromFloat<T>(sum[d]);
+    StoreRounded(sum, Dv, out + unit * Dv);
   });
 }
 

@@ -84,6 +84,24 @@ def test_no_slot_allowed_is_the_mean_of_every_slot(any_isa):
                                atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_spans_with_empty_chunks(any_isa, dtype):
+    """The kernel works inside each sequence's span of allowed slots (first to last) and the chunks of 64 that hold
+    it: allowed runs with whole empty chunks before, between and after them, a span inside one chunk, a sequence
+    that allows every slot and one that allows a single slot at the end."""
+    rs = np.random.RandomState(5)
+    L = 300
+    q, k, v, ctx = _case(rs, 5, L, 8, 2, 64, 48, dtype, L - 1)
+    valid = np.zeros((5, L), bool)
+    valid[0, 3:10] = valid[0, 200:211] = True  # two runs, chunks 1 and 2 empty between them, 4 after
+    valid[1, 130:140] = True                  # inside chunk 2
+    valid[2] = True
+    valid[3, L - 1] = True
+    valid[4, 70:260:7] = True                  # spread over chunks 1-4
+    ctx = AttentionContext(cos=None, sin=None, kv_valid=jnp.asarray(valid), q_slot=ctx.q_slot, index=ctx.index)
+    _compare(q, k, v, ctx, 1.0 / np.sqrt(64), None, dtype)
+
+
 def test_large_scores_are_stable():
     """Scores in the thousands (no overflow: the softmax subtracts the maximum), a one-hot result."""
     rs = np.random.RandomState(4)
