@@ -452,6 +452,143 @@ inline void ValuesUnitDp(const bf16_t* v_b, int64_t Hkv, int64_t G, int64_t Dv, 
     }
   }
 }
+
+// The bf16 decode step as one ParallelFor (RunDecodeAttention with a bf16 cache under AVX512-BF16; the passes below
+// serve the other dtypes and builds). Units (sequence b, KV head h, block of that head's query heads): a unit
+// computes its heads' scores over b's allowed slots, their softmax and their value sums in buffers of its own
+// thread, and writes its rows of out. Nothing crosses threads: the four passes hand every score and partial sum from
+// the core that wrote it to whichever core runs the next pass (at batch 32, 512 KB of scores and 1 MB of sums a
+// step), and wait at each pass boundary. A unit reads its KV head's rows of the cache, Hkv apart (each a run of
+// whole lines), prefetching the next block's keys into L1 and the values it will need into L2 as it goes.
+
+// Softmax of s[0..n) into bf16 probabilities p[0..n) (round to nearest even by vcvtneps2bf16, as the reference casts
+// them): max, exp (Exp16) and sum in f32, 16 lanes at a time.
+inline void SoftmaxToBf16(const float* s, int64_t n, uint16_t* p, float* e) {
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
+    mv = _mm512_max_ps(mv, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, s + j));
+  }
+  const __m512 mb = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+  __m512 sv = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
+    const __m512 x = _mm512_maskz_mov_ps(m, Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), mb)));
+    _mm512_storeu_ps(e + j, x);  // e has room for whole vectors
+    sv = _mm512_add_ps(sv, x);
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sv));
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
+    _mm256_mask_storeu_epi16(p + j, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(e + j), inv)));
+  }
+}
+
+void DecodeAttentionDp(const DecodeAttentionProblem& p, const Runner& runner) {
+  const int64_t B = p.B, L = p.L, H = p.H, Hkv = p.Hkv, Dk = p.Dk, Dv = p.Dv, G = H / Hkv;
+  const bf16_t* q = static_cast<const bf16_t*>(p.q);
+  const bf16_t* k = static_cast<const bf16_t*>(p.k);
+  const bf16_t* v = static_cast<const bf16_t*>(p.v);
+  bf16_t* out = static_cast<bf16_t*>(p.out);
+  const int64_t dv = RoundUp(Dv, 32), krow = Hkv * Dk, vrow = Hkv * Dv;  // a slot's keys / values, every head
+  // Each sequence's allowed slots in order (every slot where none is allowed: the reference's uniform answer).
+  std::vector<int64_t> slots(static_cast<size_t>(B * L)), count(static_cast<size_t>(B));
+  std::vector<char> uniform(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t n = 0;
+    for (int64_t l = 0; l < L; ++l)
+      if (p.allowed[b * L + l]) slots[b * L + n++] = l;
+    uniform[b] = n == 0;
+    if (uniform[b])
+      for (; n < L; ++n) slots[b * L + n] = n;
+    count[b] = n;
+  }
+  // Query heads per unit: the whole group, or a part of it where the (b, h) pairs are fewer than two per thread.
+  const int64_t want = 2 * std::max(1, runner.num_threads);
+  const int64_t parts = B * Hkv >= want ? 1 : std::min(G, (want + B * Hkv - 1) / (B * Hkv));
+  const int64_t gb = (G + parts - 1) / parts, gblocks = (G + gb - 1) / gb;
+  const bf16_t one_over_l = FromFloat<bf16_t>(1.0f / float(L));
+
+  ParallelFor(runner, B * Hkv * gblocks, [&](int64_t unit) {
+    const int64_t b = unit / (Hkv * gblocks), h = unit / gblocks % Hkv, g0 = unit % gblocks * gb;
+    const int64_t ng = std::min(gb, G - g0), n = count[b], n16 = RoundUp(n, 16);
+    const int64_t* sl = slots.data() + b * L;
+    const bf16_t* k_bh = k + b * L * krow + h * Dk;  // slot l's key of head h: k_bh + l * krow
+    const bf16_t* v_bh = v + b * L * vrow + h * Dv;
+    const bf16_t* q_bh = q + (b * H + h * G + g0) * Dk;  // the unit's query heads, Dk apart
+    thread_local std::vector<float> fbuf;                // scores [ng][n16], exp [n16], sums [ng][dv]
+    thread_local std::vector<uint16_t> pbuf;             // probabilities [ng][n16 + 2] as bf16 bits
+    thread_local std::vector<const bf16_t*> rbuf;        // value rows [n]
+    const size_t nf = size_t((ng + 1) * n16 + ng * dv), np = size_t(ng * (n16 + 2));
+    if (fbuf.size() < nf) fbuf.resize(nf);
+    if (pbuf.size() < np) pbuf.resize(np);
+    if (rbuf.size() < size_t(n)) rbuf.resize(size_t(n));
+    float* S = fbuf.data();
+    float* e = S + ng * n16;
+    float* acc = e + n16;
+    uint16_t* P = pbuf.data();
+    const int64_t ldp = n16 + 2;
+    const char* vbytes = reinterpret_cast<const char*>(v_bh);
+    const int64_t vrow_bytes = vrow * int64_t(sizeof(bf16_t));
+    if (uniform[b]) {
+      for (int64_t g = 0; g < ng; ++g) std::fill(P + g * ldp, P + g * ldp + n, one_over_l.bits);
+    } else {
+      // Scores, 8 slots at a time: 4 slots x 4 heads per tile, then the heads past the last 4 one at a time.
+      alignas(32) float sums[16];
+      const char* kbytes = reinterpret_cast<const char*>(k_bh);
+      const int64_t krow_bytes = krow * int64_t(sizeof(bf16_t));
+      for (int64_t j0 = 0; j0 < n; j0 += kAttnBlock) {
+        const int64_t nb = std::min(kAttnBlock, n - j0);
+        for (int64_t j = j0 + kAttnBlock; j < std::min(n, j0 + 2 * kAttnBlock); ++j) {
+          for (int64_t off = 0; off < Dk * int64_t(sizeof(bf16_t)); off += 128)
+            _mm_prefetch(kbytes + sl[j] * krow_bytes + off, _MM_HINT_T0);
+          for (int64_t off = 0; off < Dv * int64_t(sizeof(bf16_t)); off += 128)
+            _mm_prefetch(vbytes + sl[j] * vrow_bytes + off, _MM_HINT_T1);
+        }
+        const bf16_t* kr[kAttnBlock];
+        for (int64_t j = 0; j < kAttnBlock; ++j) kr[j] = k_bh + sl[j0 + std::min(j, nb - 1)] * krow;
+        const bf16_t* qr[4];
+        int64_t g = 0;
+        for (; g + 4 <= ng; g += 4) {
+          for (int t = 0; t < 4; ++t) qr[t] = q_bh + (g + t) * Dk;
+          for (int64_t i = 0; i < nb; i += 4) {
+            ScoreTileDp<4, 4>(kr + i, qr, Dk, sums);
+            for (int t = 0; t < 16; ++t)
+              if (i + t / 4 < nb) S[(g + t % 4) * n16 + j0 + i + t / 4] = sums[t] * p.scale;
+          }
+        }
+        for (; g < ng; ++g) {
+          qr[0] = q_bh + g * Dk;
+          ScoreTileDp<8, 1>(kr, qr, Dk, sums);
+          for (int64_t t = 0; t < nb; ++t) S[g * n16 + j0 + t] = sums[t] * p.scale;
+        }
+      }
+      for (int64_t g = 0; g < ng; ++g) SoftmaxToBf16(S + g * n16, n, P + g * ldp, e);
+    }
+    // Value sums: acc[g] = sum over the slots of P[g][j] * value row j, in slot order (pairs of slots).
+    for (int64_t j = 0; j < n; ++j) rbuf[j] = v_bh + sl[j] * vrow;
+    std::fill(acc, acc + ng * dv, 0.0f);
+    for (int64_t c0 = 0; c0 < Dv; c0 += 128) {
+      const int64_t blocks = std::min<int64_t>(4, (Dv - c0 + 31) / 32);
+      int64_t g = 0;
+      auto run = [&](auto ngc) {
+        constexpr int NG = decltype(ngc)::value;
+        const uint16_t* pb[NG];
+        float* ar[NG];
+        for (int t = 0; t < NG; ++t) pb[t] = P + (g + t) * ldp, ar[t] = acc + (g + t) * dv;
+        switch (blocks) {
+          case 1: ValueTileDp<NG, 1>(rbuf.data(), pb, n, c0, Dv, ar); break;
+          case 2: ValueTileDp<NG, 2>(rbuf.data(), pb, n, c0, Dv, ar); break;
+          case 3: ValueTileDp<NG, 3>(rbuf.data(), pb, n, c0, Dv, ar); break;
+          default: ValueTileDp<NG, 4>(rbuf.data(), pb, n, c0, Dv, ar); break;
+        }
+      };
+      for (; g + 2 <= ng; g += 2) run(std::integral_constant<int, 2>{});
+      if (g < ng) run(std::integral_constant<int, 1>{});
+    }
+    for (int64_t g = 0; g < ng; ++g) StoreRounded(acc + g * dv, Dv, out + (b * H + h * G + g0 + g) * Dv);
+  });
+}
 #endif
 
 template <typename T>
@@ -464,6 +601,10 @@ void RunDecodeAttention(const DecodeAttentionProblem& p, const Runner& runner) {
   // Scratch rows padded to whole vectors (zeros), the value rows to whole value tiles.
 #if BEAM_CPU_USE_AVX512BF16
   constexpr bool dp = std::is_same_v<T, bf16_t>;  // the vdpbf16ps loops (ScoresUnitDp, ValuesUnitDp)
+  if constexpr (dp) {
+    DecodeAttentionDp(p, runner);
+    return;
+  }
 #else
   constexpr bool dp = false;
 #endif
