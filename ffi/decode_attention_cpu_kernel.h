@@ -2,18 +2,19 @@
 // cache, compiled once per instruction set like the expert kernel (each masked_moe_cpu*.cc includes this
 // after masked_moe_cpu_kernel.h, whose ParallelFor, ThreadBuffer and element conversions it uses).
 //
+// A bf16 cache under AVX512-BF16 (the serving case) runs DecodeAttentionDp: one ParallelFor over units (sequence,
+// KV head, block of its query heads), each computing its scores, softmax and value sums with vdpbf16ps on the cache
+// rows as they lie, in its own thread's buffers (see there). Every other dtype and build runs four passes:
+//
 // The cache is [B, L, Hkv, D]: one slot's rows of every KV head lie together, so work is split by slots, not by
-// head, and each unit reads one contiguous run of the cache (split by head, a unit would read every Hkv-th row and
-// stream at a fraction of the bandwidth). Four passes, each a ParallelFor:
+// head, and each unit reads one contiguous run of the cache. Four passes, each a ParallelFor:
 //   1. scores, units (sequence b, chunk of kAttnChunk slots): S[b, i, l] = scale * <q[b, i], k[b, l, i / G]> for
 //      every query head i (G = H / Hkv per KV head) and allowed slot l, in blocks of kAttnBlock slots whose rows
-//      are converted to f32 once and serve all G heads of their KV head (a bf16 cache under AVX512-BF16: read as it
-//      lies by vdpbf16ps, ScoresUnitDp);
+//      are converted to f32 once and serve all G heads of their KV head;
 //   2. softmax, units (b, i): over the allowed slots, in f32, rounded to the element type (the reference casts
 //      the probabilities to the value dtype before their product with v, as transformers' eager path does), zero
 //      at the other slots of the span from the first allowed slot to the last (nothing reads past it);
-//   3. value sums, units (b, chunk): part[b, chunk, i] = sum over the chunk's slots of P[b, i, l] * v[b, l, i / G]
-//      (a bf16 cache under AVX512-BF16: ValuesUnitDp);
+//   3. value sums, units (b, chunk): part[b, chunk, i] = sum over the chunk's slots of P[b, i, l] * v[b, l, i / G];
 //   4. out[b, i] = the parts of the chunks the span covers summed in chunk order, rounded once.
 // Sums run in a fixed order whatever the thread count. A sequence with no allowed slot gets the reference's
 // answer: every slot at the same (lowest) score, so the mean of all L value rows.
@@ -307,11 +308,13 @@ void SoftmaxRow(float* s, const bool* allowed, int64_t L, bool uniform) {
 // consecutive slots (two value rows interleaved in registers, as StreamRowsColsDp interleaves two weight rows; the
 // probabilities are bf16 already, rounded as the reference rounds them).
 
-// sums[i * NG + g] = <k row i, q row g> over d dims, for NK keys and NG query heads (NK * NG a multiple of 8).
+// S[g * lds + i] = scale * <k row i, q row g> for NK keys and NG query heads (NK * NG a multiple of 8; NK 4 or 8):
+// head-major sums, so each head's NK scores are one store. Writes whole groups of NK: S has room past the last key.
 template <int NK, int NG>
-inline void ScoreTileDp(const bf16_t* const* kr, const bf16_t* const* qr, int64_t d, float* sums) {
+inline void ScoreTileDp(const bf16_t* const* kr, const bf16_t* const* qr, int64_t d, float scale, float* S,
+                        int64_t lds) {
   constexpr int N = NK * NG;
-  static_assert(N % 8 == 0, "whole groups of eight sums");
+  static_assert(N % 8 == 0 && (NK == 4 || NK == 8), "whole groups of eight sums");
   __m512 acc[N];
   for (int i = 0; i < N; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t c = 0; c < d; c += 32) {  // every load masked (free on these processors): no branch per chunk
@@ -320,15 +323,22 @@ inline void ScoreTileDp(const bf16_t* const* kr, const bf16_t* const* qr, int64_
     for (int i = 0; i < NK; ++i) kv[i] = (__m512bh)_mm512_maskz_loadu_epi16(m, kr[i] + c);
     for (int g = 0; g < NG; ++g) {
       const __m512bh qv = (__m512bh)_mm512_maskz_loadu_epi16(m, qr[g] + c);
-      for (int i = 0; i < NK; ++i) acc[i * NG + g] = _mm512_dpbf16_ps(acc[i * NG + g], qv, kv[i]);
+      for (int i = 0; i < NK; ++i) acc[g * NK + i] = _mm512_dpbf16_ps(acc[g * NK + i], qv, kv[i]);
     }
   }
-  for (int t = 0; t < N; t += 8) {
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (int t = 0; t < N; t += 8) {  // sums t .. t + 8: head t / NK, keys t % NK ..
     __m256 h[8];
     for (int j = 0; j < 8; ++j)
       h[j] = _mm256_add_ps(_mm512_castps512_ps256(acc[t + j]),
                            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[t + j]), 1)));
-    _mm256_storeu_ps(sums + t, HorizontalSums8(h));
+    const __m256 sums = _mm256_mul_ps(HorizontalSums8(h), sc);
+    if constexpr (NK == 8) {
+      _mm256_storeu_ps(S + (t / 8) * lds, sums);
+    } else {
+      _mm_storeu_ps(S + (t / 4) * lds, _mm256_castps256_ps128(sums));
+      _mm_storeu_ps(S + (t / 4 + 1) * lds, _mm256_extractf128_ps(sums, 1));
+    }
   }
 }
 
@@ -376,81 +386,6 @@ inline void ValueTileDp(const bf16_t* const* vr, const uint16_t* const* pb, int6
       _mm512_storeu_ps(a + 16,
                        _mm512_add_ps(_mm512_loadu_ps(a + 16), _mm512_permutex2var_ps(lo[g][k], idx1, hi[g][k])));
     }
-}
-
-// Pass 1 of one unit (sequence b's slots[0..n) of one chunk), bf16: S_b[i * L + slot] for every query head i.
-inline void ScoresUnitDp(const bf16_t* q_b, const bf16_t* k_b, int64_t Hkv, int64_t G, int64_t Dk, float scale,
-                         const int64_t* slots, int64_t n, float* S_b, int64_t L) {
-  const int64_t row = Hkv * Dk;  // elements of one slot's keys
-  alignas(32) float sums[16];
-  for (int64_t j0 = 0; j0 < n; j0 += kAttnBlock) {
-    const int64_t nb = std::min(kAttnBlock, n - j0);
-    if (j0 + nb < n)
-      PrefetchSlots(reinterpret_cast<const char*>(k_b), slots + j0 + nb, std::min(kAttnBlock, n - j0 - nb),
-                    row * int64_t(sizeof(bf16_t)));
-    for (int64_t h = 0; h < Hkv; ++h) {
-      const bf16_t* kr[kAttnBlock];
-      for (int64_t j = 0; j < kAttnBlock; ++j) kr[j] = k_b + slots[j0 + std::min(j, nb - 1)] * row + h * Dk;
-      const bf16_t* qr[4];
-      int64_t g = 0;
-      for (; g + 4 <= G; g += 4) {
-        for (int t = 0; t < 4; ++t) qr[t] = q_b + (h * G + g + t) * Dk;
-        for (int64_t i = 0; i < kAttnBlock; i += 4) {
-          ScoreTileDp<4, 4>(kr + i, qr, Dk, sums);
-          for (int t = 0; t < 16; ++t)
-            if (i + t / 4 < nb) S_b[(h * G + g + t % 4) * L + slots[j0 + i + t / 4]] = sums[t] * scale;
-        }
-      }
-      for (; g < G; ++g) {
-        qr[0] = q_b + (h * G + g) * Dk;
-        ScoreTileDp<8, 1>(kr, qr, Dk, sums);
-        for (int64_t t = 0; t < nb; ++t) S_b[(h * G + g) * L + slots[j0 + t]] = sums[t] * scale;
-      }
-    }
-  }
-}
-
-// Pass 3 of one unit, bf16: acc[i][0..Dv) (natural column order, rows dv apart, zeroed by the caller) = the sum over
-// slots[0..n) of P[i][slot] * v[slot, i / G].
-inline void ValuesUnitDp(const bf16_t* v_b, int64_t Hkv, int64_t G, int64_t Dv, int64_t dv, const float* S_b,
-                         int64_t L, const int64_t* slots, int64_t n, float* acc) {
-  const int64_t row = Hkv * Dv;
-  const int64_t H = Hkv * G;
-  // The unit's probabilities as bf16 bits, [H][n] (exact: they are rounded to bf16 already).
-  thread_local std::vector<uint16_t> pbits;
-  if (int64_t(pbits.size()) < H * kAttnChunk) pbits.resize(size_t(H * kAttnChunk));
-  for (int64_t i = 0; i < H; ++i)
-    for (int64_t j = 0; j < n; ++j) pbits[i * kAttnChunk + j] = uint16_t(BitsFromF32(S_b[i * L + slots[j]]) >> 16);
-  // The chunk's value rows into L2 first (one hint per 128 bytes): the loop below reads them head by head, every
-  // Hkv-th run of the cache.
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t off = 0; off < row * int64_t(sizeof(bf16_t)); off += 128)
-      _mm_prefetch(reinterpret_cast<const char*>(v_b + slots[j] * row) + off, _MM_HINT_T1);
-  const bf16_t* vr[kAttnChunk];
-  for (int64_t h = 0; h < Hkv; ++h) {
-    for (int64_t j = 0; j < n; ++j) vr[j] = v_b + slots[j] * row + h * Dv;
-    for (int64_t c0 = 0; c0 < Dv; c0 += 128) {
-      const int64_t blocks = std::min<int64_t>(4, (Dv - c0 + 31) / 32);
-      int64_t g = 0;
-      auto run = [&](auto ng) {
-        constexpr int NG = decltype(ng)::value;
-        const uint16_t* pb[NG];
-        float* ar[NG];
-        for (int t = 0; t < NG; ++t) {
-          pb[t] = pbits.data() + (h * G + g + t) * kAttnChunk;
-          ar[t] = acc + (h * G + g + t) * dv;
-        }
-        switch (blocks) {
-          case 1: ValueTileDp<NG, 1>(vr, pb, n, c0, Dv, ar); break;
-          case 2: ValueTileDp<NG, 2>(vr, pb, n, c0, Dv, ar); break;
-          case 3: ValueTileDp<NG, 3>(vr, pb, n, c0, Dv, ar); break;
-          default: ValueTileDp<NG, 4>(vr, pb, n, c0, Dv, ar); break;
-        }
-      };
-      for (; g + 2 <= G; g += 2) run(std::integral_constant<int, 2>{});
-      if (g < G) run(std::integral_constant<int, 1>{});
-    }
-  }
 }
 
 // The bf16 decode step as one ParallelFor (RunDecodeAttention with a bf16 cache under AVX512-BF16; the passes below
@@ -533,8 +468,8 @@ void DecodeAttentionDp(const DecodeAttentionProblem& p, const Runner& runner) {
     if (uniform[b]) {
       for (int64_t g = 0; g < ng; ++g) std::fill(P + g * ldp, P + g * ldp + n, one_over_l.bits);
     } else {
-      // Scores, 8 slots at a time: 4 slots x 4 heads per tile, then the heads past the last 4 one at a time.
-      alignas(32) float sums[16];
+      // Scores, 8 slots at a time: 4 slots x 4 heads per tile, then the heads past the last 4 one at a time (the
+      // rows have room for the whole last block: n16 >= RoundUp(n, 8)).
       const char* kbytes = reinterpret_cast<const char*>(k_bh);
       const int64_t krow_bytes = krow * int64_t(sizeof(bf16_t));
       for (int64_t j0 = 0; j0 < n; j0 += kAttnBlock) {
@@ -551,16 +486,11 @@ void DecodeAttentionDp(const DecodeAttentionProblem& p, const Runner& runner) {
         int64_t g = 0;
         for (; g + 4 <= ng; g += 4) {
           for (int t = 0; t < 4; ++t) qr[t] = q_bh + (g + t) * Dk;
-          for (int64_t i = 0; i < nb; i += 4) {
-            ScoreTileDp<4, 4>(kr + i, qr, Dk, sums);
-            for (int t = 0; t < 16; ++t)
-              if (i + t / 4 < nb) S[(g + t % 4) * n16 + j0 + i + t / 4] = sums[t] * p.scale;
-          }
+          for (int64_t i = 0; i < nb; i += 4) ScoreTileDp<4, 4>(kr + i, qr, Dk, p.scale, S + g * n16 + j0 + i, n16);
         }
         for (; g < ng; ++g) {
           qr[0] = q_bh + g * Dk;
-          ScoreTileDp<8, 1>(kr, qr, Dk, sums);
-          for (int64_t t = 0; t < nb; ++t) S[g * n16 + j0 + t] = sums[t] * p.scale;
+          ScoreTileDp<8, 1>(kr, qr, Dk, p.scale, S + g * n16 + j0, n16);
         }
       }
       for (int64_t g = 0; g < ng; ++g) SoftmaxToBf16(S + g * n16, n, P + g * ldp, e);
@@ -600,15 +530,12 @@ void RunDecodeAttention(const DecodeAttentionProblem& p, const Runner& runner) {
   T* out = static_cast<T*>(p.out);
   // Scratch rows padded to whole vectors (zeros), the value rows to whole value tiles.
 #if BEAM_CPU_USE_AVX512BF16
-  constexpr bool dp = std::is_same_v<T, bf16_t>;  // the vdpbf16ps loops (ScoresUnitDp, ValuesUnitDp)
-  if constexpr (dp) {
+  if constexpr (std::is_same_v<T, bf16_t>) {  // the vdpbf16ps loops, one pass
     DecodeAttentionDp(p, runner);
     return;
   }
-#else
-  constexpr bool dp = false;
 #endif
-  const int64_t dk = RoundUp(Dk, 8), dv = dp ? RoundUp(Dv, 32) : RoundUp(Dv, G % 4 == 0 ? 16 : 64);
+  const int64_t dk = RoundUp(Dk, 8), dv = RoundUp(Dv, G % 4 == 0 ? 16 : 64);
   const int64_t chunks = (L + kAttnChunk - 1) / kAttnChunk;
   // The call's shared scratch (the calling thread's, grown as needed): scores then probabilities S [B, H, L], the
   // chunks' value sums [B, chunks, H, dv], which sequences attend uniformly.
@@ -650,12 +577,6 @@ void RunDecodeAttention(const DecodeAttentionProblem& p, const Runner& runner) {
     int64_t slots[kAttnChunk];
     const int64_t n = chunk_slots(b, c, slots);
     if (n == 0) return;
-#if BEAM_CPU_USE_AVX512BF16
-    if constexpr (dp) {
-      ScoresUnitDp(q + b * H * Dk, k + b * L * Hkv * Dk, Hkv, G, Dk, p.scale, slots, n, S + b * H * L, L);
-      return;
-    }
-#endif
     const int64_t row = Hkv * dk;
     float* qf = ThreadBuffer(0, size_t(H * dk + kAttnBlock * row));
     float* rows = qf + H * dk;
@@ -680,12 +601,6 @@ void RunDecodeAttention(const DecodeAttentionProblem& p, const Runner& runner) {
     std::fill(acc, acc + H * dv, 0.0f);
     int64_t slots[kAttnChunk];
     const int64_t n = chunk_slots(b, c, slots);
-#if BEAM_CPU_USE_AVX512BF16
-    if constexpr (dp) {
-      ValuesUnitDp(v + b * L * Hkv * Dv, Hkv, G, Dv, dv, S + b * H * L, L, slots, n, acc);
-      return;
-    }
-#endif
     const int64_t row = Hkv * dv;
     float* rows = ThreadBuffer(0, size_t(kAttnBlock * row + H * kAttnBlock));
     float* Pb = rows + kAttnBlock * row;
