@@ -58,10 +58,11 @@ def greedy(logits):
 
 
 def sample_next(logits, rng, *, do_sample=False, temperature=1.0, top_k=0, top_p=1.0):
-    """logits [B, V] float32 -> next token ids [B] int32 (argmax, or a sample after the filters)."""
+    """logits [B, V] (any float dtype; sampled in float32) -> next token ids [B] int32 (argmax, or a sample after the
+    filters)."""
     if not do_sample:
         return greedy(logits)
-    logits = logits / max(temperature, 1e-6)
+    logits = logits.astype(jnp.float32) / max(temperature, 1e-6)
     if top_k and top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -234,8 +235,9 @@ def _generate_traced(model, input_ids, mask, max_new_tokens, pad, rng, hook_leav
     slots = max_len - S
     sample = partial(sample_next, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
     cache = model.init_cache(B, max_len)
+    # greedy steps take the LM head's logits as they are (bfloat16: the same argmax, no [B, V] conversion a step)
     out = model(input_ids, attention_mask=mask, cache=cache, mask_hook=hook, impl=impl, logits_to_keep=1,
-                fresh_cache=True)
+                fresh_cache=True, float32_logits=do_sample)
     rng, sub = jax.random.split(rng)
     first = sample(out.logits[:, -1], sub)
     tokens = jnp.full((B, slots), pad, jnp.int32).at[:, 0].set(first)
@@ -249,7 +251,7 @@ def _generate_traced(model, input_ids, mask, max_new_tokens, pad, rng, hook_leav
     def body(carry):
         n, cache, tokens, done, rng = carry
         prev = jax.lax.dynamic_index_in_dim(tokens, n - 1, axis=1, keepdims=True)
-        step = model(prev, attention_mask=ones, cache=cache, mask_hook=hook, impl=impl)
+        step = model(prev, attention_mask=ones, cache=cache, mask_hook=hook, impl=impl, float32_logits=do_sample)
         rng, sub = jax.random.split(rng)
         nxt = jnp.where(done, pad, sample(step.logits[:, -1], sub))
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, n, axis=1)

@@ -115,7 +115,7 @@ class MoECausalLM(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None,
                  mask_hook: MaskHook = TOPK, impl: str = "reference", logits_to_keep: int = 0,
-                 fresh_cache: bool = False) -> CausalLMOutput:
+                 fresh_cache: bool = False, float32_logits: bool = True) -> CausalLMOutput:
         """input_ids [B, S] int; attention_mask [B, S] (1 = real token, 0 = padding), default all ones;
         positions [B, S], default counted from the mask (left padding) and the cache index;
         cache from `init_cache` (decoding) or None (a full forward); impl: expert path (see experts.py);
@@ -123,7 +123,9 @@ class MoECausalLM(nnx.Module):
         [B, logits_to_keep, V]; 0: every position). `generate`'s prefill keeps 1: with S prompt tokens the head
         would otherwise multiply S rows for the one it samples from. fresh_cache (static): the cache holds no token
         yet (`init_cache`'s, as `generate`'s prefill fills it): attention reads this call's S keys, not the cache's
-        L slots, and skips the causal mask's upper blocks (`attention.attend`); the same result."""
+        L slots, and skips the causal mask's upper blocks (`attention.attend`); the same result.
+        float32_logits=False (static) leaves the logits in the LM head's dtype (`generate`'s greedy steps: the argmax
+        of bfloat16 logits is that of their float32 copy, without converting [B, V] every step)."""
         B, S = input_ids.shape
         mask = jnp.ones((B, S), bool) if attention_mask is None else attention_mask.astype(bool)
         index = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
@@ -159,4 +161,4 @@ class MoECausalLM(nnx.Module):
         new_cache = None
         if cache is not None:
             new_cache = {"layers": new_layers, "index": index + S, "valid": kv_valid}
-        return CausalLMOutput(logits.astype(jnp.float32), recs, new_cache)
+        return CausalLMOutput(logits.astype(jnp.float32) if float32_logits else logits, recs, new_cache)

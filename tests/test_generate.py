@@ -303,10 +303,23 @@ def test_greedy_is_argmax_with_ties_nans_and_infs():
     logits[3] = -np.inf
     logits[4, 150] = np.inf
     logits[5, -1] = 50.0  # the last position
-    got = np.asarray(greedy(jnp.asarray(logits)))
-    assert got.dtype == np.int32
-    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1)))
-    assert got[1] == 7 and got[2] == 5 and got[3] == 0 and got[4] == 150 and got[5] == 299
+    for dtype in (jnp.float32, jnp.bfloat16):  # bfloat16: what `generate`'s greedy steps take from the LM head
+        got = np.asarray(greedy(jnp.asarray(logits, dtype)))
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(logits, dtype), axis=-1)))
+        assert got[1] == 7 and got[2] == 5 and got[3] == 0 and got[4] == 150 and got[5] == 299
+
+
+def test_float32_logits_off_keeps_the_heads_dtype(tmp_path):
+    """`float32_logits=False` (generate's greedy steps) returns the LM head's bfloat16 logits, which are the float32
+    ones before their conversion, so their argmax is the same."""
+    import jax.numpy as jnp
+
+    model = _model(tmp_path, dtype="bfloat16")
+    ids = np.random.RandomState(23).randint(3, 160, size=(2, 6))
+    f32, raw = model(ids).logits, model(ids, float32_logits=False).logits
+    assert f32.dtype == np.float32 and raw.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(raw.astype(np.float32)), np.asarray(f32))
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2"])
