@@ -399,22 +399,23 @@ inline void ValueTileDp(const bf16_t* const* vr, const uint16_t* const* pb, int6
 // Softmax of s[0..n) into bf16 probabilities p[0..n) (round to nearest even by vcvtneps2bf16, as the reference casts
 // them): max, exp (Exp16) and sum in f32, 16 lanes at a time.
 inline void SoftmaxToBf16(const float* s, int64_t n, uint16_t* p, float* e) {
+  auto lanes = [n](int64_t j) { return n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1); };
   __m512 mv = _mm512_set1_ps(-INFINITY);
   for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
+    const __mmask16 m = lanes(j);
     mv = _mm512_max_ps(mv, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, s + j));
   }
   const __m512 mb = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
   __m512 sv = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
+    const __mmask16 m = lanes(j);
     const __m512 x = _mm512_maskz_mov_ps(m, Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), mb)));
     _mm512_storeu_ps(e + j, x);  // e has room for whole vectors
     sv = _mm512_add_ps(sv, x);
   }
   const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sv));
   for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
+    const __mmask16 m = lanes(j);
     _mm256_mask_storeu_epi16(p + j, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(e + j), inv)));
   }
 }
@@ -528,13 +529,13 @@ void RunDecodeAttention(const DecodeAttentionProblem& p, const Runner& runner) {
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   T* out = static_cast<T*>(p.out);
-  // Scratch rows padded to whole vectors (zeros), the value rows to whole value tiles.
 #if BEAM_CPU_USE_AVX512BF16
   if constexpr (std::is_same_v<T, bf16_t>) {  // the vdpbf16ps loops, one pass
     DecodeAttentionDp(p, runner);
     return;
   }
 #endif
+  // Scratch rows padded to whole vectors (zeros), the value rows to whole value tiles.
   const int64_t dk = RoundUp(Dk, 8), dv = RoundUp(Dv, G % 4 == 0 ? 16 : 64);
   const int64_t chunks = (L + kAttnChunk - 1) / kAttnChunk;
   // The call's shared scratch (the calling thread's, grown as needed): scores then probabilities S [B, H, L], the
