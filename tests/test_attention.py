@@ -51,3 +51,40 @@ def test_update_cache_returns_the_call_keys_when_fresh():
     assert kr.shape == (B, L, Hkv, D) and kf.shape == (B, S, Hkv, D) and kf.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(kf, np.float32), np.asarray(kr, np.float32)[:, :S])
     np.testing.assert_array_equal(np.asarray(new_f["k"], np.float32), np.asarray(new["k"], np.float32))
+
+
+@pytest.mark.parametrize("rows, bias", [(1, False), (5, True)])
+def test_project_fused_equals_each_projection(rows, bias):
+    """q, k and v as one packed product of their kernels side by side (`generate.decode_packs`) give each projection's
+    own product (bias added after the split), and the unpacked products where no packed copy is listed."""
+    from flax import nnx
+
+    from beam_jax import rows_matmul as rm
+    from beam_jax.layers import linear
+
+    rngs = nnx.Rngs(3)
+    d = 64
+    lins = [linear(d, n, bias=bias, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=rngs) for n in (96, 32, 40)]
+    for i, lin in enumerate(lins):  # unit-scale products, so the tolerance below means something
+        rs = np.random.RandomState(i)
+        lin.kernel.set_value(jnp.asarray(rs.normal(size=lin.kernel.shape) / np.sqrt(d), jnp.bfloat16))
+        if bias:
+            lin.bias.set_value(jnp.asarray(rs.normal(size=lin.bias.shape), jnp.bfloat16))
+    x = jnp.asarray(np.random.RandomState(4).normal(size=(rows, 1, d)), jnp.bfloat16)
+    want = [np.asarray(attention.project(lin, x), np.float32) for lin in lins]
+    unpacked = attention.project_fused(lins, x, None)
+    for got, w in zip(unpacked, want):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), w)
+    if not rm.packing_available():
+        pytest.skip("packing is off here (needs the AVX512-BF16 or AMX build of beam_jax._ffi on the CPU backend)")
+    packed = rm.pack_weight(jnp.concatenate([lin.kernel[...] for lin in lins], axis=1))
+    fused = attention.project_fused(lins, x, packed)
+    for got, w, lin in zip(fused, want, lins):
+        assert got.shape == (rows, 1, lin.kernel[...].shape[1]) and got.dtype == jnp.bfloat16
+        # each column's sum is the one its own packed product makes (bias added after the split, in bfloat16)
+        alone = rm.packed_rows_matmul(x.reshape(rows, d), rm.pack_weight(lin.kernel[...])).reshape(rows, 1, -1)
+        if bias:
+            alone = alone + lin.bias[...]
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(alone, np.float32))
+        # and XLA's product to within bfloat16 roundings (float32 sums in another order, rounded once or twice)
+        np.testing.assert_allclose(np.asarray(got, np.float32), w, rtol=2e-2, atol=2e-2)
