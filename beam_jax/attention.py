@@ -130,27 +130,6 @@ def project(lin: nnx.Linear, x):
     return y
 
 
-def project_fused(lins, x, packed):
-    """`project` of each `nnx.Linear` in `lins` on the same x [..., din], as one product with `packed`, the
-    `rows_matmul.PackedWeight` of their kernels side by side ([din, sum of douts], `beam_jax.generate`'s fused q/k/v),
-    where `project` would take a packed product; else `project` of each. -> a tuple of [..., dout_i] in their dtype.
-    One call streams the three matrices as one (at decode, k and v are small: their own calls cost more in fixed
-    overhead than in bytes)."""
-    dtype = lins[0].dtype or x.dtype
-    rows = x.size // x.shape[-1] if x.shape[-1] else 0
-    if (packed is None or any((lin.dtype or x.dtype) != dtype for lin in lins) or jnp.dtype(dtype) != jnp.bfloat16
-            or not use_packed_rows_matmul(rows)):
-        return tuple(project(lin, x) for lin in lins)
-    y = packed_rows_matmul(x.astype(dtype).reshape(rows, x.shape[-1]), packed).reshape(*x.shape[:-1], packed.n)
-    outs, start = [], 0
-    for lin in lins:
-        n = lin.out_features
-        part = y[..., start:start + n]
-        outs.append(part + lin.bias[...].astype(dtype) if lin.bias is not None else part)
-        start += n
-    return tuple(outs)
-
-
 def _update_cache(cache, k, v, ctx: AttentionContext):
     """Write this call's k, v [B, S, Hkv, D] into the cache at ctx.index. -> (the keys and values attention reads:
     the whole cache, or with `ctx.fresh` this call's own in the cache's dtype; the new cache or None)."""
@@ -233,7 +212,7 @@ class Attention(nnx.Module):
     def __call__(self, x, ctx: AttentionContext, cache=None):
         cfg = self.cfg
         B, S, _ = x.shape
-        q, k, v = project_fused((self.q_proj, self.k_proj, self.v_proj), x, packed_for(self))
+        q, k, v = project(self.q_proj, x), project(self.k_proj, x), project(self.v_proj, x)
         if cfg.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if cfg.clip_qkv is not None:

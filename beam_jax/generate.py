@@ -32,7 +32,7 @@ from flax import nnx
 from . import hugepages as _hp
 from . import packed_experts as _pe
 from . import rows_matmul as _rm
-from .attention import Attention, decode_kernels, packed_weights
+from .attention import decode_kernels, packed_weights
 from .moe import Experts, MaskRouter
 from .routing import TOPK
 
@@ -171,33 +171,15 @@ def _to_pack(model, packed: dict) -> list:
         nbytes = sum(int(p[...].size) * 2 for _, n in experts for p in (n.w_gate, n.w_up, n.w_down))
         if any(k in packed for k, _ in experts) or _pe.fits_in_memory(nbytes):
             out += [(k, (n.w_gate[...], n.w_up[...], n.w_down[...]), _pe.pack_experts) for k, n in experts]
-    nodes = list(nnx.iter_graph(model))  # one walk: this runs at every `generate` call (the cache check)
-    fused = set()  # ids of the q/k/v projections packed side by side with their attention's
-    for path, node in nodes:
-        lins = _fusable_qkv(node)
-        if lins:
-            out.append((_path_key(path), tuple(lin.kernel[...] for lin in lins), _pack_side_by_side))
-            fused.update(id(lin) for lin in lins)
-    for path, node in nodes:
-        if _packable(node) and id(node) not in fused:
-            out.append((_path_key(path), (node.kernel[...],), _pack))
+    pack = jax.jit(_rm.pack_weight)
+    for path, node in nnx.iter_graph(model):  # one pass: this runs at every `generate` call (the cache check)
+        if _packable(node):
+            out.append((_path_key(path), (node.kernel[...],), pack))
         elif isinstance(node, MaskRouter) and node.kernel[...].ndim == 2:
             out.append((_path_key(path), (node.kernel[...],), _transpose))
     return out
 
 
-def _fusable_qkv(node) -> tuple:
-    """(q_proj, k_proj, v_proj) of an `attention.Attention` whose three are packable with one dtype, else ()."""
-    if not isinstance(node, Attention):
-        return ()
-    lins = (node.q_proj, node.k_proj, node.v_proj)
-    same = len({(lin.in_features, lin.dtype) for lin in lins}) == 1
-    return lins if same and all(_packable(lin) for lin in lins) else ()
-
-
-_pack = jax.jit(_rm.pack_weight)
-# q/k/v kernels [d, n_i] -> one PackedWeight [d, sum n_i] (`attention.project_fused`)
-_pack_side_by_side = jax.jit(lambda *ws: _rm.pack_weight(jnp.concatenate(ws, axis=1)))
 _transpose = jax.jit(jnp.transpose)  # a mask router's kernel [d, E] -> [E, d] (`MaskRouter.at` gathers its rows)
 
 
@@ -205,8 +187,7 @@ def decode_packs(model) -> dict:
     """{module path: packed copy} that `generate` multiplies through the packed targets, or {} where packing is off
     (`rows_matmul.packing_available`: the AVX512-BF16 and AMX CPU builds; ``BEAM_JAX_PACKED=0``):
     - every bfloat16 `nnx.Linear` (attention projections, dense MLPs, the LM head, routers held in bfloat16): a
-      `rows_matmul.PackedWeight` (for Qwen3-30B-A3B about 4% of the model); an `attention.Attention`'s q, k and v
-      projections as one, their kernels side by side, under the attention's path (`attention.project_fused`);
+      `rows_matmul.PackedWeight` (for Qwen3-30B-A3B about 4% of the model);
     - every bfloat16 `moe.Experts` (`packed_experts.packing_available`): a `packed_experts.PackedExperts` (as large
       as the experts; only where that copy leaves half of the available memory, `packed_experts.fits_in_memory`;
       ``BEAM_JAX_PACKED_EXPERTS=0`` turns it off). Elsewhere the expert kernel reads the experts in place;
@@ -230,7 +211,7 @@ def _packs_by_module(model, packs: dict) -> dict:
     if not packs:
         return {}
     return {id(node): packs[key] for key, node in ((_path_key(p), n) for p, n in nnx.iter_graph(model))
-            if key in packs and isinstance(node, (nnx.Linear, Experts, MaskRouter, Attention))}
+            if key in packs and isinstance(node, (nnx.Linear, Experts, MaskRouter))}
 
 
 @partial(jax.jit, static_argnames=("graphdef", "hook_static", "impl", "max_len", "eos", "do_sample", "temperature",
