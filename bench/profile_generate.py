@@ -23,7 +23,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -70,6 +69,7 @@ def main(argv=None) -> int:
 
     import beam_jax
     from beam_jax.routing import BeamHook, TopKHook
+    from serve_jax import time_generate
 
     if not Path(args.model, "config.json").exists():
         raise SystemExit(f"profile_generate: {args.model} holds no config.json (make it with bench/serve.py, or pass "
@@ -84,18 +84,13 @@ def main(argv=None) -> int:
     prompt = np.random.RandomState(args.batch).randint(3, vocab, size=(args.batch, args.prompt_len)).astype(np.int32)
     hook = BeamHook(args.tau) if args.tau > 0 else TopKHook()
 
-    def run(n):
-        t = time.perf_counter()
-        np.asarray(beam_jax.generate(model, prompt, max_new_tokens=n, eos_token_id=(), mask_hook=hook, impl=impl))
-        return time.perf_counter() - t
-
-    run(1), run(args.new)  # compile both
-    long, short = min(run(args.new) for _ in range(3)), min(run(1) for _ in range(3))
+    # the steady step as serve.py times it (both lengths compiled first, best of 3 each)
+    step_ms = time_generate(model, prompt, hook, args.new, short=1, repeat=3, impl=impl)["step_s"] * 1e3
     steps = args.new - 1
-    step_ms = (long - short) / steps * 1e3
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp):
-            run(args.new)
+            np.asarray(beam_jax.generate(model, prompt, max_new_tokens=args.new, eos_token_id=(), mask_hook=hook,
+                                         impl=impl))
         ops = per_step_ops(tmp, steps)
     ffi = {n: t for n, t in ops.items() if n.startswith("ffi_call")}
     xla = {n: t for n, t in ops.items() if n not in ffi}
