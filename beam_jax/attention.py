@@ -117,7 +117,7 @@ def project(lin: nnx.Linear, x):
     """`lin(x)` for an `nnx.Linear` (kernel [din, dout], optional bias) through `matmul`: same result in
     float32, the fast XLA:CPU path in bfloat16 / float16. x [..., din] -> [..., dout] in lin.dtype.
     Inside `packed_weights`, a listed layer's product with bfloat16 rows (up to `rows_matmul.packed_rows_max()`: a
-    few on the AVX512-BF16 build, any number on the AMX build) uses its packed kernel."""
+    few on the AVX512-BF16 and AVX2 builds, any number on the AMX build) uses its packed kernel."""
     dtype = lin.dtype or x.dtype
     packed = packed_for(lin)
     rows = x.size // x.shape[-1] if x.shape[-1] else 0

@@ -3,3 +3,4 @@ jax import, so the plugin reads them without it."""
 
 CPU_ISAS = ("generic", "avx2", "avx512bf16", "amx")  # the CPU kernel's builds, lowest first
 DP_ISAS = ("avx512bf16", "amx")  # the builds with vdpbf16ps (amx: the same build, its packed product on AMX tiles)
+PACKED_ISAS = ("avx2", "avx512bf16", "amx")  # the builds with a fast loop for the packed layouts (not generic)

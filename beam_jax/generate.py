@@ -7,7 +7,7 @@ top-k and top-p.
 The model is split once per call into its graph definition (static) and its state (arrays, passed to the
 compiled function and only read), and one jitted function runs the prefill and the whole decode loop
 (`lax.while_loop`, stopping early when every sequence has ended). So a generation costs one dispatch, no host
-round trip per token, and no copy or write-back of the model's state. On the CPU (AVX512-BF16 and AMX builds) the
+round trip per token, and no copy or write-back of the model's state. On the CPU (AVX2, AVX512-BF16, AMX builds) the
 bf16 dense layers' kernels are also passed packed (`decode_packs`: made once per model, kept while it lives) for the
 decode steps' products, as are the bf16 experts (`packed_experts`, impl="kernel"); the decode steps' attention runs
 on the decode-attention kernel (`beam_jax.decode_attention`, `attention.decode_kernels`). The model's large arrays
@@ -185,7 +185,7 @@ _transpose = jax.jit(jnp.transpose)  # a mask router's kernel [d, E] -> [E, d] (
 
 def decode_packs(model) -> dict:
     """{module path: packed copy} that `generate` multiplies through the packed targets, or {} where packing is off
-    (`rows_matmul.packing_available`: the AVX512-BF16 and AMX CPU builds; ``BEAM_JAX_PACKED=0``):
+    (`rows_matmul.packing_available`: the AVX2, AVX512-BF16 and AMX CPU builds; ``BEAM_JAX_PACKED=0``):
     - every bfloat16 `nnx.Linear` (attention projections, dense MLPs, the LM head, routers held in bfloat16): a
       `rows_matmul.PackedWeight` (for Qwen3-30B-A3B about 4% of the model);
     - every bfloat16 `moe.Experts` (`packed_experts.packing_available`): a `packed_experts.PackedExperts` (as large

@@ -13,9 +13,9 @@ work streaming one run in memory order:
     pe = pack_experts(w_gate, w_up, w_down)     # w_gate, w_up [E, d, f], w_down [E, f, d] bfloat16, d and f even
     y = masked_moe_packed(x, pe, expert_ids, weights, keep)   # x [T, d] bfloat16 -> y [T, d] bfloat16
 
-`beam_jax.generate` packs a model's bfloat16 experts where `packing_available()` (the AMX and AVX512-BF16 builds on
-the CPU backend) and the copy fits (`fits_in_memory`): the packed copy is as large as the experts, kept while the
-model lives.
+`beam_jax.generate` packs a model's bfloat16 experts where `packing_available()` (the AMX, AVX512-BF16 and AVX2
+builds on the CPU backend) and the copy fits (`fits_in_memory`): the packed copy is as large as the experts, kept
+while the model lives.
 ``BEAM_JAX_PACKED_EXPERTS=0`` keeps generate on the row-major experts.
 """
 
@@ -58,14 +58,16 @@ class PackedExperts:
 
 
 def packing_available() -> bool:
-    """Whether `beam_jax.generate` packs the experts: the extension has the target and runs its AMX or AVX512-BF16
-    build (the packed dense projections are on, `rows_matmul.packing_available`), unless
+    """Whether `beam_jax.generate` packs the experts: the extension has the target and runs its AMX, AVX512-BF16 or
+    AVX2 build (the packed dense projections are on, `rows_matmul.packing_available`), unless
     ``BEAM_JAX_PACKED_EXPERTS=0`` (read when called). Measured with `bench/moe_vs_vllm.py` (Qwen3-30B-A3B's layer):
     on the 2-core Xeon's AMX tiles the packed experts take 0.97x the row-major kernel's time at 1 token, 0.92x at
     8, 0.81x at 32, 0.61-0.62x at 128 and 512; on the 2-core AMD EPYC (Zen 4, AVX512-BF16, no AMX) 0.83-0.96x at
     1-32 tokens and 0.67-0.90x at 128-512 (`bench/results/moe_vs_vllm_cpu_amd_packed.json`). The one case
     measured against it, the AVX512-BF16 build forced on that Xeon (`BEAM_JAX_CPU_ISA=avx512bf16`; its own build
-    is AMX), lost 5-7% at 1-32 tokens there; the portable and AVX2 builds have no fast path for the layout."""
+    is AMX), lost 5-7% at 1-32 tokens there. On the 2-core Zen 3 EPYC (AVX2 only) the AVX2 build's packed loop
+    took 0.99x / 0.85x / 0.94x the row-major kernel's time at 1 / 8 / 32 tokens (vLLM's `cpu_fused_moe` 0.96x /
+    0.92x / 1.03x the packed one's; README, "Decoding on CPU"); the portable build has no fast path for the layout."""
     return (os.environ.get("BEAM_JAX_PACKED_EXPERTS") != "0" and rows_matmul.packing_available()
             and _TARGET in kernel._ffi.registrations())
 

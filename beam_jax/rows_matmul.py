@@ -17,15 +17,17 @@ own products). `use_rows_matmul(rows, dtype)` says where `attention.matmul` send
 on the CPU backend, where the extension is built, for at most `rows_max(dtype)` rows (its lead shrinks with the
 rows: the multiply-adds grow with them while the bytes read do not; on the 2-core Zen 4 EPYC the AVX512-BF16 build
 measured 2.7-5.1x XLA at one row, 1.2-2.8x at eight and 1.2-1.8x at 32 on q, o and the LM head (0.75x on the
-2 MB k/v projection, which XLA reads from cache in that benchmark), the AVX2 loop losing to XLA past eight;
-`python bench/decode_proj.py` measures both), in bfloat16 and float16 only (float32 keeps XLA's products,
+2 MB k/v projection, which XLA reads from cache in that benchmark), the AVX2 loop losing to XLA past eight there;
+on the AVX2-only Zen 3 EPYC, whose XLA bf16 dot is slower, the AVX2 loop leads up to 32 rows; `python
+bench/decode_proj.py` measures both), in bfloat16 and float16 only (float32 keeps XLA's products,
 so float32 parity with transformers stays exact to rounding). ``BEAM_JAX_ROWS_MATMUL=0`` in the environment turns
 it off (read at trace time).
 
 `beam_jax.generate` multiplies by packed weights instead (`pack_weight`, `packed_rows_matmul`, target
 ``beam_packed_rows_matmul``): w laid out once as [ceil(N / 32), K / 2, 32, 2], so each 64-byte load is a vdpbf16ps
 operand without the shuffle the [K, N] loop needs per load, and a thread streams one contiguous run; forward only,
-bfloat16 only, fast under the AVX512-BF16 build (`packing_available`; the other builds implement the target as a
+bfloat16 only, fast under the AVX512-BF16 build and, without vdpbf16ps, under the AVX2 one (each 32-byte load split
+into two f32 vectors by a shift and a mask; `packing_available`; the portable build implements the target as a
 reference loop). The AMX build (Intel Sapphire Rapids and later; `beam_jax._ffi.cpu_isa() == "amx"`) runs the
 packed product on AMX tiles, whose layout the packed one already is (each 16 pairs of rows of a block, two B tiles),
 so a product's time stays that of reading w up to about 32 rows and it beats XLA's dot at prefill sizes too
@@ -41,10 +43,12 @@ import jax
 import jax.numpy as jnp
 
 from beam_jax import kernel
-from beam_jax.cpu_isas import DP_ISAS
+from beam_jax.cpu_isas import DP_ISAS, PACKED_ISAS
 
 __all__ = ["rows_matmul", "rows_matmul_available", "use_rows_matmul", "rows_max", "ROWS_MAX", "ROWS_MAX_BF16_DP",
-           "packed_rows_max", "use_packed_rows_matmul", "PACKED_ROWS_MAX_AMX", "DP_ISAS",
+           "packed_rows_max", "use_packed_rows_matmul", "PACKED_ROWS_MAX_AMX", "PACKED_ROWS_MAX_AVX2", "DP_ISAS",
+           "ROWS_MAX_BF16_AVX2",
+           "PACKED_ISAS",
            "DTYPES", "PackedWeight", "pack_weight", "packed_rows_matmul", "packing_available", "PACK_COLS"]
 
 _TARGET = "beam_rows_matmul"
@@ -52,10 +56,18 @@ _PACKED_TARGET = "beam_packed_rows_matmul"
 PACK_COLS = 32  # columns of one packed block (kPackedCols in ffi/masked_moe.h)
 ROWS_MAX = 8  # the AVX2 loop (and float16 everywhere)
 ROWS_MAX_BF16_DP = 32  # bfloat16 under the AVX512-BF16 build (vdpbf16ps)
+# bfloat16 under the AVX2 build: XLA:CPU's bf16 dot there is slower still (1.4-7.2 GB/s on the 2-core Zen 3 EPYC), and
+# the AVX2 loop led it on every shape at 16 and 32 rows too (1.1-2.3x; `bench/decode_proj.py`)
+ROWS_MAX_BF16_AVX2 = 32
 # `packed_rows_matmul` on the AMX build: tile products, ahead of XLA's dot at every row count measured (1-512 rows
 # of Qwen3-30B-A3B's q projection on the 2-core Xeon: 0.79 ms at 1 and 8 rows, 1.0 at 32, 4.8 at 512, against XLA's
 # 2.3-2.5 ms at 1-32 rows and 9.3 at 512), so prefill takes it too
 PACKED_ROWS_MAX_AMX = 1 << 30
+# `packed_rows_matmul` on the AVX2 build (no vdpbf16ps: each bf16 pair split into two f32 by a shift and a mask):
+# ahead of XLA's dot on Qwen3-30B-A3B's q, k, o and LM head at every row count measured, 1-32 (the 2-core Zen 3
+# EPYC: 1.2-7.0x; XLA:CPU reads bf16 at 1.4-7.2 GB/s there), and of the row-major AVX2 loop in 22 of 24 cells
+# (`bench/decode_proj.py`, README "Decoding on CPU")
+PACKED_ROWS_MAX_AVX2 = 32
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # where attention.matmul uses it
 _FFI_DTYPES = kernel.FFI_DTYPES  # what the target accepts
 
@@ -68,8 +80,10 @@ def rows_matmul_available() -> bool:
 def rows_max(dtype) -> int:
     """The most rows `attention.matmul` sends to `rows_matmul` in `dtype`, for the CPU kernel build selected now
     (`beam_jax._ffi.cpu_isa()`, read at trace time)."""
-    dp = kernel._ffi is not None and kernel._ffi.cpu_isa() in DP_ISAS
-    return ROWS_MAX_BF16_DP if dp and jnp.dtype(dtype) == jnp.bfloat16 else ROWS_MAX
+    isa = kernel._ffi.cpu_isa() if kernel._ffi is not None else None
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        return ROWS_MAX
+    return ROWS_MAX_BF16_DP if isa in DP_ISAS else ROWS_MAX_BF16_AVX2 if isa == "avx2" else ROWS_MAX
 
 
 def use_rows_matmul(rows: int, dtype) -> bool:
@@ -80,9 +94,10 @@ def use_rows_matmul(rows: int, dtype) -> bool:
 
 def packed_rows_max() -> int:
     """The most rows `attention.project` multiplies by a packed weight: any number on the AMX build
-    (`PACKED_ROWS_MAX_AMX`), else `rows_max(bfloat16)` (the vdpbf16ps loop's limit; read at trace time)."""
-    amx = kernel._ffi is not None and kernel._ffi.cpu_isa() == "amx"
-    return PACKED_ROWS_MAX_AMX if amx else rows_max(jnp.bfloat16)
+    (`PACKED_ROWS_MAX_AMX`), `PACKED_ROWS_MAX_AVX2` on the AVX2 build, else `rows_max(bfloat16)` (the vdpbf16ps
+    loop's limit; read at trace time)."""
+    isa = kernel._ffi.cpu_isa() if kernel._ffi is not None else None
+    return {"amx": PACKED_ROWS_MAX_AMX, "avx2": PACKED_ROWS_MAX_AVX2}.get(isa) or rows_max(jnp.bfloat16)
 
 
 def use_packed_rows_matmul(rows: int) -> bool:
@@ -154,10 +169,10 @@ class PackedWeight:
 
 def packing_available() -> bool:
     """Whether `beam_jax.generate` packs its decode projections: the extension has the packed target and runs its
-    AVX512-BF16 or AMX build (the other builds implement the target only as a reference loop), on the CPU
-    backend, unless ``BEAM_JAX_PACKED=0`` (read when called)."""
+    AVX2, AVX512-BF16 or AMX build (`PACKED_ISAS`; the portable build implements the target only as a reference
+    loop), on the CPU backend, unless ``BEAM_JAX_PACKED=0`` (read when called)."""
     return (os.environ.get("BEAM_JAX_PACKED") != "0" and jax.default_backend() == "cpu" and kernel._ffi is not None
-            and _PACKED_TARGET in kernel._ffi.registrations() and kernel._ffi.cpu_isa() in DP_ISAS)
+            and _PACKED_TARGET in kernel._ffi.registrations() and kernel._ffi.cpu_isa() in PACKED_ISAS)
 
 
 def pack_weight(w) -> PackedWeight:

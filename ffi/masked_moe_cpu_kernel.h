@@ -1060,10 +1060,23 @@ inline __m512 SiluMul16(__m512 g, __m512 u) {
 }
 #endif
 
+// h = silu(gate) * up of a skinny segment as its down product takes it: for bf16 experts rounded to bf16 (to
+// nearest even), as the vdpbf16ps and AMX loops round their operands and the packed experts store h, so that
+// every build computes the same h (the AVX2 loops and the packed AVX2 loop agree bitwise on it); f32 and f16
+// experts keep h in f32. The fat segments' register-blocked GEMM keeps it in f32 on every build.
+template <typename T>
+inline float SkinnyRound(float h) {
+#if !BEAM_CPU_USE_AVX512BF16
+  if constexpr (std::is_same_v<T, bf16_t>) return ToFloat(FromFloat<bf16_t>(h));
+#endif
+  return h;
+}
+
 // A skinny segment's H from its gate and up products over all of d: C holds rows [0, rows) of
 // x @ gate then rows [0, rows) of x @ up (ldf apart). Panels (MR-row, f columns: h[panel][j][r],
-// zero in the pad rows of its `panels`) when kPanels, else plain rows h[r][j] (f apart): silu(gate) * up.
-template <bool kPanels>
+// zero in the pad rows of its `panels`) when kPanels, else plain rows h[r][j] (f apart): silu(gate) * up
+// (SkinnyRound<T>).
+template <typename T, bool kPanels>
 inline void SkinnyH(const float* C, int64_t rows, int64_t ldf, int64_t f, float* H, int64_t panels) {
   const int64_t stride = kPanels ? MR : 1;  // between columns
   for (int64_t r = 0; r < (kPanels ? panels * MR : rows); ++r) {
@@ -1087,7 +1100,7 @@ inline void SkinnyH(const float* C, int64_t rows, int64_t ldf, int64_t f, float*
       }
     }
 #endif
-    for (; j < f; ++j) hp[j * stride] = Silu(g[j]) * u[j];
+    for (; j < f; ++j) hp[j * stride] = SkinnyRound<T>(Silu(g[j]) * u[j]);
   }
 }
 
@@ -1220,11 +1233,11 @@ void Run(const Problem& p, const Runner& runner) {
         }
         if (fuse_down) {  // the segment's down product too (one unit per expert): H as plain rows here
           float* hr = ThreadBuffer(10, size_t(sg.rows * f));
-          SkinnyH<false>(Cg, sg.rows, ldf, f, hr, 0);
+          SkinnyH<T, false>(Cg, sg.rows, ldf, f, hr, 0);
           for (int64_t r = 0; r < sg.rows; ++r) rows[r] = hr + r * f;
           StreamRows(rows, 1, sg.rows, 0, f, wd + sg.expert * f * d, d, part_d + sk_off[i] * ldd, small_w);
         } else if (slabs1 == 1) {
-          SkinnyH<true>(Cg, sg.rows, ldf, f, H + sg.panel0 * MR * f, sg.panels);
+          SkinnyH<T, true>(Cg, sg.rows, ldf, f, H + sg.panel0 * MR * f, sg.panels);
         }
         return;
       }
@@ -1280,7 +1293,7 @@ void Run(const Problem& p, const Runner& runner) {
             g += c[r * ldf + j];
             u += c[(sg.rows + r) * ldf + j];
           }
-          hp[j * MR] = Silu(g) * u;
+          hp[j * MR] = SkinnyRound<T>(Silu(g) * u);
         }
       }
     });
@@ -1817,6 +1830,42 @@ inline __attribute__((always_inline)) void PackedBlockRows(const u32_alias_t* co
     _mm512_storeu_ps(out[r] + 16, hi[r]);
   }
 }
+#elif BEAM_CPU_USE_AVX2
+// The packed product on the AVX2 build (no vdpbf16ps; prefetch distance as above): a pair's 32 columns are
+// four 32-byte loads, lane c of each holding w(2p, c) in its low half and w(2p + 1, c) in its high half, so
+// Bf16EvenOdd gives w(2p, .) and w(2p + 1, .) as f32 in column order, and x's pair word splits the same way
+// into x(r, 2p) and x(r, 2p + 1): two FMAs per load and row, no shuffle. R rows (at most 2: eight
+// accumulators, four broadcasts and one load's halves in the 16 registers); PackedBlock passes over the
+// run again for more rows (from L1 / L2: a run is Kd / 2 x 128 bytes).
+constexpr int64_t kPackedPrefetchPairs = 48;
+constexpr int kPackedRowsAvx2 = 2;
+
+template <int R>
+inline __attribute__((always_inline)) void PackedBlockRowsAvx2(const u32_alias_t* const* xr, int64_t pairs,
+                                                               const bf16_t* wb, float (*out)[kPackedCols]) {
+  __m256 acc[R][4];
+#pragma GCC unroll 2
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const bf16_t* w = wb + p * 2 * kPackedCols;
+    const char* ahead = reinterpret_cast<const char*>(w + kPackedPrefetchPairs * 2 * kPackedCols);
+    _mm_prefetch(ahead, _MM_HINT_T0);
+    _mm_prefetch(ahead + 64, _MM_HINT_T0);
+    __m256 x0[R], x1[R];
+#pragma GCC unroll 2
+    for (int r = 0; r < R; ++r) Bf16EvenOdd(_mm256_set1_epi32(int(xr[r][p])), x0[r], x1[r]);
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      __m256 e, o;
+      Bf16EvenOdd(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * q)), e, o);
+#pragma GCC unroll 2
+      for (int r = 0; r < R; ++r) acc[r][q] = _mm256_fmadd_ps(x1[r], o, _mm256_fmadd_ps(x0[r], e, acc[r][q]));
+    }
+  }
+#pragma GCC unroll 2
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < 4; ++q) _mm256_storeu_ps(out[r] + 8 * q, acc[r][q]);
+}
 #endif
 
 // rows (at most 8) rows of x against one block: out[r][0..32).
@@ -1826,9 +1875,12 @@ inline void PackedBlock(const u32_alias_t* const* xr, int64_t rows, int64_t pair
   ForRowGroups(rows, [&](auto r, int64_t g) __attribute__((always_inline)) {
     PackedBlockRows<decltype(r)::value>(xr + g, pairs, wb, out + g);
   });
+#elif BEAM_CPU_USE_AVX2
+  ForRowGroups<kPackedRowsAvx2>(rows, [&](auto r, int64_t g) __attribute__((always_inline)) {
+    PackedBlockRowsAvx2<decltype(r)::value>(xr + g, pairs, wb, out + g);
+  });
 #else
-  // Without vdpbf16ps the packed layout has no fast path (beam_jax packs only for the AVX512-BF16
-  // build); this loop is its reference, the same sums in f32.
+  // The portable build: the reference loop, the same sums in f32.
   for (int64_t r = 0; r < rows; ++r) {
     float acc[kPackedCols] = {};
     for (int64_t p = 0; p < pairs; ++p) {

@@ -217,7 +217,8 @@ def test_decode_packs_cover_the_dense_bf16_layers_once(tmp_path):
     from beam_jax.generate import decode_packs
 
     if not rm.packing_available():
-        pytest.skip("packing is off here (needs the AVX512-BF16 or AMX build of beam_jax._ffi on the CPU backend)")
+        pytest.skip("packing is off here (needs the AVX2, AVX512-BF16 or AMX build of beam_jax._ffi on the CPU "
+                    "backend)")
     model = _model(tmp_path, dtype="bfloat16")
     packs = decode_packs(model)
     L = model.cfg.num_hidden_layers
@@ -276,8 +277,8 @@ def test_experts_packed_only_where_the_copy_fits(tmp_path, monkeypatch):
     from beam_jax.generate import decode_packs
 
     if not pk.packing_available():
-        pytest.skip("the experts are packed on the AVX512-BF16 and AMX builds of beam_jax._ffi only (this processor "
-                    "runs another)")
+        pytest.skip("the experts are packed on the AVX2, AVX512-BF16 and AMX builds of beam_jax._ffi only (this "
+                    "processor runs another)")
     model = _model(tmp_path, dtype="bfloat16")
     fits = {"now": False}
     monkeypatch.setattr(pk, "fits_in_memory", lambda nbytes: fits["now"])

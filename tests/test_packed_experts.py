@@ -100,10 +100,10 @@ def test_bad_input_is_named():
 
 
 def test_packing_follows_the_build_and_the_switch(cpu_isa, monkeypatch):
-    # generate packs the experts on the builds with a fast path for the layout (vdpbf16ps, AMX tiles)
+    # generate packs the experts on the builds with a fast path for the layout (AVX2, vdpbf16ps, AMX tiles)
     from beam_jax import rows_matmul as rm
 
-    assert pk.packing_available() == (cpu_isa in ("avx512bf16", "amx") and rm.packing_available())
+    assert pk.packing_available() == (cpu_isa in ("avx2", "avx512bf16", "amx") and rm.packing_available())
     monkeypatch.setenv("BEAM_JAX_PACKED_EXPERTS", "0")
     assert not pk.packing_available()
 

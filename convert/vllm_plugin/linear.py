@@ -2,11 +2,12 @@
 
 At decode every dense projection (qkv, o, dense MLPs, the LM head) multiplies a few rows by a whole matrix, so its
 time is the time to read the matrix. vLLM-CPU runs them through oneDNN (`onednn_mm`), about 25 GB/s on the 2-core
-Zen 4 where a plain read gets 35-45. So on a processor with AVX512-BF16, the BEAM models' bfloat16 linear layers
-keep a packed copy of their weight (`pack_weight`: the layout of `beam_jax.rows_matmul.pack_weight`, made from
-vLLM's [N, K] weight) and multiply up to `ROWS_MAX` rows by it (32 with vdpbf16ps; 64 with the extension's AMX
-build, whose tile product is 1.04-1.18x vLLM's own AMX products from 1 to 64 rows and slower at prefill sizes; 1 where
-vLLM uses AMX and the extension does not) with the project's C++ extension
+Zen 4 where a plain read gets 35-45, and 2-10 GB/s on an AVX2-only processor (no native bfloat16). So on a processor
+with AVX2 or AVX512-BF16, the BEAM models' bfloat16 linear layers keep a packed copy of their weight (`pack_weight`:
+the layout of `beam_jax.rows_matmul.pack_weight`, made from vLLM's [N, K] weight) and multiply up to `ROWS_MAX` rows
+by it (32 with vdpbf16ps; 64 with the extension's AMX build, whose tile product is 1.04-1.18x vLLM's own AMX products
+from 1 to 64 rows and slower at prefill sizes; 1 where vLLM uses AMX and the extension does not; every row count on
+the AVX2 build, 1.8-6.8x vLLM's there) with the project's C++ extension
 (`beam_jax._ffi.packed_rows_matmul`, the kernel of `beam_jax.generate`'s projections); more rows (prefill) and
 everything else go to vLLM's own method. The packed copy is made before vLLM prepares its oneDNN handle, so both
 exist: about 4% more memory for Qwen3-30B-A3B. ``BEAM_JAX_PACKED=0`` in the environment turns it off (read when
@@ -42,15 +43,22 @@ ROWS_MAX_AMX_TILES = 64
 # vLLM on AMX and the extension on its AVX512-BF16 build (BEAM_JAX_CPU_ISA=avx512bf16): the vdpbf16ps product wins
 # only for a single row (1 row 1.07-1.17x vLLM's, 2 rows 0.94-1.14x, 8 rows 0.44-0.57x; same table's last column)
 ROWS_MAX_AMX = 1
+# The extension's AVX2 build (AMD EPYC before Zen 4, older Intel): vLLM-CPU's bfloat16 products have no native bf16
+# there (oneDNN about 2-10 GB/s), and the AVX2 packed loop was 1.8-6.8x faster than them at every row count measured,
+# 1 to 512, on the 2-core Zen 3 EPYC (bench/results/linear_rows_amd_zen3_avx2.md, `bench/linear_rows.py`): every
+# product takes it, prefill included
+ROWS_MAX_AVX2 = 1 << 30
 
 
 def _rows_max() -> int:
     """Rows up to which the packed product is taken on this processor: `ROWS_MAX_AMX_TILES` on the extension's AMX
-    build, `ROWS_MAX_AMX` where only vLLM's products use AMX (its own check, `torch.cpu._is_amx_tile_supported`),
-    else `ROWS_MAX_AVX512`."""
+    build, `ROWS_MAX_AVX2` on its AVX2 build, `ROWS_MAX_AMX` where only vLLM's products use AMX (its own check,
+    `torch.cpu._is_amx_tile_supported`), else `ROWS_MAX_AVX512`."""
     ext = _ffi()
     if ext is not None and ext.cpu_isa() == "amx":
         return ROWS_MAX_AMX_TILES
+    if ext is not None and ext.cpu_isa() == "avx2":
+        return ROWS_MAX_AVX2
     return ROWS_MAX_AMX if torch.cpu._is_amx_tile_supported() else ROWS_MAX_AVX512
 
 
@@ -60,21 +68,22 @@ CALLS = [0]  # packed products run in this process (the tests read it)
 
 @functools.cache
 def _ffi():
-    """beam_jax's C++ extension when it has the packed product and runs its AVX512-BF16 or AMX build, else None."""
+    """beam_jax's C++ extension when it has the packed product and runs its AVX2, AVX512-BF16 or AMX build, else
+    None."""
     try:
         from beam_jax import _ffi as ext
     except ImportError:
         return None
-    from beam_jax.cpu_isas import DP_ISAS
+    from beam_jax.cpu_isas import PACKED_ISAS
 
-    return ext if hasattr(ext, "packed_rows_matmul") and ext.cpu_isa() in DP_ISAS else None
+    return ext if hasattr(ext, "packed_rows_matmul") and ext.cpu_isa() in PACKED_ISAS else None
 
 
 ROWS_MAX = _rows_max()  # read when a product runs: the tests set it
 
 
 def packing_enabled() -> bool:
-    """Whether the BEAM models pack their dense layers here: the extension's AVX512-BF16 or AMX build, unless
+    """Whether the BEAM models pack their dense layers here: the extension's AVX2, AVX512-BF16 or AMX build, unless
     ``BEAM_JAX_PACKED=0``."""
     return os.environ.get("BEAM_JAX_PACKED") != "0" and _ffi() is not None
 
@@ -98,7 +107,7 @@ def packed_matmul(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Ten
     ffi = _ffi()
     K = packed.shape[1] * 2
     if ffi is None:
-        raise RuntimeError("packed_matmul: beam_jax._ffi has no AVX512-BF16 or AMX packed_rows_matmul here")
+        raise RuntimeError("packed_matmul: beam_jax._ffi has no AVX2, AVX512-BF16 or AMX packed_rows_matmul here")
     if x.dtype != torch.bfloat16 or x.shape[-1] != K or x.device.type != "cpu":
         raise ValueError(f"packed_matmul: x must be [..., {K}] bfloat16 on the CPU, got {x.dtype} {tuple(x.shape)} "
                          f"on {x.device}")

@@ -266,7 +266,9 @@ def packed_experts_available() -> bool:
     `cpu_fused_moe` is the faster one: 1.06-1.27x the packed kernel's speed on the AMX build at 1-512 tokens of a
     Qwen3-30B-A3B layer on the 2-core Xeon (README, "Decoding on CPU"); on the 2-core AMD EPYC (Zen 4, no AMX) the
     packed kernel is 0.87-1.93x vLLM's, and a serving step at 0.15 kept 1.6 ms per layer against 2.6
-    (`bench/results/moe_vs_vllm_cpu_amd_packed.json`; README, "Serving speed")."""
+    (`bench/results/moe_vs_vllm_cpu_amd_packed.json`; README, "Serving speed"). The AVX2 build's packed loop is not
+    taken: on the 2-core Zen 3 EPYC (AVX2 only) vLLM's kernel took 0.96x / 0.92x / 1.03x its time at 1 / 8 / 32
+    tokens (`bench/results/moe_vs_vllm_cpu_amd_zen3_avx2.json`), so the plugin keeps vLLM's there."""
     import os
 
     from beam_jax.cpu_isas import DP_ISAS
