@@ -65,8 +65,9 @@ ROWS_MAX_BF16_AVX2 = 32
 PACKED_ROWS_MAX_AMX = 1 << 30
 # `packed_rows_matmul` on the AVX2 build (no vdpbf16ps: each bf16 pair split into two f32 by a shift and a mask):
 # ahead of XLA's dot on Qwen3-30B-A3B's q, k, o and LM head at every row count measured, 1-32 (the 2-core Zen 3
-# EPYC: 1.2-7.0x; XLA:CPU reads bf16 at 1.4-7.2 GB/s there), and of the row-major AVX2 loop in 22 of 24 cells
-# (`bench/decode_proj.py`, README "Decoding on CPU")
+# EPYC, two runs: 1.2-7.8x; XLA:CPU reads bf16 at 1.4-7.2 GB/s there), and of the row-major AVX2 loop in 45 of 48
+# cells, 0.81-2.3x (`bench/decode_proj.py`, bench/results/decode_proj_cpu_amd_zen3_avx2.json, README "Decoding on
+# CPU")
 PACKED_ROWS_MAX_AVX2 = 32
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # where attention.matmul uses it
 _FFI_DTYPES = kernel.FFI_DTYPES  # what the target accepts

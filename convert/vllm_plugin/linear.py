@@ -7,7 +7,7 @@ with AVX2 or AVX512-BF16, the BEAM models' bfloat16 linear layers keep a packed 
 the layout of `beam_jax.rows_matmul.pack_weight`, made from vLLM's [N, K] weight) and multiply up to `ROWS_MAX` rows
 by it (32 with vdpbf16ps; 64 with the extension's AMX build, whose tile product is 1.04-1.18x vLLM's own AMX products
 from 1 to 64 rows and slower at prefill sizes; 1 where vLLM uses AMX and the extension does not; every row count on
-the AVX2 build, 1.8-6.8x vLLM's there) with the project's C++ extension
+the AVX2 build, 1.5-6.8x vLLM's there) with the project's C++ extension
 (`beam_jax._ffi.packed_rows_matmul`, the kernel of `beam_jax.generate`'s projections); more rows (prefill) and
 everything else go to vLLM's own method. The packed copy is made before vLLM prepares its oneDNN handle, so both
 exist: about 4% more memory for Qwen3-30B-A3B. ``BEAM_JAX_PACKED=0`` in the environment turns it off (read when
@@ -44,9 +44,9 @@ ROWS_MAX_AMX_TILES = 64
 # only for a single row (1 row 1.07-1.17x vLLM's, 2 rows 0.94-1.14x, 8 rows 0.44-0.57x; same table's last column)
 ROWS_MAX_AMX = 1
 # The extension's AVX2 build (AMD EPYC before Zen 4, older Intel): vLLM-CPU's bfloat16 products have no native bf16
-# there (oneDNN about 2-10 GB/s), and the AVX2 packed loop was 1.8-6.8x faster than them at every row count measured,
-# 1 to 512, on the 2-core Zen 3 EPYC (bench/results/linear_rows_amd_zen3_avx2.md, `bench/linear_rows.py`): every
-# product takes it, prefill included
+# there (oneDNN about 2-10 GB/s), and the AVX2 packed loop was 1.5-6.8x faster than them at every row count measured,
+# 1 to 512, in two runs on the 2-core Zen 3 EPYC (bench/results/linear_rows_amd_zen3_avx2.md, `bench/linear_rows.py`):
+# every product takes it, prefill included
 ROWS_MAX_AVX2 = 1 << 30
 
 
