@@ -46,9 +46,8 @@ from beam_jax import kernel
 from beam_jax.cpu_isas import DP_ISAS, PACKED_ISAS
 
 __all__ = ["rows_matmul", "rows_matmul_available", "use_rows_matmul", "rows_max", "ROWS_MAX", "ROWS_MAX_BF16_DP",
-           "packed_rows_max", "use_packed_rows_matmul", "PACKED_ROWS_MAX_AMX", "PACKED_ROWS_MAX_AVX2", "DP_ISAS",
-           "ROWS_MAX_BF16_AVX2",
-           "PACKED_ISAS",
+           "ROWS_MAX_BF16_AVX2", "packed_rows_max", "use_packed_rows_matmul", "PACKED_ROWS_MAX_AMX",
+           "PACKED_ROWS_MAX_AVX2", "DP_ISAS", "PACKED_ISAS",
            "DTYPES", "PackedWeight", "pack_weight", "packed_rows_matmul", "packing_available", "PACK_COLS"]
 
 _TARGET = "beam_rows_matmul"
@@ -78,10 +77,15 @@ def rows_matmul_available() -> bool:
     return kernel._ffi is not None and _TARGET in kernel._ffi.registrations()
 
 
+def _isa() -> str | None:
+    """The CPU kernel build selected now (`beam_jax._ffi.cpu_isa()`), None without the extension."""
+    return kernel._ffi.cpu_isa() if kernel._ffi is not None else None
+
+
 def rows_max(dtype) -> int:
     """The most rows `attention.matmul` sends to `rows_matmul` in `dtype`, for the CPU kernel build selected now
     (`beam_jax._ffi.cpu_isa()`, read at trace time)."""
-    isa = kernel._ffi.cpu_isa() if kernel._ffi is not None else None
+    isa = _isa()
     if jnp.dtype(dtype) != jnp.bfloat16:
         return ROWS_MAX
     return ROWS_MAX_BF16_DP if isa in DP_ISAS else ROWS_MAX_BF16_AVX2 if isa == "avx2" else ROWS_MAX
@@ -97,8 +101,7 @@ def packed_rows_max() -> int:
     """The most rows `attention.project` multiplies by a packed weight: any number on the AMX build
     (`PACKED_ROWS_MAX_AMX`), `PACKED_ROWS_MAX_AVX2` on the AVX2 build, else `rows_max(bfloat16)` (the vdpbf16ps
     loop's limit; read at trace time)."""
-    isa = kernel._ffi.cpu_isa() if kernel._ffi is not None else None
-    return {"amx": PACKED_ROWS_MAX_AMX, "avx2": PACKED_ROWS_MAX_AVX2}.get(isa) or rows_max(jnp.bfloat16)
+    return {"amx": PACKED_ROWS_MAX_AMX, "avx2": PACKED_ROWS_MAX_AVX2}.get(_isa()) or rows_max(jnp.bfloat16)
 
 
 def use_packed_rows_matmul(rows: int) -> bool:
@@ -173,7 +176,7 @@ def packing_available() -> bool:
     AVX2, AVX512-BF16 or AMX build (`PACKED_ISAS`; the portable build implements the target only as a reference
     loop), on the CPU backend, unless ``BEAM_JAX_PACKED=0`` (read when called)."""
     return (os.environ.get("BEAM_JAX_PACKED") != "0" and jax.default_backend() == "cpu" and kernel._ffi is not None
-            and _PACKED_TARGET in kernel._ffi.registrations() and kernel._ffi.cpu_isa() in PACKED_ISAS)
+            and _PACKED_TARGET in kernel._ffi.registrations() and _isa() in PACKED_ISAS)
 
 
 def pack_weight(w) -> PackedWeight:

@@ -68,7 +68,6 @@ def main():
         return y[:rows].astype(x.dtype)
 
     from beam_jax import _ffi
-    from beam_jax.cpu_isas import PACKED_ISAS
 
     best = _ffi.best_cpu_isa()
     isas = {"rows": best, **({"rows_avx2": "avx2"} if best in rm.DP_ISAS else {})}
@@ -82,7 +81,7 @@ def main():
     rows_fn = jax.jit(rows_matmul)
     paths = {"xla": jax.jit(xla), **{name: on(isa, rows_fn) for name, isa in isas.items()}}
     dt = jnp.dtype(args.dtype)
-    if best in PACKED_ISAS and dt == jnp.bfloat16 and "beam_packed_rows_matmul" in _ffi.registrations():
+    if best in rm.PACKED_ISAS and dt == jnp.bfloat16 and "beam_packed_rows_matmul" in _ffi.registrations():
         paths["packed"] = on(best, jax.jit(rm.packed_rows_matmul))
         if best == "amx":  # the vdpbf16ps loop the AMX tiles replace
             paths["packed_avx512bf16"] = on("avx512bf16", jax.jit(rm.packed_rows_matmul))

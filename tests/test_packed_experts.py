@@ -103,7 +103,7 @@ def test_packing_follows_the_build_and_the_switch(cpu_isa, monkeypatch):
     # generate packs the experts on the builds with a fast path for the layout (AVX2, vdpbf16ps, AMX tiles)
     from beam_jax import rows_matmul as rm
 
-    assert pk.packing_available() == (cpu_isa in ("avx2", "avx512bf16", "amx") and rm.packing_available())
+    assert pk.packing_available() == (cpu_isa in rm.PACKED_ISAS and rm.packing_available())
     monkeypatch.setenv("BEAM_JAX_PACKED_EXPERTS", "0")
     assert not pk.packing_available()
 
