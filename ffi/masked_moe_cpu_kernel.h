@@ -1835,22 +1835,33 @@ inline __attribute__((always_inline)) void PackedBlockRows(const u32_alias_t* co
 // four 32-byte loads, lane c of each holding w(2p, c) in its low half and w(2p + 1, c) in its high half, so
 // Bf16EvenOdd gives w(2p, .) and w(2p + 1, .) as f32 in column order, and x's pair word splits the same way
 // into x(r, 2p) and x(r, 2p + 1): two FMAs per load and row, no shuffle. R rows (at most 2: eight
-// accumulators, four broadcasts and one load's halves in the 16 registers); PackedBlock passes over the
-// run again for more rows (from L1 / L2: a run is Kd / 2 x 128 bytes).
+// accumulators, four broadcasts and one load's halves in the 16 registers) per pass over pairs [p0, p1) of
+// the run, the accumulators taken from out when `accumulate` (the same chain of additions per output as one
+// pass over the whole run: bitwise the same results).
 constexpr int64_t kPackedPrefetchPairs = 48;
 constexpr int kPackedRowsAvx2 = 2;
+// More rows than a pass holds: every pass of a product goes over one chunk of the run (this many pairs: 4 KB,
+// in L1) before any goes on to the next, so the run streams from memory once, under all the passes' FMAs.
+// Passes over the whole run, one after the other (the first from memory, the rest from L2), took 1.3x as
+// long at 8 rows on the 2-core Zen 3 (a Qwen3-shaped q_proj, 8 rows, 2 threads: bench/decode_proj.py).
+constexpr int64_t kPackedChunkPairsAvx2 = 32;
 
 template <int R>
-inline __attribute__((always_inline)) void PackedBlockRowsAvx2(const u32_alias_t* const* xr, int64_t pairs,
-                                                               const bf16_t* wb, float (*out)[kPackedCols]) {
+inline __attribute__((always_inline)) void PackedBlockRowsAvx2(const u32_alias_t* const* xr, int64_t p0, int64_t p1,
+                                                               const bf16_t* wb, float (*out)[kPackedCols],
+                                                               bool accumulate, bool prefetch) {
   __m256 acc[R][4];
 #pragma GCC unroll 2
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm256_setzero_ps();
-  for (int64_t p = 0; p < pairs; ++p) {
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) acc[r][q] = accumulate ? _mm256_loadu_ps(out[r] + 8 * q) : _mm256_setzero_ps();
+  for (int64_t p = p0; p < p1; ++p) {
     const bf16_t* w = wb + p * 2 * kPackedCols;
-    const char* ahead = reinterpret_cast<const char*>(w + kPackedPrefetchPairs * 2 * kPackedCols);
-    _mm_prefetch(ahead, _MM_HINT_T0);
-    _mm_prefetch(ahead + 64, _MM_HINT_T0);
+    if (prefetch) {
+      const char* ahead = reinterpret_cast<const char*>(w + kPackedPrefetchPairs * 2 * kPackedCols);
+      _mm_prefetch(ahead, _MM_HINT_T0);
+      _mm_prefetch(ahead + 64, _MM_HINT_T0);
+    }
     __m256 x0[R], x1[R];
 #pragma GCC unroll 2
     for (int r = 0; r < R; ++r) Bf16EvenOdd(_mm256_set1_epi32(int(xr[r][p])), x0[r], x1[r]);
@@ -1868,7 +1879,15 @@ inline __attribute__((always_inline)) void PackedBlockRowsAvx2(const u32_alias_t
 }
 #endif
 
-// rows (at most 8) rows of x against one block: out[r][0..32).
+// Most rows of one PackedBlock call: what one pass holds in registers on the AVX512-BF16 build; any number
+// PackedProduct gives (its 32) on the AVX2 build, whose passes take turns chunk by chunk; 8 on the portable one.
+#if BEAM_CPU_USE_AVX2 && !BEAM_CPU_USE_AVX512BF16
+constexpr int64_t kPackedBlockRows = 32;
+#else
+constexpr int64_t kPackedBlockRows = 8;
+#endif
+
+// rows (at most kPackedBlockRows) rows of x against one block: out[r][0..32).
 inline void PackedBlock(const u32_alias_t* const* xr, int64_t rows, int64_t pairs, const bf16_t* wb,
                         float (*out)[kPackedCols]) {
 #if BEAM_CPU_USE_AVX512BF16
@@ -1876,9 +1895,14 @@ inline void PackedBlock(const u32_alias_t* const* xr, int64_t rows, int64_t pair
     PackedBlockRows<decltype(r)::value>(xr + g, pairs, wb, out + g);
   });
 #elif BEAM_CPU_USE_AVX2
-  ForRowGroups<kPackedRowsAvx2>(rows, [&](auto r, int64_t g) __attribute__((always_inline)) {
-    PackedBlockRowsAvx2<decltype(r)::value>(xr + g, pairs, wb, out + g);
-  });
+  int64_t p0 = 0;
+  do {  // at least once: no pairs still writes zeros
+    const int64_t p1 = std::min(pairs, p0 + kPackedChunkPairsAvx2);
+    ForRowGroups<kPackedRowsAvx2>(rows, [&](auto r, int64_t g) __attribute__((always_inline)) {
+      PackedBlockRowsAvx2<decltype(r)::value>(xr + g, p0, p1, wb, out + g, p0 > 0, g == 0);
+    });
+    p0 = p1;
+  } while (p0 < pairs);
 #else
   // The portable build: the reference loop, the same sums in f32.
   for (int64_t r = 0; r < rows; ++r) {
@@ -1957,12 +1981,13 @@ inline void SiluMulRow(const float* g, const float* u, int64_t n, bf16_t* h) {
 
 // out[r][0..32) = rows [0, rows) (at most 32) of x (bf16, rows Kd apart, Kd even) against the packed block wb
 // (Kd / 2 pairs): on AMX tiles where the build has them (a pass of up to 32 rows, the pairs past the last whole
-// 16 through PackedBlock), else PackedBlock's groups of 8 rows, each a pass over the run (the later ones from
-// L1 / L2). *configured: the tile configuration loaded (AmxPass; -1 for none).
+// 16 through PackedBlock), else PackedBlock: on AVX512-BF16 groups of 8 rows, each a pass over the run (the later
+// ones from L1 / L2), on AVX2 all the rows, chunk by chunk. *configured: the tile configuration loaded (AmxPass;
+// -1 for none).
 inline void PackedProduct(const bf16_t* x, int64_t rows, int64_t Kd, const bf16_t* wb,
                           float (*out)[kPackedCols], int64_t* configured) {
   const int64_t pairs = Kd / 2;
-  const u32_alias_t* xr[8];
+  const u32_alias_t* xr[kPackedBlockRows];
 #if BEAM_CPU_USE_AMX
   if (pairs >= kAmxPairs) {
     const int64_t steps = pairs / kAmxPairs, tail = pairs - steps * kAmxPairs;
@@ -1985,8 +2010,8 @@ inline void PackedProduct(const bf16_t* x, int64_t rows, int64_t Kd, const bf16_
   }
 #endif
   (void)configured;
-  for (int64_t r0 = 0; r0 < rows; r0 += 8) {
-    const int64_t tr = std::min<int64_t>(8, rows - r0);
+  for (int64_t r0 = 0; r0 < rows; r0 += kPackedBlockRows) {
+    const int64_t tr = std::min<int64_t>(kPackedBlockRows, rows - r0);
     for (int64_t r = 0; r < tr; ++r) xr[r] = reinterpret_cast<const u32_alias_t*>(x + (r0 + r) * Kd);
     PackedBlock(xr, tr, pairs, wb, out + r0);
   }
