@@ -1842,8 +1842,9 @@ constexpr int64_t kPackedPrefetchPairs = 48;
 constexpr int kPackedRowsAvx2 = 2;
 // More rows than a pass holds: every pass of a product goes over one chunk of the run (this many pairs: 4 KB,
 // in L1) before any goes on to the next, so the run streams from memory once, under all the passes' FMAs.
-// Passes over the whole run, one after the other (the first from memory, the rest from L2), took 1.3x as
-// long at 8 rows on the 2-core Zen 3 (a Qwen3-shaped q_proj, 8 rows, 2 threads: bench/decode_proj.py).
+// Passes over the whole run, one after the other (the first from memory, the rest from L2), took 1.0-1.4x
+// as long at 8 rows on the 2-core Zen 3 (Qwen3-shaped q_proj and a 8192-word LM head, 2 threads, old and new
+// builds alternated three times: 1.53-1.86 -> 1.16-1.40 ms and 2.77-3.14 -> 2.00-3.10 ms).
 constexpr int64_t kPackedChunkPairsAvx2 = 32;
 
 template <int R>
