@@ -53,7 +53,8 @@ def _time(fn, x, ws, repeat: int) -> float:
 
 def flop_rate(n: int = 2048, repeat: int = 3) -> float:
     """FLOP/s of numpy's float32 [n, n] @ [n, n] (its BLAS, every core), best of `repeat`: about the vector units'
-    multiply-add peak, what a product bound by its multiply-adds can reach."""
+    multiply-add peak, what a product bound by its multiply-adds can reach. Not `moe_layer.measure_matmul` (XLA's
+    float32 matmul): on the 2-core Zen 3 that ran 114-126 GFLOP/s against BLAS's 136-159, a floor too loose."""
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
     a @ b
