@@ -2164,7 +2164,15 @@ void RunPackedExperts(const Problem& p, const Runner& runner) {
   const int64_t nseg = int64_t(seg_e.size());
   auto run_of = [&](int64_t blocks) {
     const int64_t want = 8 * int64_t(runner.num_threads);
-    return std::max<int64_t>(1, std::min<int64_t>(blocks, blocks * nseg / want));
+    const int64_t per = std::min<int64_t>(blocks, blocks * nseg / want);
+#if BEAM_CPU_USE_AVX2 && !BEAM_CPU_USE_AVX512BF16
+    // Runs of a one-row segment go kPackedRow1Blocks at a time: keep that many per unit while there are still
+    // two units per thread.
+    const int64_t min_per = std::min<int64_t>(kPackedRow1Blocks, blocks * nseg / (2 * int64_t(runner.num_threads)));
+    return std::max<int64_t>({int64_t(1), per, min_per});
+#else
+    return std::max<int64_t>(1, per);
+#endif
   };
   const int64_t per1 = run_of(fblocks), units1 = (fblocks + per1 - 1) / per1;
   const int64_t per2 = run_of(dblocks), units2 = (dblocks + per2 - 1) / per2;
@@ -2175,6 +2183,21 @@ void RunPackedExperts(const Problem& p, const Runner& runner) {
     const int64_t b0 = (u % units1) * per1, b1 = std::min(fblocks, b0 + per1);
     alignas(64) float og[32][kPackedCols], ou[32][kPackedCols];
     int64_t configured = -1;
+#if BEAM_CPU_USE_AVX2 && !BEAM_CPU_USE_AVX512BF16
+    if (rows_all == 1) {  // one token on this expert (most segments of a BEAM decode step): several runs at once
+      const bf16_t* xs = X + row0 * d;
+      for (int64_t b = b0; b < b1; b += kPackedRow1Blocks) {
+        const int64_t nb = std::min<int64_t>(kPackedRow1Blocks, b1 - b);
+        PackedRow1Blocks(xs, nb, d, wg + (e * fblocks + b) * run1, og);
+        PackedRow1Blocks(xs, nb, d, wu + (e * fblocks + b) * run1, ou);
+        for (int64_t i = 0; i < nb; ++i) {
+          const int64_t c0 = (b + i) * kPackedCols;
+          SiluMulRow(og[i], ou[i], std::min(kPackedCols, f - c0), H + row0 * f + c0);
+        }
+      }
+      return;
+    }
+#endif
     for (int64_t b = b0; b < b1; ++b) {
       const bf16_t* gb = wg + (e * fblocks + b) * run1;
       const bf16_t* ub = wu + (e * fblocks + b) * run1;
@@ -2196,6 +2219,19 @@ void RunPackedExperts(const Problem& p, const Runner& runner) {
     const int64_t b0 = (u % units2) * per2, b1 = std::min(dblocks, b0 + per2);
     alignas(64) float od[32][kPackedCols];
     int64_t configured = -1;
+#if BEAM_CPU_USE_AVX2 && !BEAM_CPU_USE_AVX512BF16
+    if (rows_all == 1) {
+      for (int64_t b = b0; b < b1; b += kPackedRow1Blocks) {
+        const int64_t nb = std::min<int64_t>(kPackedRow1Blocks, b1 - b);
+        PackedRow1Blocks(H + row0 * f, nb, f, wd + (e * dblocks + b) * run2, od);
+        for (int64_t i = 0; i < nb; ++i) {
+          const int64_t c0 = (b + i) * kPackedCols;
+          std::copy(od[i], od[i] + std::min(kPackedCols, d - c0), O + row0 * d + c0);
+        }
+      }
+      return;
+    }
+#endif
     for (int64_t b = b0; b < b1; ++b) {
       const bf16_t* db = wd + (e * dblocks + b) * run2;
       const int64_t c0 = b * kPackedCols, n = std::min(kPackedCols, d - c0);

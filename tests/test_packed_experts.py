@@ -49,7 +49,9 @@ def test_layout_is_pack_weight_per_expert():
 
 # (E, d, f, T, K): column blocks cut short (f 70, d 100), reduction tails past whole AMX steps (d 100: 50 pairs, f 70),
 # a single token, segments of more than 32 rows (two passes of the tiles), Qwen3-30B-A3B's expert shapes at decode size.
-SHAPES = [(8, 96, 80, 5, 2), (4, 100, 70, 40, 2), (3, 64, 64, 90, 3), (16, 256, 128, 300, 4), (16, 2048, 768, 3, 8)]
+# Many experts and few tokens: segments of one row (the AVX2 build's several-runs-at-once pass) with tails in d and f.
+SHAPES = [(8, 96, 80, 5, 2), (4, 100, 70, 40, 2), (3, 64, 64, 90, 3), (16, 256, 128, 300, 4), (16, 2048, 768, 3, 8),
+          (32, 100, 230, 3, 4)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -66,6 +68,21 @@ def test_equals_the_row_major_kernel_and_the_reference(cpu_isa, shape):
     # the row-major kernel rounds h to bf16 as this one does: they differ by summation order and rounding only
     np.testing.assert_allclose(y, row_major, rtol=0, atol=1e-2 * scale)
     np.testing.assert_allclose(y, ref, rtol=0, atol=3e-2 * scale)  # against f32 h: bf16's error on h and y
+
+
+@pytest.mark.parametrize("E,d,f", [(32, 100, 230), (64, 2048, 768)])
+def test_a_token_alone_equals_the_same_token_in_a_segment_of_many_rows(cpu_isa, E, d, f):
+    # alone, each of its experts is a one-row segment; repeated 5 times, a 5-row one: each output keeps one chain
+    # of additions either way, so the rows agree bitwise (generate's decode of one sequence equals its batch rows)
+    x, ws, _, w, keep = _problem(4, E, d, f, 1, 8, drop=0.0)
+    ids = jnp.asarray(np.random.default_rng(5).choice(E, (1, 8), replace=False), jnp.int32)  # eight experts
+    pe = pk.pack_experts(*ws)
+    alone = np.asarray(pk.masked_moe_packed(x, pe, ids, w, keep), np.float32)
+    rep = lambda a: jnp.repeat(a, 5, axis=0)  # noqa: E731
+    many = np.asarray(pk.masked_moe_packed(rep(x), pe, rep(ids), rep(w), rep(keep)), np.float32)
+    assert np.abs(alone).max() > 0
+    for r in range(5):
+        np.testing.assert_array_equal(many[r], alone[0])
 
 
 def test_dropped_pairs_cost_nothing_and_leave_zeros(cpu_isa):
