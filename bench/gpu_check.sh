@@ -217,8 +217,9 @@ EOF
 }
 
 step_cuda_tests() {
-  # every kernel test file, so CUDA tests added beside tests/test_kernel.py (named *cuda*) run too
-  local args=(-m pytest tests/test_kernel*.py -k cuda -q -rs -p no:cacheprovider)
+  # every kernel test file, so CUDA tests added beside tests/test_kernel.py (named *cuda*) run too; in this one
+  # process (-o addopts= drops pyproject's pytest-xdist workers: one GPU, and pytest-xdist may be absent here)
+  local args=(-m pytest tests/test_kernel*.py -k cuda -q -rs -p no:cacheprovider -o addopts=)
   if [ "$GC_DRY" = 1 ]; then
     local n
     "$PY" "${args[@]}" --collect-only | tee "$GC_LOGS/.collect"
