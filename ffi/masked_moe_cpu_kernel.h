@@ -1928,6 +1928,19 @@ inline void PackedRow1Blocks(const bf16_t* x, int64_t nb, int64_t Kd, const bf16
     default: PackedBlocksRow1Avx2<4>(xr, pairs, wb, out); break;
   }
 }
+
+// One row x (Kd) against blocks [b0, b1) of N columns packed from w (block b's run at w + b * Kd * 32),
+// kPackedRow1Blocks at a time: store(b, out, n) per block, out its 32 sums, n its columns (at most 32).
+template <typename Store>
+inline void PackedRow1Runs(const bf16_t* x, int64_t Kd, int64_t N, const bf16_t* w, int64_t b0, int64_t b1,
+                           Store&& store) {
+  alignas(64) float out[kPackedRow1Blocks][kPackedCols];
+  for (int64_t b = b0; b < b1; b += kPackedRow1Blocks) {
+    const int64_t nb = std::min<int64_t>(kPackedRow1Blocks, b1 - b);
+    PackedRow1Blocks(x, nb, Kd, w + b * Kd * kPackedCols, out);
+    for (int64_t i = 0; i < nb; ++i) store(b + i, out[i], std::min(kPackedCols, N - (b + i) * kPackedCols));
+  }
+}
 #endif
 
 // Most rows of one PackedBlock call: what one pass holds in registers on the AVX512-BF16 build; any number
@@ -2088,23 +2101,19 @@ void RunPackedRows(const PackedRowsProblem& p, const Runner& runner) {
   const int64_t per_unit = std::max<int64_t>(1, blocks / (4 * int64_t(runner.num_threads)));
   const int64_t units = (blocks + per_unit - 1) / per_unit;
   ParallelFor(runner, units, [&](int64_t u) {
+    const int64_t end = std::min(blocks, (u + 1) * per_unit);
+#if BEAM_CPU_USE_AVX2 && !BEAM_CPU_USE_AVX512BF16
+    if (M == 1) {  // a decode step of one sequence: several runs at once (PackedBlocksRow1Avx2)
+      PackedRow1Runs(x, Kd, N, wp, u * per_unit, end, [&](int64_t b, const float* o, int64_t n) {
+        for (int64_t c = 0; c < n; ++c) y[b * kPackedCols + c] = FromFloat<bf16_t>(o[c]);
+      });
+      return;
+    }
+#endif
     alignas(64) float out[32][kPackedCols];
     int64_t configured = -1;
-    const int64_t end = std::min(blocks, (u + 1) * per_unit);
     for (int64_t b = u * per_unit; b < end; ++b) {
       const bf16_t* wb = wp + b * pairs * 2 * kPackedCols;
-#if BEAM_CPU_USE_AVX2 && !BEAM_CPU_USE_AVX512BF16
-      if (M == 1) {  // a decode step of one sequence: several runs at once (PackedBlocksRow1Avx2)
-        const int64_t nb = std::min<int64_t>(kPackedRow1Blocks, end - b);
-        PackedRow1Blocks(x, nb, Kd, wb, out);
-        for (int64_t i = 0; i < nb; ++i) {
-          const int64_t c0 = (b + i) * kPackedCols, n = std::min(kPackedCols, N - c0);
-          for (int64_t c = 0; c < n; ++c) y[c0 + c] = FromFloat<bf16_t>(out[i][c]);
-        }
-        b += nb - 1;
-        continue;
-      }
-#endif
       const int64_t c0 = b * kPackedCols, n = std::min(kPackedCols, N - c0);
       for (int64_t r0 = 0; r0 < M; r0 += 32) {  // more than 32 rows: the block again, from L1 / L2
         const int64_t rows = std::min<int64_t>(32, M - r0);
@@ -2217,21 +2226,16 @@ void RunPackedExperts(const Problem& p, const Runner& runner) {
   ParallelFor(runner, nseg * units2, [&](int64_t u) {
     const int64_t e = seg_e[u / units2], row0 = offsets[e], rows_all = offsets[e + 1] - row0;
     const int64_t b0 = (u % units2) * per2, b1 = std::min(dblocks, b0 + per2);
-    alignas(64) float od[32][kPackedCols];
-    int64_t configured = -1;
 #if BEAM_CPU_USE_AVX2 && !BEAM_CPU_USE_AVX512BF16
     if (rows_all == 1) {
-      for (int64_t b = b0; b < b1; b += kPackedRow1Blocks) {
-        const int64_t nb = std::min<int64_t>(kPackedRow1Blocks, b1 - b);
-        PackedRow1Blocks(H + row0 * f, nb, f, wd + (e * dblocks + b) * run2, od);
-        for (int64_t i = 0; i < nb; ++i) {
-          const int64_t c0 = (b + i) * kPackedCols;
-          std::copy(od[i], od[i] + std::min(kPackedCols, d - c0), O + row0 * d + c0);
-        }
-      }
+      PackedRow1Runs(H + row0 * f, f, d, wd + e * dblocks * run2, b0, b1, [&](int64_t b, const float* o, int64_t n) {
+        std::copy(o, o + n, O + row0 * d + b * kPackedCols);
+      });
       return;
     }
 #endif
+    alignas(64) float od[32][kPackedCols];
+    int64_t configured = -1;
     for (int64_t b = b0; b < b1; ++b) {
       const bf16_t* db = wd + (e * dblocks + b) * run2;
       const int64_t c0 = b * kPackedCols, n = std::min(kPackedCols, d - c0);

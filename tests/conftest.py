@@ -69,8 +69,7 @@ LONGEST_FIRST = ("test_vllm.py", "test_generate.py", "test_faults.py", "test_ben
 
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    order = {id(item): n for n, item in enumerate(items)}
-    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), order[id(item)]))
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort: a file's order stays
 
 
 # ---- reliability summary: tests/test_faults.py and tests/test_kernel_properties.py add their counts here

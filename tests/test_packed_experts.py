@@ -78,8 +78,8 @@ def test_a_token_alone_equals_the_same_token_in_a_segment_of_many_rows(cpu_isa, 
     ids = jnp.asarray(np.random.default_rng(5).choice(E, (1, 8), replace=False), jnp.int32)  # eight experts
     pe = pk.pack_experts(*ws)
     alone = np.asarray(pk.masked_moe_packed(x, pe, ids, w, keep), np.float32)
-    rep = lambda a: jnp.repeat(a, 5, axis=0)  # noqa: E731
-    many = np.asarray(pk.masked_moe_packed(rep(x), pe, rep(ids), rep(w), rep(keep)), np.float32)
+    x5, ids5, w5, keep5 = (jnp.repeat(a, 5, axis=0) for a in (x, ids, w, keep))
+    many = np.asarray(pk.masked_moe_packed(x5, pe, ids5, w5, keep5), np.float32)
     assert np.abs(alone).max() > 0
     for r in range(5):
         np.testing.assert_array_equal(many[r], alone[0])
